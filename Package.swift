@@ -1,0 +1,39 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "Weft",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "weft", targets: ["WeftCLI"]),
+        .executable(name: "weft-bench", targets: ["WeftBench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // Layer 0: C system library.
+        .systemLibrary(name: "CLMDB", providers: [.apt(["liblmdb-dev"])]),
+        // Layer 1: value types, limits, binary codec.
+        .target(name: "WeftCore"),
+        // Layer 2: pure protocol logic (no I/O, no clock, no async).
+        .target(name: "WeftProtocol", dependencies: ["WeftCore"]),
+        // Layer 2b: the deterministic simulator that drives the pure machines.
+        .target(name: "WeftSimulation", dependencies: ["WeftCore", "WeftProtocol"]),
+        // Layer 3: adapters.
+        .target(name: "WeftLMDB", dependencies: ["CLMDB"]),
+        // Layer 4: runtime shells (nodes, storage, embedded cluster, client).
+        .target(name: "WeftRuntime", dependencies: ["WeftCore", "WeftProtocol", "WeftLMDB"]),
+        // Layer 5: CLI (argument parsing only).
+        .executableTarget(
+            name: "WeftCLI",
+            dependencies: ["WeftRuntime", "WeftCore", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(name: "WeftBench", dependencies: ["WeftRuntime", "WeftLMDB", "WeftCore"], path: "Tools/WeftBench"),
+        .testTarget(name: "WeftProtocolTests", dependencies: ["WeftProtocol", "WeftCore", "WeftSimulation"]),
+        .executableTarget(name: "WeftSim", dependencies: ["WeftSimulation"], path: "Tools/WeftSim"),
+        .testTarget(name: "WeftLMDBTests", dependencies: ["WeftLMDB"]),
+        .testTarget(name: "WeftRuntimeTests", dependencies: ["WeftRuntime", "WeftProtocol", "WeftCore", "WeftLMDB"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,48 @@
+/// A point in the oracle's total order. Strictly increasing across the whole
+/// cluster and across restarts (the oracle reserves its high-water mark durably).
+/// `0` means "before everything": a key that was never written has version 0.
+public typealias Timestamp = UInt64
+
+/// A transaction is named by its start timestamp, which the oracle hands out
+/// exactly once. This makes ids unique without a second counter.
+public typealias TxnId = UInt64
+
+/// A participant is named by its index in the cluster's participant list.
+public typealias ParticipantId = Int
+
+/// Keys and values are raw bytes. Keys order lexicographically (memcmp order,
+/// shorter prefix first), which is the order `scan` returns.
+public typealias Bytes = [UInt8]
+
+/// Every bound in the system, in one place, with units last in the name.
+/// `docs/architecture.md` lists them for users.
+public enum Limits {
+    /// Longest key accepted by `put`, `get` and `scan`.
+    public static let keyBytesMax = 4096
+    /// Largest value accepted by `put`.
+    public static let valueBytesMax = 1 << 20
+    /// Most writes (puts and deletes) one transaction may buffer.
+    public static let txnWritesMax = 100_000
+    /// Most bytes (keys plus values) one transaction may write.
+    public static let txnBytesMax = 64 << 20
+    /// Most keys a single `scan` returns.
+    public static let scanLimitMax = 1_000_000
+    /// Most records the group committer puts into one LMDB commit.
+    public static let groupCommitRecordsMax = 4096
+    /// Most entries in a participant's read-timestamp cache before it
+    /// collapses old entries into its floor.
+    public static let readCacheEntriesMax = 1 << 20
+    /// How long a read waits on a prepared lock before giving up, in ticks (ms).
+    public static let readWaitTicksMax: UInt64 = 5_000
+    /// How long a coordinator waits for votes before aborting, in ticks (ms).
+    public static let prepareTimeoutTicks: UInt64 = 2_000
+    /// How often a coordinator resends COMMIT to participants that have not
+    /// acknowledged, and a participant re-asks about in-doubt transactions, in ticks (ms).
+    public static let resendIntervalTicks: UInt64 = 200
+    /// How far ahead of the clock the oracle reserves timestamps durably in
+    /// one record, in ms of hybrid time (one forced write per ~second at most).
+    public static let timestampReserveMillis: UInt64 = 1000
+    /// Versions older than this many ticks (ms) behind the newest commit are
+    /// garbage-collected unless a snapshot pins them.
+    public static let versionRetentionTicks: UInt64 = 10 * 60 * 1000
+}

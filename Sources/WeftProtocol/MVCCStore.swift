@@ -1,0 +1,321 @@
+import WeftCore
+
+/// An in-memory multi-version store for one participant's partition.
+///
+/// Layout (chosen so that 1M small keys cost well under 2x their raw bytes):
+/// - key and value bytes live in an append-only `Arena` of large chunks and are
+///   named by a 64-bit reference, so a key costs no per-object header;
+/// - `entries[i]` holds a key's newest version inline and links older ones
+///   through `older` (newest first);
+/// - an open-addressing hash table of entry indices serves point reads;
+/// - `sorted` (big, sorted) plus `pending` (small, sorted) order entries by key
+///   for scans; `pending` is merged into `sorted` when it outgrows ~2*sqrt(n).
+///
+/// Invariants: versions of a key are applied in strictly increasing timestamp
+/// order; an entry that garbage collection removed is `dead` and is never
+/// returned, and is dropped from the ordered index at the next merge.
+public struct MVCCStore: Sendable {
+    /// Marks a deletion in `valueRef`.
+    static let tombstone = UInt64.max
+
+    struct Entry {
+        var keyRef: UInt64
+        var ts: Timestamp
+        var valueRef: UInt64
+        var older: Int32
+        var dead: Bool
+    }
+
+    struct OldVersion {
+        var ts: Timestamp
+        var valueRef: UInt64
+        var next: Int32
+    }
+
+    var arena = Arena()
+    var entries: [Entry] = []
+    var oldVersions: [OldVersion] = []
+    var freeOld: [Int32] = []
+    var slots: [Int32] = Array(repeating: -1, count: 1024)
+    var sorted: [Int32] = []
+    var pending: [Int32] = []
+    /// Entries that have older versions: the only ones GC needs to visit.
+    var withHistory: Set<Int32> = []
+    public private(set) var liveKeys = 0
+    public private(set) var deadEntries = 0
+
+    public init() {}
+
+    // MARK: Reads
+
+    /// The timestamp of the newest version of `key`, or 0 if it has none.
+    public func latestTs(_ key: Bytes) -> Timestamp {
+        guard let i = find(key) else { return 0 }
+        return entries[Int(i)].ts
+    }
+
+    /// The version of `key` visible at `ts`: its value (nil if absent or
+    /// deleted) and the timestamp of that version (0 if none).
+    public func read(_ key: Bytes, at ts: Timestamp) -> (value: Bytes?, version: Timestamp) {
+        guard let i = find(key) else { return (nil, 0) }
+        guard let (vts, ref) = visible(entries[Int(i)], at: ts) else { return (nil, 0) }
+        return (ref == Self.tombstone ? nil : arena.copy(ref), vts)
+    }
+
+    func visible(_ e: Entry, at ts: Timestamp) -> (Timestamp, UInt64)? {
+        if e.dead { return nil }
+        if e.ts <= ts { return (e.ts, e.valueRef) }
+        var j = e.older
+        while j >= 0 {
+            let o = oldVersions[Int(j)]
+            if o.ts <= ts { return (o.ts, o.valueRef) }
+            j = o.next
+        }
+        return nil
+    }
+
+    /// Visits live keys in order, starting at the first key >= `start`,
+    /// while `visit` returns true. Deleted keys and keys with no version at
+    /// `ts` are skipped.
+    public mutating func scan(from start: Bytes, at ts: Timestamp, _ visit: (Bytes, Bytes, Timestamp) -> Bool) {
+        mergePendingIfNeeded(force: true)
+        var pos = lowerBound(sorted, start)
+        while pos < sorted.count {
+            let e = entries[Int(sorted[pos])]
+            pos += 1
+            guard let (vts, ref) = visible(e, at: ts), ref != Self.tombstone else { continue }
+            if !visit(arena.copy(e.keyRef), arena.copy(ref), vts) { return }
+        }
+    }
+
+    /// Keys in `[start, ...)` in order, for lock checks of a scan.
+    public func keyIsBelow(_ key: Bytes, _ bound: Bytes) -> Bool { compareBytes(key, bound) < 0 }
+
+    // MARK: Writes
+
+    /// Installs a version. `ts` must be newer than every version of `key`.
+    public mutating func apply(key: Bytes, value: Bytes?, ts: Timestamp) {
+        let valueRef = value.map { v in v.withUnsafeBytes { arena.append($0) } } ?? Self.tombstone
+        if let i = find(key) {
+            var e = entries[Int(i)]
+            precondition(ts > e.ts, "MVCCStore: version \(ts) is not newer than \(e.ts)")
+            if e.dead {
+                e.dead = false
+                deadEntries -= 1
+                liveKeys += 1
+                e.older = -1
+            } else {
+                let slot = allocOld(OldVersion(ts: e.ts, valueRef: e.valueRef, next: e.older))
+                e.older = slot
+                withHistory.insert(i)
+            }
+            e.ts = ts
+            e.valueRef = valueRef
+            entries[Int(i)] = e
+            return
+        }
+        let keyRef = key.withUnsafeBytes { arena.append($0) }
+        let index = Int32(entries.count)
+        entries.append(Entry(keyRef: keyRef, ts: ts, valueRef: valueRef, older: -1, dead: false))
+        liveKeys += 1
+        insertSlot(index, hash: stableHash(key))
+        let p = lowerBound(pending, key)
+        pending.insert(index, at: p)
+        mergePendingIfNeeded(force: false)
+    }
+
+    /// Drops versions no read at or after `horizon` can see. Returns, per
+    /// commit timestamp, how many versions written at that timestamp were
+    /// dropped, so the caller can release durable records nobody needs.
+    public mutating func collectGarbage(horizon: Timestamp) -> [Timestamp: Int] {
+        var dropped: [Timestamp: Int] = [:]
+        for i in withHistory {
+            var e = entries[Int(i)]
+            // Find the newest version with ts <= horizon; everything older goes.
+            var keepFrom: Int32 = -1
+            var prev: Int32 = -1
+            if e.ts <= horizon {
+                keepFrom = e.older
+                e.older = -1
+            } else {
+                var j = e.older
+                while j >= 0 {
+                    let o = oldVersions[Int(j)]
+                    if o.ts <= horizon {
+                        keepFrom = o.next
+                        oldVersions[Int(j)].next = -1
+                        break
+                    }
+                    prev = j
+                    j = o.next
+                }
+            }
+            _ = prev
+            var j = keepFrom
+            while j >= 0 {
+                let o = oldVersions[Int(j)]
+                dropped[o.ts, default: 0] += 1
+                arena.release(o.valueRef)
+                freeOld.append(j)
+                j = o.next
+            }
+            entries[Int(i)] = e
+        }
+        withHistory = withHistory.filter { entries[Int($0)].older >= 0 }
+        // A key whose only version is an old tombstone disappears entirely.
+        for i in entries.indices where !entries[i].dead && entries[i].older < 0
+            && entries[i].valueRef == Self.tombstone && entries[i].ts <= horizon {
+            entries[i].dead = true
+            dropped[entries[i].ts, default: 0] += 1
+            deadEntries += 1
+            liveKeys -= 1
+        }
+        return dropped
+    }
+
+    /// Bytes held by keys, values and index structures.
+    public var memoryBytes: Int {
+        arena.capacityBytes + entries.capacity * MemoryLayout<Entry>.stride
+            + oldVersions.capacity * MemoryLayout<OldVersion>.stride
+            + (slots.capacity + sorted.capacity + pending.capacity) * 4
+    }
+
+    public var versionCount: Int { liveKeys + oldVersions.count - freeOld.count }
+
+    // MARK: Internals
+
+    mutating func allocOld(_ v: OldVersion) -> Int32 {
+        if let s = freeOld.popLast() {
+            oldVersions[Int(s)] = v
+            return s
+        }
+        oldVersions.append(v)
+        return Int32(oldVersions.count - 1)
+    }
+
+    func find(_ key: Bytes) -> Int32? {
+        let mask = slots.count - 1
+        var s = Int(truncatingIfNeeded: stableHash(key)) & mask
+        return key.withUnsafeBytes { k in
+            while true {
+                let i = slots[s]
+                if i < 0 { return nil }
+                if arena.withBytes(entries[Int(i)].keyRef, { compareBytes($0, k) == 0 }) { return i }
+                s = (s + 1) & mask
+            }
+        }
+    }
+
+    mutating func insertSlot(_ index: Int32, hash: UInt64) {
+        if (entries.count) * 4 >= slots.count * 3 { growSlots() }
+        let mask = slots.count - 1
+        var s = Int(truncatingIfNeeded: hash) & mask
+        while slots[s] >= 0 { s = (s + 1) & mask }
+        slots[s] = index
+    }
+
+    mutating func growSlots() {
+        var bigger = [Int32](repeating: -1, count: slots.count * 2)
+        let mask = bigger.count - 1
+        for i in slots where i >= 0 {
+            let h = arena.withBytes(entries[Int(i)].keyRef) { stableHash($0) }
+            var s = Int(truncatingIfNeeded: h) & mask
+            while bigger[s] >= 0 { s = (s + 1) & mask }
+            bigger[s] = i
+        }
+        slots = bigger
+    }
+
+    func lowerBound(_ list: [Int32], _ key: Bytes) -> Int {
+        key.withUnsafeBytes { k in
+            var lo = 0, hi = list.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if arena.withBytes(entries[Int(list[mid])].keyRef, { compareBytes($0, k) < 0 }) { lo = mid + 1 } else { hi = mid }
+            }
+            return lo
+        }
+    }
+
+    func less(_ a: Int32, _ b: Int32) -> Bool {
+        arena.withBytes(entries[Int(a)].keyRef) { ka in arena.withBytes(entries[Int(b)].keyRef) { kb in compareBytes(ka, kb) < 0 } }
+    }
+
+    mutating func mergePendingIfNeeded(force: Bool) {
+        if pending.isEmpty && !(force && deadEntries > 0 && sorted.count > 0) { return }
+        var bound = 256
+        while bound * bound < sorted.count * 4 { bound *= 2 }
+        if !force && pending.count < bound { return }
+        var merged: [Int32] = []
+        merged.reserveCapacity(sorted.count + pending.count)
+        var a = 0, b = 0
+        while a < sorted.count || b < pending.count {
+            let take: Int32
+            if b == pending.count || (a < sorted.count && less(sorted[a], pending[b])) {
+                take = sorted[a]; a += 1
+            } else {
+                take = pending[b]; b += 1
+            }
+            merged.append(take)
+        }
+        sorted = merged
+        pending.removeAll(keepingCapacity: true)
+    }
+}
+
+/// Append-only storage for byte strings, in chunks that never reallocate, so
+/// a reference (chunk << 32 | offset) stays valid. Each blob is stored as a
+/// 4-byte length followed by its bytes.
+struct Arena: Sendable {
+    static let chunkBytes = 4 << 20
+    var chunks: [[UInt8]] = []
+    var deadBytes = 0
+    var capacityBytes = 0
+
+    mutating func append(_ b: UnsafeRawBufferPointer) -> UInt64 {
+        let need = b.count + 4
+        if chunks.isEmpty || chunks[chunks.count - 1].count + need > chunks[chunks.count - 1].capacity {
+            var c = [UInt8]()
+            c.reserveCapacity(Swift.max(Self.chunkBytes, need))
+            capacityBytes += c.capacity
+            chunks.append(c)
+        }
+        let ci = chunks.count - 1
+        let off = chunks[ci].count
+        let len = UInt32(b.count)
+        withUnsafeBytes(of: len.littleEndian) { chunks[ci].append(contentsOf: $0) }
+        chunks[ci].append(contentsOf: b)
+        return UInt64(ci) << 32 | UInt64(off)
+    }
+
+    func withBytes<R>(_ ref: UInt64, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        let ci = Int(ref >> 32), off = Int(ref & 0xffff_ffff)
+        return try chunks[ci].withUnsafeBytes { buf in
+            let len = Int(UInt32(littleEndian: buf.loadUnaligned(fromByteOffset: off, as: UInt32.self)))
+            return try body(UnsafeRawBufferPointer(rebasing: buf[off + 4..<off + 4 + len]))
+        }
+    }
+
+    func copy(_ ref: UInt64) -> Bytes { withBytes(ref) { Bytes($0) } }
+
+    mutating func release(_ ref: UInt64) {
+        if ref == MVCCStore.tombstone { return }
+        deadBytes += withBytes(ref) { $0.count } + 4
+    }
+}
+
+extension MVCCStore {
+    /// True if `key` has a version written exactly at `ts`.
+    public func hasVersion(_ key: Bytes, at ts: Timestamp) -> Bool {
+        guard let i = find(key) else { return false }
+        let e = entries[Int(i)]
+        if e.dead { return false }
+        if e.ts == ts { return true }
+        var j = e.older
+        while j >= 0 {
+            if oldVersions[Int(j)].ts == ts { return true }
+            j = oldVersions[Int(j)].next
+        }
+        return false
+    }
+}

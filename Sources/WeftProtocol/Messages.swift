@@ -1,0 +1,111 @@
+import WeftCore
+
+/// Who a message is for. Clients are named by a number their shell picks.
+public enum NodeAddress: Hashable, Sendable, CustomStringConvertible {
+    case coordinator
+    case participant(ParticipantId)
+    case client(UInt64)
+
+    public var description: String {
+        switch self {
+        case .coordinator: return "coordinator"
+        case .participant(let p): return "participant-\(p)"
+        case .client(let c): return "client-\(c)"
+        }
+    }
+}
+
+/// One buffered write: `value == nil` deletes the key.
+public struct WriteOp: Sendable, Equatable, Hashable {
+    public var key: Bytes
+    public var value: Bytes?
+    public init(key: Bytes, value: Bytes?) {
+        self.key = key
+        self.value = value
+    }
+}
+
+/// What one participant is asked to validate and apply for a transaction.
+public struct TxnPart: Sendable, Equatable {
+    /// Keys read at the transaction's start timestamp.
+    public var reads: [Bytes]
+    public var writes: [WriteOp]
+    public init(reads: [Bytes] = [], writes: [WriteOp] = []) {
+        self.reads = reads
+        self.writes = writes
+    }
+    public var isReadOnly: Bool { writes.isEmpty }
+}
+
+/// A participant's answer to PREPARE.
+public enum Vote: Sendable, Equatable {
+    /// Validated, locked, PREPARED record forced: will commit if told to.
+    case yes
+    /// Validated reads only; the participant has already forgotten the transaction.
+    case readOnly
+    case no(WeftError)
+}
+
+/// How a commit request ended, as the client sees it.
+public enum CommitOutcome: Sendable, Equatable {
+    case committed(Timestamp)
+    case aborted(WeftError)
+    /// The coordinator could not learn the outcome in time (a participant
+    /// went silent during one-phase commit); ask later by transaction id.
+    case unknown(WeftError)
+}
+
+public struct ScanRow: Sendable, Equatable {
+    public var key: Bytes
+    public var value: Bytes
+    public var version: Timestamp
+    public init(key: Bytes, value: Bytes, version: Timestamp) {
+        self.key = key
+        self.value = value
+        self.version = version
+    }
+}
+
+/// Every message between clients, the coordinator and participants.
+/// Request ids (`req`) are chosen by the sender of a request and echoed back.
+public enum Message: Sendable, Equatable {
+    // client <-> coordinator
+    case begin(req: UInt64)
+    case began(req: UInt64, ts: Timestamp)
+    case commit(req: UInt64, txn: TxnId, startTs: Timestamp, parts: [ParticipantId: TxnPart])
+    case commitResult(req: UInt64, txn: TxnId, outcome: CommitOutcome)
+    case status(req: UInt64, txn: TxnId)
+    case statusResult(req: UInt64, txn: TxnId, committed: Timestamp?)
+
+    // client <-> participant
+    case read(req: UInt64, key: Bytes, ts: Timestamp)
+    case readResult(req: UInt64, value: Bytes?, version: Timestamp)
+    case scan(req: UInt64, start: Bytes, end: Bytes?, limit: Int, ts: Timestamp)
+    case scanResult(req: UInt64, rows: [ScanRow], more: Bool)
+    case failed(req: UInt64, error: WeftError)
+
+    // coordinator -> participant
+    case prepare(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, participants: [ParticipantId], part: TxnPart)
+    case commitOnePhase(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, part: TxnPart)
+    case decide(txn: TxnId, commit: Bool)
+    /// Reply to `clockQuery`: every timestamp the oracle has handed out is below `ts`.
+    case clock(ts: Timestamp)
+
+    // participant -> coordinator
+    case vote(txn: TxnId, from: ParticipantId, vote: Vote)
+    case onePhaseResult(txn: TxnId, from: ParticipantId, outcome: CommitOutcome)
+    case ack(txn: TxnId, from: ParticipantId)
+    case queryOutcome(txn: TxnId, from: ParticipantId)
+    case clockQuery(from: ParticipantId)
+}
+
+public struct Envelope: Sendable, Equatable {
+    public var from: NodeAddress
+    public var to: NodeAddress
+    public var message: Message
+    public init(from: NodeAddress, to: NodeAddress, _ message: Message) {
+        self.from = from
+        self.to = to
+        self.message = message
+    }
+}

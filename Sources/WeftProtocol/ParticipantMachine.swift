@@ -1,0 +1,335 @@
+import WeftCore
+
+/// What a state machine step asks its shell to do. The shell writes all
+/// `records` in one durable LMDB commit, and only then sends `messages`.
+/// That single rule is what makes every vote, ack and reply safe: nothing is
+/// promised to anyone before the promise is on disk.
+public struct Output<Record: Sendable>: Sendable {
+    public var records: [Record] = []
+    public var messages: [Envelope] = []
+    public init() {}
+    public var isEmpty: Bool { records.isEmpty && messages.isEmpty }
+}
+
+/// What a participant recovers from its LMDB environment on start.
+public struct ParticipantRecovery: Sendable {
+    /// Commit records in increasing `commitTs` order.
+    public var commits: [(commitTs: Timestamp, record: CommitRecord)] = []
+    public var prepared: [PreparedTxn] = []
+    public var gcHorizon: Timestamp = 0
+    public init() {}
+}
+
+/// The participant side of two-phase commit, as a pure state machine.
+///
+/// Concurrency control is optimistic with timestamp ordering:
+/// - the coordinator picks `commitTs` before PREPARE; the serialization order
+///   is `commitTs` order, which is also the order snapshots see;
+/// - PREPARE takes no-wait exclusive locks on the written keys (held until the
+///   outcome), aborts on any lock held by another transaction, on any version
+///   of a read or written key newer than `startTs`, and on a written key that
+///   some reader already read at a timestamp >= `commitTs` (the read cache);
+/// - reads at `ts` wait for a prepared lock whose `commitTs <= ts`, and record
+///   `ts` in the read cache so no later writer slips beneath them.
+///
+/// States of a transaction here: (unknown) -> PREPARED -> (committed | aborted),
+/// or (unknown) -> (committed) in one-phase commit. Read-only participants
+/// never leave (unknown): they validate, vote and forget.
+public struct ParticipantMachine: Sendable {
+    public let id: ParticipantId
+    public private(set) var store = MVCCStore()
+    /// Write locks: key -> holder.
+    var locks: [Bytes: TxnId] = [:]
+    public private(set) var prepared: [TxnId: PreparedTxn] = [:]
+    /// Highest timestamp each key was read at (snapshot reads and validated reads).
+    var readCache: [Bytes: Timestamp] = [:]
+    /// A lower bound for every key's read timestamp: raised by scans, by
+    /// collapsing the read cache, and unknown (nil) after a restart until
+    /// the coordinator reports its clock.
+    public private(set) var readFloor: Timestamp?
+    /// Live versions per durable commit record, for garbage collection.
+    var commitRefs: [Timestamp: Int] = [:]
+    public private(set) var gcHorizon: Timestamp
+    var nowMillis: UInt64 = 0
+    var lastQueryMillis: [TxnId: UInt64] = [:]
+    var lastClockQueryMillis: UInt64 = 0
+    var lastGCMillis: UInt64 = 0
+    var parked: [TxnId: [(from: NodeAddress, message: Message, deadline: UInt64)]] = [:]
+    /// Snapshots pinned against garbage collection (ts -> pin count).
+    var pins: [Timestamp: Int] = [:]
+    public var retentionMillis: UInt64 = Limits.versionRetentionTicks
+    var out = Output<ParticipantRecord>()
+
+    /// - Parameter readFloor: every timestamp handed out before this start is
+    ///   below it; nil when the participant must first ask the coordinator.
+    public init(id: ParticipantId, recovery: ParticipantRecovery, readFloor: Timestamp?, nowMillis: UInt64) {
+        self.id = id
+        self.readFloor = readFloor
+        self.gcHorizon = recovery.gcHorizon
+        self.nowMillis = nowMillis
+        self.lastGCMillis = nowMillis
+        for (ts, rec) in recovery.commits {
+            for w in rec.writes { store.apply(key: w.key, value: w.value, ts: ts) }
+            commitRefs[ts] = rec.writes.count
+        }
+        // Re-take the locks of in-doubt transactions before serving anything.
+        for p in recovery.prepared {
+            prepared[p.txn] = p
+            for w in p.writes { locks[w.key] = p.txn }
+        }
+        if readFloor == nil { out.messages.append(Envelope(from: me, to: .coordinator, .clockQuery(from: id))) }
+        for p in recovery.prepared {
+            out.messages.append(Envelope(from: me, to: .coordinator, .queryOutcome(txn: p.txn, from: id)))
+            lastQueryMillis[p.txn] = nowMillis
+        }
+    }
+
+    var me: NodeAddress { .participant(id) }
+
+    public mutating func takeOutput() -> Output<ParticipantRecord> {
+        defer { out = Output() }
+        return out
+    }
+
+    // MARK: Inputs
+
+    public mutating func step(_ env: Envelope) {
+        let from = env.from
+        switch env.message {
+        case let .read(req, key, ts):
+            onRead(from: from, req: req, key: key, ts: ts, original: env.message)
+        case let .scan(req, start, end, limit, ts):
+            onScan(from: from, req: req, start: start, end: end, limit: limit, ts: ts, original: env.message)
+        case let .prepare(txn, startTs, commitTs, participants, part):
+            onPrepare(txn: txn, startTs: startTs, commitTs: commitTs, participants: participants, part: part)
+        case let .commitOnePhase(txn, startTs, commitTs, part):
+            onOnePhase(txn: txn, startTs: startTs, commitTs: commitTs, part: part)
+        case let .decide(txn, commit):
+            onDecide(txn: txn, commit: commit)
+        case let .clock(ts):
+            if readFloor == nil { readFloor = ts }
+        default:
+            break // not addressed to a participant; dropped
+        }
+    }
+
+    /// Advances time: expires waiting reads, re-asks about in-doubt
+    /// transactions, and collects garbage.
+    public mutating func tick(nowMillis: UInt64) {
+        self.nowMillis = max(self.nowMillis, nowMillis)
+        for (txn, list) in parked {
+            let (expired, waiting) = (list.filter { $0.deadline <= self.nowMillis }, list.filter { $0.deadline > self.nowMillis })
+            parked[txn] = waiting.isEmpty ? nil : waiting
+            for p in expired {
+                if let req = requestId(p.message) {
+                    send(p.from, .failed(req: req, error: WeftError(.locked, "timed out after \(Limits.readWaitTicksMax) ms waiting for in-doubt transaction \(txn) that holds a lock on the key")))
+                }
+            }
+        }
+        if readFloor == nil && self.nowMillis >= lastClockQueryMillis + Limits.resendIntervalTicks {
+            lastClockQueryMillis = self.nowMillis
+            send(.coordinator, .clockQuery(from: id))
+        }
+        for txn in prepared.keys where self.nowMillis >= (lastQueryMillis[txn] ?? 0) + Limits.resendIntervalTicks {
+            lastQueryMillis[txn] = self.nowMillis
+            send(.coordinator, .queryOutcome(txn: txn, from: id))
+        }
+        if self.nowMillis >= lastGCMillis + 1000 {
+            lastGCMillis = self.nowMillis
+            collectGarbage()
+        }
+    }
+
+    public mutating func pin(_ ts: Timestamp) throws(WeftError) {
+        if ts < gcHorizon { throw snapshotTooOld(ts) }
+        pins[ts, default: 0] += 1
+    }
+
+    public mutating func unpin(_ ts: Timestamp) {
+        guard let n = pins[ts] else { return }
+        pins[ts] = n > 1 ? n - 1 : nil
+    }
+
+    // MARK: Reads
+
+    mutating func onRead(from: NodeAddress, req: UInt64, key: Bytes, ts: Timestamp, original: Message) {
+        if ts < gcHorizon { return send(from, .failed(req: req, error: snapshotTooOld(ts))) }
+        if let holder = locks[key], let p = prepared[holder], p.commitTs <= ts {
+            return park(holder, from, original)
+        }
+        let (value, version) = store.read(key, at: ts)
+        noteRead(key, ts)
+        send(from, .readResult(req: req, value: value, version: version))
+    }
+
+    mutating func onScan(from: NodeAddress, req: UInt64, start: Bytes, end: Bytes?, limit: Int, ts: Timestamp, original: Message) {
+        if ts < gcHorizon { return send(from, .failed(req: req, error: snapshotTooOld(ts))) }
+        for (key, holder) in locks where compareBytes(key, start) >= 0 && (end.map { compareBytes(key, $0) < 0 } ?? true) {
+            if let p = prepared[holder], p.commitTs <= ts { return park(holder, from, original) }
+        }
+        var rows: [ScanRow] = []
+        var more = false
+        let cap = max(0, min(limit, Limits.scanLimitMax))
+        store.scan(from: start, at: ts) { k, v, version in
+            if let end, compareBytes(k, end) >= 0 { return false }
+            if rows.count == cap {
+                more = true
+                return false
+            }
+            rows.append(ScanRow(key: k, value: v, version: version))
+            return true
+        }
+        // A scan reads the absence of keys too: no writer may commit beneath it.
+        readFloor = max(readFloor ?? 0, ts)
+        send(from, .scanResult(req: req, rows: rows, more: more))
+    }
+
+    mutating func noteRead(_ key: Bytes, _ ts: Timestamp) {
+        if ts <= (readCache[key] ?? 0) || ts <= (readFloor ?? 0) { return }
+        if readCache.count >= Limits.readCacheEntriesMax {
+            readFloor = max(readFloor ?? 0, readCache.values.max() ?? 0)
+            readCache.removeAll(keepingCapacity: true)
+        }
+        readCache[key] = ts
+    }
+
+    mutating func park(_ holder: TxnId, _ from: NodeAddress, _ message: Message) {
+        parked[holder, default: []].append((from, message, nowMillis + Limits.readWaitTicksMax))
+    }
+
+    // MARK: Writes
+
+    /// Optimistic validation shared by PREPARE and one-phase commit.
+    func validate(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, part: TxnPart) -> WeftError? {
+        guard let floor = readFloor else {
+            return WeftError(.unavailable, "participant \(id) is recovering and has not yet heard the coordinator's clock; retry")
+        }
+        if commitTs <= startTs { return WeftError(.invalidArgument, "commit timestamp \(commitTs) is not after start \(startTs)") }
+        for k in part.reads {
+            if let h = locks[k], h != txn { return conflict(k, "it is locked by transaction \(h)") }
+            if store.latestTs(k) > startTs { return conflict(k, "it changed after the transaction read it") }
+        }
+        for w in part.writes {
+            if let h = locks[w.key], h != txn { return conflict(w.key, "it is locked by transaction \(h)") }
+            if store.latestTs(w.key) > startTs { return conflict(w.key, "a newer version was committed after the transaction started") }
+            if max(readCache[w.key] ?? 0, floor) >= commitTs {
+                return conflict(w.key, "it was read at a later timestamp than this commit")
+            }
+        }
+        return nil
+    }
+
+    /// True if this exact transaction's writes are already installed here,
+    /// which makes duplicate one-phase commits idempotent.
+    func alreadyApplied(commitTs: Timestamp, part: TxnPart) -> Bool {
+        guard let first = part.writes.first else { return false }
+        return store.hasVersion(first.key, at: commitTs)
+    }
+
+    mutating func onPrepare(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, participants: [ParticipantId], part: TxnPart) {
+        if prepared[txn] != nil { return send(.coordinator, .vote(txn: txn, from: id, vote: .yes)) }
+        if let err = validate(txn: txn, startTs: startTs, commitTs: commitTs, part: part) {
+            return send(.coordinator, .vote(txn: txn, from: id, vote: .no(err)))
+        }
+        for k in part.reads { noteRead(k, commitTs) }
+        if part.isReadOnly { return send(.coordinator, .vote(txn: txn, from: id, vote: .readOnly)) }
+        let p = PreparedTxn(txn: txn, startTs: startTs, commitTs: commitTs, participants: participants, writes: part.writes, preparedAtMillis: nowMillis)
+        prepared[txn] = p
+        for w in part.writes { locks[w.key] = txn }
+        lastQueryMillis[txn] = nowMillis
+        out.records.append(.prepared(p))
+        send(.coordinator, .vote(txn: txn, from: id, vote: .yes))
+    }
+
+    mutating func onOnePhase(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, part: TxnPart) {
+        if alreadyApplied(commitTs: commitTs, part: part) {
+            return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(commitTs)))
+        }
+        if let err = validate(txn: txn, startTs: startTs, commitTs: commitTs, part: part) {
+            return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .aborted(err)))
+        }
+        for k in part.reads { noteRead(k, commitTs) }
+        apply(txn: txn, commitTs: commitTs, writes: part.writes)
+        send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(commitTs)))
+    }
+
+    mutating func onDecide(txn: TxnId, commit: Bool) {
+        guard let p = prepared.removeValue(forKey: txn) else {
+            // Already resolved (a duplicate or a resend): COMMIT is acked again
+            // so the coordinator can finish; ABORT needs no answer.
+            if commit { send(.coordinator, .ack(txn: txn, from: id)) }
+            return
+        }
+        lastQueryMillis[txn] = nil
+        for w in p.writes where locks[w.key] == txn { locks[w.key] = nil }
+        if commit {
+            apply(txn: txn, commitTs: p.commitTs, writes: p.writes)
+            send(.coordinator, .ack(txn: txn, from: id))
+        } else {
+            out.records.append(.aborted(txn: txn))
+        }
+        if let waiting = parked.removeValue(forKey: txn) {
+            for w in waiting { step(Envelope(from: w.from, to: me, w.message)) }
+        }
+    }
+
+    mutating func apply(txn: TxnId, commitTs: Timestamp, writes: [WriteOp]) {
+        for w in writes { store.apply(key: w.key, value: w.value, ts: commitTs) }
+        if !writes.isEmpty {
+            commitRefs[commitTs] = writes.count
+            out.records.append(.committed(txn: txn, commitTs: commitTs, writes: writes))
+        }
+    }
+
+    // MARK: Garbage collection
+
+    mutating func collectGarbage() {
+        var horizon = HLC.timestamp(millis: nowMillis > retentionMillis ? nowMillis - retentionMillis : 0)
+        if let oldestPin = pins.keys.min() { horizon = min(horizon, oldestPin) }
+        guard horizon > gcHorizon else { return }
+        gcHorizon = horizon
+        out.records.append(.gcHorizon(horizon))
+        for (ts, n) in store.collectGarbage(horizon: horizon) {
+            guard let refs = commitRefs[ts] else { continue }
+            if refs <= n {
+                commitRefs[ts] = nil
+                out.records.append(.releaseCommit(commitTs: ts))
+            } else {
+                commitRefs[ts] = refs - n
+            }
+        }
+    }
+
+    // MARK: Helpers
+
+    mutating func send(_ to: NodeAddress, _ m: Message) {
+        out.messages.append(Envelope(from: me, to: to, m))
+    }
+
+    func conflict(_ key: Bytes, _ why: String) -> WeftError {
+        WeftError(.conflict, "conflict on key \(printable(key)): \(why)")
+    }
+
+    func snapshotTooOld(_ ts: Timestamp) -> WeftError {
+        WeftError(.snapshotTooOld, "snapshot \(ts) is older than participant \(id)'s garbage-collection horizon \(gcHorizon)")
+    }
+
+    func requestId(_ m: Message) -> UInt64? {
+        switch m {
+        case let .read(req, _, _), let .scan(req, _, _, _, _): return req
+        default: return nil
+        }
+    }
+
+    /// Ids of prepared transactions, for tests and tools.
+    public var inDoubt: [PreparedTxn] { prepared.values.sorted { $0.txn < $1.txn } }
+    public var lockCount: Int { locks.count }
+}
+
+/// A key as a user would type it: UTF-8 when printable, else hex.
+public func printable(_ key: Bytes) -> String {
+    if let s = String(validating: key, as: UTF8.self), s.unicodeScalars.allSatisfy({ $0.value >= 0x20 && $0.value != 0x7f }) {
+        return "'\(s)'"
+    }
+    return "0x" + key.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+}

@@ -1,0 +1,2 @@
+import XCTest
+final class PWeftLMDBTests: XCTestCase { func testNothing() {} }

@@ -1,0 +1,2 @@
+import XCTest
+final class PWeftProtocolTests: XCTestCase { func testNothing() {} }

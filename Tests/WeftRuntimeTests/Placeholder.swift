@@ -1,0 +1,2 @@
+import XCTest
+final class PWeftRuntimeTests: XCTestCase { func testNothing() {} }
