@@ -134,6 +134,8 @@ public struct CoordinatorMachine: Sendable {
     mutating func onCommit(client: NodeAddress, req: UInt64, txn: TxnId, startTs: Timestamp, parts: [ParticipantId: TxnPart]) {
         if txns[txn] != nil { return } // a duplicate request; the first one answers
         let commitTs = allocateTimestamp()
+        // A blind write arrives without an id: its commit timestamp, unique too, names it.
+        let txn = txn == 0 ? commitTs : txn
         let ids = parts.keys.sorted()
         let deadline = nowMillis + Limits.prepareTimeoutTicks
         if ids.isEmpty {

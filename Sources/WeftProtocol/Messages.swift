@@ -109,3 +109,12 @@ public struct Envelope: Sendable, Equatable {
         self.message = message
     }
 }
+
+/// Keys are hash-partitioned across participants with a stable hash, so the
+/// owner of a key is the same in every process and after every restart.
+public enum Partitioner {
+    public static func participant(for key: Bytes, count: Int) -> ParticipantId {
+        precondition(count > 0)
+        return Int(stableHash(key) % UInt64(count))
+    }
+}

@@ -27,8 +27,11 @@ public struct ParticipantRecovery: Sendable {
 ///   is `commitTs` order, which is also the order snapshots see;
 /// - PREPARE takes no-wait exclusive locks on the written keys (held until the
 ///   outcome), aborts on any lock held by another transaction, on any version
-///   of a read or written key newer than `startTs`, and on a written key that
-///   some reader already read at a timestamp >= `commitTs` (the read cache);
+///   of a read key newer than `startTs`, on a version of a written key at or
+///   after `commitTs`, and on a written key that some reader already read at a
+///   timestamp >= `commitTs` (the read cache). Blind writes (keys written but
+///   not read) need no `startTs` check: serializability only needs them to
+///   land after every version and every read below `commitTs`;
 /// - reads at `ts` wait for a prepared lock whose `commitTs <= ts`, and record
 ///   `ts` in the read cache so no later writer slips beneath them.
 ///
@@ -211,7 +214,9 @@ public struct ParticipantMachine: Sendable {
         }
         for w in part.writes {
             if let h = locks[w.key], h != txn { return conflict(w.key, "it is locked by transaction \(h)") }
-            if store.latestTs(w.key) > startTs { return conflict(w.key, "a newer version was committed after the transaction started") }
+            // A key that was also read is covered by the read check above; a
+            // blind write only has to land after every existing version.
+            if store.latestTs(w.key) >= commitTs { return conflict(w.key, "a newer version was committed first") }
             if max(readCache[w.key] ?? 0, floor) >= commitTs {
                 return conflict(w.key, "it was read at a later timestamp than this commit")
             }

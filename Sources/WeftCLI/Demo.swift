@@ -1,0 +1,97 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftRuntime
+
+struct Demo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "A tour of the embedded store: put, get, a multi-key transaction, a conflict, and a restart.",
+        discussion: "Uses a fresh directory under /tmp unless --data-dir is given."
+    )
+    @Option(name: .customLong("data-dir"), help: "Data directory for the tour (default: a new temporary directory).")
+    var dataDir: String?
+
+    func run() async throws {
+        let dir = dataDir ?? NSTemporaryDirectory() + "weft-demo-\(getpid())-\(wallMillis())"
+        func say(_ s: String) { print(s) }
+        func show(_ b: Bytes?) -> String { b.map { String(decoding: $0, as: UTF8.self) } ?? "(nil)" }
+        say("== Weft tour: embedded coordinator + 3 participants, data in \(dir)")
+        var cluster = try open(dir)
+        var client = cluster.client()
+        for p in 0..<3 {
+            say("   participant-\(p): LMDB environment \(cluster.layout.participant(p))")
+        }
+
+        say("\n1. put and get (a single-key write runs one-phase commit on the key's owner)")
+        let t1 = try await client.put(b("greeting"), b("hello, weft"))
+        say("   put greeting = 'hello, weft'   -> committed at ts=\(t1) on participant-\(client.owner(of: b("greeting")))")
+        say("   get greeting                    -> '\(show(try await client.get(b("greeting")).value))'")
+
+        say("\n2. a multi-key transaction across participants (two-phase commit)")
+        let setup = try await client.begin()
+        for (k, v) in [("alice", "100"), ("bob", "50"), ("carol", "0")] { try setup.put(b(k), b(v)) }
+        let ts0 = try await setup.commit()
+        say("   open accounts alice=100 bob=50 carol=0 -> committed at ts=\(ts0)")
+        say("   owners: alice->participant-\(client.owner(of: b("alice"))), bob->participant-\(client.owner(of: b("bob"))), carol->participant-\(client.owner(of: b("carol")))")
+        let transfer = try await client.begin()
+        let a = Int(show(try await transfer.get(b("alice"))))!
+        let c = Int(show(try await transfer.get(b("carol"))))!
+        try transfer.put(b("alice"), b(String(a - 30)))
+        try transfer.put(b("carol"), b(String(c + 30)))
+        let ts1 = try await transfer.commit()
+        say("   transfer 30 alice -> carol       -> committed at ts=\(ts1)")
+        say("   snapshot at ts=\(ts0): alice=\(show(try await client.get(b("alice"), at: ts0).value)) carol=\(show(try await client.get(b("carol"), at: ts0).value))   (before)")
+        say("   snapshot at ts=\(ts1): alice=\(show(try await client.get(b("alice"), at: ts1).value)) carol=\(show(try await client.get(b("carol"), at: ts1).value))   (after)")
+
+        say("\n3. a conflict: two transactions read bob, both try to write it")
+        let x = try await client.begin()
+        let y = try await client.begin()
+        let bx = Int(show(try await x.get(b("bob"))))!
+        let by = Int(show(try await y.get(b("bob"))))!
+        try x.put(b("bob"), b(String(bx + 10)))
+        try x.put(b("alice"), b("70"))
+        try y.put(b("bob"), b(String(by - 10)))
+        try y.put(b("carol"), b("30"))
+        let tx = try await x.commit()
+        say("   first:  bob += 10                -> committed at ts=\(tx)")
+        do {
+            _ = try await y.commit()
+            say("   second: bob -= 10                -> committed (unexpected!)")
+        } catch let e as WeftError {
+            say("   second: bob -= 10                -> aborted: \(e.message)")
+        }
+        say("   bob is now \(show(try await client.get(b("bob")).value)): the lost update was prevented")
+
+        say("\n4. restart: close every node, reopen from the LMDB files")
+        client.close()
+        cluster.close()
+        cluster = try open(dir)
+        client = cluster.client()
+        for k in ["greeting", "alice", "bob", "carol"] {
+            say("   after restart: \(k) = \(show(try await client.get(b(k)).value))")
+        }
+        client.close()
+        cluster.close()
+        let me = CommandLine.arguments[0]
+        if FileManager.default.isExecutableFile(atPath: me) {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: me)
+            p.arguments = ["kv", "scan", "--data-dir", dir]
+            let pipe = Pipe()
+            p.standardOutput = pipe
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            say("\n5. a new process (weft kv scan --data-dir \(dir)) sees:")
+            for line in out.split(separator: "\n") { say("   \(line)") }
+        }
+        say("\nDone. Try: weft kv get alice --data-dir \(dir)")
+    }
+
+    func open(_ dir: String) throws -> EmbeddedCluster {
+        do { return try EmbeddedCluster(dataDir: dir) } catch { fail(error, json: false) }
+    }
+}
+
+func b(_ s: String) -> Bytes { Array(s.utf8) }

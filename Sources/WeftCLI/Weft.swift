@@ -1,0 +1,166 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftRuntime
+
+@main
+struct Weft: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weft",
+        abstract: "Weft: a transactional key-value store with two-phase commit over LMDB.",
+        discussion: """
+        Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (conflict), 4 key not found, 5 outcome unknown.
+        """,
+        subcommands: [Demo.self, KV.self, Txn.self, Admin.self]
+    )
+}
+
+/// Options every command that opens a data directory shares.
+struct GlobalOptions: ParsableArguments {
+    @Option(name: .customLong("data-dir"), help: "Data directory (default: $WEFT_DATA_DIR, else ./weft-data).")
+    var dataDir: String?
+
+    @Flag(help: "Machine-readable JSON output, one object per line.")
+    var json = false
+
+    @Option(help: "Participants when creating a new data directory (default 3).")
+    var participants: Int?
+
+    var resolvedDataDir: String {
+        dataDir ?? ProcessInfo.processInfo.environment["WEFT_DATA_DIR"] ?? "./weft-data"
+    }
+
+    func validate() throws {
+        if let p = participants, !(1...64).contains(p) {
+            throw ValidationError("--participants must be between 1 and 64")
+        }
+    }
+}
+
+/// How keys and values are typed on the command line and printed back.
+struct EncodingOptions: ParsableArguments {
+    @Flag(help: "Keys and values are given and printed as hex (binary data).")
+    var hex = false
+
+    @Flag(help: "Values are given and printed as base64 (binary data).")
+    var base64 = false
+
+    func validate() throws {
+        if hex && base64 { throw ValidationError("--hex and --base64 cannot be combined") }
+    }
+
+    func key(_ s: String) throws -> Bytes {
+        hex ? try decodeHex(s, what: "key") : Array(s.utf8)
+    }
+
+    func value(_ s: String) throws -> Bytes {
+        if hex { return try decodeHex(s, what: "value") }
+        if base64 {
+            guard let d = Data(base64Encoded: s) else { throw WeftError(.invalidArgument, "value is not valid base64") }
+            return Array(d)
+        }
+        return Array(s.utf8)
+    }
+
+    func show(key: Bytes) -> String { hex ? encodeHex(key) : text(key) }
+
+    func show(value: Bytes) -> String {
+        if hex { return encodeHex(value) }
+        if base64 { return Data(value).base64EncodedString() }
+        return text(value)
+    }
+}
+
+/// Printable UTF-8 as itself; anything else as 0x-prefixed hex, so binary
+/// data never garbles a terminal.
+func text(_ b: Bytes) -> String {
+    if let s = String(validating: b, as: UTF8.self), !s.unicodeScalars.contains(where: { $0.value < 0x20 && $0 != "\t" || $0.value == 0x7f }) {
+        return s
+    }
+    return "0x" + encodeHex(b)
+}
+
+func encodeHex(_ b: Bytes) -> String {
+    let digits = Array("0123456789abcdef")
+    var s = ""
+    s.reserveCapacity(b.count * 2)
+    for x in b {
+        s.append(digits[Int(x >> 4)])
+        s.append(digits[Int(x & 15)])
+    }
+    return s
+}
+
+func decodeHex(_ s: String, what: String) throws -> Bytes {
+    let t = s.hasPrefix("0x") ? String(s.dropFirst(2)) : s
+    let chars = Array(t.utf8)
+    guard chars.count % 2 == 0 else { throw WeftError(.invalidArgument, "\(what) '\(s)' is not valid hex (odd number of digits)") }
+    var out = Bytes()
+    out.reserveCapacity(chars.count / 2)
+    func nib(_ c: UInt8) -> UInt8? {
+        switch c {
+        case 48...57: return c - 48
+        case 97...102: return c - 87
+        case 65...70: return c - 55
+        default: return nil
+        }
+    }
+    var i = 0
+    while i < chars.count {
+        guard let h = nib(chars[i]), let l = nib(chars[i + 1]) else { throw WeftError(.invalidArgument, "\(what) '\(s)' is not valid hex") }
+        out.append(h << 4 | l)
+        i += 2
+    }
+    return out
+}
+
+func jsonLine(_ object: [String: Any]) -> String {
+    let data = try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    return String(decoding: data, as: UTF8.self)
+}
+
+func printErr(_ s: String) {
+    FileHandle.standardError.write(Data((s + "\n").utf8))
+}
+
+/// Exit code for an error, as documented in `weft --help`.
+func exitCode(for e: WeftError) -> Int32 {
+    switch e.code {
+    case .conflict: return 3
+    case .notFound: return 4
+    case .outcomeUnknown, .timeout: return 5
+    default: return 1
+    }
+}
+
+/// Runs `body` against an embedded cluster on the data directory, turning
+/// Weft errors into a clear message and a documented exit code.
+func withCluster<T>(_ g: GlobalOptions, _ body: (EmbeddedCluster, WeftClient) async throws -> T) async throws -> T {
+    let cluster: EmbeddedCluster
+    do {
+        cluster = try EmbeddedCluster(dataDir: g.resolvedDataDir, participants: g.participants)
+    } catch {
+        fail(error, json: g.json)
+    }
+    let client = cluster.client()
+    do {
+        let r = try await body(cluster, client)
+        client.close()
+        cluster.close()
+        return r
+    } catch {
+        client.close()
+        cluster.close()
+        if let e = error as? WeftError { fail(e, json: g.json) }
+        throw error
+    }
+}
+
+func fail(_ e: WeftError, json: Bool) -> Never {
+    if json {
+        print(jsonLine(["error": e.code.rawValue, "message": e.message]))
+    } else {
+        printErr("error: \(e.message)")
+    }
+    exit(exitCode(for: e))
+}

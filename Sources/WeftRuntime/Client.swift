@@ -1,0 +1,286 @@
+import Foundation
+import WeftCore
+import WeftProtocol
+
+/// The client library: snapshot reads, scans and transactions against a
+/// coordinator and its participants, through any `Router`.
+///
+/// Every request carries a fresh request id and a deadline; a reply that
+/// never comes ends in a `timeout` error, never a hang.
+public final class WeftClient: MessageSink, @unchecked Sendable {
+    public let id: UInt64
+    public let participantCount: Int
+    let router: Router
+    let lock = NSLock()
+    var nextReq: UInt64 = 1
+    var pending: [UInt64: (deadline: UInt64, cont: CheckedContinuation<Message, any Error>)] = [:]
+    public var requestTimeoutMillis: UInt64 = 30_000
+    var sweeper: Thread?
+    var closed = false
+
+    init(id: UInt64, router: Router, participantCount: Int) {
+        self.id = id
+        self.router = router
+        self.participantCount = participantCount
+        router.register(.client(id), self)
+        let t = Thread { [weak self] in
+            while let s = self, !s.isClosed {
+                s.sweep()
+                usleep(50_000)
+            }
+        }
+        t.name = "weft-client-sweeper"
+        sweeper = t
+        t.start()
+    }
+
+    var isClosed: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return closed
+    }
+
+    public func close() {
+        lock.lock()
+        closed = true
+        lock.unlock()
+        router.unregister(.client(id))
+        failAll(WeftError(.unavailable, "client closed"))
+    }
+
+    public var me: NodeAddress { .client(id) }
+
+    // MARK: Transport
+
+    public func enqueue(_ env: Envelope) {
+        let req: UInt64
+        switch env.message {
+        case let .began(r, _), let .commitResult(r, _, _), let .readResult(r, _, _),
+             let .scanResult(r, _, _), let .failed(r, _), let .statusResult(r, _, _):
+            req = r
+        default:
+            return
+        }
+        lock.lock()
+        let p = pending.removeValue(forKey: req)
+        lock.unlock()
+        p?.cont.resume(returning: env.message)
+    }
+
+    func sweep() {
+        let now = wallMillis()
+        lock.lock()
+        let expired = pending.filter { $0.value.deadline <= now }
+        for k in expired.keys { pending[k] = nil }
+        lock.unlock()
+        for (_, p) in expired {
+            p.cont.resume(throwing: WeftError(.timeout, "no reply within \(requestTimeoutMillis) ms"))
+        }
+    }
+
+    func failAll(_ error: WeftError) {
+        lock.lock()
+        let all = pending
+        pending.removeAll()
+        lock.unlock()
+        for (_, p) in all { p.cont.resume(throwing: error) }
+    }
+
+    func call(_ to: NodeAddress, _ build: (UInt64) -> Message) async throws -> Message {
+        let req = lock.withLock {
+            defer { nextReq += 1 }
+            return nextReq
+        }
+        let msg = build(req)
+        let reply = try await withCheckedThrowingContinuation { (c: CheckedContinuation<Message, any Error>) in
+            lock.withLock { pending[req] = (wallMillis() + requestTimeoutMillis, c) }
+            router.send(Envelope(from: me, to: to, msg))
+        }
+        if case .failed(_, let error) = reply { throw error }
+        return reply
+    }
+
+    // MARK: API
+
+    /// A fresh timestamp from the oracle: every commit acknowledged before
+    /// this call is visible at it.
+    public func now() async throws -> Timestamp {
+        guard case .began(_, let ts) = try await call(.coordinator, { .begin(req: $0) }) else { throw unexpected() }
+        return ts
+    }
+
+    public func begin() async throws -> Transaction {
+        Transaction(client: self, startTs: try await now())
+    }
+
+    public func owner(of key: Bytes) -> ParticipantId {
+        Partitioner.participant(for: key, count: participantCount)
+    }
+
+    /// Reads `key` at `ts` (now when nil).
+    public func get(_ key: Bytes, at ts: Timestamp? = nil) async throws -> (value: Bytes?, version: Timestamp) {
+        try WeftError.checkKey(key)
+        let at: Timestamp
+        if let ts { at = ts } else { at = try await now() }
+        return try await read(key, at: at)
+    }
+
+    func read(_ key: Bytes, at ts: Timestamp) async throws -> (value: Bytes?, version: Timestamp) {
+        guard case let .readResult(_, value, version) = try await call(.participant(owner(of: key)), { .read(req: $0, key: key, ts: ts) }) else {
+            throw unexpected()
+        }
+        return (value, version)
+    }
+
+    /// Keys in order from every participant, merged: those starting with
+    /// `prefix` (all when empty), at most `limit`, at `ts` (now when nil).
+    public func scan(prefix: Bytes = [], limit: Int = 1000, at at0: Timestamp? = nil) async throws -> (rows: [ScanRow], at: Timestamp) {
+        if prefix.count > Limits.keyBytesMax { try WeftError.checkKey(prefix) }
+        guard limit >= 0, limit <= Limits.scanLimitMax else {
+            throw WeftError(.invalidArgument, "scan limit \(limit) is outside 0...\(Limits.scanLimitMax) (Limits.scanLimitMax)")
+        }
+        let ts: Timestamp
+        if let given = at0 { ts = given } else { ts = try await now() }
+        let end = prefixEnd(prefix)
+        var all: [ScanRow] = []
+        try await withThrowingTaskGroup(of: [ScanRow].self) { group in
+            for p in 0..<participantCount {
+                group.addTask {
+                    guard case let .scanResult(_, rows, _) = try await self.call(.participant(p), { .scan(req: $0, start: prefix, end: end, limit: limit, ts: ts) }) else {
+                        throw self.unexpected()
+                    }
+                    return rows
+                }
+            }
+            for try await rows in group { all += rows }
+        }
+        all.sort { compareBytes($0.key, $1.key) < 0 }
+        return (Array(all.prefix(limit)), ts)
+    }
+
+    /// Writes one key in a one-participant transaction (one-phase commit).
+    @discardableResult
+    public func put(_ key: Bytes, _ value: Bytes) async throws -> Timestamp {
+        let t = Transaction(client: self, startTs: 0)
+        try t.put(key, value)
+        return try await t.commit()
+    }
+
+    @discardableResult
+    public func delete(_ key: Bytes) async throws -> Timestamp {
+        let t = Transaction(client: self, startTs: 0)
+        try t.delete(key)
+        return try await t.commit()
+    }
+
+    /// Asks the coordinator whether `txn` committed (nil: no record, so
+    /// aborted or never decided).
+    public func status(_ txn: TxnId) async throws -> Timestamp? {
+        guard case let .statusResult(_, _, ts) = try await call(.coordinator, { .status(req: $0, txn: txn) }) else { throw unexpected() }
+        return ts
+    }
+
+    func commit(txn: TxnId, startTs: Timestamp, parts: [ParticipantId: TxnPart]) async throws -> Timestamp {
+        guard case let .commitResult(_, _, outcome) = try await call(.coordinator, { .commit(req: $0, txn: txn, startTs: startTs, parts: parts) }) else {
+            throw unexpected()
+        }
+        switch outcome {
+        case .committed(let ts): return ts
+        case .aborted(let e): throw e
+        case .unknown(let e): throw e
+        }
+    }
+
+    func unexpected() -> WeftError { WeftError(.malformed, "unexpected reply") }
+}
+
+/// The smallest key greater than every key starting with `prefix`, or nil
+/// when no such key exists (empty prefix, or all 0xff).
+public func prefixEnd(_ prefix: Bytes) -> Bytes? {
+    var p = prefix
+    while let last = p.last {
+        if last < 0xff {
+            p[p.count - 1] = last + 1
+            return p
+        }
+        p.removeLast()
+    }
+    return nil
+}
+
+/// A serializable transaction: reads at `startTs` (and its own writes),
+/// writes buffered until `commit`, validated optimistically at commit.
+/// Not for use from several tasks at once.
+public final class Transaction: @unchecked Sendable {
+    public let startTs: Timestamp
+    let client: WeftClient
+    var reads: Set<Bytes> = []
+    var writes: [Bytes: Bytes?] = [:]
+    var order: [Bytes] = []
+    var bytes = 0
+    public private(set) var finished = false
+
+    init(client: WeftClient, startTs: Timestamp) {
+        self.client = client
+        self.startTs = startTs
+    }
+
+    /// The transaction's id: its start timestamp (0 for a blind write, which
+    /// gets its id when it commits).
+    public var id: TxnId { startTs }
+
+    public func get(_ key: Bytes) async throws -> Bytes? {
+        try WeftError.checkKey(key)
+        try checkOpen()
+        if let w = writes[key] { return w }
+        let (value, _) = try await client.read(key, at: startTs)
+        reads.insert(key)
+        return value
+    }
+
+    public func put(_ key: Bytes, _ value: Bytes) throws {
+        try WeftError.checkKey(key)
+        try WeftError.checkValue(value)
+        try buffer(key, value)
+    }
+
+    public func delete(_ key: Bytes) throws {
+        try WeftError.checkKey(key)
+        try buffer(key, nil)
+    }
+
+    func buffer(_ key: Bytes, _ value: Bytes?) throws {
+        try checkOpen()
+        let old = writes[key].map { key.count + ($0?.count ?? 0) } ?? 0
+        let new = key.count + (value?.count ?? 0)
+        if writes[key] == nil && writes.count >= Limits.txnWritesMax {
+            throw WeftError(.txnTooLarge, "transaction writes more than \(Limits.txnWritesMax) keys (Limits.txnWritesMax)")
+        }
+        if bytes - old + new > Limits.txnBytesMax {
+            throw WeftError(.txnTooLarge, "transaction writes more than \(Limits.txnBytesMax) bytes (Limits.txnBytesMax)")
+        }
+        bytes += new - old
+        if writes.updateValue(value, forKey: key) == nil { order.append(key) }
+    }
+
+    func checkOpen() throws {
+        if finished { throw WeftError(.invalidArgument, "transaction \(startTs) is already finished") }
+    }
+
+    /// Commits atomically and returns the commit timestamp, or throws
+    /// `conflict` (aborted), `outcomeUnknown` or `timeout`.
+    @discardableResult
+    public func commit() async throws -> Timestamp {
+        try checkOpen()
+        finished = true
+        var parts: [ParticipantId: TxnPart] = [:]
+        for k in reads.sorted(by: { compareBytes($0, $1) < 0 }) { parts[client.owner(of: k), default: TxnPart()].reads.append(k) }
+        for k in order { parts[client.owner(of: k), default: TxnPart()].writes.append(WriteOp(key: k, value: writes[k]!)) }
+        // Snapshot reads are consistent at startTs by themselves: a read-only
+        // transaction is serializable there and needs no validation round.
+        if writes.isEmpty { return startTs }
+        return try await client.commit(txn: startTs, startTs: startTs, parts: parts)
+    }
+
+    public func abort() { finished = true }
+}

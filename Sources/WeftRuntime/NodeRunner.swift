@@ -1,0 +1,242 @@
+import Foundation
+import WeftCore
+import WeftProtocol
+
+/// Wall-clock milliseconds: the only clock a state machine ever sees, and
+/// only through `tick`.
+public func wallMillis() -> UInt64 {
+    var t = timespec()
+    clock_gettime(CLOCK_REALTIME, &t)
+    return UInt64(t.tv_sec) * 1000 + UInt64(t.tv_nsec) / 1_000_000
+}
+
+/// Something that takes envelopes for a node or a client.
+public protocol MessageSink: AnyObject, Sendable {
+    func enqueue(_ env: Envelope)
+}
+
+/// The thin shell around one pure state machine: a dedicated thread that
+/// drains the inbox, steps the machine for every message, writes every
+/// record of the round in ONE durable LMDB commit, and only then sends the
+/// round's messages. Messages that arrive while a commit is in progress
+/// join the next round: that is the group commit.
+///
+/// If a commit fails (disk full, map at its limit), the node stops: its
+/// memory may be ahead of its disk, and nothing it promised in that round
+/// was sent. A restart recovers from the disk.
+public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
+    enum Item {
+        case envelope(Envelope)
+        case job((inout M) -> Void)
+    }
+
+    public let address: NodeAddress
+    let cond = NSCondition()
+    var inbox: [Item] = []
+    var stopping = false
+    var stopped = false
+    var machine: M
+    let persist: ([M.Record]) throws(WeftError) -> Void
+    let router: Router
+    let tickMillis: UInt64 = 10
+    public private(set) var failure: WeftError?
+    /// Rounds and records committed, for benchmarks.
+    public private(set) var commits = 0
+    public private(set) var recordsCommitted = 0
+    var thread: Thread?
+
+    init(address: NodeAddress, machine: M, router: Router, persist: @escaping ([M.Record]) throws(WeftError) -> Void) {
+        self.address = address
+        self.machine = machine
+        self.router = router
+        self.persist = persist
+    }
+
+    func start() {
+        let t = Thread { [self] in self.loop() }
+        t.name = "weft-\(address)"
+        t.stackSize = 8 << 20
+        thread = t
+        t.start()
+    }
+
+    public func enqueue(_ env: Envelope) {
+        cond.lock()
+        if stopped {
+            cond.unlock()
+            router.undeliverable(env, failure ?? WeftError(.unavailable, "\(address) is stopped"))
+            return
+        }
+        inbox.append(.envelope(env))
+        if inbox.count == 1 { cond.signal() }
+        cond.unlock()
+    }
+
+    /// Runs `body` on the node's thread, between rounds, and returns its result.
+    func withMachine<R: Sendable>(_ body: @escaping @Sendable (inout M) -> R) -> R {
+        let box = ResultBox<R>()
+        cond.lock()
+        inbox.append(.job { m in box.set(body(&m)) })
+        cond.signal()
+        cond.unlock()
+        return box.wait()
+    }
+
+    func stop() {
+        cond.lock()
+        stopping = true
+        cond.signal()
+        cond.unlock()
+        while true {
+            cond.lock()
+            let done = stopped
+            cond.unlock()
+            if done { return }
+            usleep(1000)
+        }
+    }
+
+    func loop() {
+        var nextTick = wallMillis()
+        var first = true
+        while true {
+            cond.lock()
+            while inbox.isEmpty && !stopping && !first {
+                let wait = nextTick > wallMillis() ? nextTick - wallMillis() : 0
+                if wait == 0 { break }
+                _ = cond.wait(until: Date(timeIntervalSinceNow: Double(wait) / 1000))
+            }
+            first = false
+            if stopping {
+                stopped = true
+                let rest = inbox
+                inbox.removeAll()
+                cond.unlock()
+                failPending(rest)
+                return
+            }
+            let items = inbox
+            inbox.removeAll(keepingCapacity: true)
+            cond.unlock()
+
+            for item in items {
+                switch item {
+                case .envelope(let e): machine.step(e)
+                case .job(let j): j(&machine)
+                }
+            }
+            let now = wallMillis()
+            if now >= nextTick {
+                machine.tick(nowMillis: now)
+                nextTick = now + tickMillis
+            }
+            let out = machine.takeOutput()
+            if !out.records.isEmpty {
+                do {
+                    try persist(out.records)
+                    commits += 1
+                    recordsCommitted += out.records.count
+                } catch {
+                    fail(error)
+                    return
+                }
+            }
+            for m in out.messages { router.send(m) }
+        }
+    }
+
+    func fail(_ error: WeftError) {
+        cond.lock()
+        failure = error
+        stopped = true
+        let rest = inbox
+        inbox.removeAll()
+        cond.unlock()
+        router.nodeFailed(address, error)
+        failPending(rest)
+    }
+
+    func failPending(_ items: [Item]) {
+        for case .envelope(let e) in items {
+            router.undeliverable(e, failure ?? WeftError(.unavailable, "\(address) stopped"))
+        }
+    }
+}
+
+final class ResultBox<R>: @unchecked Sendable {
+    let cond = NSCondition()
+    var value: R?
+    func set(_ v: R) {
+        cond.lock()
+        value = v
+        cond.signal()
+        cond.unlock()
+    }
+    func wait() -> R {
+        cond.lock()
+        defer { cond.unlock() }
+        while value == nil { cond.wait() }
+        return value!
+    }
+}
+
+/// The in-process transport of embedded mode: delivers envelopes to node
+/// runners and client endpoints by address.
+public final class Router: @unchecked Sendable {
+    let lock = NSLock()
+    var sinks: [NodeAddress: MessageSink] = [:]
+    var failures: [NodeAddress: WeftError] = [:]
+
+    func register(_ address: NodeAddress, _ sink: MessageSink) {
+        lock.lock()
+        sinks[address] = sink
+        lock.unlock()
+    }
+
+    func unregister(_ address: NodeAddress) {
+        lock.lock()
+        sinks[address] = nil
+        lock.unlock()
+    }
+
+    public func send(_ env: Envelope) {
+        lock.lock()
+        let sink = sinks[env.to]
+        let failure = failures[env.to]
+        lock.unlock()
+        if let sink {
+            sink.enqueue(env)
+        } else {
+            undeliverable(env, failure ?? WeftError(.unavailable, "\(env.to) is not running"))
+        }
+    }
+
+    /// A request that cannot reach its node is answered with the reason, so
+    /// a client never waits on a node that is gone.
+    func undeliverable(_ env: Envelope, _ error: WeftError) {
+        guard case .client = env.from else { return }
+        let req: UInt64?
+        switch env.message {
+        case let .begin(r), let .read(r, _, _), let .scan(r, _, _, _, _), let .commit(r, _, _, _), let .status(r, _):
+            req = r
+        default:
+            req = nil
+        }
+        if let req { send(Envelope(from: env.to, to: env.from, .failed(req: req, error: error))) }
+    }
+
+    func nodeFailed(_ address: NodeAddress, _ error: WeftError) {
+        lock.lock()
+        failures[address] = error
+        sinks[address] = nil
+        let clients = sinks.values.compactMap { $0 as? WeftClient }
+        lock.unlock()
+        for c in clients { c.failAll(error) }
+    }
+
+    public var firstFailure: WeftError? {
+        lock.lock()
+        defer { lock.unlock() }
+        return failures.values.first
+    }
+}

@@ -1,0 +1,193 @@
+import WeftCore
+import WeftLMDB
+import WeftProtocol
+
+/// Big-endian u64 LMDB key, so byte order is numeric order.
+func beKey(_ v: UInt64) -> Bytes {
+    var w = ByteWriter(capacity: 8)
+    w.u64BE(v)
+    return w.bytes
+}
+
+func readBE(_ buf: UnsafeRawBufferPointer) throws(DecodeError) -> UInt64 {
+    var r = ByteReader(buf)
+    let v = try r.u64BE()
+    try r.expectEnd()
+    return v
+}
+
+/// Maps LMDB's errors to Weft's public error, keeping LMDB's words.
+func storageError(_ error: any Error, _ what: String) -> WeftError {
+    if let e = error as? WeftError { return e }
+    if let e = error as? LMDBError {
+        switch e.code {
+        case .mapFull, .diskFull: return WeftError(.storageFull, "\(what): \(e.message)")
+        case .readOnly, .permissionDenied: return WeftError(.readOnly, "\(what): \(e.message)")
+        case .corrupted, .versionMismatch: return WeftError(.corrupted, "\(what): \(e.message)")
+        default: return WeftError(.storage, "\(what): \(e.message)")
+        }
+    }
+    if let e = error as? DecodeError { return WeftError(.corrupted, "\(what): \(e)") }
+    return WeftError(.storage, "\(what): \(error)")
+}
+
+/// Environment options shared by every node's LMDB environment.
+public struct StorageOptions: Sendable {
+    public var mapSizeBytes = 64 << 20
+    public var mapSizeBytesMax = 256 << 30
+    /// false only for benchmarks that measure without fsync.
+    public var durable = true
+    public var readOnly = false
+    public init() {}
+
+    var lmdb: LMDBEnvironment.Options {
+        var o = LMDBEnvironment.Options()
+        o.mapSizeBytes = mapSizeBytes
+        o.mapSizeBytesMax = mapSizeBytesMax
+        o.durable = durable
+        o.readOnly = readOnly
+        return o
+    }
+}
+
+/// A participant's LMDB environment. Databases:
+/// - `meta`: `format` (u8), `gc-horizon` (u64)
+/// - `commits`: commitTs (BE u64) -> CommitRecord
+/// - `prepared`: txn (BE u64) -> PreparedTxn
+public final class ParticipantStorage: @unchecked Sendable {
+    public static let formatVersion: UInt8 = 1
+    public let env: LMDBEnvironment
+    let meta, commits, prepared: LMDBDatabase
+
+    public init(directory: String, options: StorageOptions = .init()) throws(WeftError) {
+        do {
+            env = try LMDBEnvironment(directory: directory, options: options.lmdb)
+            meta = try env.database("meta", create: !options.readOnly)
+            commits = try env.database("commits", create: !options.readOnly)
+            prepared = try env.database("prepared", create: !options.readOnly)
+        } catch {
+            throw storageError(error, "cannot open participant storage at \(directory)")
+        }
+        if !options.readOnly {
+            do {
+                try env.write { txn in
+                    if let f = try txn.get(meta, Array("format".utf8)) {
+                        if f != [Self.formatVersion] { throw WeftError(.corrupted, "participant storage at \(directory) has format \(f), this build reads \(Self.formatVersion)") }
+                    } else {
+                        try txn.put(meta, Array("format".utf8), [Self.formatVersion])
+                    }
+                }
+            } catch {
+                throw storageError(error, "cannot initialise participant storage at \(directory)")
+            }
+        }
+    }
+
+    /// Reads everything a participant needs to rebuild its memory.
+    public func recover() throws(WeftError) -> ParticipantRecovery {
+        do {
+            return try env.read { txn in
+                var r = ParticipantRecovery()
+                if let h = try txn.get(meta, Array("gc-horizon".utf8)) {
+                    r.gcHorizon = try h.withUnsafeBytes { b throws(DecodeError) in try readBE(b) }
+                }
+                try txn.forEach(commits) { k, v in
+                    r.commits.append((try readBE(k), try CommitRecord.decode(v)))
+                    return true
+                }
+                try txn.forEach(prepared) { _, v in
+                    r.prepared.append(try PreparedTxn.decode(Array(v)))
+                    return true
+                }
+                return r
+            }
+        } catch {
+            throw storageError(error, "cannot recover participant storage at \(env.directory)")
+        }
+    }
+
+    /// Makes a batch durable in one LMDB commit (group commit).
+    public func persist(_ records: [ParticipantRecord]) throws(WeftError) {
+        do {
+            try env.write { txn in
+                for r in records {
+                    switch r {
+                    case .prepared(let p):
+                        try txn.put(prepared, beKey(p.txn), p.encoded())
+                    case let .committed(id, ts, writes):
+                        try txn.put(commits, beKey(ts), CommitRecord(txn: id, writes: writes).encoded())
+                        try txn.delete(prepared, beKey(id))
+                    case .aborted(let id):
+                        try txn.delete(prepared, beKey(id))
+                    case .releaseCommit(let ts):
+                        try txn.delete(commits, beKey(ts))
+                    case .gcHorizon(let ts):
+                        try txn.put(meta, Array("gc-horizon".utf8), beKey(ts))
+                    }
+                }
+            }
+        } catch {
+            throw storageError(error, "participant storage at \(env.directory) could not commit \(records.count) records")
+        }
+    }
+
+    public func close() { env.close() }
+}
+
+/// The coordinator's LMDB environment. Databases:
+/// - `meta`: `format` (u8), `reserved-ts` (BE u64)
+/// - `decisions`: txn (BE u64) -> Decision (COMMIT without END)
+public final class CoordinatorStorage: @unchecked Sendable {
+    public static let formatVersion: UInt8 = 1
+    public let env: LMDBEnvironment
+    let meta, decisions: LMDBDatabase
+
+    public init(directory: String, options: StorageOptions = .init()) throws(WeftError) {
+        do {
+            env = try LMDBEnvironment(directory: directory, options: options.lmdb)
+            meta = try env.database("meta", create: !options.readOnly)
+            decisions = try env.database("decisions", create: !options.readOnly)
+        } catch {
+            throw storageError(error, "cannot open coordinator storage at \(directory)")
+        }
+    }
+
+    public func recover() throws(WeftError) -> CoordinatorRecovery {
+        do {
+            return try env.read { txn in
+                var r = CoordinatorRecovery()
+                if let h = try txn.get(meta, Array("reserved-ts".utf8)) {
+                    r.reservedTs = try h.withUnsafeBytes { b throws(DecodeError) in try readBE(b) }
+                }
+                try txn.forEach(decisions) { _, v in
+                    r.decisions.append(try Decision.decode(Array(v)))
+                    return true
+                }
+                return r
+            }
+        } catch {
+            throw storageError(error, "cannot recover coordinator storage at \(env.directory)")
+        }
+    }
+
+    public func persist(_ records: [CoordinatorRecord]) throws(WeftError) {
+        do {
+            try env.write { txn in
+                for r in records {
+                    switch r {
+                    case .reserveTimestamps(let upTo):
+                        try txn.put(meta, Array("reserved-ts".utf8), beKey(upTo))
+                    case .decided(let d):
+                        try txn.put(decisions, beKey(d.txn), d.encoded())
+                    case .ended(let id):
+                        try txn.delete(decisions, beKey(id))
+                    }
+                }
+            }
+        } catch {
+            throw storageError(error, "coordinator storage at \(env.directory) could not commit \(records.count) records")
+        }
+    }
+
+    public func close() { env.close() }
+}

@@ -1,2 +1,0 @@
-import XCTest
-final class PWeftLMDBTests: XCTestCase { func testNothing() {} }
