@@ -15,13 +15,25 @@ struct KV: AsyncParsableCommand {
         @OptionGroup var global: GlobalOptions
         @OptionGroup var enc: EncodingOptions
         @Argument(help: "Key (1...\(Limits.keyBytesMax) bytes).") var key: String
-        @Argument(help: "Value (at most \(Limits.valueBytesMax) bytes).") var value: String
+        @Argument(help: "Value (at most \(Limits.valueBytesMax) bytes).") var value: String?
+        @Option(name: .customLong("value-file"), help: "Read the value's raw bytes from this file ('-' for stdin).") var valueFile: String?
+
+        func validate() throws {
+            if (value == nil) == (valueFile == nil) { throw ValidationError("give a VALUE argument or --value-file, not both or neither") }
+        }
 
         func run() async throws {
             let g = global, e = enc
             let (k, v): (Bytes, Bytes)
             do {
-                (k, v) = (try e.key(key), try e.value(value))
+                k = try e.key(key)
+                if let path = valueFile {
+                    let data = path == "-" ? FileHandle.standardInput.readDataToEndOfFile() : FileManager.default.contents(atPath: path)
+                    guard let data else { throw WeftError(.notFound, "cannot read value file \(path)") }
+                    v = Array(data)
+                } else {
+                    v = try e.value(value!)
+                }
                 try WeftError.checkKey(k)
                 try WeftError.checkValue(v)
             } catch let err as WeftError { fail(err, json: g.json) }

@@ -66,24 +66,26 @@ struct Txn: AsyncParsableCommand {
     @Option(name: .short, help: "A statement; repeat for a one-shot batch.") var e: [String] = []
 
     func run() async throws {
-        let g = global, enc = self.enc
-        let lines: [String]
-        if !e.isEmpty {
-            lines = e
-        } else {
-            let data = FileHandle.standardInput.readDataToEndOfFile()
-            lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
-        }
-        var statements: [Statement] = []
-        do {
-            for (i, l) in lines.enumerated() {
-                if let s = try Statement.parse(l, lineNumber: i + 1, enc: enc) { statements.append(s) }
-            }
-        } catch let err as WeftError {
-            fail(WeftError(err.code, err.message + " (nothing was committed)"), json: g.json)
-        }
-        if statements.last != .commit && statements.last != .abort && !statements.isEmpty { statements.append(.commit) }
+        let g = global, enc = self.enc, given = e
+        // The data directory is opened (and locked) first, then the whole
+        // script is read and parsed before any statement runs.
         try await withCluster(g) { _, client in
+            let lines: [String]
+            if !given.isEmpty {
+                lines = given
+            } else {
+                let data = FileHandle.standardInput.readDataToEndOfFile()
+                lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            }
+            var statements: [Statement] = []
+            do {
+                for (i, l) in lines.enumerated() {
+                    if let s = try Statement.parse(l, lineNumber: i + 1, enc: enc) { statements.append(s) }
+                }
+            } catch let err as WeftError {
+                throw WeftError(err.code, err.message + " (nothing was committed)")
+            }
+            if statements.last != .commit && statements.last != .abort && !statements.isEmpty { statements.append(.commit) }
             var txn: Transaction?
             for s in statements {
                 let t: Transaction

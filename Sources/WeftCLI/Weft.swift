@@ -11,7 +11,7 @@ struct Weft: AsyncParsableCommand {
         discussion: """
         Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (conflict), 4 key not found, 5 outcome unknown.
         """,
-        subcommands: [Demo.self, KV.self, Txn.self, Admin.self]
+        subcommands: [Demo.self, KV.self, Txn.self, Admin.self, Debug.self]
     )
 }
 

@@ -132,8 +132,11 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
             }
             let out = machine.takeOutput()
             if !out.records.isEmpty {
+                let kinds = CrashPoints.target == nil ? [] : CrashPoints.kinds(out.records)
+                for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).before-\(k)-forced") }
                 do {
                     try persist(out.records)
+                    for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).after-\(k)-forced") }
                     commits += 1
                     recordsCommitted += out.records.count
                 } catch {

@@ -1,0 +1,42 @@
+# Weft: two commands on a fresh machine.
+#   make demo   - build and run the tour of the embedded store
+#   make test   - build and run every test (unit, LMDB, simulation, CLI end to end)
+SWIFT ?= swift
+SIM_SEEDS ?= 2000
+
+.PHONY: demo test deps build release sim bench clean
+
+deps:
+	@if [ ! -f /usr/include/lmdb.h ]; then \
+		echo "installing liblmdb-dev"; \
+		(apt-get update -qq && apt-get install -y -qq liblmdb-dev) >/dev/null || { echo "could not install liblmdb-dev (need root and Debian's package registry)"; exit 1; }; \
+	fi
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release --product weft
+	$(SWIFT) build -c release --product WeftSim
+
+demo: release
+	./.build/release/weft demo
+
+# Unit, adapter, simulation and end-to-end tests, then thousands of
+# simulation seeds in release mode.
+test: deps
+	$(SWIFT) build --product weft
+	$(SWIFT) test
+	$(SWIFT) build -c release --product WeftSim
+	./.build/release/WeftSim --seeds $(SIM_SEEDS)
+
+sim: deps
+	$(SWIFT) build -c release --product WeftSim
+	./.build/release/WeftSim --seeds $(SIM_SEEDS)
+
+bench: deps
+	$(SWIFT) build -c release --product weft-bench
+	./.build/release/weft-bench
+
+clean:
+	rm -rf .build

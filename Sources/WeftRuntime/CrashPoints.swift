@@ -1,0 +1,59 @@
+import Foundation
+import WeftProtocol
+
+/// Named points where a node kills itself with SIGKILL when
+/// `WEFT_CRASH_AT` names that point, to test recovery from every state.
+/// The full list is in docs/protocol.md; names are
+/// `<role>.<before|after>-<record>-forced`, e.g.
+/// `participant.after-prepare-forced` or `coordinator.before-decision-forced`.
+public enum CrashPoints {
+    static let target: String? = ProcessInfo.processInfo.environment["WEFT_CRASH_AT"]
+
+    @inline(__always)
+    static func check(_ name: String) {
+        guard let target, target == name else { return }
+        FileHandle.standardError.write(Data("weft: crash point \(name) reached; killing this process (SIGKILL)\n".utf8))
+        kill(getpid(), SIGKILL)
+    }
+
+    static func role(_ address: NodeAddress) -> String {
+        switch address {
+        case .coordinator: return "coordinator"
+        case .participant: return "participant"
+        case .client: return "client"
+        }
+    }
+
+    /// The record kinds in one batch, by name, for crash points.
+    static func kinds(_ records: [any Sendable]) -> Set<String> {
+        var s: Set<String> = []
+        for r in records {
+            switch r {
+            case let p as ParticipantRecord:
+                switch p {
+                case .prepared: s.insert("prepare")
+                case .committed: s.insert("commit")
+                case .aborted: s.insert("abort")
+                case .releaseCommit, .gcHorizon: s.insert("gc")
+                }
+            case let c as CoordinatorRecord:
+                switch c {
+                case .reserveTimestamps: s.insert("reserve")
+                case .decided: s.insert("decision")
+                case .ended: s.insert("end")
+                }
+            default: break
+            }
+        }
+        return s
+    }
+
+    public static let all: [String] = [
+        "participant.before-prepare-forced", "participant.after-prepare-forced",
+        "participant.before-commit-forced", "participant.after-commit-forced",
+        "participant.before-abort-forced", "participant.after-abort-forced",
+        "coordinator.before-decision-forced", "coordinator.after-decision-forced",
+        "coordinator.before-end-forced", "coordinator.after-end-forced",
+        "coordinator.before-reserve-forced", "coordinator.after-reserve-forced",
+    ]
+}

@@ -1,0 +1,183 @@
+import XCTest
+import WeftCore
+@testable import WeftProtocol
+import WeftSimulation
+
+final class MVCCStoreTests: XCTestCase {
+    /// Random puts, deletes, reads at random snapshots and scans, checked
+    /// against a plain dictionary of version lists.
+    func testMatchesReferenceModel() {
+        var rng = SeededRandom(seed: 7)
+        var store = MVCCStore()
+        var model: [Bytes: [(Timestamp, Bytes?)]] = [:]
+        var ts: Timestamp = 10
+        for step in 0..<20_000 {
+            let key = Array("k\(rng.int(0...800))".utf8)
+            ts += UInt64(rng.int(1...3))
+            let value: Bytes? = rng.chance(0.15) ? nil : Array("v\(step)".utf8)
+            store.apply(key: key, value: value, ts: ts)
+            model[key, default: []].append((ts, value))
+            if step % 97 == 0 {
+                let at = UInt64(rng.int(0...Int(ts)))
+                for (k, versions) in model {
+                    let expect = versions.last { $0.0 <= at }
+                    let got = store.read(k, at: at)
+                    XCTAssertEqual(got.value, expect?.1, "key \(k) at \(at)")
+                    XCTAssertEqual(got.version, expect?.0 ?? 0)
+                }
+                var scanned: [Bytes] = []
+                store.scan(from: Array("k4".utf8), at: at) { k, _, _ in scanned.append(k); return true }
+                let expected = model.filter { compareBytes($0.key, Array("k4".utf8)) >= 0 && ($0.value.last { $0.0 <= at }?.1 ?? nil) != nil }
+                    .keys.sorted { compareBytes($0, $1) < 0 }
+                XCTAssertEqual(scanned, expected)
+            }
+        }
+    }
+
+    func testGarbageCollectionKeepsWhatSnapshotsAtOrAfterTheHorizonSee() {
+        var store = MVCCStore()
+        let k = Array("k".utf8), gone = Array("gone".utf8)
+        for t in 1...10 { store.apply(key: k, value: Array("\(t)".utf8), ts: Timestamp(t * 10)) }
+        store.apply(key: gone, value: [1], ts: 15)
+        store.apply(key: gone, value: nil, ts: 25)
+        let dropped = store.collectGarbage(horizon: 55)
+        // Versions 10...40 are invisible at >= 55; 50 is what 55 sees.
+        XCTAssertEqual(dropped[10], 1)
+        XCTAssertEqual(dropped[40], 1)
+        XCTAssertNil(dropped[50])
+        XCTAssertEqual(store.read(k, at: 55).value, Array("5".utf8))
+        XCTAssertEqual(store.read(k, at: 100).value, Array("10".utf8))
+        XCTAssertNil(store.read(gone, at: 100).value)
+        XCTAssertEqual(store.liveKeys, 1, "a key deleted before the horizon disappears")
+        store.apply(key: gone, value: [2], ts: 200)
+        XCTAssertEqual(store.read(gone, at: 200).value, [2])
+        XCTAssertEqual(store.liveKeys, 2)
+    }
+
+    func testMemoryPerKeyStaysCompact() {
+        var store = MVCCStore()
+        let n = 100_000
+        for i in 0..<n {
+            var key = Array("key-\(i)".utf8)
+            key += Bytes(repeating: 0x2e, count: 16 - key.count)
+            store.apply(key: key, value: Bytes(repeating: UInt8(i & 0xff), count: 100), ts: Timestamp(i + 1))
+        }
+        let perKey = Double(store.memoryBytes) / Double(n)
+        XCTAssertLessThan(perKey, 2 * 116, "\(perKey) bytes per 16+100-byte key")
+    }
+}
+
+final class CodecTests: XCTestCase {
+    func testRecordsRoundTrip() throws {
+        let p = PreparedTxn(txn: 5, startTs: 5, commitTs: 9, participants: [0, 2], writes: [WriteOp(key: [1], value: [2, 3]), WriteOp(key: [4], value: nil)], preparedAtMillis: 123)
+        XCTAssertEqual(try PreparedTxn.decode(p.encoded()), p)
+        let d = Decision(txn: 1, commitTs: 2, participants: [1, 2, 3])
+        XCTAssertEqual(try Decision.decode(d.encoded()), d)
+        let c = CommitRecord(txn: 3, writes: p.writes)
+        XCTAssertEqual(try c.encoded().withUnsafeBytes { try CommitRecord.decode($0) }, c)
+    }
+
+    func testTruncatedAndHostileInputIsRejectedNotTrusted() {
+        let p = PreparedTxn(txn: 5, startTs: 5, commitTs: 9, participants: [0], writes: [WriteOp(key: [1], value: [2])], preparedAtMillis: 1).encoded()
+        for cut in 0..<p.count {
+            XCTAssertThrowsError(try PreparedTxn.decode(Array(p.prefix(cut))), "prefix \(cut)")
+        }
+        XCTAssertThrowsError(try PreparedTxn.decode(p + [0]), "trailing bytes")
+        var huge = ByteWriter()
+        huge.u8(1); huge.u64(1); huge.u64(1); huge.u64(2); huge.int(1); huge.int(0); huge.u64(0)
+        huge.varint(UInt64(Int32.max)) // a write count far over Limits.txnWritesMax
+        XCTAssertThrowsError(try PreparedTxn.decode(huge.bytes))
+        var wrongVersion = p
+        wrongVersion[0] = 99
+        XCTAssertThrowsError(try PreparedTxn.decode(wrongVersion)) { XCTAssertTrue("\($0)".contains("format 99")) }
+    }
+}
+
+/// Scripted steps of the pure machines: inputs in, actions out.
+final class MachineScriptTests: XCTestCase {
+    let k = Array("k".utf8)
+
+    func participant() -> ParticipantMachine {
+        var m = ParticipantMachine(id: 0, recovery: ParticipantRecovery(), readFloor: 0, nowMillis: 0)
+        _ = m.takeOutput()
+        return m
+    }
+
+    func testPrepareForcesRecordThenVotesAndLocksBlockOthers() {
+        var m = participant()
+        m.step(Envelope(from: .coordinator, to: .participant(0), .prepare(txn: 10, startTs: 10, commitTs: 20, participants: [0, 1], part: TxnPart(writes: [WriteOp(key: k, value: [1])]))))
+        let o = m.takeOutput()
+        guard case .prepared(let p) = o.records.first else { return XCTFail("PREPARED must be forced") }
+        XCTAssertEqual(p.txn, 10)
+        XCTAssertEqual(o.messages.map(\.message), [.vote(txn: 10, from: 0, vote: .yes)])
+        // A second writer on the locked key is refused at once (no-wait).
+        m.step(Envelope(from: .coordinator, to: .participant(0), .prepare(txn: 11, startTs: 11, commitTs: 21, participants: [0, 1], part: TxnPart(writes: [WriteOp(key: k, value: [2])]))))
+        guard case .vote(_, _, .no(let e)) = m.takeOutput().messages.first?.message else { return XCTFail() }
+        XCTAssertEqual(e.code, .conflict)
+        // A read at ts >= the prepared commitTs waits for the outcome...
+        m.step(Envelope(from: .client(1), to: .participant(0), .read(req: 1, key: k, ts: 25)))
+        XCTAssertTrue(m.takeOutput().messages.isEmpty)
+        // ...and a read below it does not.
+        m.step(Envelope(from: .client(1), to: .participant(0), .read(req: 2, key: k, ts: 15)))
+        XCTAssertEqual(m.takeOutput().messages.map(\.message), [.readResult(req: 2, value: nil, version: 0)])
+        m.step(Envelope(from: .coordinator, to: .participant(0), .decide(txn: 10, commit: true)))
+        let done = m.takeOutput()
+        XCTAssertEqual(done.records, [.committed(txn: 10, commitTs: 20, writes: [WriteOp(key: k, value: [1])])])
+        XCTAssertTrue(done.messages.map(\.message).contains(.ack(txn: 10, from: 0)))
+        XCTAssertTrue(done.messages.map(\.message).contains(.readResult(req: 1, value: [1], version: 20)), "the waiting read sees the commit")
+        XCTAssertEqual(m.lockCount, 0)
+    }
+
+    func testReadCacheStopsAWriterFromCommittingBeneathARead() {
+        var m = participant()
+        m.step(Envelope(from: .client(1), to: .participant(0), .read(req: 1, key: k, ts: 50)))
+        _ = m.takeOutput()
+        m.step(Envelope(from: .coordinator, to: .participant(0), .commitOnePhase(txn: 40, startTs: 40, commitTs: 45, part: TxnPart(writes: [WriteOp(key: k, value: [9])]))))
+        guard case .onePhaseResult(_, _, .aborted(let e)) = m.takeOutput().messages.first?.message else { return XCTFail() }
+        XCTAssertTrue(e.message.contains("read at a later timestamp"), e.message)
+    }
+
+    func testDuplicateOnePhaseCommitIsIdempotent() {
+        var m = participant()
+        let msg = Envelope(from: .coordinator, to: .participant(0), .commitOnePhase(txn: 5, startTs: 0, commitTs: 6, part: TxnPart(writes: [WriteOp(key: k, value: [1])])))
+        m.step(msg)
+        XCTAssertEqual(m.takeOutput().messages.map(\.message), [.onePhaseResult(txn: 5, from: 0, outcome: .committed(6))])
+        m.step(msg)
+        let again = m.takeOutput()
+        XCTAssertTrue(again.records.isEmpty)
+        XCTAssertEqual(again.messages.map(\.message), [.onePhaseResult(txn: 5, from: 0, outcome: .committed(6))])
+    }
+
+    func testCoordinatorForcesDecisionBeforeAnyCommitAndPresumesAbort() {
+        var c = CoordinatorMachine(recovery: CoordinatorRecovery(), nowMillis: 1)
+        c.step(Envelope(from: .client(1), to: .coordinator, .commit(req: 1, txn: 100, startTs: 100, parts: [0: TxnPart(writes: [WriteOp(key: [1], value: [1])]), 1: TxnPart(writes: [WriteOp(key: [2], value: [2])])])))
+        let prep = c.takeOutput()
+        let commitTs: Timestamp = prep.messages.compactMap { if case let .prepare(_, _, ts, _, _) = $0.message { return ts } else { return nil } }.first!
+        XCTAssertEqual(prep.messages.count, 2)
+        c.step(Envelope(from: .participant(0), to: .coordinator, .vote(txn: 100, from: 0, vote: .yes)))
+        XCTAssertTrue(c.takeOutput().messages.isEmpty)
+        c.step(Envelope(from: .participant(1), to: .coordinator, .vote(txn: 100, from: 1, vote: .yes)))
+        let decided = c.takeOutput()
+        XCTAssertEqual(decided.records, [.decided(Decision(txn: 100, commitTs: commitTs, participants: [0, 1]))])
+        XCTAssertTrue(decided.messages.map(\.message).contains(.commitResult(req: 1, txn: 100, outcome: .committed(commitTs))))
+        // A transaction it never heard of is aborted by presumption.
+        c.step(Envelope(from: .participant(0), to: .coordinator, .queryOutcome(txn: 999, from: 0)))
+        XCTAssertEqual(c.takeOutput().messages.map(\.message), [.decide(txn: 999, commit: false)])
+        // A decided one is re-sent until acknowledged, then ENDed lazily.
+        c.tick(nowMillis: 10_000)
+        XCTAssertEqual(c.takeOutput().messages.count, 2)
+        c.step(Envelope(from: .participant(0), to: .coordinator, .ack(txn: 100, from: 0)))
+        c.step(Envelope(from: .participant(1), to: .coordinator, .ack(txn: 100, from: 1)))
+        XCTAssertEqual(c.takeOutput().records, [.ended(txn: 100)])
+    }
+
+    func testOracleNeverRepeatsAcrossRestart() {
+        var disk = CoordinatorDisk()
+        var c = CoordinatorMachine(recovery: disk.recovery, nowMillis: 5)
+        var last: Timestamp = 0
+        for _ in 0..<100 { last = c.allocateTimestamp() }
+        for r in c.takeOutput().records { disk.apply(r) }
+        var again = CoordinatorMachine(recovery: disk.recovery, nowMillis: 1) // the clock even went backwards
+        XCTAssertGreaterThan(again.allocateTimestamp(), last)
+    }
+}

@@ -1,2 +1,0 @@
-import XCTest
-final class PWeftProtocolTests: XCTestCase { func testNothing() {} }

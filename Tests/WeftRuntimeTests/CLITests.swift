@@ -1,0 +1,198 @@
+import Foundation
+import XCTest
+
+/// End-to-end: the real `weft` binary, real LMDB files, real processes.
+final class CLITests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = tempDir("weft-cli") }
+    override func tearDown() { removeDir(dir) }
+
+    func weft(_ args: String..., stdin: String? = nil, env: [String: String] = [:]) throws -> RunResult {
+        try runWeft(args + ["--data-dir", dir], stdin: stdin, env: env)
+    }
+
+    func testPutGetDeleteScanSurviveProcessRestarts() throws {
+        XCTAssertEqual(try weft("kv", "put", "k1", "hello world").status, 0)
+        XCTAssertEqual(try weft("kv", "put", "k2", "two").status, 0)
+        let g = try weft("kv", "get", "k1")
+        XCTAssertEqual(g.status, 0)
+        XCTAssertEqual(g.stdout, "hello world\n")
+        XCTAssertEqual(try weft("kv", "del", "k1").status, 0)
+        let missing = try weft("kv", "get", "k1")
+        XCTAssertEqual(missing.status, 4)
+        XCTAssertTrue(missing.stderr.contains("not found"), missing.stderr)
+        let scan = try weft("kv", "scan", "--prefix", "k")
+        XCTAssertEqual(scan.stdout, "k2\ttwo\n")
+    }
+
+    func testGetAtOldTimestampSeesOldVersion() throws {
+        let first = try weft("kv", "put", "v", "old", "--json")
+        let ts = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(first.stdout.utf8)) as? [String: Any])?["committed_ts"] as? UInt64)
+        XCTAssertEqual(try weft("kv", "put", "v", "new").status, 0)
+        XCTAssertEqual(try weft("kv", "get", "v", "--at", String(ts)).stdout, "old\n")
+        XCTAssertEqual(try weft("kv", "get", "v", "--at", String(ts - 1)).status, 4)
+        XCTAssertEqual(try weft("kv", "get", "v").stdout, "new\n")
+    }
+
+    func testEmptyAndOversizedKeysAndValuesAreRefusedAndLoseNothing() throws {
+        XCTAssertEqual(try weft("kv", "put", "keep", "me").status, 0)
+        let empty = try weft("kv", "put", "", "x")
+        XCTAssertEqual(empty.status, 1)
+        XCTAssertTrue(empty.stderr.contains("key is empty"), empty.stderr)
+        let bigKey = try weft("kv", "put", String(repeating: "k", count: 4097), "x")
+        XCTAssertEqual(bigKey.status, 1)
+        XCTAssertTrue(bigKey.stderr.contains("Limits.keyBytesMax"), bigKey.stderr)
+        XCTAssertEqual(try weft("kv", "put", String(repeating: "k", count: 4096), "max-key").status, 0)
+        let file = dir + "-value"
+        defer { removeDir(file) }
+        _ = FileManager.default.createFile(atPath: file, contents: Data(repeating: 7, count: (1 << 20) + 1))
+        let bigValue = try weft("kv", "put", "big", "--value-file", file)
+        XCTAssertEqual(bigValue.status, 1)
+        XCTAssertTrue(bigValue.stderr.contains("Limits.valueBytesMax"), bigValue.stderr)
+        _ = FileManager.default.createFile(atPath: file, contents: Data(repeating: 7, count: 1 << 20))
+        XCTAssertEqual(try weft("kv", "put", "big", "--value-file", file).status, 0)
+        let got = try weft("kv", "get", "big", "--base64").stdout
+        XCTAssertEqual(Data(base64Encoded: got.trimmingCharacters(in: .newlines)), Data(repeating: 7, count: 1 << 20))
+        XCTAssertEqual(try weft("kv", "get", "keep").stdout, "me\n")
+    }
+
+    func testBinaryValuesThroughHexAndBase64() throws {
+        XCTAssertEqual(try weft("kv", "put", "--hex", "00ff10", "00010203fffe").status, 0)
+        XCTAssertEqual(try weft("kv", "get", "--hex", "00ff10").stdout, "00010203fffe\n")
+        XCTAssertEqual(try weft("kv", "put", "b64", "--base64", "AAEC/w==").status, 0)
+        XCTAssertEqual(try weft("kv", "get", "b64", "--base64").stdout, "AAEC/w==\n")
+        let bad = try weft("kv", "put", "--hex", "zz", "00")
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertTrue(bad.stderr.contains("not valid hex"), bad.stderr)
+    }
+
+    func testTxnScriptCommitsAtomicallyAndUnknownStatementCommitsNothing() throws {
+        let bad = try weft("txn", stdin: "put a 1\nput b 2\ncommit\nput c 3\nfrobnicate x\n")
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertTrue(bad.stderr.contains("line 5: unknown statement 'frobnicate'"), bad.stderr)
+        XCTAssertTrue(bad.stderr.contains("nothing was committed"), bad.stderr)
+        for k in ["a", "b", "c"] { XCTAssertEqual(try weft("kv", "get", k).status, 4, "\(k) must not exist") }
+
+        let ok = try weft("txn", stdin: "put a 1\nput b two words\nget a\ncommit\nget b\n")
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        let lines = ok.stdout.split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines[0], "ok")
+        XCTAssertEqual(lines[1], "ok")
+        XCTAssertEqual(lines[2], "1", "a transaction reads its own writes")
+        XCTAssertTrue(lines[3].hasPrefix("committed at ts="), lines[3])
+        XCTAssertEqual(lines[4], "two words")
+
+        let batch = try weft("txn", "-e", "put x 10", "-e", "del a", "--json")
+        XCTAssertEqual(batch.status, 0, batch.stderr)
+        XCTAssertEqual(try weft("kv", "get", "x").stdout, "10\n")
+        XCTAssertEqual(try weft("kv", "get", "a").status, 4)
+    }
+
+    func testSecondProcessOnSameDataDirectoryGetsClearError() throws {
+        XCTAssertEqual(try weft("kv", "put", "a", "1").status, 0)
+        // A `weft txn` waiting for its script holds the directory.
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: weftBinary)
+        holder.arguments = ["txn", "--data-dir", dir]
+        let inp = Pipe()
+        holder.standardInput = inp
+        holder.standardOutput = FileHandle.nullDevice
+        try holder.run()
+        defer {
+            try? inp.fileHandleForWriting.close()
+            holder.waitUntilExit()
+        }
+        var second = try weft("kv", "get", "a")
+        for _ in 0..<50 where second.status == 0 {
+            usleep(100_000)
+            second = try weft("kv", "get", "a")
+        }
+        XCTAssertEqual(second.status, 1)
+        XCTAssertTrue(second.stderr.contains("in use by another process"), second.stderr)
+        XCTAssertTrue(second.stderr.contains("pid \(holder.processIdentifier)"), "the error names the holder: \(second.stderr)")
+        inp.fileHandleForWriting.write(Data("put b 2\n".utf8))
+        try inp.fileHandleForWriting.close()
+        holder.waitUntilExit()
+        XCTAssertEqual(holder.terminationStatus, 0)
+        XCTAssertEqual(try weft("kv", "get", "b").stdout, "2\n")
+        XCTAssertEqual(try weft("kv", "get", "a").stdout, "1\n")
+    }
+
+    func testReadOnlyDataDirectoryGivesClearError() throws {
+        XCTAssertEqual(try weft("kv", "put", "a", "1").status, 0)
+        if geteuid() == 0 {
+            // Root ignores permissions: run the second command as nobody.
+            guard FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else { throw XCTSkip("needs setpriv to drop root") }
+            chmod(dir, 0o755)
+            let r = try runWeft(["kv", "put", "b", "2", "--data-dir", dir], launcher: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            XCTAssertEqual(r.status, 1)
+            XCTAssertTrue(r.stderr.contains("not writable") || r.stderr.contains("read-only") || r.stderr.contains("ermission"), r.stderr)
+        } else {
+            chmod(dir, 0o555)
+            defer { chmod(dir, 0o755) }
+            let r = try weft("kv", "put", "b", "2")
+            XCTAssertEqual(r.status, 1)
+            XCTAssertTrue(r.stderr.contains("not writable") || r.stderr.contains("read-only"), r.stderr)
+        }
+        XCTAssertEqual(try weft("kv", "get", "a").stdout, "1\n", "nothing was lost")
+    }
+
+    func testKillNineMidWorkloadLosesNoAcknowledgedTransferAndConservesTotal() throws {
+        var acked: [String] = []
+        for round in 0..<3 {
+            let r = try weft("debug", "bank", "--transfers", "400", "--kill-after", String(20 + 15 * round))
+            XCTAssertTrue(r.signaled, "the workload must die by SIGKILL (status \(r.status)): \(r.stderr)")
+            acked += r.stdout.split(separator: "\n").compactMap { $0.hasPrefix("ack ") ? String($0.split(separator: " ")[1]) : nil }
+            let check = try weft("debug", "bank-check")
+            XCTAssertEqual(check.status, 0, check.stderr)
+            XCTAssertTrue(check.stdout.contains("accounts 20\n"), check.stdout)
+            XCTAssertTrue(check.stdout.contains("total 20000\n"), "total conserved after kill -9: \(check.stdout.prefix(80))")
+            let logged = Set(check.stdout.split(separator: "\n").compactMap { $0.hasPrefix("log ") ? String($0.dropFirst(4)) : nil })
+            for t in acked { XCTAssertTrue(logged.contains(t), "acknowledged transfer \(t) was lost") }
+            let doubt = try weft("admin", "in-doubt")
+            XCTAssertEqual(doubt.stdout, "no in-doubt transactions\n", "reopening resolved every in-doubt transaction")
+        }
+        XCTAssertGreaterThan(acked.count, 50)
+    }
+
+    /// Keys chosen to live on different participants (hash partitioning over 3).
+    let spread = ["alice", "bob", "carol", "dave", "erin", "frank"]
+
+    func testCrashAfterPrepareLeavesInDoubtThatRecoveryAborts() throws {
+        let script = spread.map { "put \($0) 1" }
+        let r = try runWeft(["txn", "--data-dir", dir] + script.flatMap { ["-e", $0] }, env: ["WEFT_CRASH_AT": "participant.after-prepare-forced"])
+        XCTAssertTrue(r.signaled, r.stderr)
+        let doubt = try weft("admin", "in-doubt")
+        XCTAssertTrue(doubt.stdout.contains("txn "), "the offline listing shows the prepared transaction: \(doubt.stdout)")
+        XCTAssertTrue(doubt.stdout.contains("undecided"), doubt.stdout)
+        // No COMMIT decision was forced: presumed abort, everywhere.
+        for k in spread { XCTAssertEqual(try weft("kv", "get", k).status, 4, "\(k) must be absent") }
+        XCTAssertEqual(try weft("admin", "in-doubt").stdout, "no in-doubt transactions\n")
+    }
+
+    func testCrashAfterDecisionCommitsEverywhereOnRecovery() throws {
+        let script = spread.map { "put \($0) 7" }
+        let r = try runWeft(["txn", "--data-dir", dir] + script.flatMap { ["-e", $0] }, env: ["WEFT_CRASH_AT": "coordinator.after-decision-forced"])
+        XCTAssertTrue(r.signaled, r.stderr)
+        XCTAssertFalse(r.stdout.contains("committed"), "the client never heard the outcome")
+        let doubt = try weft("admin", "in-doubt")
+        XCTAssertTrue(doubt.stdout.contains("commit (decided by coordinator)"), doubt.stdout)
+        for k in spread { XCTAssertEqual(try weft("kv", "get", k).stdout, "7\n", "\(k) must be committed") }
+        XCTAssertEqual(try weft("admin", "in-doubt").stdout, "no in-doubt transactions\n")
+    }
+
+    func testCrashBeforeDecisionAbortsEverywhere() throws {
+        let script = spread.map { "put \($0) 9" }
+        let r = try runWeft(["txn", "--data-dir", dir] + script.flatMap { ["-e", $0] }, env: ["WEFT_CRASH_AT": "coordinator.before-decision-forced"])
+        XCTAssertTrue(r.signaled, r.stderr)
+        for k in spread { XCTAssertEqual(try weft("kv", "get", k).status, 4) }
+    }
+
+    func testCrashAfterParticipantCommitKeepsAllOrNothing() throws {
+        let script = spread.map { "put \($0) 5" }
+        let r = try runWeft(["txn", "--data-dir", dir] + script.flatMap { ["-e", $0] }, env: ["WEFT_CRASH_AT": "participant.after-commit-forced"])
+        XCTAssertTrue(r.signaled, r.stderr)
+        // The decision was forced before any participant committed: all present.
+        for k in spread { XCTAssertEqual(try weft("kv", "get", k).stdout, "5\n") }
+    }
+}

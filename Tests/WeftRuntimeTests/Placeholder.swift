@@ -1,2 +1,0 @@
-import XCTest
-final class PWeftRuntimeTests: XCTestCase { func testNothing() {} }

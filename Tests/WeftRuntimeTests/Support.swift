@@ -1,0 +1,57 @@
+import Foundation
+import XCTest
+
+/// A fresh directory under /tmp, removed by the caller's `defer`.
+func tempDir(_ name: String = "weft-test") -> String {
+    let d = NSTemporaryDirectory() + "\(name)-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+    try! FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+    return d
+}
+
+func removeDir(_ d: String) { try? FileManager.default.removeItem(atPath: d) }
+
+/// The `weft` binary built by `swift build` (the Makefile builds it before `swift test`).
+let weftBinary: String = {
+    var url = URL(fileURLWithPath: #filePath)
+    for _ in 0..<3 { url.deleteLastPathComponent() }
+    return url.path + "/.build/debug/weft"
+}()
+
+struct RunResult {
+    var status: Int32
+    var signaled: Bool
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs the weft binary (or `launcher` + weft) and waits for it.
+@discardableResult
+func runWeft(_ args: [String], stdin: String? = nil, env: [String: String] = [:], launcher: [String] = []) throws -> RunResult {
+    guard FileManager.default.isExecutableFile(atPath: weftBinary) else {
+        throw XCTSkip("\(weftBinary) is missing; run `swift build --product weft` (make test does)")
+    }
+    let p = Process()
+    if launcher.isEmpty {
+        p.executableURL = URL(fileURLWithPath: weftBinary)
+        p.arguments = args
+    } else {
+        p.executableURL = URL(fileURLWithPath: launcher[0])
+        p.arguments = Array(launcher.dropFirst()) + [weftBinary] + args
+    }
+    var e = ProcessInfo.processInfo.environment
+    e["WEFT_DATA_DIR"] = nil
+    for (k, v) in env { e[k] = v }
+    p.environment = e
+    let out = Pipe(), err = Pipe(), inp = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = inp
+    try p.run()
+    if let stdin { inp.fileHandleForWriting.write(Data(stdin.utf8)) }
+    try inp.fileHandleForWriting.close()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let r = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return RunResult(status: p.terminationStatus, signaled: p.terminationReason == .uncaughtSignal,
+                     stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: r, as: UTF8.self))
+}
