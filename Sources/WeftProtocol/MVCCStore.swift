@@ -265,7 +265,7 @@ public struct MVCCStore: Sendable {
 
 /// Append-only storage for byte strings, in chunks that never reallocate, so
 /// a reference (chunk << 32 | offset) stays valid. Each blob is stored as a
-/// 4-byte length followed by its bytes.
+/// LEB128 length (one byte for blobs under 128 bytes) followed by its bytes.
 struct Arena: Sendable {
     static let chunkBytes = 4 << 20
     var chunks: [[UInt8]] = []
@@ -273,7 +273,7 @@ struct Arena: Sendable {
     var capacityBytes = 0
 
     mutating func append(_ b: UnsafeRawBufferPointer) -> UInt64 {
-        let need = b.count + 4
+        let need = b.count + 5
         if chunks.isEmpty || chunks[chunks.count - 1].count + need > chunks[chunks.count - 1].capacity {
             var c = [UInt8]()
             c.reserveCapacity(Swift.max(Self.chunkBytes, need))
@@ -282,17 +282,29 @@ struct Arena: Sendable {
         }
         let ci = chunks.count - 1
         let off = chunks[ci].count
-        let len = UInt32(b.count)
-        withUnsafeBytes(of: len.littleEndian) { chunks[ci].append(contentsOf: $0) }
+        var len = UInt32(b.count)
+        while len >= 0x80 {
+            chunks[ci].append(UInt8(truncatingIfNeeded: len) | 0x80)
+            len >>= 7
+        }
+        chunks[ci].append(UInt8(len))
         chunks[ci].append(contentsOf: b)
         return UInt64(ci) << 32 | UInt64(off)
     }
 
     func withBytes<R>(_ ref: UInt64, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        let ci = Int(ref >> 32), off = Int(ref & 0xffff_ffff)
+        let ci = Int(ref >> 32)
+        var off = Int(ref & 0xffff_ffff)
         return try chunks[ci].withUnsafeBytes { buf in
-            let len = Int(UInt32(littleEndian: buf.loadUnaligned(fromByteOffset: off, as: UInt32.self)))
-            return try body(UnsafeRawBufferPointer(rebasing: buf[off + 4..<off + 4 + len]))
+            var len = 0, shift = 0
+            while true {
+                let byte = buf[off]
+                off += 1
+                len |= Int(byte & 0x7f) << shift
+                if byte < 0x80 { break }
+                shift += 7
+            }
+            return try body(UnsafeRawBufferPointer(rebasing: buf[off..<off + len]))
         }
     }
 
@@ -300,7 +312,7 @@ struct Arena: Sendable {
 
     mutating func release(_ ref: UInt64) {
         if ref == MVCCStore.tombstone { return }
-        deadBytes += withBytes(ref) { $0.count } + 4
+        deadBytes += withBytes(ref) { $0.count } + 1
     }
 }
 
