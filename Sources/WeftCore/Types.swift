@@ -27,8 +27,21 @@ public enum Limits {
     public static let txnBytesMax = 64 << 20
     /// Most keys a single `scan` returns.
     public static let scanLimitMax = 1_000_000
-    /// Most records the group committer puts into one LMDB commit.
-    public static let groupCommitRecordsMax = 4096
+    /// Most inbox messages a node steps in one round, so one group commit
+    /// (one LMDB transaction) stays bounded.
+    public static let roundMessagesMax = 4096
+    /// How long a participant stays in doubt before it also asks its peers
+    /// (cooperative termination), in ticks (ms).
+    public static let peerQueryAfterTicks: UInt64 = 1_000
+    /// Two-phase outcomes a participant remembers to answer peers.
+    public static let outcomeCacheEntriesMax = 100_000
+    /// Largest frame accepted on a TCP connection (a whole transaction fits).
+    public static let frameBytesMax = Limits.txnBytesMax + (1 << 20)
+    /// Requests one client may have in flight before new ones are refused.
+    public static let clientInFlightMax = 10_000
+    /// Envelopes queued for one peer connection before new ones are dropped
+    /// (node to node: the protocol resends) or refused (client requests).
+    public static let peerQueueMax = 100_000
     /// Most entries in a participant's read-timestamp cache before it
     /// collapses old entries into its floor.
     public static let readCacheEntriesMax = 1 << 20

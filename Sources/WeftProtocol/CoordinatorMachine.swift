@@ -146,8 +146,11 @@ public struct CoordinatorMachine: Sendable {
             return send(.participant(ids[0]), .commitOnePhase(txn: txn, startTs: startTs, commitTs: commitTs, part: parts[ids[0]]!))
         }
         txns[txn] = .preparing(Preparing(client: client, req: req, commitTs: commitTs, participants: ids, waiting: Set(ids), yes: [], deadline: deadline))
+        // Only participants with writes can vote YES and hold a PREPARED
+        // record; they are the peers an in-doubt participant may ask.
+        let writers = ids.filter { !parts[$0]!.isReadOnly }
         for p in ids {
-            send(.participant(p), .prepare(txn: txn, startTs: startTs, commitTs: commitTs, participants: ids, part: parts[p]!))
+            send(.participant(p), .prepare(txn: txn, startTs: startTs, commitTs: commitTs, participants: writers, part: parts[p]!))
         }
     }
 

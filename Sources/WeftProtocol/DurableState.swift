@@ -8,6 +8,7 @@ public struct ParticipantDisk: Sendable {
     public var commits: [Timestamp: CommitRecord] = [:]
     public var prepared: [TxnId: PreparedTxn] = [:]
     public var gcHorizon: Timestamp = 0
+    public var refused: Set<TxnId> = []
     public init() {}
 
     public mutating func apply(_ r: ParticipantRecord) {
@@ -19,11 +20,13 @@ public struct ParticipantDisk: Sendable {
         case .aborted(let txn): prepared[txn] = nil
         case .releaseCommit(let ts): commits[ts] = nil
         case .gcHorizon(let ts): gcHorizon = max(gcHorizon, ts)
+        case .refused(let txn): refused.insert(txn)
         }
     }
 
     public var recovery: ParticipantRecovery {
         var r = ParticipantRecovery()
+        r.refused = refused
         r.commits = commits.keys.sorted().map { ($0, commits[$0]!) }
         r.prepared = prepared.values.sorted { $0.txn < $1.txn }
         r.gcHorizon = gcHorizon

@@ -97,6 +97,14 @@ public enum Message: Sendable, Equatable {
     case ack(txn: TxnId, from: ParticipantId)
     case queryOutcome(txn: TxnId, from: ParticipantId)
     case clockQuery(from: ParticipantId)
+
+    // participant <-> participant (cooperative termination)
+    /// "Do you know the outcome of `txn`?" from an in-doubt participant
+    /// whose coordinator does not answer.
+    case peerQuery(txn: TxnId, commitTs: Timestamp, from: ParticipantId)
+    /// true: committed here; false: aborted here (or refused here, so it can
+    /// never commit); nil: this peer does not know either.
+    case peerOutcome(txn: TxnId, from: ParticipantId, committed: Bool?)
 }
 
 public struct Envelope: Sendable, Equatable {

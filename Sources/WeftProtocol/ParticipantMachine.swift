@@ -17,6 +17,8 @@ public struct ParticipantRecovery: Sendable {
     public var commits: [(commitTs: Timestamp, record: CommitRecord)] = []
     public var prepared: [PreparedTxn] = []
     public var gcHorizon: Timestamp = 0
+    /// Transactions this participant promised peers never to prepare.
+    public var refused: Set<TxnId> = []
     public init() {}
 }
 
@@ -61,6 +63,11 @@ public struct ParticipantMachine: Sendable {
     /// Snapshots pinned against garbage collection (ts -> pin count).
     var pins: [Timestamp: Int] = [:]
     public var retentionMillis: UInt64 = Limits.versionRetentionTicks
+    /// Two-phase transactions committed here (txn -> commitTs), for answering
+    /// peers; bounded, with everything at or below `outcomeFloor` forgotten.
+    var committedTxns: [TxnId: Timestamp] = [:]
+    var outcomeFloor: Timestamp = 0
+    var refused: Set<TxnId> = []
     var out = Output<ParticipantRecord>()
 
     /// - Parameter readFloor: every timestamp handed out before this start is
@@ -74,7 +81,9 @@ public struct ParticipantMachine: Sendable {
         for (ts, rec) in recovery.commits {
             for w in rec.writes { store.apply(key: w.key, value: w.value, ts: ts) }
             commitRefs[ts] = rec.writes.count
+            if rec.txn != ts { rememberCommitted(rec.txn, ts) }
         }
+        refused = recovery.refused
         // Re-take the locks of in-doubt transactions before serving anything.
         for p in recovery.prepared {
             prepared[p.txn] = p
@@ -111,6 +120,10 @@ public struct ParticipantMachine: Sendable {
             onDecide(txn: txn, commit: commit)
         case let .clock(ts):
             if readFloor == nil { readFloor = ts }
+        case let .peerQuery(txn, commitTs, from):
+            onPeerQuery(txn: txn, commitTs: commitTs, from: from)
+        case let .peerOutcome(txn, _, committed):
+            if let committed, prepared[txn] != nil { onDecide(txn: txn, commit: committed) }
         default:
             break // not addressed to a participant; dropped
         }
@@ -133,9 +146,14 @@ public struct ParticipantMachine: Sendable {
             lastClockQueryMillis = self.nowMillis
             send(.coordinator, .clockQuery(from: id))
         }
-        for txn in prepared.keys where self.nowMillis >= (lastQueryMillis[txn] ?? 0) + Limits.resendIntervalTicks {
+        for (txn, p) in prepared where self.nowMillis >= (lastQueryMillis[txn] ?? 0) + Limits.resendIntervalTicks {
             lastQueryMillis[txn] = self.nowMillis
             send(.coordinator, .queryOutcome(txn: txn, from: id))
+            // Cooperative termination: once in doubt for a while, ask the
+            // other writers too; any of them may know, or may refuse.
+            if self.nowMillis >= p.preparedAtMillis + Limits.peerQueryAfterTicks {
+                for q in p.participants where q != id { send(.participant(q), .peerQuery(txn: txn, commitTs: p.commitTs, from: id)) }
+            }
         }
         if self.nowMillis >= lastGCMillis + 1000 {
             lastGCMillis = self.nowMillis
@@ -233,6 +251,9 @@ public struct ParticipantMachine: Sendable {
 
     mutating func onPrepare(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, participants: [ParticipantId], part: TxnPart) {
         if prepared[txn] != nil { return send(.coordinator, .vote(txn: txn, from: id, vote: .yes)) }
+        if refused.contains(txn) {
+            return send(.coordinator, .vote(txn: txn, from: id, vote: .no(WeftError(.unavailable, "transaction \(txn) was given up by cooperative termination while its coordinator was unreachable"))))
+        }
         if let err = validate(txn: txn, startTs: startTs, commitTs: commitTs, part: part) {
             return send(.coordinator, .vote(txn: txn, from: id, vote: .no(err)))
         }
@@ -269,6 +290,7 @@ public struct ParticipantMachine: Sendable {
         for w in p.writes where locks[w.key] == txn { locks[w.key] = nil }
         if commit {
             apply(txn: txn, commitTs: p.commitTs, writes: p.writes)
+            rememberCommitted(txn, p.commitTs)
             send(.coordinator, .ack(txn: txn, from: id))
         } else {
             out.records.append(.aborted(txn: txn))
@@ -286,6 +308,40 @@ public struct ParticipantMachine: Sendable {
         }
     }
 
+    // MARK: Cooperative termination
+
+    mutating func rememberCommitted(_ txn: TxnId, _ commitTs: Timestamp) {
+        if committedTxns.count >= Limits.outcomeCacheEntriesMax {
+            // Forget the older half; peers asking about them hear "unknown".
+            let cut = committedTxns.values.sorted()[committedTxns.count / 2]
+            outcomeFloor = max(outcomeFloor, cut)
+            committedTxns = committedTxns.filter { $0.value > cut }
+        }
+        committedTxns[txn] = commitTs
+    }
+
+    /// What this participant can say about `txn` to an in-doubt peer:
+    /// committed; unknown (itself in doubt, or the outcome is forgotten); or,
+    /// having never prepared it, that it refuses it for good, which is safe
+    /// because the coordinator cannot commit without this participant's YES.
+    mutating func onPeerQuery(txn: TxnId, commitTs: Timestamp, from: ParticipantId) {
+        let answer: Bool?
+        if prepared[txn] != nil {
+            answer = nil
+        } else if committedTxns[txn] != nil {
+            answer = true
+        } else if refused.contains(txn) {
+            answer = false
+        } else if commitTs <= outcomeFloor || commitTs <= gcHorizon {
+            answer = nil
+        } else {
+            refused.insert(txn)
+            out.records.append(.refused(txn: txn))
+            answer = false
+        }
+        send(.participant(from), .peerOutcome(txn: txn, from: id, committed: answer))
+    }
+
     // MARK: Garbage collection
 
     mutating func collectGarbage() {
@@ -293,6 +349,7 @@ public struct ParticipantMachine: Sendable {
         if let oldestPin = pins.keys.min() { horizon = min(horizon, oldestPin) }
         guard horizon > gcHorizon else { return }
         gcHorizon = horizon
+        if committedTxns.values.contains(where: { $0 <= horizon }) { committedTxns = committedTxns.filter { $0.value > horizon } }
         out.records.append(.gcHorizon(horizon))
         for (ts, n) in store.collectGarbage(horizon: horizon) {
             guard let refs = commitRefs[ts] else { continue }

@@ -39,6 +39,9 @@ public enum ParticipantRecord: Sendable, Equatable {
     case releaseCommit(commitTs: Timestamp)
     /// Reads below this timestamp are refused from now on.
     case gcHorizon(Timestamp)
+    /// Cooperative termination: this participant told a peer that `txn`
+    /// cannot commit, so it must never vote YES for it. Forced before the answer.
+    case refused(txn: TxnId)
 }
 
 /// A coordinator decision that was forced and not yet acknowledged by all.

@@ -35,6 +35,7 @@ public enum CrashPoints {
                 case .committed: s.insert("commit")
                 case .aborted: s.insert("abort")
                 case .releaseCommit, .gcHorizon: s.insert("gc")
+                case .refused: s.insert("refusal")
                 }
             case let c as CoordinatorRecord:
                 switch c {

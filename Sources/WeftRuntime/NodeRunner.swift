@@ -115,8 +115,14 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
                 failPending(rest)
                 return
             }
-            let items = inbox
-            inbox.removeAll(keepingCapacity: true)
+            let items: [Item]
+            if inbox.count <= Limits.roundMessagesMax {
+                items = inbox
+                inbox.removeAll(keepingCapacity: true)
+            } else {
+                items = Array(inbox.prefix(Limits.roundMessagesMax))
+                inbox.removeFirst(Limits.roundMessagesMax)
+            }
             cond.unlock()
 
             for item in items {

@@ -54,10 +54,11 @@ public struct StorageOptions: Sendable {
 /// - `meta`: `format` (u8), `gc-horizon` (u64)
 /// - `commits`: commitTs (BE u64) -> CommitRecord
 /// - `prepared`: txn (BE u64) -> PreparedTxn
+/// - `refused`: txn (BE u64) -> 1, transactions given up by cooperative termination
 public final class ParticipantStorage: @unchecked Sendable {
     public static let formatVersion: UInt8 = 1
     public let env: LMDBEnvironment
-    let meta, commits, prepared: LMDBDatabase
+    let meta, commits, prepared, refused: LMDBDatabase
 
     public init(directory: String, options: StorageOptions = .init()) throws(WeftError) {
         do {
@@ -65,6 +66,7 @@ public final class ParticipantStorage: @unchecked Sendable {
             meta = try env.database("meta", create: !options.readOnly)
             commits = try env.database("commits", create: !options.readOnly)
             prepared = try env.database("prepared", create: !options.readOnly)
+            refused = try env.database("refused", create: !options.readOnly)
         } catch {
             throw storageError(error, "cannot open participant storage at \(directory)")
         }
@@ -99,6 +101,10 @@ public final class ParticipantStorage: @unchecked Sendable {
                     r.prepared.append(try PreparedTxn.decode(Array(v)))
                     return true
                 }
+                try txn.forEach(refused) { k, _ in
+                    r.refused.insert(try readBE(k))
+                    return true
+                }
                 return r
             }
         } catch {
@@ -123,6 +129,8 @@ public final class ParticipantStorage: @unchecked Sendable {
                         try txn.delete(commits, beKey(ts))
                     case .gcHorizon(let ts):
                         try txn.put(meta, Array("gc-horizon".utf8), beKey(ts))
+                    case .refused(let id):
+                        try txn.put(refused, beKey(id), [1])
                     }
                 }
             }

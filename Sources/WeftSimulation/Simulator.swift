@@ -35,7 +35,17 @@ public struct SimulationConfig: Sendable {
     /// Chance that a crash also loses the in-flight (unsynced) batch.
     public var powerLossProbability = 0.5
     public var clientTimeoutMillis: UInt64 = 400
+    /// Downtime after a coordinator crash. Long outages make in-doubt
+    /// participants resolve among themselves (cooperative termination).
+    public var coordinatorDowntimeMillis: ClosedRange<Int> = 50...600
     public init() {}
+
+    /// The default mix: every third seed has long coordinator outages.
+    public static func forSeed(_ seed: UInt64) -> SimulationConfig {
+        var c = SimulationConfig()
+        if seed % 3 == 0 { c.coordinatorDowntimeMillis = 1_500...2_500 }
+        return c
+    }
 }
 
 /// What a run found: every violated invariant, in words, with the seed.
@@ -48,8 +58,9 @@ public struct SimulationReport: Sendable, CustomStringConvertible {
     public var audits = 0
     public var crashes = 0
     public var messages = 0
+    public var peerResolutions = 0
     public var description: String {
-        let head = "seed \(seed): committed \(committed), aborted \(aborted), unknown \(unknown), audits \(audits), crashes \(crashes), messages \(messages)"
+        let head = "seed \(seed): committed \(committed), aborted \(aborted), unknown \(unknown), audits \(audits), crashes \(crashes), messages \(messages), resolved by peers \(peerResolutions)"
         return violations.isEmpty ? head : head + "\n  VIOLATIONS (replay with WEFT_SIM_SEED=\(seed)):\n  - " + violations.joined(separator: "\n  - ")
     }
 }
@@ -124,7 +135,11 @@ public final class Simulator {
     var faulty = true
     public private(set) var report: SimulationReport
 
-    public init(seed: UInt64, config: SimulationConfig = .init()) {
+    public convenience init(seed: UInt64) {
+        self.init(seed: seed, config: .forSeed(seed))
+    }
+
+    public init(seed: UInt64, config: SimulationConfig) {
         self.config = config
         self.rng = SeededRandom(seed: seed)
         self.report = SimulationReport(seed: seed)
@@ -334,7 +349,7 @@ public final class Simulator {
         case .participant(let p): participants[p] = nil
         case .client: break
         }
-        schedule(UInt64(rng.int(50...600)), .restart(node))
+        schedule(UInt64(rng.int(node == .coordinator ? config.coordinatorDowntimeMillis : 50...600)), .restart(node))
     }
 
     func restart(_ node: NodeAddress) {
@@ -350,6 +365,7 @@ public final class Simulator {
 
     func transmit(_ env: Envelope) {
         report.messages += 1
+        if case .peerOutcome(_, _, .some) = env.message { report.peerResolutions += 1 }
         if faulty && rng.chance(config.dropProbability) { return }
         let copies = faulty && rng.chance(config.duplicateProbability) ? 2 : 1
         for _ in 0..<copies {

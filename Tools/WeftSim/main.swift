@@ -23,7 +23,7 @@ if let s = getenv("WEFT_SIM_SEED").flatMap({ UInt64(String(cString: $0)) }) {
     seeds = 1
 }
 var failed = 0
-var totals = (committed: 0, aborted: 0, unknown: 0, audits: 0, crashes: 0)
+var totals = (committed: 0, aborted: 0, unknown: 0, audits: 0, crashes: 0, peers: 0)
 let start = clock_gettime_nsec_np_compat()
 for seed in first..<(first + seeds) {
     let r = Simulator(seed: seed).run()
@@ -32,13 +32,14 @@ for seed in first..<(first + seeds) {
     totals.unknown += r.unknown
     totals.audits += r.audits
     totals.crashes += r.crashes
+    totals.peers += r.peerResolutions
     if !r.violations.isEmpty || seeds == 1 {
         print(r)
     }
     if !r.violations.isEmpty { failed += 1 }
 }
 let secs = Double(clock_gettime_nsec_np_compat() - start) / 1e9
-print("simulated \(seeds) seeds in \(String(format: "%.1f", secs)) s: committed \(totals.committed), aborted \(totals.aborted), unknown \(totals.unknown), audits \(totals.audits), crashes \(totals.crashes)")
+print("simulated \(seeds) seeds in \(String(format: "%.1f", secs)) s: committed \(totals.committed), aborted \(totals.aborted), unknown \(totals.unknown), audits \(totals.audits), crashes \(totals.crashes), resolved by peers \(totals.peers)")
 print("\(Int(seeds) - failed) passed, \(failed) failed")
 exit(failed == 0 ? 0 : 1)
 
