@@ -10,6 +10,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
     ],
     targets: [
         // Layer 0: C system library.
@@ -23,7 +24,11 @@ let package = Package(
         // Layer 3: adapters.
         .target(name: "WeftLMDB", dependencies: ["CLMDB"]),
         // Layer 4: runtime shells (nodes, storage, embedded cluster, client).
-        .target(name: "WeftRuntime", dependencies: ["WeftCore", "WeftProtocol", "WeftLMDB"]),
+        .target(name: "WeftRuntime", dependencies: [
+            "WeftCore", "WeftProtocol", "WeftLMDB",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         // Layer 5: CLI (argument parsing only).
         .executableTarget(
             name: "WeftCLI",

@@ -26,7 +26,7 @@ struct Debug: AsyncParsableCommand {
 
         func run() async throws {
             let (accounts, clients, transfers, killAfter, balance) = (self.accounts, self.clients, self.transfers, self.killAfter, self.balance)
-            try await withCluster(global) { _, client in
+            try await withCluster(global) { client in
                 if try await client.get(Debug.account(0)).value == nil {
                     let t = try await client.begin()
                     for i in 0..<accounts { try t.put(Debug.account(i), Array(String(balance).utf8)) }
@@ -70,7 +70,7 @@ struct Debug: AsyncParsableCommand {
         @OptionGroup var global: GlobalOptions
 
         func run() async throws {
-            try await withCluster(global) { _, client in
+            try await withCluster(global) { client in
                 let (rows, _) = try await client.scan(prefix: Array("acct/".utf8), limit: Limits.scanLimitMax)
                 let total = rows.reduce(0) { $0 + (Int(String(decoding: $1.value, as: UTF8.self)) ?? 0) }
                 print("accounts \(rows.count)")

@@ -52,6 +52,35 @@ enum Statement: Equatable {
 
 struct Txn: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        abstract: "Run transactions, or ask what became of one.",
+        subcommands: [TxnRun.self, TxnStatusCommand.self],
+        defaultSubcommand: TxnRun.self
+    )
+}
+
+struct TxnStatusCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Ask what became of transaction ID (committed, aborted, pending), e.g. after an 'outcome unknown'."
+    )
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "The transaction id printed by `weft txn`.") var id: UInt64
+
+    func run() async throws {
+        let g = global, id = self.id
+        let s = try await withCluster(g) { c in try await c.status(id) }
+        switch s {
+        case .committed(let ts): print(g.json ? jsonLine(["txn": id, "status": "committed", "committed_ts": ts]) : "committed at ts=\(ts)")
+        case .aborted: print(g.json ? jsonLine(["txn": id, "status": "aborted"]) : "aborted")
+        case .pending: print(g.json ? jsonLine(["txn": id, "status": "pending"]) : "pending (still being decided; ask again)")
+        case .unknown: print(g.json ? jsonLine(["txn": id, "status": "unknown"]) : "unknown (no node remembers it; older than the retention window)")
+        }
+    }
+}
+
+struct TxnRun: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
         abstract: "Run a transaction: statements from stdin (one per line) or from -e.",
         discussion: """
         Statements: get KEY | put KEY VALUE | del KEY | commit | abort. `commit` ends one
@@ -69,7 +98,7 @@ struct Txn: AsyncParsableCommand {
         let g = global, enc = self.enc, given = e
         // The data directory is opened (and locked) first, then the whole
         // script is read and parsed before any statement runs.
-        try await withCluster(g) { _, client in
+        try await withCluster(g) { client in
             let lines: [String]
             if !given.isEmpty {
                 lines = given
@@ -112,6 +141,10 @@ struct Txn: AsyncParsableCommand {
                     do {
                         let ts = try await t.commit()
                         print(g.json ? jsonLine(["op": "commit", "committed": true, "txn": t.id, "committed_ts": ts]) : "committed at ts=\(ts) (txn \(t.id))")
+                    } catch let err as WeftError where err.code == .outcomeUnknown {
+                        print(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": "outcome-unknown", "message": err.message])
+                              : "outcome unknown: \(err.message)\n  ask later with: weft txn status \(t.id)")
+                        throw ExitCode(5)
                     } catch let err as WeftError where err.code == .conflict || err.code == .timeout || err.code == .unavailable {
                         print(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": err.code.rawValue, "message": err.message]) : "aborted: \(err.message.replacingOccurrences(of: "transaction \(t.id) aborted: ", with: ""))")
                         throw ExitCode(WeftCLI.exitCode(for: err))
@@ -142,7 +175,13 @@ struct Admin: AsyncParsableCommand {
         func run() async throws {
             let g = global
             let entries: [OfflineInspector.InDoubtEntry]
-            do { entries = try OfflineInspector.inDoubt(dataDir: g.resolvedDataDir) } catch { fail(error, json: g.json) }
+            do {
+                if let c = g.resolvedCluster {
+                    entries = try OfflineInspector.inDoubt(cluster: try ClusterConfig.load(c))
+                } else {
+                    entries = try OfflineInspector.inDoubt(dataDir: g.resolvedDataDir)
+                }
+            } catch { fail(error, json: g.json) }
             let now = wallMillis()
             for e in entries {
                 let age = now > e.txn.preparedAtMillis ? now - e.txn.preparedAtMillis : 0

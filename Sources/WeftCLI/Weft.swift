@@ -11,7 +11,7 @@ struct Weft: AsyncParsableCommand {
         discussion: """
         Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (conflict), 4 key not found, 5 outcome unknown.
         """,
-        subcommands: [Demo.self, KV.self, Txn.self, Admin.self, Debug.self]
+        subcommands: [Demo.self, KV.self, Txn.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
     )
 }
 
@@ -26,8 +26,15 @@ struct GlobalOptions: ParsableArguments {
     @Option(help: "Participants when creating a new data directory (default 3).")
     var participants: Int?
 
+    @Option(help: "Talk to a running cluster (its directory or cluster file) instead of opening a data directory (default: $WEFT_CLUSTER).")
+    var cluster: String?
+
     var resolvedDataDir: String {
         dataDir ?? ProcessInfo.processInfo.environment["WEFT_DATA_DIR"] ?? "./weft-data"
+    }
+
+    var resolvedCluster: String? {
+        cluster ?? ProcessInfo.processInfo.environment["WEFT_CLUSTER"].flatMap { $0.isEmpty ? nil : $0 }
     }
 
     func validate() throws {
@@ -133,24 +140,34 @@ func exitCode(for e: WeftError) -> Int32 {
     }
 }
 
-/// Runs `body` against an embedded cluster on the data directory, turning
-/// Weft errors into a clear message and a documented exit code.
-func withCluster<T>(_ g: GlobalOptions, _ body: (EmbeddedCluster, WeftClient) async throws -> T) async throws -> T {
-    let cluster: EmbeddedCluster
+/// Runs `body` with a client: of a running cluster when `--cluster` (or
+/// `$WEFT_CLUSTER`) names one, else of an embedded cluster on the data
+/// directory. Weft errors become a clear message and a documented exit code.
+func withCluster<T>(_ g: GlobalOptions, _ body: (WeftClient) async throws -> T) async throws -> T {
+    let client: WeftClient
+    let close: () -> Void
     do {
-        cluster = try EmbeddedCluster(dataDir: g.resolvedDataDir, participants: g.participants)
+        if let c = g.resolvedCluster {
+            let remote = ClusterClient(config: try ClusterConfig.load(c))
+            client = remote.client
+            close = { remote.close() }
+        } else {
+            let cluster = try EmbeddedCluster(dataDir: g.resolvedDataDir, participants: g.participants)
+            client = cluster.client()
+            close = {
+                client.close()
+                cluster.close()
+            }
+        }
     } catch {
         fail(error, json: g.json)
     }
-    let client = cluster.client()
     do {
-        let r = try await body(cluster, client)
-        client.close()
-        cluster.close()
+        let r = try await body(client)
+        close()
         return r
     } catch {
-        client.close()
-        cluster.close()
+        close()
         if let e = error as? WeftError { fail(e, json: g.json) }
         throw error
     }

@@ -102,11 +102,13 @@ public struct CoordinatorMachine: Sendable {
         case let .clockQuery(from):
             send(.participant(from), .clock(ts: allocateTimestamp()))
         case let .status(req, txn):
-            if case .committed(let ts, _, _)? = txns[txn] {
-                send(env.from, .statusResult(req: req, txn: txn, committed: ts))
-            } else {
-                send(env.from, .statusResult(req: req, txn: txn, committed: nil))
+            let status: TxnStatus
+            switch txns[txn] {
+            case .committed(let ts, _, _)?: status = .committed(ts)
+            case .preparing?, .onePhase?: status = .pending
+            case nil: status = .unknown // ENDed, aborted, or one-phase: participants know
             }
+            send(env.from, .statusResult(req: req, txn: txn, status: status))
         default:
             break
         }

@@ -55,6 +55,18 @@ public enum CommitOutcome: Sendable, Equatable {
     case unknown(WeftError)
 }
 
+/// What a node knows about a transaction, for `weft txn status`.
+public enum TxnStatus: Sendable, Equatable {
+    case committed(Timestamp)
+    /// Still being decided: ask again.
+    case pending
+    /// Aborted, or (from a participant) now refused so it can never commit.
+    case aborted
+    /// This node has no record (the coordinator does not log one-phase
+    /// commits or aborts; a participant may have forgotten an old outcome).
+    case unknown
+}
+
 public struct ScanRow: Sendable, Equatable {
     public var key: Bytes
     public var value: Bytes
@@ -74,8 +86,9 @@ public enum Message: Sendable, Equatable {
     case began(req: UInt64, ts: Timestamp)
     case commit(req: UInt64, txn: TxnId, startTs: Timestamp, parts: [ParticipantId: TxnPart])
     case commitResult(req: UInt64, txn: TxnId, outcome: CommitOutcome)
+    /// Asks the coordinator (or a participant) what became of a transaction.
     case status(req: UInt64, txn: TxnId)
-    case statusResult(req: UInt64, txn: TxnId, committed: Timestamp?)
+    case statusResult(req: UInt64, txn: TxnId, status: TxnStatus)
 
     // client <-> participant
     case read(req: UInt64, key: Bytes, ts: Timestamp)

@@ -66,6 +66,7 @@ public struct ParticipantMachine: Sendable {
     /// Two-phase transactions committed here (txn -> commitTs), for answering
     /// peers; bounded, with everything at or below `outcomeFloor` forgotten.
     var committedTxns: [TxnId: Timestamp] = [:]
+    var committedOlder: [TxnId: Timestamp] = [:]
     var outcomeFloor: Timestamp = 0
     var refused: Set<TxnId> = []
     var out = Output<ParticipantRecord>()
@@ -120,6 +121,8 @@ public struct ParticipantMachine: Sendable {
             onDecide(txn: txn, commit: commit)
         case let .clock(ts):
             if readFloor == nil { readFloor = ts }
+        case let .status(req, txn):
+            onStatus(from: from, req: req, txn: txn)
         case let .peerQuery(txn, commitTs, from):
             onPeerQuery(txn: txn, commitTs: commitTs, from: from)
         case let .peerOutcome(txn, _, committed):
@@ -271,11 +274,15 @@ public struct ParticipantMachine: Sendable {
         if alreadyApplied(commitTs: commitTs, part: part) {
             return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(commitTs)))
         }
+        if refused.contains(txn) {
+            return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .aborted(WeftError(.unavailable, "transaction \(txn) was reported aborted to a status query before it arrived"))))
+        }
         if let err = validate(txn: txn, startTs: startTs, commitTs: commitTs, part: part) {
             return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .aborted(err)))
         }
         for k in part.reads { noteRead(k, commitTs) }
         apply(txn: txn, commitTs: commitTs, writes: part.writes)
+        if txn != commitTs { rememberCommitted(txn, commitTs) }
         send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(commitTs)))
     }
 
@@ -310,14 +317,38 @@ public struct ParticipantMachine: Sendable {
 
     // MARK: Cooperative termination
 
+    /// Two generations, so forgetting is O(1) amortized: when the young one
+    /// is full it becomes the old one, and the old one's outcomes are
+    /// forgotten (raising `outcomeFloor`).
     mutating func rememberCommitted(_ txn: TxnId, _ commitTs: Timestamp) {
-        if committedTxns.count >= Limits.outcomeCacheEntriesMax {
-            // Forget the older half; peers asking about them hear "unknown".
-            let cut = committedTxns.values.sorted()[committedTxns.count / 2]
-            outcomeFloor = max(outcomeFloor, cut)
-            committedTxns = committedTxns.filter { $0.value > cut }
+        if committedTxns.count >= Limits.outcomeCacheEntriesMax / 2 {
+            if let newestForgotten = committedOlder.values.max() { outcomeFloor = max(outcomeFloor, newestForgotten) }
+            committedOlder = committedTxns
+            committedTxns = [:]
         }
         committedTxns[txn] = commitTs
+    }
+
+    func committedAt(_ txn: TxnId) -> Timestamp? { committedTxns[txn] ?? committedOlder[txn] }
+
+    /// `weft txn status`: committed, pending, or (never prepared here)
+    /// aborted for good, by refusing it durably.
+    mutating func onStatus(from: NodeAddress, req: UInt64, txn: TxnId) {
+        let status: TxnStatus
+        if let ts = committedAt(txn) {
+            status = .committed(ts)
+        } else if prepared[txn] != nil {
+            status = .pending
+        } else if refused.contains(txn) {
+            status = .aborted
+        } else if txn <= outcomeFloor || txn <= gcHorizon {
+            status = .unknown
+        } else {
+            refused.insert(txn)
+            out.records.append(.refused(txn: txn))
+            status = .aborted
+        }
+        send(from, .statusResult(req: req, txn: txn, status: status))
     }
 
     /// What this participant can say about `txn` to an in-doubt peer:
@@ -328,7 +359,7 @@ public struct ParticipantMachine: Sendable {
         let answer: Bool?
         if prepared[txn] != nil {
             answer = nil
-        } else if committedTxns[txn] != nil {
+        } else if committedAt(txn) != nil {
             answer = true
         } else if refused.contains(txn) {
             answer = false
@@ -349,7 +380,7 @@ public struct ParticipantMachine: Sendable {
         if let oldestPin = pins.keys.min() { horizon = min(horizon, oldestPin) }
         guard horizon > gcHorizon else { return }
         gcHorizon = horizon
-        if committedTxns.values.contains(where: { $0 <= horizon }) { committedTxns = committedTxns.filter { $0.value > horizon } }
+        if committedOlder.values.contains(where: { $0 <= horizon }) { committedOlder = committedOlder.filter { $0.value > horizon } }
         out.records.append(.gcHorizon(horizon))
         for (ts, n) in store.collectGarbage(horizon: horizon) {
             guard let refs = commitRefs[ts] else { continue }

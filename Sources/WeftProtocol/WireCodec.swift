@@ -119,7 +119,14 @@ public enum WireCodec {
             for (p, part) in parts.sorted(by: { $0.key < $1.key }) { w.int(p); self.part(part, &w) }
         case let .commitResult(req, txn, o): w.u8(4); w.u64(req); w.u64(txn); outcome(o, &w)
         case let .status(req, txn): w.u8(5); w.u64(req); w.u64(txn)
-        case let .statusResult(req, txn, committed): w.u8(6); w.u64(req); w.u64(txn); optionalU64(committed, &w)
+        case let .statusResult(req, txn, status):
+            w.u8(6); w.u64(req); w.u64(txn)
+            switch status {
+            case .committed(let ts): w.u8(0); w.u64(ts)
+            case .pending: w.u8(1)
+            case .aborted: w.u8(2)
+            case .unknown: w.u8(3)
+            }
         case let .read(req, key, ts): w.u8(7); w.u64(req); w.blob(key); w.u64(ts)
         case let .readResult(req, value, version): w.u8(8); w.u64(req); optionalBlob(value, &w); w.u64(version)
         case let .scan(req, start, end, limit, ts): w.u8(9); w.u64(req); w.blob(start); optionalBlob(end, &w); w.int(limit); w.u64(ts)
@@ -167,7 +174,17 @@ public enum WireCodec {
             return .commit(req: req, txn: txn, startTs: startTs, parts: parts)
         case 4: return .commitResult(req: try r.u64(), txn: try r.u64(), outcome: try outcome(&r))
         case 5: return .status(req: try r.u64(), txn: try r.u64())
-        case 6: return .statusResult(req: try r.u64(), txn: try r.u64(), committed: try optionalU64(&r))
+        case 6:
+            let req = try r.u64(), txn = try r.u64()
+            let status: TxnStatus
+            switch try r.u8() {
+            case 0: status = .committed(try r.u64())
+            case 1: status = .pending
+            case 2: status = .aborted
+            case 3: status = .unknown
+            case let t: throw DecodeError("unknown status tag \(t)")
+            }
+            return .statusResult(req: req, txn: txn, status: status)
         case 7: return .read(req: try r.u64(), key: try r.blob(max: Limits.keyBytesMax), ts: try r.u64())
         case 8: return .readResult(req: try r.u64(), value: try optionalBlob(&r, max: Limits.valueBytesMax), version: try r.u64())
         case 9:

@@ -10,15 +10,17 @@ import WeftProtocol
 public final class WeftClient: MessageSink, @unchecked Sendable {
     public let id: UInt64
     public let participantCount: Int
-    let router: Router
+    let router: any Transport
     let lock = NSLock()
     var nextReq: UInt64 = 1
     var pending: [UInt64: (deadline: UInt64, cont: CheckedContinuation<Message, any Error>)] = [:]
+    /// Where each waiting request went, and whether it asked to commit.
+    var destinations: [UInt64: (to: NodeAddress, commit: Bool)] = [:]
     public var requestTimeoutMillis: UInt64 = 30_000
     var sweeper: Thread?
     var closed = false
 
-    init(id: UInt64, router: Router, participantCount: Int) {
+    public init(id: UInt64, router: any Transport, participantCount: Int) {
         self.id = id
         self.router = router
         self.participantCount = participantCount
@@ -63,6 +65,7 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         }
         lock.lock()
         let p = pending.removeValue(forKey: req)
+        destinations[req] = nil
         lock.unlock()
         p?.cont.resume(returning: env.message)
     }
@@ -71,10 +74,34 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         let now = wallMillis()
         lock.lock()
         let expired = pending.filter { $0.value.deadline <= now }
-        for k in expired.keys { pending[k] = nil }
+        for k in expired.keys {
+            pending[k] = nil
+            destinations[k] = nil
+        }
         lock.unlock()
         for (_, p) in expired {
             p.cont.resume(throwing: WeftError(.timeout, "no reply within \(requestTimeoutMillis) ms"))
+        }
+    }
+
+    /// Fails the waiting requests that were sent to `to`, which is gone. A
+    /// commit request gets `outcomeUnknown`: the node may have decided.
+    func failRequests(to: NodeAddress, _ error: WeftError) {
+        lock.lock()
+        let gone = pending.filter { destinations[$0.key]?.to == to }
+        var commits: Set<UInt64> = []
+        for k in gone.keys {
+            if destinations[k]?.commit == true { commits.insert(k) }
+            pending[k] = nil
+            destinations[k] = nil
+        }
+        lock.unlock()
+        for (req, p) in gone {
+            if commits.contains(req) {
+                p.cont.resume(throwing: WeftError(.outcomeUnknown, "\(error.message); the commit may or may not have happened"))
+            } else {
+                p.cont.resume(throwing: error)
+            }
         }
     }
 
@@ -82,6 +109,7 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         lock.lock()
         let all = pending
         pending.removeAll()
+        destinations.removeAll()
         lock.unlock()
         for (_, p) in all { p.cont.resume(throwing: error) }
     }
@@ -93,8 +121,17 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         }
         let msg = build(req)
         let reply = try await withCheckedThrowingContinuation { (c: CheckedContinuation<Message, any Error>) in
-            lock.withLock { pending[req] = (wallMillis() + requestTimeoutMillis, c) }
-            router.send(Envelope(from: me, to: to, msg))
+            let admitted = lock.withLock {
+                if pending.count >= Limits.clientInFlightMax { return false }
+                pending[req] = (wallMillis() + requestTimeoutMillis, c)
+                if case .commit = msg { destinations[req] = (to, true) } else { destinations[req] = (to, false) }
+                return true
+            }
+            if admitted {
+                router.send(Envelope(from: me, to: to, msg))
+            } else {
+                c.resume(throwing: WeftError(.unavailable, "more than \(Limits.clientInFlightMax) requests in flight (Limits.clientInFlightMax)"))
+            }
         }
         if case .failed(_, let error) = reply { throw error }
         return reply
@@ -173,11 +210,21 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         return try await t.commit()
     }
 
-    /// Asks the coordinator whether `txn` committed (nil: no record, so
-    /// aborted or never decided).
-    public func status(_ txn: TxnId) async throws -> Timestamp? {
-        guard case let .statusResult(_, _, ts) = try await call(.coordinator, { .status(req: $0, txn: txn) }) else { throw unexpected() }
-        return ts
+    /// What became of transaction `txn`: the coordinator's answer if it has
+    /// one, else the participants'. A participant that never prepared `txn`
+    /// refuses it for good when asked, so "aborted" is final.
+    public func status(_ txn: TxnId) async throws -> TxnStatus {
+        guard case let .statusResult(_, _, s) = try await call(.coordinator, { .status(req: $0, txn: txn) }) else { throw unexpected() }
+        if s != .unknown { return s }
+        var answers: [TxnStatus] = []
+        for p in 0..<participantCount {
+            guard case let .statusResult(_, _, a) = try await call(.participant(p), { .status(req: $0, txn: txn) }) else { throw unexpected() }
+            answers.append(a)
+        }
+        if let c = answers.first(where: { if case .committed = $0 { return true } else { return false } }) { return c }
+        if answers.contains(.pending) { return .pending }
+        if answers.contains(.unknown) { return .unknown }
+        return .aborted
     }
 
     func commit(txn: TxnId, startTs: Timestamp, parts: [ParticipantId: TxnPart]) async throws -> Timestamp {

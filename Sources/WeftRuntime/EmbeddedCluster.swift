@@ -130,17 +130,31 @@ public enum OfflineInspector {
 
     public static func inDoubt(dataDir: String) throws(WeftError) -> [InDoubtEntry] {
         let layout = try DataDirectoryLayout.resolve(root: dataDir, participants: nil, create: false)
+        return try inDoubt(coordinatorDir: layout.coordinator, participantDirs: (0..<layout.participants).map { ($0, layout.participant($0)) })
+    }
+
+    /// The same for a cluster, from the data directories its file names.
+    public static func inDoubt(cluster: ClusterConfig) throws(WeftError) -> [InDoubtEntry] {
+        let coordinator = cluster.nodes.first { $0.role == .coordinator }!
+        let parts = cluster.nodes.compactMap { n -> (ParticipantId, String)? in
+            if case .participant(let p) = n.address { return (p, n.dataDir + "/lmdb") }
+            return nil
+        }
+        return try inDoubt(coordinatorDir: coordinator.dataDir + "/lmdb", participantDirs: parts)
+    }
+
+    static func inDoubt(coordinatorDir: String, participantDirs: [(ParticipantId, String)]) throws(WeftError) -> [InDoubtEntry] {
         var ro = StorageOptions()
         ro.readOnly = true
         var decided: Set<TxnId> = []
-        if FileManager.default.fileExists(atPath: layout.coordinator + "/data.mdb") {
-            let c = try CoordinatorStorage(directory: layout.coordinator, options: ro)
+        if FileManager.default.fileExists(atPath: coordinatorDir + "/data.mdb") {
+            let c = try CoordinatorStorage(directory: coordinatorDir, options: ro)
             decided = Set(try c.recover().decisions.map(\.txn))
             c.close()
         }
         var out: [InDoubtEntry] = []
-        for p in 0..<layout.participants where FileManager.default.fileExists(atPath: layout.participant(p) + "/data.mdb") {
-            let s = try ParticipantStorage(directory: layout.participant(p), options: ro)
+        for (p, dir) in participantDirs where FileManager.default.fileExists(atPath: dir + "/data.mdb") {
+            let s = try ParticipantStorage(directory: dir, options: ro)
             for t in try s.recover().prepared {
                 out.append(InDoubtEntry(participant: p, txn: t, coordinatorDecidedCommit: decided.contains(t.txn)))
             }

@@ -37,7 +37,7 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
     var stopped = false
     var machine: M
     let persist: ([M.Record]) throws(WeftError) -> Void
-    let router: Router
+    let router: any Transport
     let tickMillis: UInt64 = 10
     public private(set) var failure: WeftError?
     /// Rounds and records committed, for benchmarks.
@@ -45,7 +45,7 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
     public private(set) var recordsCommitted = 0
     var thread: Thread?
 
-    init(address: NodeAddress, machine: M, router: Router, persist: @escaping ([M.Record]) throws(WeftError) -> Void) {
+    init(address: NodeAddress, machine: M, router: any Transport, persist: @escaping ([M.Record]) throws(WeftError) -> Void) {
         self.address = address
         self.machine = machine
         self.router = router
@@ -189,20 +189,42 @@ final class ResultBox<R>: @unchecked Sendable {
     }
 }
 
+/// How envelopes travel between nodes and clients: in process (`Router`)
+/// or over TCP (`NetworkTransport`). A request that cannot be delivered is
+/// answered with `.failed` so no client waits on a node that is gone.
+public protocol Transport: AnyObject, Sendable {
+    func send(_ env: Envelope)
+    func register(_ address: NodeAddress, _ sink: MessageSink)
+    func unregister(_ address: NodeAddress)
+    func undeliverable(_ env: Envelope, _ error: WeftError)
+    func nodeFailed(_ address: NodeAddress, _ error: WeftError)
+}
+
+/// The request id of a client request, if `m` is one.
+func clientRequestId(_ m: Message) -> UInt64? {
+    switch m {
+    case let .begin(r), let .read(r, _, _), let .scan(r, _, _, _, _), let .commit(r, _, _, _), let .status(r, _):
+        return r
+    default:
+        return nil
+    }
+}
+
 /// The in-process transport of embedded mode: delivers envelopes to node
 /// runners and client endpoints by address.
-public final class Router: @unchecked Sendable {
+public final class Router: Transport, @unchecked Sendable {
+    public init() {}
     let lock = NSLock()
     var sinks: [NodeAddress: MessageSink] = [:]
     var failures: [NodeAddress: WeftError] = [:]
 
-    func register(_ address: NodeAddress, _ sink: MessageSink) {
+    public func register(_ address: NodeAddress, _ sink: MessageSink) {
         lock.lock()
         sinks[address] = sink
         lock.unlock()
     }
 
-    func unregister(_ address: NodeAddress) {
+    public func unregister(_ address: NodeAddress) {
         lock.lock()
         sinks[address] = nil
         lock.unlock()
@@ -222,19 +244,12 @@ public final class Router: @unchecked Sendable {
 
     /// A request that cannot reach its node is answered with the reason, so
     /// a client never waits on a node that is gone.
-    func undeliverable(_ env: Envelope, _ error: WeftError) {
-        guard case .client = env.from else { return }
-        let req: UInt64?
-        switch env.message {
-        case let .begin(r), let .read(r, _, _), let .scan(r, _, _, _, _), let .commit(r, _, _, _), let .status(r, _):
-            req = r
-        default:
-            req = nil
-        }
-        if let req { send(Envelope(from: env.to, to: env.from, .failed(req: req, error: error))) }
+    public func undeliverable(_ env: Envelope, _ error: WeftError) {
+        guard case .client = env.from, let req = clientRequestId(env.message) else { return }
+        send(Envelope(from: env.to, to: env.from, .failed(req: req, error: error)))
     }
 
-    func nodeFailed(_ address: NodeAddress, _ error: WeftError) {
+    public func nodeFailed(_ address: NodeAddress, _ error: WeftError) {
         lock.lock()
         failures[address] = error
         sinks[address] = nil

@@ -1,0 +1,182 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftProtocol
+import WeftRuntime
+
+/// `weft node`: runs one node of a cluster in this process until SIGTERM.
+struct NodeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "node",
+        abstract: "Run one node (coordinator or participant) of a cluster until SIGTERM or SIGINT."
+    )
+    @Option(help: "The cluster directory or cluster file.") var cluster: String
+    @Option(help: "This node's id in the cluster file.") var id: String
+
+    func run() throws {
+        let config: ClusterConfig
+        let node: ClusterNode
+        do {
+            config = try ClusterConfig.load(cluster)
+            node = try ClusterNode(config: config, id: id)
+        } catch {
+            printErr("weft node \(id): error: \(error.message)")
+            throw ExitCode(1)
+        }
+        let pidFile = config.clusterDirectory + "/\(id).pid"
+        try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+        print("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint), recovered in \(node.recoveryMillis) ms")
+        fflushStdout()
+        let done = DispatchSemaphore(value: 0)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { done.signal() }
+            s.resume()
+            sources.append(s)
+        }
+        done.wait()
+        node.stop()
+        if (try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(getpid())\n" { try? FileManager.default.removeItem(atPath: pidFile) }
+        print("weft node \(id) stopped")
+        _ = sources
+    }
+}
+
+func fflushStdout() { FileHandle.standardOutput.synchronizeFile() }
+
+func processAlive(_ pid: Int32) -> Bool { pid > 0 && kill(pid, 0) == 0 }
+
+func readPid(_ path: String) -> Int32? {
+    (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+}
+
+struct ClusterCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cluster",
+        abstract: "Start, stop and inspect a local cluster of node processes.",
+        subcommands: [Start.self, Stop.self, Status.self]
+    )
+
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Write the cluster file (if new), launch every node in the background, and wait until each answers.")
+        @Option(help: "Cluster directory (cluster file, node data, logs, pid files).") var dir: String
+        @Option(help: "Participants for a new cluster.") var participants = 3
+        @Option(name: .customLong("base-port"), help: "Coordinator port; participants use the next ports.") var basePort = 7400
+
+        func validate() throws {
+            if !(1...64).contains(participants) { throw ValidationError("--participants must be 1...64") }
+            if !(1024...65000).contains(basePort) { throw ValidationError("--base-port must be 1024...65000") }
+        }
+
+        func run() throws {
+            let file = dir + "/" + ClusterConfig.fileName
+            let config: ClusterConfig
+            do {
+                if FileManager.default.fileExists(atPath: file) {
+                    config = try ClusterConfig.load(file)
+                } else {
+                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                    config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort)
+                    try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
+                }
+            } catch let e as WeftError {
+                fail(e, json: false)
+            } catch {
+                fail(WeftError(.storage, "cannot create cluster directory \(dir): \(error.localizedDescription)"), json: false)
+            }
+            let me = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
+            var launched: [String: Process] = [:]
+            for n in config.nodes {
+                if let pid = readPid(config.clusterDirectory + "/\(n.id).pid"), processAlive(pid), NetworkTransport.ping(n.endpoint) != nil {
+                    print("\(n.id): already running (pid \(pid))")
+                    continue
+                }
+                let log = config.clusterDirectory + "/\(n.id).log"
+                if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+                guard let out = FileHandle(forWritingAtPath: log) else { fail(WeftError(.storage, "cannot write \(log)"), json: false) }
+                out.seekToEndOfFile()
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: me)
+                p.arguments = ["node", "--cluster", config.path, "--id", n.id]
+                p.standardOutput = out
+                p.standardError = out
+                p.standardInput = FileHandle.nullDevice
+                do { try p.run() } catch { fail(WeftError(.unavailable, "cannot launch \(me): \(error.localizedDescription)"), json: false) }
+                launched[n.id] = p
+            }
+            let deadline = wallMillis() + 20_000
+            for n in config.nodes {
+                while true {
+                    if let info = NetworkTransport.ping(n.endpoint, timeoutMillis: 500), info.contains("\"serving\"") || launched[n.id] == nil { break }
+                    if let p = launched[n.id], !p.isRunning {
+                        let tail = (try? String(contentsOfFile: config.clusterDirectory + "/\(n.id).log", encoding: .utf8))?.split(separator: "\n").suffix(3).joined(separator: "\n") ?? ""
+                        fail(WeftError(.unavailable, "node \(n.id) exited with status \(p.terminationStatus):\n\(tail)"), json: false)
+                    }
+                    if wallMillis() > deadline { fail(WeftError(.timeout, "node \(n.id) did not answer at \(n.endpoint) within 20 s; see \(config.clusterDirectory)/\(n.id).log"), json: false) }
+                    usleep(50_000)
+                }
+            }
+            print("cluster \(config.clusterId) is up (\(config.path)):")
+            for n in config.nodes { print("  \(n.id)\t\(n.role.rawValue)\t\(n.endpoint)\tpid \(readPid(config.clusterDirectory + "/\(n.id).pid").map(String.init) ?? "?")") }
+            print("use it with: --cluster \(config.clusterDirectory)   (or export WEFT_CLUSTER=\(config.clusterDirectory))")
+        }
+    }
+
+    struct Stop: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop every node gracefully (SIGTERM, then SIGKILL after 10 s).")
+        @Option(help: "Cluster directory or cluster file.") var dir: String
+
+        func run() throws {
+            let config: ClusterConfig
+            do { config = try ClusterConfig.load(dir) } catch { fail(error, json: false) }
+            for n in config.nodes {
+                let pidFile = config.clusterDirectory + "/\(n.id).pid"
+                guard let pid = readPid(pidFile), processAlive(pid) else {
+                    print("\(n.id): not running")
+                    continue
+                }
+                kill(pid, SIGTERM)
+                let deadline = wallMillis() + 10_000
+                while processAlive(pid) && wallMillis() < deadline { usleep(20_000) }
+                if processAlive(pid) {
+                    kill(pid, SIGKILL)
+                    print("\(n.id): killed (pid \(pid)) after 10 s")
+                } else {
+                    print("\(n.id): stopped (pid \(pid))")
+                }
+                try? FileManager.default.removeItem(atPath: pidFile)
+            }
+        }
+    }
+
+    struct Status: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Each node's id, role, address, pid and health.")
+        @Option(help: "Cluster directory or cluster file.") var dir: String
+        @Flag(help: "JSON output, one object per node.") var json = false
+
+        func run() throws {
+            let config: ClusterConfig
+            do { config = try ClusterConfig.load(dir) } catch { fail(error, json: json) }
+            var allUp = true
+            for n in config.nodes {
+                let pid = readPid(config.clusterDirectory + "/\(n.id).pid").flatMap { processAlive($0) ? $0 : nil }
+                var health = "down"
+                if let info = NetworkTransport.ping(n.endpoint, timeoutMillis: 500),
+                   let obj = try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any] {
+                    health = obj["state"] as? String ?? "up"
+                }
+                if health != "serving" { allUp = false }
+                if json {
+                    var o: [String: Any] = ["id": n.id, "role": n.role.rawValue, "address": n.endpoint.description, "health": health]
+                    if let pid { o["pid"] = pid }
+                    print(jsonLine(o))
+                } else {
+                    print("\(n.id)\t\(n.role.rawValue)\t\(n.endpoint)\tpid \(pid.map(String.init) ?? "-")\t\(health)")
+                }
+            }
+            if !allUp { throw ExitCode(1) }
+        }
+    }
+}

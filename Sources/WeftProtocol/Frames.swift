@@ -1,0 +1,85 @@
+import WeftCore
+
+/// One unit on a TCP connection: `u32 LE length` of the body, then the body:
+/// `u8 protocol version`, `u8 kind`, and the kind's payload. Every frame
+/// carries the version, so a peer speaking another version is detected on
+/// its first frame and told so.
+public enum Frame: Sendable, Equatable {
+    /// First frame on every connection, both ways.
+    case hello(clusterId: String, sender: NodeAddress)
+    case envelope(Envelope)
+    /// The sender is closing the connection because of this problem.
+    case error(String)
+    case ping(req: UInt64)
+    /// Health: role, state (`serving`, `recovering`), pid, in-doubt count.
+    case pong(req: UInt64, info: String)
+
+    public static let headerBytes = 4
+
+    /// The whole frame, length prefix included.
+    public func encoded() -> Bytes {
+        var w = ByteWriter(capacity: 64)
+        w.u32(0)
+        w.u8(WireCodec.version)
+        switch self {
+        case let .hello(clusterId, sender):
+            w.u8(1)
+            w.string(clusterId)
+            WireCodec.address(sender, &w)
+        case .envelope(let env):
+            w.u8(2)
+            WireCodec.encode(env, into: &w)
+        case .error(let text):
+            w.u8(3)
+            w.string(text)
+        case .ping(let req):
+            w.u8(4)
+            w.u64(req)
+        case let .pong(req, info):
+            w.u8(5)
+            w.u64(req)
+            w.string(info)
+        }
+        var bytes = w.bytes
+        let n = UInt32(bytes.count - Self.headerBytes).littleEndian
+        withUnsafeBytes(of: n) { for i in 0..<4 { bytes[i] = $0[i] } }
+        return bytes
+    }
+
+    public enum DecodeFailure: Error, Equatable, CustomStringConvertible {
+        case version(UInt8)
+        case malformed(String)
+        public var description: String {
+            switch self {
+            case .version(let v): return "protocol version \(v) is not supported (this node speaks version \(WireCodec.version))"
+            case .malformed(let why): return "malformed frame: \(why)"
+            }
+        }
+    }
+
+    /// Decodes a frame body (without the length prefix).
+    public static func decode(body: UnsafeRawBufferPointer) throws(DecodeFailure) -> Frame {
+        var r = ByteReader(body)
+        do {
+            let v = try r.u8()
+            if v != WireCodec.version { throw DecodeFailure.version(v) }
+            let frame: Frame
+            switch try r.u8() {
+            case 1: frame = .hello(clusterId: try r.string(max: 256), sender: try WireCodec.address(&r))
+            case 2: frame = .envelope(try WireCodec.decodeEnvelope(&r))
+            case 3: frame = .error(try r.string(max: 1 << 16))
+            case 4: frame = .ping(req: try r.u64())
+            case 5: frame = .pong(req: try r.u64(), info: try r.string(max: 1 << 16))
+            case let k: throw DecodeError("unknown frame kind \(k)")
+            }
+            try r.expectEnd()
+            return frame
+        } catch let e as DecodeFailure {
+            throw e
+        } catch let e as DecodeError {
+            throw .malformed(e.reason)
+        } catch {
+            throw .malformed("\(error)")
+        }
+    }
+}

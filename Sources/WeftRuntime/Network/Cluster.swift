@@ -1,0 +1,209 @@
+import Foundation
+import WeftCore
+import WeftProtocol
+
+/// A cluster file: the cluster's id and, for each node, its role, id,
+/// address and data directory. Participants are numbered in file order.
+///
+/// ```
+/// cluster-id 5c1d0e2a9b7f4e31
+/// node coordinator coordinator 127.0.0.1:7400 /srv/weft/coordinator
+/// node participant participant-0 127.0.0.1:7401 /srv/weft/participant-0
+/// ```
+public struct ClusterConfig: Sendable, Equatable {
+    public enum Role: String, Sendable { case coordinator, participant }
+
+    public struct Node: Sendable, Equatable {
+        public var role: Role
+        public var id: String
+        public var endpoint: Endpoint
+        public var dataDir: String
+        public var address: NodeAddress
+    }
+
+    public var clusterId: String
+    public var nodes: [Node]
+    public var path: String
+
+    public var participantCount: Int { nodes.filter { $0.role == .participant }.count }
+    public var directory: [NodeAddress: Endpoint] { Dictionary(uniqueKeysWithValues: nodes.map { ($0.address, $0.endpoint) }) }
+    public var clusterDirectory: String { (path as NSString).deletingLastPathComponent }
+
+    public static let fileName = "cluster.conf"
+
+    /// Accepts a cluster file or the directory holding `cluster.conf`.
+    public static func load(_ dirOrFile: String) throws(WeftError) -> ClusterConfig {
+        var isDir: ObjCBool = false
+        let path = FileManager.default.fileExists(atPath: dirOrFile, isDirectory: &isDir) && isDir.boolValue ? dirOrFile + "/" + fileName : dirOrFile
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw WeftError(.notFound, "cannot read cluster file \(path); create one with `weft cluster start --dir DIR`")
+        }
+        return try parse(text, path: path)
+    }
+
+    public static func parse(_ text: String, path: String) throws(WeftError) -> ClusterConfig {
+        var clusterId: String?
+        var nodes: [Node] = []
+        for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            let f = line.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            func bad(_ why: String) -> WeftError { WeftError(.invalidArgument, "\(path):\(i + 1): \(why)") }
+            switch f[0] {
+            case "cluster-id":
+                guard f.count == 2 else { throw bad("expected `cluster-id ID`") }
+                clusterId = f[1]
+            case "node":
+                guard f.count == 5, let role = Role(rawValue: f[1]) else { throw bad("expected `node coordinator|participant ID HOST:PORT DATADIR`") }
+                let hp = f[3].split(separator: ":")
+                guard hp.count == 2, let port = Int(hp[1]), (1...65535).contains(port) else { throw bad("bad address \(f[3])") }
+                if nodes.contains(where: { $0.id == f[2] }) { throw bad("duplicate node id \(f[2])") }
+                let address: NodeAddress = role == .coordinator ? .coordinator : .participant(nodes.filter { $0.role == .participant }.count)
+                nodes.append(Node(role: role, id: f[2], endpoint: Endpoint(host: String(hp[0]), port: port), dataDir: f[4], address: address))
+            default:
+                throw bad("unknown line `\(f[0])`")
+            }
+        }
+        guard let clusterId else { throw WeftError(.invalidArgument, "\(path): missing `cluster-id`") }
+        guard nodes.filter({ $0.role == .coordinator }).count == 1 else { throw WeftError(.invalidArgument, "\(path): needs exactly one coordinator") }
+        guard !nodes.filter({ $0.role == .participant }).isEmpty else { throw WeftError(.invalidArgument, "\(path): needs at least one participant") }
+        return ClusterConfig(clusterId: clusterId, nodes: nodes, path: path)
+    }
+
+    public func render() -> String {
+        var s = "# Weft cluster file: node ROLE ID HOST:PORT DATADIR\ncluster-id \(clusterId)\n"
+        for n in nodes { s += "node \(n.role.rawValue) \(n.id) \(n.endpoint) \(n.dataDir)\n" }
+        return s
+    }
+
+    public func node(_ id: String) throws(WeftError) -> Node {
+        guard let n = nodes.first(where: { $0.id == id }) else {
+            throw WeftError(.invalidArgument, "node id \(id) is not in cluster file \(path) (its nodes: \(nodes.map(\.id).joined(separator: ", ")))")
+        }
+        return n
+    }
+
+    /// A fresh local cluster: a coordinator and `participants` participants
+    /// on consecutive ports of 127.0.0.1, data under `dir`.
+    public static func local(dir: String, participants: Int, basePort: Int) -> ClusterConfig {
+        let abs = URL(fileURLWithPath: dir).standardizedFileURL.path
+        var nodes = [Node(role: .coordinator, id: "coordinator", endpoint: Endpoint(host: "127.0.0.1", port: basePort), dataDir: abs + "/coordinator", address: .coordinator)]
+        for p in 0..<participants {
+            nodes.append(Node(role: .participant, id: "participant-\(p)", endpoint: Endpoint(host: "127.0.0.1", port: basePort + 1 + p), dataDir: abs + "/participant-\(p)", address: .participant(p)))
+        }
+        let id = String(UInt64.random(in: 1...UInt64.max), radix: 16)
+        return ClusterConfig(clusterId: id, nodes: nodes, path: abs + "/" + fileName)
+    }
+}
+
+/// One node of a cluster, as an OS process: its LMDB environment, its state
+/// machine in a `NodeRunner`, and a `NetworkTransport` listening on its port.
+public final class ClusterNode: @unchecked Sendable {
+    public let config: ClusterConfig
+    public let spec: ClusterConfig.Node
+    let lock: DataDirectoryLock
+    let transport: NetworkTransport
+    var coordinatorRunner: NodeRunner<CoordinatorMachine>?
+    var participantRunner: NodeRunner<ParticipantMachine>?
+    var coordinatorStorage: CoordinatorStorage?
+    var participantStorage: ParticipantStorage?
+    public let recoveryMillis: UInt64
+
+    public init(config: ClusterConfig, id: String, options: StorageOptions = .init()) throws(WeftError) {
+        let started = wallMillis()
+        self.config = config
+        spec = try config.node(id)
+        lock = try DataDirectoryLock(directory: spec.dataDir)
+        try Self.checkIdentity(dir: spec.dataDir, clusterId: config.clusterId, nodeId: id)
+        transport = NetworkTransport(me: spec.address, clusterId: config.clusterId, directory: config.directory)
+        let now = wallMillis()
+        switch spec.role {
+        case .coordinator:
+            let s = try CoordinatorStorage(directory: spec.dataDir + "/lmdb", options: options)
+            coordinatorStorage = s
+            let machine = CoordinatorMachine(recovery: try s.recover(), nowMillis: now)
+            coordinatorRunner = NodeRunner(address: .coordinator, machine: machine, router: transport) { (r) throws(WeftError) in try s.persist(r) }
+            transport.register(.coordinator, coordinatorRunner!)
+        case .participant:
+            guard case .participant(let p) = spec.address else { preconditionFailure() }
+            let s = try ParticipantStorage(directory: spec.dataDir + "/lmdb", options: options)
+            participantStorage = s
+            // readFloor nil: the participant asks the coordinator's clock
+            // before it accepts a PREPARE (see ParticipantMachine).
+            let machine = ParticipantMachine(id: p, recovery: try s.recover(), readFloor: nil, nowMillis: now)
+            participantRunner = NodeRunner(address: spec.address, machine: machine, router: transport) { (r) throws(WeftError) in try s.persist(r) }
+            transport.register(spec.address, participantRunner!)
+        }
+        recoveryMillis = wallMillis() - started
+        let role = spec.role.rawValue, nodeId = id
+        transport.healthInfo = { [weak self] in
+            let state = self?.healthState() ?? "stopping"
+            return "{\"role\":\"\(role)\",\"id\":\"\(nodeId)\",\"pid\":\(getpid()),\"state\":\"\(state)\"}"
+        }
+        do {
+            try transport.listen(spec.endpoint)
+        } catch {
+            transport.close()
+            throw error
+        }
+        coordinatorRunner?.start()
+        participantRunner?.start()
+    }
+
+    func healthState() -> String {
+        if let r = participantRunner {
+            if r.failure != nil { return "failed" }
+            return r.withMachine { $0.readFloor == nil ? "recovering" : "serving" }
+        }
+        if let r = coordinatorRunner, r.failure != nil { return "failed" }
+        return "serving"
+    }
+
+    /// A data directory remembers which cluster and node it belongs to, so
+    /// a node started with the wrong cluster file refuses to touch it.
+    static func checkIdentity(dir: String, clusterId: String, nodeId: String) throws(WeftError) {
+        let path = dir + "/node.id"
+        let want = "cluster-id \(clusterId)\nnode \(nodeId)\n"
+        if let have = try? String(contentsOfFile: path, encoding: .utf8) {
+            if have != want {
+                let lines = have.split(separator: "\n")
+                throw WeftError(.invalidArgument, "data directory \(dir) belongs to another cluster or node (\(lines.joined(separator: ", "))), not cluster-id \(clusterId) node \(nodeId)")
+            }
+            return
+        }
+        do { try want.write(toFile: path, atomically: true, encoding: .utf8) } catch {
+            throw WeftError(.readOnly, "cannot write \(path): \(error.localizedDescription)")
+        }
+    }
+
+    /// Stops after the current round and releases the data directory.
+    public func stop() {
+        coordinatorRunner?.stop()
+        participantRunner?.stop()
+        transport.close()
+        coordinatorStorage?.close()
+        participantStorage?.close()
+        lock.release()
+    }
+
+    public var failure: WeftError? { coordinatorRunner?.failure ?? participantRunner?.failure }
+}
+
+/// A client of a running cluster.
+public final class ClusterClient: @unchecked Sendable {
+    public let config: ClusterConfig
+    let transport: NetworkTransport
+    public let client: WeftClient
+
+    public init(config: ClusterConfig) {
+        self.config = config
+        let id = UInt64.random(in: 1...UInt64.max)
+        transport = NetworkTransport(me: .client(id), clusterId: config.clusterId, directory: config.directory)
+        client = WeftClient(id: id, router: transport, participantCount: config.participantCount)
+    }
+
+    public func close() {
+        client.close()
+        transport.close()
+    }
+}

@@ -1,0 +1,434 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import WeftCore
+import WeftProtocol
+
+/// Where a node listens.
+public struct Endpoint: Sendable, Hashable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+    public var description: String { "\(host):\(port)" }
+}
+
+/// Splits a byte stream into frames: a u32 little-endian length, then that
+/// many bytes. A length over `Limits.frameBytesMax` or a body that does not
+/// decode is an error that closes this one connection.
+final class FrameDecoder: ByteToMessageDecoder {
+    typealias InboundOut = Frame
+
+    func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return .needMoreData }
+        if Int(length) > Limits.frameBytesMax {
+            throw Frame.DecodeFailure.malformed("frame of \(length) bytes exceeds Limits.frameBytesMax (\(Limits.frameBytesMax))")
+        }
+        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
+        buffer.moveReaderIndex(forwardBy: 4)
+        let body = buffer.readSlice(length: Int(length))!
+        let frame = try body.withUnsafeReadableBytes { raw throws(Frame.DecodeFailure) in try Frame.decode(body: raw) }
+        context.fireChannelRead(wrapInboundOut(frame))
+        return .continue
+    }
+
+    func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        while try decode(context: context, buffer: &buffer) == .continue {}
+        return .needMoreData
+    }
+}
+
+/// One connection's protocol: HELLO first (cluster id and who is speaking),
+/// then envelopes, pings and errors. Anything else closes the connection
+/// with a logged reason; the node itself is never affected.
+final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = Frame
+
+    let transport: NetworkTransport
+    let outbound: NodeAddress?
+    var remote: NodeAddress?
+
+    init(transport: NetworkTransport, outbound: NodeAddress?) {
+        self.transport = transport
+        self.outbound = outbound
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if outbound != nil { write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me)) }
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch (remote, frame) {
+        case let (nil, .hello(clusterId, sender)):
+            guard clusterId == transport.clusterId else {
+                return reject(context, "cluster id mismatch: this node belongs to cluster \(transport.clusterId), the peer to \(clusterId)")
+            }
+            if let expected = outbound, expected != sender {
+                return reject(context, "expected \(expected) at this address but \(sender) answered; check the cluster file")
+            }
+            remote = sender
+            if outbound == nil {
+                write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me))
+                if case .client(let id) = sender { transport.registerClientChannel(id, context.channel) }
+            } else {
+                transport.outboundReady(sender)
+            }
+        case (nil, .ping(let req)):
+            // Health checks may come without a hello.
+            write(context.channel, .pong(req: req, info: transport.healthInfo()))
+        case (nil, .error(let text)):
+            transport.log("peer refused the connection: \(text)")
+            context.close(promise: nil)
+        case (nil, _):
+            reject(context, "first frame must be HELLO")
+        case let (remote?, .envelope(env)):
+            guard env.from == remote else { return reject(context, "\(remote) sent an envelope claiming to be from \(env.from)") }
+            transport.receive(env)
+        case (_, .ping(let req)):
+            write(context.channel, .pong(req: req, info: transport.healthInfo()))
+        case (_, .pong(let req, let info)):
+            transport.pongReceived(req, info)
+        case (_, .error(let text)):
+            transport.log("\(remote.map { "\($0)" } ?? "peer") closed the connection: \(text)")
+            context.close(promise: nil)
+        case (_, .hello):
+            reject(context, "duplicate HELLO")
+        }
+    }
+
+    func reject(_ context: ChannelHandlerContext, _ reason: String) {
+        transport.log("closing connection from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(reason)")
+        write(context.channel, .error(reason))
+        context.close(promise: nil)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let reason: String
+        if let f = error as? Frame.DecodeFailure { reason = f.description } else if error is ByteToMessageDecoderError { reason = "malformed frame stream" } else { reason = "\(error)" }
+        transport.log("closing connection from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(reason)")
+        if context.channel.isActive { write(context.channel, .error(reason)) }
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if case .client(let id)? = remote, outbound == nil { transport.unregisterClientChannel(id, context.channel) }
+        if let o = outbound { transport.outboundClosed(o, context.channel) }
+        context.fireChannelInactive()
+    }
+
+    func write(_ channel: Channel, _ frame: Frame) {
+        let bytes = frame.encoded()
+        var buf = channel.allocator.buffer(capacity: bytes.count)
+        buf.writeBytes(bytes)
+        channel.writeAndFlush(buf, promise: nil)
+    }
+}
+
+/// TCP transport for cluster mode, used by node processes (which listen)
+/// and by clients (which only connect). Node-to-node envelopes ride one
+/// outbound connection per peer, opened lazily and reopened with backoff;
+/// replies to a client ride the connection the client opened.
+///
+/// Bounds: at most `Limits.peerQueueMax` envelopes wait for a peer that is
+/// connecting; when a peer cannot be reached, client requests queued for it
+/// fail at once with a clear error, and node-to-node envelopes are dropped
+/// (the protocol resends them).
+public final class NetworkTransport: Transport, @unchecked Sendable {
+    public let me: NodeAddress
+    public let clusterId: String
+    let directory: [NodeAddress: Endpoint]
+    let group: MultiThreadedEventLoopGroup
+    let ownsGroup: Bool
+    let lock = NSLock()
+    var sinks: [NodeAddress: MessageSink] = [:]
+    var clientChannels: [UInt64: Channel] = [:]
+    var peers: [NodeAddress: Peer] = [:]
+    var server: Channel?
+    var pings: [UInt64: (String?) -> Void] = [:]
+    var nextPing: UInt64 = 1
+    public var healthInfo: @Sendable () -> String = { "{}" }
+    let logPrefix: String
+    var closed = false
+
+    struct Peer {
+        var channel: Channel?
+        var connecting = false
+        var queue: [Envelope] = []
+        var failures = 0
+        var retryAtMillis: UInt64 = 0
+    }
+
+    public init(me: NodeAddress, clusterId: String, directory: [NodeAddress: Endpoint], threads: Int = 1) {
+        self.me = me
+        self.clusterId = clusterId
+        self.directory = directory
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+        self.ownsGroup = true
+        self.logPrefix = "weft \(me)"
+    }
+
+    func log(_ s: String) {
+        FileHandle.standardError.write(Data("\(logPrefix): \(s)\n".utf8))
+    }
+
+    // MARK: Server
+
+    /// Binds the listening socket. A port in use is a clear error.
+    public func listen(_ endpoint: Endpoint) throws(WeftError) {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: nil))
+                }
+            }
+        do {
+            server = try bootstrap.bind(host: endpoint.host, port: endpoint.port).wait()
+        } catch {
+            let text = "\(error)"
+            if text.contains("Address already in use") || text.contains("EADDRINUSE") || text.contains("errno: 98") {
+                throw WeftError(.unavailable, "port \(endpoint.port) on \(endpoint.host) is already in use by another process; pick another --base-port or stop that process")
+            }
+            throw WeftError(.unavailable, "cannot listen on \(endpoint): \(text)")
+        }
+    }
+
+    public func close() {
+        lock.lock()
+        if closed {
+            lock.unlock()
+            return
+        }
+        closed = true
+        let chans = peers.values.compactMap(\.channel) + Array(clientChannels.values) + (server.map { [$0] } ?? [])
+        lock.unlock()
+        for c in chans { try? c.close().wait() }
+        if ownsGroup { try? group.syncShutdownGracefully() }
+    }
+
+    // MARK: Transport
+
+    public func register(_ address: NodeAddress, _ sink: MessageSink) {
+        lock.withLock { sinks[address] = sink }
+    }
+
+    public func unregister(_ address: NodeAddress) {
+        lock.withLock { _ = sinks.removeValue(forKey: address) }
+    }
+
+    public func send(_ env: Envelope) {
+        lock.lock()
+        if let sink = sinks[env.to] {
+            lock.unlock()
+            sink.enqueue(env)
+            return
+        }
+        if case .client(let id) = env.to {
+            let channel = clientChannels[id]
+            lock.unlock()
+            if let channel { writeFrame(channel, .envelope(env)) }
+            return // the client is gone: its reply has nowhere to go
+        }
+        guard let endpoint = directory[env.to] else {
+            lock.unlock()
+            undeliverable(env, WeftError(.invalidArgument, "no address for \(env.to) in the cluster file"))
+            return
+        }
+        var peer = peers[env.to] ?? Peer()
+        if let ch = peer.channel {
+            lock.unlock()
+            writeFrame(ch, .envelope(env))
+            return
+        }
+        if peer.queue.count >= Limits.peerQueueMax {
+            lock.unlock()
+            undeliverable(env, WeftError(.unavailable, "\(env.to) at \(endpoint) has \(Limits.peerQueueMax) messages waiting (Limits.peerQueueMax)"))
+            return
+        }
+        let now = wallMillis()
+        if !peer.connecting && now < peer.retryAtMillis {
+            lock.unlock()
+            undeliverable(env, unreachable(env.to, endpoint, "connection refused recently; retrying in \(peer.retryAtMillis - now) ms"))
+            return
+        }
+        peer.queue.append(env)
+        let start = !peer.connecting
+        peer.connecting = true
+        peers[env.to] = peer
+        lock.unlock()
+        if start { connect(env.to, endpoint) }
+    }
+
+    func unreachable(_ to: NodeAddress, _ endpoint: Endpoint, _ why: String) -> WeftError {
+        WeftError(.unavailable, "\(to) at \(endpoint) is unreachable (\(why)); is it running? (weft cluster status)")
+    }
+
+    func connect(_ to: NodeAddress, _ endpoint: Endpoint) {
+        let bootstrap = ClientBootstrap(group: group)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(2))
+            .channelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: to))
+                }
+            }
+        bootstrap.connect(host: endpoint.host, port: endpoint.port).whenComplete { [self] result in
+            switch result {
+            case .success(let ch):
+                lock.withLock { peers[to, default: Peer()].channel = ch }
+                // Queued envelopes go once the peer's HELLO arrives (outboundReady).
+            case .failure(let error):
+                connectFailed(to, endpoint, "\(error)")
+            }
+        }
+    }
+
+    func connectFailed(_ to: NodeAddress, _ endpoint: Endpoint, _ why: String) {
+        lock.lock()
+        var peer = peers[to] ?? Peer()
+        let queued = peer.queue
+        peer.queue = []
+        peer.connecting = false
+        peer.channel = nil
+        peer.failures += 1
+        peer.retryAtMillis = wallMillis() + min(1000, 25 << min(peer.failures, 6))
+        peers[to] = peer
+        lock.unlock()
+        let reason = why.contains("refused") || why.contains("111") ? "connection refused" : why
+        for env in queued { undeliverable(env, unreachable(to, endpoint, reason)) }
+    }
+
+    func outboundReady(_ to: NodeAddress) {
+        lock.lock()
+        var peer = peers[to] ?? Peer()
+        let queued = peer.queue
+        peer.queue = []
+        peer.connecting = false
+        peer.failures = 0
+        peer.retryAtMillis = 0
+        peers[to] = peer
+        let ch = peer.channel
+        lock.unlock()
+        if let ch { for env in queued { writeFrame(ch, .envelope(env)) } }
+    }
+
+    func outboundClosed(_ to: NodeAddress, _ channel: Channel) {
+        lock.lock()
+        var peer = peers[to] ?? Peer()
+        guard peer.channel === channel || peer.channel == nil else {
+            lock.unlock()
+            return
+        }
+        let queued = peer.queue
+        let wasConnecting = peer.connecting
+        peer = Peer(failures: peer.failures + 1, retryAtMillis: wallMillis() + min(1000, 25 << min(peer.failures + 1, 6)))
+        peers[to] = peer
+        let local = Array(sinks.values)
+        lock.unlock()
+        if wasConnecting, let endpoint = directory[to] {
+            for env in queued { undeliverable(env, unreachable(to, endpoint, "connection closed during handshake")) }
+        }
+        // A client whose node went away fails its waiting requests at once.
+        for case let c as WeftClient in local { c.failRequests(to: to, WeftError(.unavailable, "lost the connection to \(to) at \(directory[to].map { "\($0)" } ?? "?")")) }
+    }
+
+    func registerClientChannel(_ id: UInt64, _ ch: Channel) { lock.withLock { clientChannels[id] = ch } }
+
+    func unregisterClientChannel(_ id: UInt64, _ ch: Channel) {
+        lock.withLock { if clientChannels[id] === ch { clientChannels[id] = nil } }
+    }
+
+    func receive(_ env: Envelope) {
+        lock.lock()
+        let sink = sinks[env.to]
+        lock.unlock()
+        if let sink {
+            sink.enqueue(env)
+        } else if env.to != me {
+            log("dropping an envelope for \(env.to) that arrived at \(me)")
+        }
+    }
+
+    public func undeliverable(_ env: Envelope, _ error: WeftError) {
+        let local = lock.withLock { env.from == me || sinks[env.from] != nil }
+        guard case .client = env.from, local, let req = clientRequestId(env.message) else { return }
+        send(Envelope(from: env.to, to: env.from, .failed(req: req, error: error)))
+    }
+
+    public func nodeFailed(_ address: NodeAddress, _ error: WeftError) {
+        log("node stopped: \(error.message)")
+    }
+
+    func writeFrame(_ channel: Channel, _ frame: Frame) {
+        let bytes = frame.encoded()
+        var buf = channel.allocator.buffer(capacity: bytes.count)
+        buf.writeBytes(bytes)
+        channel.writeAndFlush(buf, promise: nil)
+    }
+
+    // MARK: Health
+
+    func pongReceived(_ req: UInt64, _ info: String) {
+        let cb = lock.withLock { pings.removeValue(forKey: req) }
+        cb?(info)
+    }
+
+    /// Pings `endpoint` on a fresh connection; the node's health JSON, or nil
+    /// if it does not answer within `timeoutMillis`.
+    public static func ping(_ endpoint: Endpoint, timeoutMillis: Int64 = 1000) -> String? {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let box = PingBox()
+        let bootstrap = ClientBootstrap(group: group)
+            .connectTimeout(.milliseconds(timeoutMillis))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(PingHandler(box: box))
+                }
+            }
+        guard let ch = try? bootstrap.connect(host: endpoint.host, port: endpoint.port).wait() else { return nil }
+        let bytes = Frame.ping(req: 1).encoded()
+        var buf = ch.allocator.buffer(capacity: bytes.count)
+        buf.writeBytes(bytes)
+        ch.writeAndFlush(buf, promise: nil)
+        let info = box.wait(timeoutMillis: timeoutMillis)
+        try? ch.close().wait()
+        return info
+    }
+}
+
+final class PingBox: @unchecked Sendable {
+    let cond = NSCondition()
+    var info: String?
+    func set(_ s: String) {
+        cond.lock()
+        info = s
+        cond.signal()
+        cond.unlock()
+    }
+    func wait(timeoutMillis: Int64) -> String? {
+        cond.lock()
+        defer { cond.unlock() }
+        let deadline = Date(timeIntervalSinceNow: Double(timeoutMillis) / 1000)
+        while info == nil && cond.wait(until: deadline) {}
+        return info
+    }
+}
+
+final class PingHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = Frame
+    let box: PingBox
+    init(box: PingBox) { self.box = box }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .pong(_, let info) = unwrapInboundIn(data) { box.set(info) }
+    }
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
