@@ -25,28 +25,49 @@ struct NodeCommand: ParsableCommand {
         }
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
-        print("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint), recovered in \(node.recoveryMillis) ms")
-        fflushStdout()
+        sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint), recovered in \(node.recoveryMillis) ms")
+        // SIGTERM and SIGINT stop the node gracefully: the current round
+        // finishes, LMDB closes, the lock is released.
         let done = DispatchSemaphore(value: 0)
+        let received = SignalBox()
         var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT] {
-            signal(sig, SIG_IGN)
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { done.signal() }
-            s.resume()
-            sources.append(s)
+        for s in [SIGTERM, SIGINT] {
+            signal(s, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: s, queue: .global())
+            src.setEventHandler {
+                received.value = s
+                done.signal()
+            }
+            src.resume()
+            sources.append(src)
         }
         done.wait()
+        let sig = received.value
         node.stop()
         if (try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(getpid())\n" { try? FileManager.default.removeItem(atPath: pidFile) }
-        print("weft node \(id) stopped")
+        sayNow("weft node \(id) stopped (signal \(sig))")
         _ = sources
+        // Everything durable is closed; skip the runtime's teardown.
+        Glibc.exit(0)
     }
 }
 
-func fflushStdout() { FileHandle.standardOutput.synchronizeFile() }
+final class SignalBox: @unchecked Sendable {
+    var value: Int32 = 0
+}
 
-func processAlive(_ pid: Int32) -> Bool { pid > 0 && kill(pid, 0) == 0 }
+/// Writes a line to stdout at once (unbuffered), for logs read while the node runs.
+func sayNow(_ s: String) { FileHandle.standardOutput.write(Data((s + "\n").utf8)) }
+
+/// True if `pid` runs. A zombie (exited, not yet reaped by its parent,
+/// which for detached nodes is init) counts as gone.
+func processAlive(_ pid: Int32) -> Bool {
+    guard pid > 0, kill(pid, 0) == 0 else { return false }
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return true }
+    let state = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first
+    return state != "Z" && state != "X"
+}
 
 func readPid(_ path: String) -> Int32? {
     (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }

@@ -23,37 +23,63 @@ struct Debug: AsyncParsableCommand {
         @Option var transfers = 200
         @Option(name: .customLong("kill-after")) var killAfter: Int?
         @Option var balance = 1000
+        @Option(help: "Run for this many seconds instead of a fixed number of transfers.") var duration: Double?
+        @Flag(help: "Keep going through node failures (for random-kill tests).") var resilient = false
 
         func run() async throws {
             let (accounts, clients, transfers, killAfter, balance) = (self.accounts, self.clients, self.transfers, self.killAfter, self.balance)
+            let (durationSeconds, resilient) = (duration, self.resilient)
             try await withCluster(global) { client in
-                if try await client.get(Debug.account(0)).value == nil {
+                var ready = false
+                for attempt in 0..<50 where !ready {
+                    do {
+                        ready = try await client.get(Debug.account(0)).value != nil
+                        break
+                    } catch let e as WeftError where resilient && attempt < 49 {
+                        _ = e
+                        try await Task.sleep(nanoseconds: 100_000_000)
+                    }
+                }
+                if !ready {
                     let t = try await client.begin()
                     for i in 0..<accounts { try t.put(Debug.account(i), Array(String(balance).utf8)) }
                     try await t.commit()
                 }
                 let acks = Counter()
+                let deadline = durationSeconds.map { wallMillis() + UInt64($0 * 1000) }
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     for c in 0..<clients {
                         group.addTask {
                             var rng = SystemRandomNumberGenerator()
-                            for _ in 0..<(transfers / clients) {
+                            var done = 0
+                            while done < transfers / clients || (deadline.map { wallMillis() < $0 } ?? false) {
+                                if let d = deadline, wallMillis() >= d { break }
+                                done += 1
                                 let a = Int.random(in: 0..<accounts, using: &rng)
                                 var b = Int.random(in: 0..<(accounts - 1), using: &rng)
                                 if b >= a { b += 1 }
-                                let t = try await client.begin()
-                                let va = Int(String(decoding: try await t.get(Debug.account(a)) ?? [], as: UTF8.self)) ?? 0
-                                let vb = Int(String(decoding: try await t.get(Debug.account(b)) ?? [], as: UTF8.self)) ?? 0
-                                let amount = Int.random(in: 1...10, using: &rng)
-                                try t.put(Debug.account(a), Array(String(va - amount).utf8))
-                                try t.put(Debug.account(b), Array(String(vb + amount).utf8))
-                                try t.put(Array("log/\(t.id)".utf8), Array("\(a) \(b) \(amount) client-\(c)".utf8))
+                                var txnId: TxnId = 0
                                 do {
+                                    let t = try await client.begin()
+                                    txnId = t.id
+                                    let va = Int(String(decoding: try await t.get(Debug.account(a)) ?? [], as: UTF8.self)) ?? 0
+                                    let vb = Int(String(decoding: try await t.get(Debug.account(b)) ?? [], as: UTF8.self)) ?? 0
+                                    let amount = Int.random(in: 1...10, using: &rng)
+                                    try t.put(Debug.account(a), Array(String(va - amount).utf8))
+                                    try t.put(Debug.account(b), Array(String(vb + amount).utf8))
+                                    try t.put(Array("log/\(t.id)".utf8), Array("\(a) \(b) \(amount) client-\(c)".utf8))
                                     let ts = try await t.commit()
                                     FileHandle.standardOutput.write(Data("ack \(t.id) \(ts)\n".utf8))
                                     if let k = killAfter, acks.increment() >= k { kill(getpid(), SIGKILL) }
                                 } catch let e as WeftError where e.code == .conflict {
                                     continue
+                                } catch let e as WeftError where resilient && e.code == .outcomeUnknown {
+                                    FileHandle.standardOutput.write(Data("unknown \(txnId)\n".utf8))
+                                } catch let e as WeftError where resilient {
+                                    // A node is down: back off and go on (the transfer did not commit
+                                    // unless the error says the outcome is unknown).
+                                    if txnId != 0 && e.code == .timeout { FileHandle.standardOutput.write(Data("unknown \(txnId)\n".utf8)) }
+                                    try await Task.sleep(nanoseconds: 50_000_000)
                                 }
                             }
                         }
