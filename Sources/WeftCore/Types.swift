@@ -27,6 +27,8 @@ public enum Limits {
     public static let txnBytesMax = 64 << 20
     /// Most keys a single `scan` returns.
     public static let scanLimitMax = 1_000_000
+    /// How far ahead of a participant's clock a read timestamp may be, in ms.
+    public static let futureReadSlackMillis: UInt64 = 60_000
     /// Most inbox messages a node steps in one round, so one group commit
     /// (one LMDB transaction) stays bounded.
     public static let roundMessagesMax = 4096

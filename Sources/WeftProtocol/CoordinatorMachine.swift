@@ -37,6 +37,10 @@ public struct CoordinatorMachine: Sendable {
     public private(set) var reservedTs: Timestamp
     var nowMillis: UInt64
     var txns: [TxnId: TxnState] = [:]
+    /// Recently finished transactions (aborted or one-phase), so a duplicate
+    /// commit request cannot run them again; two bounded generations.
+    var finished: Set<TxnId> = []
+    var finishedOlder: Set<TxnId> = []
     var out = Output<CoordinatorRecord>()
 
     public init(recovery: CoordinatorRecovery, nowMillis: UInt64) {
@@ -82,7 +86,7 @@ public struct CoordinatorMachine: Sendable {
             onVote(txn: txn, from: from, vote: vote)
         case let .onePhaseResult(txn, _, outcome):
             guard case let .onePhase(client, req, _, _)? = txns[txn] else { return }
-            txns[txn] = nil
+            forget(txn)
             send(client, .commitResult(req: req, txn: txn, outcome: outcome))
         case let .ack(txn, from):
             guard case .committed(let ts, var pending, let last)? = txns[txn] else { return }
@@ -122,7 +126,7 @@ public struct CoordinatorMachine: Sendable {
             case .preparing(let p) where p.deadline <= now:
                 abort(txn, p, WeftError(.timeout, "transaction \(txn) aborted: participants \(p.waiting.sorted()) did not vote within \(Limits.prepareTimeoutTicks) ms"))
             case let .onePhase(client, req, participant, deadline) where deadline <= now:
-                txns[txn] = nil
+                forget(txn)
                 send(client, .commitResult(req: req, txn: txn, outcome: .unknown(WeftError(.outcomeUnknown, "participant \(participant) did not answer the one-phase commit of transaction \(txn) within \(Limits.prepareTimeoutTicks) ms; its outcome is unknown"))))
             case let .committed(ts, pending, last) where now >= last + Limits.resendIntervalTicks:
                 txns[txn] = .committed(commitTs: ts, pendingAcks: pending, lastSentMillis: now)
@@ -134,7 +138,8 @@ public struct CoordinatorMachine: Sendable {
     }
 
     mutating func onCommit(client: NodeAddress, req: UInt64, txn: TxnId, startTs: Timestamp, parts: [ParticipantId: TxnPart]) {
-        if txns[txn] != nil { return } // a duplicate request; the first one answers
+        // A duplicate request: the first one answers.
+        if txns[txn] != nil || finished.contains(txn) || finishedOlder.contains(txn) { return }
         let commitTs = allocateTimestamp()
         // A blind write arrives without an id: its commit timestamp, unique too, names it.
         let txn = txn == 0 ? commitTs : txn
@@ -182,8 +187,17 @@ public struct CoordinatorMachine: Sendable {
         for q in decided.participants { send(.participant(q), .decide(txn: txn, commit: true)) }
     }
 
-    mutating func abort(_ txn: TxnId, _ p: Preparing, _ err: WeftError) {
+    mutating func forget(_ txn: TxnId) {
         txns[txn] = nil
+        if finished.count >= Limits.outcomeCacheEntriesMax / 2 {
+            finishedOlder = finished
+            finished = []
+        }
+        finished.insert(txn)
+    }
+
+    mutating func abort(_ txn: TxnId, _ p: Preparing, _ err: WeftError) {
+        forget(txn)
         // Participants that have not voted may still prepare; they will ask
         // and hear "abort" by presumption, so telling the YES voters suffices,
         // but telling everyone frees their locks sooner.

@@ -13,7 +13,10 @@ import WeftCore
 ///
 /// Invariants: versions of a key are applied in strictly increasing timestamp
 /// order; an entry that garbage collection removed is `dead` and is never
-/// returned, and is dropped from the ordered index at the next merge.
+/// returned, and is dropped from the ordered index at the next merge (it
+/// stays in the hash table so a new version revives it). The arena only
+/// counts the bytes of collected versions (`Arena.deadBytes`); it does not
+/// reclaim them yet.
 public struct MVCCStore: Sendable {
     /// Marks a deletion in `valueRef`.
     static let tombstone = UInt64.max
@@ -39,6 +42,10 @@ public struct MVCCStore: Sendable {
     var slots: [Int32] = Array(repeating: -1, count: 1024)
     var sorted: [Int32] = []
     var pending: [Int32] = []
+    /// Whether each entry is in `sorted` or `pending`.
+    var ordered: [Bool] = []
+    /// Dead entries still in the ordered index.
+    var deadInOrder = 0
     /// Entries that have older versions: the only ones GC needs to visit.
     var withHistory: Set<Int32> = []
     public private(set) var liveKeys = 0
@@ -88,9 +95,6 @@ public struct MVCCStore: Sendable {
         }
     }
 
-    /// Keys in `[start, ...)` in order, for lock checks of a scan.
-    public func keyIsBelow(_ key: Bytes, _ bound: Bytes) -> Bool { compareBytes(key, bound) < 0 }
-
     // MARK: Writes
 
     /// Installs a version. `ts` must be newer than every version of `key`.
@@ -104,6 +108,13 @@ public struct MVCCStore: Sendable {
                 deadEntries -= 1
                 liveKeys += 1
                 e.older = -1
+                // Merges drop dead entries from the ordered index: put it back.
+                if inOrder(i) {
+                    deadInOrder -= 1
+                } else {
+                    ordered[Int(i)] = true
+                    pending.insert(i, at: lowerBound(pending, key))
+                }
             } else {
                 let slot = allocOld(OldVersion(ts: e.ts, valueRef: e.valueRef, next: e.older))
                 e.older = slot
@@ -117,6 +128,7 @@ public struct MVCCStore: Sendable {
         let keyRef = key.withUnsafeBytes { arena.append($0) }
         let index = Int32(entries.count)
         entries.append(Entry(keyRef: keyRef, ts: ts, valueRef: valueRef, older: -1, dead: false))
+        ordered.append(true)
         liveKeys += 1
         insertSlot(index, hash: stableHash(key))
         let p = lowerBound(pending, key)
@@ -168,6 +180,7 @@ public struct MVCCStore: Sendable {
             entries[i].dead = true
             dropped[entries[i].ts, default: 0] += 1
             deadEntries += 1
+            deadInOrder += 1
             liveKeys -= 1
         }
         return dropped
@@ -177,7 +190,7 @@ public struct MVCCStore: Sendable {
     public var memoryBytes: Int {
         arena.capacityBytes + entries.capacity * MemoryLayout<Entry>.stride
             + oldVersions.capacity * MemoryLayout<OldVersion>.stride
-            + (slots.capacity + sorted.capacity + pending.capacity) * 4
+            + (slots.capacity + sorted.capacity + pending.capacity) * 4 + ordered.capacity
     }
 
     public var versionCount: Int { liveKeys + oldVersions.count - freeOld.count }
@@ -241,8 +254,10 @@ public struct MVCCStore: Sendable {
         arena.withBytes(entries[Int(a)].keyRef) { ka in arena.withBytes(entries[Int(b)].keyRef) { kb in compareBytes(ka, kb) < 0 } }
     }
 
+    /// Merges `pending` into `sorted` when it outgrows ~2*sqrt(n) (or when
+    /// forced, before a scan), dropping entries that died since the last merge.
     mutating func mergePendingIfNeeded(force: Bool) {
-        if pending.isEmpty && !(force && deadEntries > 0 && sorted.count > 0) { return }
+        if pending.isEmpty && !(force && deadInOrder > 0) { return }
         var bound = 256
         while bound * bound < sorted.count * 4 { bound *= 2 }
         if !force && pending.count < bound { return }
@@ -256,11 +271,18 @@ public struct MVCCStore: Sendable {
             } else {
                 take = pending[b]; b += 1
             }
-            merged.append(take)
+            if entries[Int(take)].dead {
+                ordered[Int(take)] = false
+            } else {
+                merged.append(take)
+            }
         }
         sorted = merged
         pending.removeAll(keepingCapacity: true)
+        deadInOrder = 0
     }
+
+    func inOrder(_ i: Int32) -> Bool { ordered[Int(i)] }
 }
 
 /// Append-only storage for byte strings, in chunks that never reallocate, so

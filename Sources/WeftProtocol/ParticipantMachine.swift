@@ -51,7 +51,11 @@ public struct ParticipantMachine: Sendable {
     /// A lower bound for every key's read timestamp: raised by scans, by
     /// collapsing the read cache, and unknown (nil) after a restart until
     /// the coordinator reports its clock.
-    public private(set) var readFloor: Timestamp?
+    public private(set) var readFloor: Timestamp
+    /// True after a restart until the coordinator's clock arrives: until
+    /// then no reader's timestamp is known to be below the floor, so no
+    /// PREPARE or one-phase commit is accepted.
+    public private(set) var awaitingClock: Bool
     /// Live versions per durable commit record, for garbage collection.
     var commitRefs: [Timestamp: Int] = [:]
     public private(set) var gcHorizon: Timestamp
@@ -75,14 +79,15 @@ public struct ParticipantMachine: Sendable {
     ///   below it; nil when the participant must first ask the coordinator.
     public init(id: ParticipantId, recovery: ParticipantRecovery, readFloor: Timestamp?, nowMillis: UInt64) {
         self.id = id
-        self.readFloor = readFloor
+        self.readFloor = readFloor ?? 0
+        self.awaitingClock = readFloor == nil
         self.gcHorizon = recovery.gcHorizon
         self.nowMillis = nowMillis
         self.lastGCMillis = nowMillis
         for (ts, rec) in recovery.commits {
             for w in rec.writes { store.apply(key: w.key, value: w.value, ts: ts) }
             commitRefs[ts] = rec.writes.count
-            if rec.txn != ts { rememberCommitted(rec.txn, ts) }
+            rememberCommitted(rec.txn, ts)
         }
         refused = recovery.refused
         // Re-take the locks of in-doubt transactions before serving anything.
@@ -120,7 +125,10 @@ public struct ParticipantMachine: Sendable {
         case let .decide(txn, commit):
             onDecide(txn: txn, commit: commit)
         case let .clock(ts):
-            if readFloor == nil { readFloor = ts }
+            if awaitingClock {
+                readFloor = max(readFloor, ts)
+                awaitingClock = false
+            }
         case let .status(req, txn):
             onStatus(from: from, req: req, txn: txn)
         case let .peerQuery(txn, commitTs, from):
@@ -145,7 +153,7 @@ public struct ParticipantMachine: Sendable {
                 }
             }
         }
-        if readFloor == nil && self.nowMillis >= lastClockQueryMillis + Limits.resendIntervalTicks {
+        if awaitingClock && self.nowMillis >= lastClockQueryMillis + Limits.resendIntervalTicks {
             lastClockQueryMillis = self.nowMillis
             send(.coordinator, .clockQuery(from: id))
         }
@@ -176,8 +184,18 @@ public struct ParticipantMachine: Sendable {
 
     // MARK: Reads
 
+    /// A read far in the future would raise the read cache (or a scan the
+    /// floor) so high that no write could commit until the clock got there.
+    func checkReadTs(_ ts: Timestamp) -> WeftError? {
+        if ts < gcHorizon { return snapshotTooOld(ts) }
+        if ts > HLC.timestamp(millis: nowMillis + Limits.futureReadSlackMillis) {
+            return WeftError(.invalidArgument, "timestamp \(ts) is in the future (more than \(Limits.futureReadSlackMillis) ms ahead of participant \(id)'s clock)")
+        }
+        return nil
+    }
+
     mutating func onRead(from: NodeAddress, req: UInt64, key: Bytes, ts: Timestamp, original: Message) {
-        if ts < gcHorizon { return send(from, .failed(req: req, error: snapshotTooOld(ts))) }
+        if let e = checkReadTs(ts) { return send(from, .failed(req: req, error: e)) }
         if let holder = locks[key], let p = prepared[holder], p.commitTs <= ts {
             return park(holder, from, original)
         }
@@ -187,7 +205,7 @@ public struct ParticipantMachine: Sendable {
     }
 
     mutating func onScan(from: NodeAddress, req: UInt64, start: Bytes, end: Bytes?, limit: Int, ts: Timestamp, original: Message) {
-        if ts < gcHorizon { return send(from, .failed(req: req, error: snapshotTooOld(ts))) }
+        if let e = checkReadTs(ts) { return send(from, .failed(req: req, error: e)) }
         for (key, holder) in locks where compareBytes(key, start) >= 0 && (end.map { compareBytes(key, $0) < 0 } ?? true) {
             if let p = prepared[holder], p.commitTs <= ts { return park(holder, from, original) }
         }
@@ -204,14 +222,14 @@ public struct ParticipantMachine: Sendable {
             return true
         }
         // A scan reads the absence of keys too: no writer may commit beneath it.
-        readFloor = max(readFloor ?? 0, ts)
+        readFloor = max(readFloor, ts)
         send(from, .scanResult(req: req, rows: rows, more: more))
     }
 
     mutating func noteRead(_ key: Bytes, _ ts: Timestamp) {
-        if ts <= (readCache[key] ?? 0) || ts <= (readFloor ?? 0) { return }
+        if ts <= (readCache[key] ?? 0) || ts <= readFloor { return }
         if readCache.count >= Limits.readCacheEntriesMax {
-            readFloor = max(readFloor ?? 0, readCache.values.max() ?? 0)
+            readFloor = max(readFloor, readCache.values.max() ?? 0)
             readCache.removeAll(keepingCapacity: true)
         }
         readCache[key] = ts
@@ -225,9 +243,10 @@ public struct ParticipantMachine: Sendable {
 
     /// Optimistic validation shared by PREPARE and one-phase commit.
     func validate(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, part: TxnPart) -> WeftError? {
-        guard let floor = readFloor else {
+        if awaitingClock {
             return WeftError(.unavailable, "participant \(id) is recovering and has not yet heard the coordinator's clock; retry")
         }
+        let floor = readFloor
         if commitTs <= startTs { return WeftError(.invalidArgument, "commit timestamp \(commitTs) is not after start \(startTs)") }
         for k in part.reads {
             if let h = locks[k], h != txn { return conflict(k, "it is locked by transaction \(h)") }
@@ -278,11 +297,15 @@ public struct ParticipantMachine: Sendable {
             return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .aborted(WeftError(.unavailable, "transaction \(txn) was reported aborted to a status query before it arrived"))))
         }
         if let err = validate(txn: txn, startTs: startTs, commitTs: commitTs, part: part) {
+            // Remember the refusal, so a duplicate of this request arriving
+            // later cannot commit what the client was told is aborted.
+            refused.insert(txn)
+            out.records.append(.refused(txn: txn))
             return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .aborted(err)))
         }
         for k in part.reads { noteRead(k, commitTs) }
         apply(txn: txn, commitTs: commitTs, writes: part.writes)
-        if txn != commitTs { rememberCommitted(txn, commitTs) }
+        rememberCommitted(txn, commitTs)
         send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(commitTs)))
     }
 

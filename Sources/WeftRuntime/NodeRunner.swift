@@ -255,6 +255,9 @@ public final class Router: Transport, @unchecked Sendable {
         sinks[address] = nil
         let clients = sinks.values.compactMap { $0 as? WeftClient }
         lock.unlock()
+        // In one process a node whose storage failed takes the embedded
+        // cluster down: every waiting request fails with its error (a commit
+        // already decided stays decided on disk; reopening finishes it).
         for c in clients { c.failAll(error) }
     }
 

@@ -118,6 +118,7 @@ public final class Simulator {
         var commitTs: Timestamp?
         var writes: [ParticipantId: [WriteOp]]
         var acknowledged = false
+        var abortAcknowledged = false
     }
 
     let config: SimulationConfig
@@ -468,6 +469,7 @@ public final class Simulator {
                 attempts[txn]?.acknowledged = true
             case .aborted:
                 report.aborted += 1
+                attempts[txn]?.abortAcknowledged = true
             case .unknown:
                 report.unknown += 1
             }
@@ -509,6 +511,9 @@ public final class Simulator {
             }
             if present.contains(true) && present.contains(false) {
                 report.violations.append("txn \(txn) is partially applied: \(present)")
+            }
+            if a.abortAcknowledged && present.contains(true) {
+                report.violations.append("txn \(txn) was reported aborted to its client but its writes are visible")
             }
             if a.acknowledged && present.contains(false) {
                 report.violations.append("txn \(txn) was acknowledged committed at \(a.commitTs!) but its writes are lost")

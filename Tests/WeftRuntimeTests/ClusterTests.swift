@@ -9,10 +9,23 @@ final class TestCluster {
     let ids = ["coordinator", "participant-0", "participant-1", "participant-2"]
 
     init() throws {
-        dir = tempDir("weft-cluster")
-        basePort = 20_000 + Int.random(in: 0..<4_000) * 10
-        let r = try runWeft(["cluster", "start", "--dir", dir, "--base-port", String(basePort)])
-        guard r.status == 0 else { throw XCTSkip("cluster did not start: \(r.stdout) \(r.stderr)") }
+        // Ports below Linux's ephemeral range (32768+), so no outgoing
+        // connection holds one; a few tries in case another test does.
+        var attempt = 0
+        while true {
+            let d = tempDir("weft-cluster")
+            let port = 20_000 + Int.random(in: 0..<1_200) * 10
+            let r = try runWeft(["cluster", "start", "--dir", d, "--base-port", String(port)])
+            if r.status == 0 {
+                dir = d
+                basePort = port
+                return
+            }
+            _ = try? runWeft(["cluster", "stop", "--dir", d])
+            removeDir(d)
+            attempt += 1
+            if attempt == 3 { throw XCTSkip("cluster did not start: \(r.stdout) \(r.stderr)") }
+        }
     }
 
     func pid(_ id: String) -> Int32? {
@@ -152,13 +165,13 @@ final class ClusterTests: XCTestCase {
         _ = FileManager.default.createFile(atPath: out, contents: nil)
         let bank = Process()
         bank.executableURL = URL(fileURLWithPath: weftBinary)
-        bank.arguments = ["debug", "bank", "--cluster", c.dir, "--accounts", "100", "--clients", "8", "--duration", "8", "--resilient"]
+        bank.arguments = ["debug", "bank", "--cluster", c.dir, "--accounts", "100", "--clients", "8", "--duration", "10", "--resilient"]
         bank.standardOutput = FileHandle(forWritingAtPath: out)!
         bank.standardError = FileHandle.nullDevice
         try bank.run()
         var kills = 0
         var snapshots = 0
-        let end = Date(timeIntervalSinceNow: 7)
+        let end = Date(timeIntervalSinceNow: 9)
         while Date() < end {
             usleep(UInt32.random(in: 250_000...500_000))
             let victim = c.ids.randomElement()!
@@ -173,9 +186,12 @@ final class ClusterTests: XCTestCase {
                 XCTAssertTrue(check.stdout.contains("total 100000\n"), "a snapshot during the run is not conserved: \(check.stdout.prefix(40))")
             }
         }
+        let t0 = Date()
         bank.waitUntilExit()
         for id in c.ids where !c.isAlive(id) { try c.start(id) }
+        let t1 = Date()
         XCTAssertTrue(try c.waitNoInDoubt(seconds: 20), "in-doubt transactions remain")
+        print("random kills: workload ended \(t1.timeIntervalSince(t0)) s after the killer; in doubt resolved after \(Date().timeIntervalSince(t1)) s")
         let final = try c.weft(["debug", "bank-check"])
         XCTAssertEqual(final.status, 0, final.stderr)
         XCTAssertTrue(final.stdout.contains("accounts 100\n"))
@@ -192,7 +208,7 @@ final class ClusterTests: XCTestCase {
             XCTAssertFalse(s.stdout.hasPrefix("pending"), "txn \(t) still pending")
         }
         XCTAssertGreaterThan(acked.count, 20, "the workload made progress through the kills")
-        XCTAssertGreaterThan(kills, 5)
+        XCTAssertGreaterThanOrEqual(kills, 5)
         print("random kills: \(kills) kills, \(acked.count) acknowledged, \(unknown.count) unknown, \(snapshots) snapshots checked")
     }
 

@@ -153,7 +153,7 @@ public final class ClusterNode: @unchecked Sendable {
     func healthState() -> String {
         if let r = participantRunner {
             if r.failure != nil { return "failed" }
-            return r.withMachine { $0.readFloor == nil ? "recovering" : "serving" }
+            return r.withMachine { $0.awaitingClock ? "recovering" : "serving" }
         }
         if let r = coordinatorRunner, r.failure != nil { return "failed" }
         return "serving"
