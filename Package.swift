@@ -32,9 +32,9 @@ let package = Package(
         // Layer 5: CLI (argument parsing only).
         .executableTarget(
             name: "WeftCLI",
-            dependencies: ["WeftRuntime", "WeftCore", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["WeftRuntime", "WeftCore", "WeftProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
-        .executableTarget(name: "WeftBench", dependencies: ["WeftRuntime", "WeftLMDB", "WeftCore"], path: "Tools/WeftBench"),
+        .executableTarget(name: "WeftBench", dependencies: ["WeftRuntime", "WeftLMDB", "WeftCore", "WeftProtocol"], path: "Tools/WeftBench"),
         .testTarget(name: "WeftProtocolTests", dependencies: ["WeftProtocol", "WeftCore", "WeftSimulation"]),
         .executableTarget(name: "WeftSim", dependencies: ["WeftSimulation"], path: "Tools/WeftSim"),
         .testTarget(name: "WeftLMDBTests", dependencies: ["WeftLMDB"]),

@@ -84,11 +84,7 @@ public struct ParticipantMachine: Sendable {
         self.gcHorizon = recovery.gcHorizon
         self.nowMillis = nowMillis
         self.lastGCMillis = nowMillis
-        for (ts, rec) in recovery.commits {
-            for w in rec.writes { store.apply(key: w.key, value: w.value, ts: ts) }
-            commitRefs[ts] = rec.writes.count
-            rememberCommitted(rec.txn, ts)
-        }
+        for (ts, rec) in recovery.commits { replayCommit(ts, rec) }
         refused = recovery.refused
         // Re-take the locks of in-doubt transactions before serving anything.
         for p in recovery.prepared {
@@ -103,6 +99,15 @@ public struct ParticipantMachine: Sendable {
     }
 
     var me: NodeAddress { .participant(id) }
+
+    /// Rebuilds memory from one durable commit record; records must come in
+    /// increasing `commitTs` order. Lets a shell stream a large LMDB file
+    /// instead of holding it all in a `ParticipantRecovery`.
+    public mutating func replayCommit(_ ts: Timestamp, _ rec: CommitRecord) {
+        for w in rec.writes { store.apply(key: w.key, value: w.value, ts: ts) }
+        commitRefs[ts] = rec.writes.count
+        rememberCommitted(rec.txn, ts)
+    }
 
     public mutating func takeOutput() -> Output<ParticipantRecord> {
         defer { out = Output() }

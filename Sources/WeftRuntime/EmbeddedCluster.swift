@@ -42,7 +42,7 @@ public final class EmbeddedCluster: @unchecked Sendable {
         var runners: [NodeRunner<ParticipantMachine>] = []
         for p in 0..<layout.participants {
             let s = storages[p]
-            let machine = ParticipantMachine(id: p, recovery: try s.recover(), readFloor: floor, nowMillis: now)
+            let machine = try s.recoverMachine(id: p, readFloor: floor, nowMillis: now)
             runners.append(NodeRunner(address: .participant(p), machine: machine, router: router) { (r) throws(WeftError) in
                 try s.persist(r)
             })

@@ -150,7 +150,7 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
                     return
                 }
             }
-            for m in out.messages { router.send(m) }
+            router.sendAll(out.messages)
         }
     }
 
@@ -194,10 +194,16 @@ final class ResultBox<R>: @unchecked Sendable {
 /// answered with `.failed` so no client waits on a node that is gone.
 public protocol Transport: AnyObject, Sendable {
     func send(_ env: Envelope)
+    /// Sends a round's messages; a transport may coalesce them per connection.
+    func sendAll(_ envs: [Envelope])
     func register(_ address: NodeAddress, _ sink: MessageSink)
     func unregister(_ address: NodeAddress)
     func undeliverable(_ env: Envelope, _ error: WeftError)
     func nodeFailed(_ address: NodeAddress, _ error: WeftError)
+}
+
+extension Transport {
+    public func sendAll(_ envs: [Envelope]) { for e in envs { send(e) } }
 }
 
 /// The request id of a client request, if `m` is one.

@@ -85,17 +85,29 @@ public final class ParticipantStorage: @unchecked Sendable {
         }
     }
 
-    /// Reads everything a participant needs to rebuild its memory.
+    /// Reads everything a participant needs to rebuild its memory, commit
+    /// records included (for tools and tests; nodes use `recoverMachine`).
     public func recover() throws(WeftError) -> ParticipantRecovery {
+        var r = try recoverState()
+        try forEachCommit { ts, rec in r.commits.append((ts, rec)) }
+        return r
+    }
+
+    /// Builds the participant's state machine, streaming the commit records
+    /// into it one at a time so a large store is never held twice.
+    public func recoverMachine(id: ParticipantId, readFloor: Timestamp?, nowMillis: UInt64) throws(WeftError) -> ParticipantMachine {
+        var m = ParticipantMachine(id: id, recovery: try recoverState(), readFloor: readFloor, nowMillis: nowMillis)
+        try forEachCommit { ts, rec in m.replayCommit(ts, rec) }
+        return m
+    }
+
+    /// Everything but the commit records: GC horizon, PREPARED, refusals.
+    func recoverState() throws(WeftError) -> ParticipantRecovery {
         do {
             return try env.read { txn in
                 var r = ParticipantRecovery()
                 if let h = try txn.get(meta, Array("gc-horizon".utf8)) {
                     r.gcHorizon = try h.withUnsafeBytes { b throws(DecodeError) in try readBE(b) }
-                }
-                try txn.forEach(commits) { k, v in
-                    r.commits.append((try readBE(k), try CommitRecord.decode(v)))
-                    return true
                 }
                 try txn.forEach(prepared) { _, v in
                     r.prepared.append(try PreparedTxn.decode(Array(v)))
@@ -106,6 +118,20 @@ public final class ParticipantStorage: @unchecked Sendable {
                     return true
                 }
                 return r
+            }
+        } catch {
+            throw storageError(error, "cannot recover participant storage at \(env.directory)")
+        }
+    }
+
+    /// Visits the commit records in commitTs order, decoding each from the map.
+    func forEachCommit(_ visit: (Timestamp, CommitRecord) -> Void) throws(WeftError) {
+        do {
+            try env.read { txn in
+                try txn.forEach(commits) { k, v in
+                    visit(try readBE(k), try CommitRecord.decode(v))
+                    return true
+                }
             }
         } catch {
             throw storageError(error, "cannot recover participant storage at \(env.directory)")

@@ -1,5 +1,6 @@
 import Foundation
 import WeftCore
+import WeftProtocol
 import WeftLMDB
 import WeftRuntime
 
@@ -14,6 +15,9 @@ var baseDirArg = NSTemporaryDirectory() + "weft-bench-\(getpid())"
 var memoryKeys = 1_000_000
 var skipMemory = false
 var clientCounts = [1, 8, 64]
+var modes: Set<String> = []
+var recoveryBytes = 1 << 30
+var decisions = 100_000
 var args = CommandLine.arguments.dropFirst()
 while let a = args.popFirst() {
     switch a {
@@ -22,11 +26,20 @@ while let a = args.popFirst() {
     case "--memory-keys": memoryKeys = Int(args.popFirst() ?? "") ?? memoryKeys
     case "--skip-memory": skipMemory = true
     case "--clients": clientCounts = (args.popFirst() ?? "").split(separator: ",").compactMap { Int($0) }
+    case "--embedded", "--tcp", "--recovery", "--memory": modes.insert(String(a.dropFirst(2)))
+    case "--recovery-bytes": recoveryBytes = Int(args.popFirst() ?? "") ?? recoveryBytes
+    case "--decisions": decisions = Int(args.popFirst() ?? "") ?? decisions
     default:
-        print("usage: weft-bench [--seconds S] [--dir DIR] [--memory-keys N] [--skip-memory] [--clients 1,8,64]")
+        print("""
+        usage: weft-bench [--embedded] [--tcp] [--recovery] [--memory]   (default: all four)
+                          [--seconds S] [--clients 1,8,64] [--dir DIR]
+                          [--memory-keys N] [--recovery-bytes N] [--decisions N]
+        """)
         exit(2)
     }
 }
+if modes.isEmpty { modes = ["embedded", "tcp", "recovery", "memory"] }
+if skipMemory { modes.remove("memory") }
 let seconds = secondsArg
 let baseDir = baseDirArg
 try? FileManager.default.removeItem(atPath: baseDir)
@@ -107,12 +120,37 @@ struct Row {
     var commitsPerLMDBCommit: Double
 }
 
-func runWorkload(_ name: String, clients: Int, keysPerTxn: Int) async throws -> Row {
-    let dir = baseDir + "/\(name)-\(clients)"
-    var opts = StorageOptions()
-    opts.mapSizeBytes = 1 << 30
-    let cluster = try EmbeddedCluster(dataDir: dir, participants: 3, options: opts)
-    let client = cluster.client()
+/// Where a workload runs: an embedded cluster, or a local cluster of
+/// `weft node` processes over TCP.
+enum Target {
+    case embedded
+    case tcp(ClusterConfig)
+}
+
+func runWorkload(_ name: String, clients: Int, keysPerTxn: Int, on target: Target) async throws -> Row {
+    let client: WeftClient
+    let finish: () -> Int
+    switch target {
+    case .embedded:
+        let dir = baseDir + "/\(name)-\(clients)"
+        var opts = StorageOptions()
+        opts.mapSizeBytes = 1 << 30
+        let cluster = try EmbeddedCluster(dataDir: dir, participants: 3, options: opts)
+        client = cluster.client()
+        finish = {
+            let commits = cluster.commitStats.reduce(0) { $0 + $1.commits }
+            client.close()
+            cluster.close()
+            return commits
+        }
+    case .tcp(let config):
+        let remote = ClusterClient(config: config)
+        client = remote.client
+        finish = {
+            remote.close()
+            return 0
+        }
+    }
     let stats = Stats()
     let deadline = monoNanos() + UInt64(seconds * 1e9)
     let keySpace = 1_000_000
@@ -156,24 +194,143 @@ func runWorkload(_ name: String, clients: Int, keysPerTxn: Int) async throws -> 
         try await group.waitForAll()
     }
     let elapsed = seconds
-    let s = cluster.commitStats
-    let lmdbCommits = s.reduce(0) { $0 + $1.commits }
-    client.close()
-    cluster.close()
+    let lmdbCommits = finish()
     let sorted = stats.latenciesNanos.sorted()
     return Row(workload: name, clients: clients, txnsPerSecond: Double(sorted.count) / elapsed,
                p50: percentile(sorted, 0.50), p99: percentile(sorted, 0.99), aborted: stats.aborted,
-               commitsPerLMDBCommit: Double(sorted.count) / Double(max(1, lmdbCommits)))
+               commitsPerLMDBCommit: lmdbCommits == 0 ? 0 : Double(sorted.count) / Double(lmdbCommits))
 }
 
-var rows: [Row] = []
-for (name, keys) in [("single-key", 1), ("4-key-2pc", 4)] {
-    for c in clientCounts {
-        let r = try await runWorkload(name, clients: c, keysPerTxn: keys)
-        rows.append(r)
-        print(String(format: "%-11@ clients=%-3d %9.0f txn/s  p50 %7.3f ms  p99 %7.3f ms  aborted %d  %.1f txns per LMDB commit  = %5.1f%% of ceiling, %5.2fx floor",
-                     r.workload as NSString, r.clients, r.txnsPerSecond, r.p50, r.p99, r.aborted, r.commitsPerLMDBCommit,
-                     100 * r.txnsPerSecond / ceiling.putsPerSecond, r.txnsPerSecond / floor.putsPerSecond))
+func report(_ r: Row, _ label: String) {
+    let perCommit = r.commitsPerLMDBCommit > 0 ? String(format: "  %.1f txns per LMDB commit", r.commitsPerLMDBCommit) : ""
+    print(String(format: "%@ %-11@ clients=%-3d %9.0f txn/s  p50 %7.3f ms  p99 %7.3f ms  aborted %d%@  = %5.1f%% of ceiling, %5.2fx floor",
+                 label as NSString, r.workload as NSString, r.clients, r.txnsPerSecond, r.p50, r.p99, r.aborted, perCommit as NSString,
+                 100 * r.txnsPerSecond / ceiling.putsPerSecond, r.txnsPerSecond / floor.putsPerSecond))
+}
+
+if modes.contains("embedded") {
+    for (name, keys) in [("single-key", 1), ("4-key-2pc", 4)] {
+        for c in clientCounts { report(try await runWorkload(name, clients: c, keysPerTxn: keys, on: .embedded), "embedded") }
+    }
+}
+
+// MARK: Cluster mode over TCP
+
+/// The `weft` binary beside this one.
+let weftPath = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("weft").path
+
+final class LocalCluster {
+    let config: ClusterConfig
+    var procs: [String: Process] = [:]
+
+    init(dir: String, participants: Int = 3, basePort: Int) throws {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort)
+        try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
+    }
+
+    /// Starts node `id`; returns ms until it answers a ping as serving.
+    @discardableResult
+    func start(_ id: String, waitFor state: String = "serving") throws -> Double {
+        let t0 = monoNanos()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: weftPath)
+        p.arguments = ["node", "--cluster", config.path, "--id", id]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try p.run()
+        procs[id] = p
+        let node = try config.node(id)
+        while true {
+            if let info = NetworkTransport.ping(node.endpoint, timeoutMillis: 200), info.contains(state) { break }
+            guard p.isRunning else { throw WeftError(.unavailable, "\(id) exited with status \(p.terminationStatus)") }
+            usleep(2_000)
+        }
+        return Double(monoNanos() - t0) / 1e6
+    }
+
+    func stopAll() {
+        for (_, p) in procs where p.isRunning {
+            p.terminate()
+            p.waitUntilExit()
+        }
+    }
+}
+
+if modes.contains("tcp") {
+    guard FileManager.default.isExecutableFile(atPath: weftPath) else {
+        print("tcp: \(weftPath) is missing; build it with: swift build -c release --product weft")
+        exit(1)
+    }
+    for (name, keys) in [("single-key", 1), ("4-key-2pc", 4)] {
+        for c in clientCounts {
+            let cluster = try LocalCluster(dir: baseDir + "/tcp-\(name)-\(c)", basePort: 21_000 + Int.random(in: 0..<500) * 10)
+            for n in cluster.config.nodes { try cluster.start(n.id) }
+            defer { cluster.stopAll() }
+            report(try await runWorkload(name, clients: c, keysPerTxn: keys, on: .tcp(cluster.config)), "tcp     ")
+        }
+    }
+}
+
+// MARK: Recovery
+
+if modes.contains("recovery") {
+    let cluster = try LocalCluster(dir: baseDir + "/recovery", basePort: 22_000 + Int.random(in: 0..<500) * 10)
+    // A coordinator whose log holds `decisions` COMMIT decisions without END.
+    do {
+        var o = StorageOptions()
+        o.mapSizeBytes = 1 << 30
+        let coord = try cluster.config.node("coordinator")
+        try FileManager.default.createDirectory(atPath: coord.dataDir, withIntermediateDirectories: true)
+        try "cluster-id \(cluster.config.clusterId)\nnode coordinator\n".write(toFile: coord.dataDir + "/node.id", atomically: true, encoding: .utf8)
+        let s = try CoordinatorStorage(directory: coord.dataDir + "/lmdb", options: o)
+        let base = HLC.timestamp(millis: wallMillis())
+        var batch: [CoordinatorRecord] = [.reserveTimestamps(upTo: base + HLC.timestamp(millis: 1000))]
+        for i in 0..<decisions {
+            batch.append(.decided(Decision(txn: base + UInt64(2 * i), commitTs: base + UInt64(2 * i + 1), participants: [0, 1])))
+            if batch.count == 10_000 {
+                try s.persist(batch)
+                batch = []
+            }
+        }
+        try s.persist(batch)
+        s.close()
+    }
+    let coordMillis = try cluster.start("coordinator")
+    print(String(format: "recovery: coordinator with %d undecided-END decisions in its log serves again after %.0f ms (process start to first ping answered)", decisions, coordMillis))
+    cluster.stopAll()
+
+    // A participant holding `recoveryBytes` of committed data.
+    let part = try cluster.config.node("participant-0")
+    do {
+        var o = StorageOptions()
+        o.mapSizeBytes = 2 << 30
+        try FileManager.default.createDirectory(atPath: part.dataDir, withIntermediateDirectories: true)
+        try "cluster-id \(cluster.config.clusterId)\nnode participant-0\n".write(toFile: part.dataDir + "/node.id", atomically: true, encoding: .utf8)
+        let s = try ParticipantStorage(directory: part.dataDir + "/lmdb", options: o)
+        let value = Bytes(repeating: 0x5a, count: 1000)
+        let perRecord = 1000
+        let records = recoveryBytes / ((16 + value.count) * perRecord)
+        var ts = HLC.timestamp(millis: wallMillis() - 1000)
+        var key = 0
+        let t0 = monoNanos()
+        for _ in 0..<records {
+            var writes: [WriteOp] = []
+            writes.reserveCapacity(perRecord)
+            for _ in 0..<perRecord {
+                writes.append(WriteOp(key: key16(key), value: value))
+                key += 1
+            }
+            ts += 2
+            try s.persist([.committed(txn: ts - 1, commitTs: ts, writes: writes)])
+        }
+        s.close()
+        print(String(format: "recovery: wrote %d keys (%.0f MiB of keys and values) to participant-0 in %.1f s", key, Double(key * (16 + value.count)) / 1048576, Double(monoNanos() - t0) / 1e9))
+        try cluster.start("coordinator")
+        let partMillis = try cluster.start("participant-0")
+        let mib = Double(key * (16 + value.count)) / 1048576
+        print(String(format: "recovery: participant with %.0f MiB of committed data serves again after %.2f s (%.0f MiB/s)", mib, partMillis / 1000, mib / (partMillis / 1000)))
+        cluster.stopAll()
     }
 }
 
@@ -189,7 +346,7 @@ func residentBytes() -> (total: Int, anonymous: Int) {
     return (f[1] * page, (f[1] - f[2]) * page)
 }
 
-if !skipMemory {
+if modes.contains("memory") {
     let dir = baseDir + "/memory"
     var opts = StorageOptions()
     opts.mapSizeBytes = 1 << 30

@@ -130,7 +130,7 @@ public final class ClusterNode: @unchecked Sendable {
             participantStorage = s
             // readFloor nil: the participant asks the coordinator's clock
             // before it accepts a PREPARE (see ParticipantMachine).
-            let machine = ParticipantMachine(id: p, recovery: try s.recover(), readFloor: nil, nowMillis: now)
+            let machine = try s.recoverMachine(id: p, readFloor: nil, nowMillis: now)
             participantRunner = NodeRunner(address: spec.address, machine: machine, router: transport) { (r) throws(WeftError) in try s.persist(r) }
             transport.register(spec.address, participantRunner!)
         }

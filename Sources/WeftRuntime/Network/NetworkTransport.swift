@@ -265,6 +265,36 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         if start { connect(env.to, endpoint) }
     }
 
+    /// Envelopes bound for connected peers and clients are encoded into one
+    /// buffer per connection and flushed once: one syscall per connection per
+    /// round instead of one per message.
+    public func sendAll(_ envs: [Envelope]) {
+        if envs.count == 1 { return send(envs[0]) }
+        var batches: [ObjectIdentifier: (Channel, ByteWriter)] = [:]
+        var rest: [Envelope] = []
+        lock.lock()
+        for env in envs {
+            var channel: Channel?
+            if sinks[env.to] == nil {
+                if case .client(let id) = env.to { channel = clientChannels[id] } else { channel = peers[env.to]?.channel }
+            }
+            guard let ch = channel else {
+                rest.append(env)
+                continue
+            }
+            var entry = batches[ObjectIdentifier(ch)] ?? (ch, ByteWriter(capacity: 256))
+            entry.1.raw(Frame.envelope(env).encoded())
+            batches[ObjectIdentifier(ch)] = entry
+        }
+        lock.unlock()
+        for (_, (ch, w)) in batches {
+            var buf = ch.allocator.buffer(capacity: w.bytes.count)
+            buf.writeBytes(w.bytes)
+            ch.writeAndFlush(buf, promise: nil)
+        }
+        for env in rest { send(env) }
+    }
+
     func unreachable(_ to: NodeAddress, _ endpoint: Endpoint, _ why: String) -> WeftError {
         WeftError(.unavailable, "\(to) at \(endpoint) is unreachable (\(why)); is it running? (weft cluster status)")
     }
