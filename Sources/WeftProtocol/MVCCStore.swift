@@ -46,6 +46,8 @@ public struct MVCCStore: Sendable {
     var ordered: [Bool] = []
     /// Dead entries still in the ordered index.
     var deadInOrder = 0
+    /// True between `beginBulkLoad` and `endBulkLoad`: `pending` is unsorted.
+    var bulk = false
     /// Entries that have older versions: the only ones GC needs to visit.
     var withHistory: Set<Int32> = []
     public private(set) var liveKeys = 0
@@ -85,6 +87,7 @@ public struct MVCCStore: Sendable {
     /// while `visit` returns true. Deleted keys and keys with no version at
     /// `ts` are skipped.
     public mutating func scan(from start: Bytes, at ts: Timestamp, _ visit: (Bytes, Bytes, Timestamp) -> Bool) {
+        precondition(!bulk, "scan during a bulk load")
         mergePendingIfNeeded(force: true)
         var pos = lowerBound(sorted, start)
         while pos < sorted.count {
@@ -131,9 +134,31 @@ public struct MVCCStore: Sendable {
         ordered.append(true)
         liveKeys += 1
         insertSlot(index, hash: stableHash(key))
+        if bulk {
+            pending.append(index)
+            return
+        }
         let p = lowerBound(pending, key)
         pending.insert(index, at: p)
         mergePendingIfNeeded(force: false)
+    }
+
+    /// Bulk loading (recovery): new keys are appended unsorted and ordered
+    /// once by `endBulkLoad`, instead of O(sqrt n) merges along the way.
+    public mutating func beginBulkLoad() {
+        precondition(!bulk)
+        bulk = true
+    }
+
+    public mutating func endBulkLoad() {
+        precondition(bulk)
+        bulk = false
+        let chunkRefs = entries.map(\.keyRef)
+        let a = arena
+        pending.sort { x, y in
+            a.withBytes(chunkRefs[Int(x)]) { kx in a.withBytes(chunkRefs[Int(y)]) { ky in compareBytes(kx, ky) < 0 } }
+        }
+        mergePendingIfNeeded(force: true)
     }
 
     /// Drops versions no read at or after `horizon` can see. Returns, per

@@ -84,7 +84,11 @@ public struct ParticipantMachine: Sendable {
         self.gcHorizon = recovery.gcHorizon
         self.nowMillis = nowMillis
         self.lastGCMillis = nowMillis
-        for (ts, rec) in recovery.commits { replayCommit(ts, rec) }
+        if !recovery.commits.isEmpty {
+            beginReplay()
+            for (ts, rec) in recovery.commits { replayCommit(ts, rec) }
+            endReplay()
+        }
         refused = recovery.refused
         // Re-take the locks of in-doubt transactions before serving anything.
         for p in recovery.prepared {
@@ -103,6 +107,9 @@ public struct ParticipantMachine: Sendable {
     /// Rebuilds memory from one durable commit record; records must come in
     /// increasing `commitTs` order. Lets a shell stream a large LMDB file
     /// instead of holding it all in a `ParticipantRecovery`.
+    public mutating func beginReplay() { store.beginBulkLoad() }
+    public mutating func endReplay() { store.endBulkLoad() }
+
     public mutating func replayCommit(_ ts: Timestamp, _ rec: CommitRecord) {
         for w in rec.writes { store.apply(key: w.key, value: w.value, ts: ts) }
         commitRefs[ts] = rec.writes.count

@@ -53,6 +53,8 @@ public enum CrashPoints {
         "participant.before-prepare-forced", "participant.after-prepare-forced",
         "participant.before-commit-forced", "participant.after-commit-forced",
         "participant.before-abort-forced", "participant.after-abort-forced",
+        "participant.before-refusal-forced", "participant.after-refusal-forced",
+        "participant.before-gc-forced", "participant.after-gc-forced",
         "coordinator.before-decision-forced", "coordinator.after-decision-forced",
         "coordinator.before-end-forced", "coordinator.after-end-forced",
         "coordinator.before-reserve-forced", "coordinator.after-reserve-forced",

@@ -97,7 +97,9 @@ public final class ParticipantStorage: @unchecked Sendable {
     /// into it one at a time so a large store is never held twice.
     public func recoverMachine(id: ParticipantId, readFloor: Timestamp?, nowMillis: UInt64) throws(WeftError) -> ParticipantMachine {
         var m = ParticipantMachine(id: id, recovery: try recoverState(), readFloor: readFloor, nowMillis: nowMillis)
+        m.beginReplay()
         try forEachCommit { ts, rec in m.replayCommit(ts, rec) }
+        m.endReplay()
         return m
     }
 

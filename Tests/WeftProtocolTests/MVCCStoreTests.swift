@@ -181,3 +181,25 @@ final class MachineScriptTests: XCTestCase {
         XCTAssertGreaterThan(again.allocateTimestamp(), last)
     }
 }
+
+final class BulkLoadTests: XCTestCase {
+    func testBulkLoadOrdersKeysLikeIncrementalApply() {
+        var rng = SeededRandom(seed: 3)
+        var bulk = MVCCStore(), plain = MVCCStore()
+        bulk.beginBulkLoad()
+        for ts in 1...5_000 {
+            let key = Array("k\(rng.int(0...2_000))".utf8)
+            let value: Bytes? = rng.chance(0.1) ? nil : Array("v\(ts)".utf8)
+            bulk.apply(key: key, value: value, ts: Timestamp(ts))
+            plain.apply(key: key, value: value, ts: Timestamp(ts))
+        }
+        bulk.endBulkLoad()
+        for at: Timestamp in [100, 2_500, 5_000] {
+            var a: [Bytes] = [], b: [Bytes] = []
+            bulk.scan(from: [], at: at) { k, _, _ in a.append(k); return true }
+            plain.scan(from: [], at: at) { k, _, _ in b.append(k); return true }
+            XCTAssertEqual(a, b)
+            XCTAssertEqual(a, a.sorted { compareBytes($0, $1) < 0 })
+        }
+    }
+}
