@@ -4,7 +4,11 @@ import XCTest
 /// End-to-end: the real `weft` binary, real LMDB files, real processes.
 final class CLITests: XCTestCase {
     var dir = ""
-    override func setUp() { dir = tempDir("weft-cli") }
+    override func setUp() {
+        // A child that exits early must not kill the test runner when we write to its stdin.
+        signal(SIGPIPE, SIG_IGN)
+        dir = tempDir("weft-cli")
+    }
     override func tearDown() { removeDir(dir) }
 
     func weft(_ args: String..., stdin: String? = nil, env: [String: String] = [:]) throws -> RunResult {
@@ -102,11 +106,12 @@ final class CLITests: XCTestCase {
             try? inp.fileHandleForWriting.close()
             holder.waitUntilExit()
         }
-        var second = try weft("kv", "get", "a")
-        for _ in 0..<50 where second.status == 0 {
-            usleep(100_000)
-            second = try weft("kv", "get", "a")
+        // Wait until the holder has the lock (its pid is in DIR/LOCK).
+        for _ in 0..<500 {
+            if let text = try? String(contentsOfFile: dir + "/LOCK", encoding: .utf8), text.hasPrefix("pid \(holder.processIdentifier):") { break }
+            usleep(10_000)
         }
+        let second = try weft("kv", "get", "a")
         XCTAssertEqual(second.status, 1)
         XCTAssertTrue(second.stderr.contains("in use by another process"), second.stderr)
         XCTAssertTrue(second.stderr.contains("pid \(holder.processIdentifier)"), "the error names the holder: \(second.stderr)")

@@ -46,6 +46,7 @@ func runWeft(_ args: [String], stdin: String? = nil, env: [String: String] = [:]
     p.standardOutput = out
     p.standardError = err
     p.standardInput = inp
+    signal(SIGPIPE, SIG_IGN)
     try p.run()
     if let stdin { inp.fileHandleForWriting.write(Data(stdin.utf8)) }
     try inp.fileHandleForWriting.close()
