@@ -35,6 +35,7 @@ sim: deps
 	./.build/release/WeftSim --seeds $(SIM_SEEDS)
 
 bench: deps
+	$(SWIFT) build -c release --product weft
 	$(SWIFT) build -c release --product weft-bench
 	./.build/release/weft-bench
 

@@ -29,15 +29,18 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        // Layer 4b: the lineage dataflow engine (RDDs, scheduler, jobs).
+        .target(name: "WeftDataflow", dependencies: ["WeftCore", "WeftProtocol", "WeftRuntime"]),
         // Layer 5: CLI (argument parsing only).
         .executableTarget(
             name: "WeftCLI",
-            dependencies: ["WeftRuntime", "WeftCore", "WeftProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["WeftRuntime", "WeftCore", "WeftProtocol", "WeftDataflow", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(name: "WeftBench", dependencies: ["WeftRuntime", "WeftLMDB", "WeftCore", "WeftProtocol"], path: "Tools/WeftBench"),
         .testTarget(name: "WeftProtocolTests", dependencies: ["WeftProtocol", "WeftCore", "WeftSimulation"]),
         .executableTarget(name: "WeftSim", dependencies: ["WeftSimulation"], path: "Tools/WeftSim"),
         .testTarget(name: "WeftLMDBTests", dependencies: ["WeftLMDB"]),
+        .testTarget(name: "WeftDataflowTests", dependencies: ["WeftDataflow", "WeftCore", "WeftRuntime"]),
         .testTarget(name: "WeftRuntimeTests", dependencies: ["WeftRuntime", "WeftProtocol", "WeftCore", "WeftLMDB"]),
     ],
     swiftLanguageModes: [.v6]

@@ -1,0 +1,341 @@
+import Foundation
+import WeftCore
+
+/// Cached partitions, least-recently-used first out past `memoryBytesMax`.
+final class BlockManager: @unchecked Sendable {
+    let lock = NSLock()
+    var blocks: [Int: [Int: (data: Any, bytes: Int, used: UInt64)]] = [:]
+    var bytes = 0
+    var clock: UInt64 = 0
+    let memoryBytesMax: Int
+    init(memoryBytesMax: Int) { self.memoryBytesMax = memoryBytesMax }
+
+    func get(rdd: Int, partition: Int) -> Any? {
+        lock.withLock {
+            guard var b = blocks[rdd]?[partition] else { return nil }
+            clock += 1
+            b.used = clock
+            blocks[rdd]![partition] = b
+            return b.data
+        }
+    }
+
+    func put(rdd: Int, partition: Int, _ data: Any, bytes n: Int) {
+        lock.withLock {
+            clock += 1
+            blocks[rdd, default: [:]][partition] = (data, n, clock)
+            bytes += n
+            while bytes > memoryBytesMax {
+                // Evict the least recently used block (it is recomputed from lineage if needed).
+                var victim: (Int, Int, UInt64)?
+                for (r, ps) in blocks { for (p, b) in ps where victim == nil || b.used < victim!.2 { victim = (r, p, b.used) } }
+                guard let (r, p, _) = victim else { break }
+                bytes -= blocks[r]![p]!.bytes
+                blocks[r]![p] = nil
+            }
+        }
+    }
+
+    func drop(rdd: Int) {
+        lock.withLock {
+            bytes -= blocks[rdd]?.values.reduce(0) { $0 + $1.bytes } ?? 0
+            blocks[rdd] = nil
+        }
+    }
+
+    func dropAll() {
+        lock.withLock {
+            blocks = [:]
+            bytes = 0
+        }
+    }
+
+    func cachedPartitions(rdd: Int) -> Int { lock.withLock { blocks[rdd]?.count ?? 0 } }
+}
+
+/// Map outputs of shuffles, by (shuffle, map partition).
+final class ShuffleManager: @unchecked Sendable {
+    let lock = NSLock()
+    var outputs: [Int: [Int: ShuffleOutput]] = [:]
+
+    func put(_ shuffle: Int, map: Int, _ out: ShuffleOutput) { lock.withLock { outputs[shuffle, default: [:]][map] = out } }
+    func has(_ shuffle: Int, map: Int) -> Bool { lock.withLock { outputs[shuffle]?[map] != nil } }
+
+    func fetch<E>(_ shuffle: Int, map: Int, bucket: Int) throws -> [E] {
+        guard let out = lock.withLock({ outputs[shuffle]?[map] }) else { throw FetchFailed(shuffleId: shuffle, mapPartition: map) }
+        return out.buckets[bucket] as! [E]
+    }
+
+    func drop(shuffle: Int? = nil) {
+        lock.withLock {
+            if let s = shuffle { outputs[s] = nil } else { outputs = [:] }
+        }
+    }
+}
+
+/// Runs a stage's tasks. Local mode uses every core; the protocol is where
+/// executors inside participant processes will plug in.
+public protocol Executor: Sendable {
+    var parallelism: Int { get }
+    func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId) -> Void)
+}
+
+public struct LocalExecutor: Executor {
+    public let parallelism: Int
+    public init(threads: Int = ProcessInfo.processInfo.activeProcessorCount) { parallelism = max(1, threads) }
+    public func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId) -> Void) {
+        if parallelism == 1 || tasks.count == 1 {
+            for t in tasks { body(t) }
+            return
+        }
+        // A fixed pool of `parallelism` workers pulls tasks in order.
+        let next = Counter()
+        DispatchQueue.concurrentPerform(iterations: min(parallelism, tasks.count)) { _ in
+            while true {
+                let i = next.increment() - 1
+                if i >= tasks.count { return }
+                body(tasks[i])
+            }
+        }
+    }
+}
+
+final class Counter: @unchecked Sendable {
+    let lock = NSLock()
+    var n = 0
+    func increment() -> Int { lock.withLock { n += 1; return n } }
+}
+
+/// Progress of a running job, for progress bars.
+public struct JobProgress: Sendable {
+    public var stage: Int
+    public var stages: Int
+    public var tasksDone: Int
+    public var tasks: Int
+}
+
+/// The driver: creates RDDs, runs jobs (the DAG scheduler), and owns the
+/// cache, the shuffle outputs and the executor.
+public final class DataflowContext: @unchecked Sendable {
+    let lock = NSLock()
+    var nextRDD = 0
+    var nextShuffle = 0
+    var nextJob = 0
+    var nextStage = 0
+    let blocks: BlockManager
+    let shuffles = ShuffleManager()
+    public var executor: Executor
+    public let maxTaskFailures = 4
+    public let maxStageAttempts = 4
+    var computed: Set<Int64> = []
+    var jobMetrics = JobMetrics()
+    public private(set) var lastJobMetrics = JobMetrics()
+    public private(set) var totalMetrics = JobMetrics()
+    public var onProgress: (@Sendable (JobProgress) -> Void)?
+    /// Test hook: called after each stage of a job completes (1-based index).
+    public var afterStage: ((Int) -> Void)?
+    /// Test hook: a task attempt that this returns true for fails.
+    public var failTask: (@Sendable (TaskId, Int) -> Bool)?
+
+    public init(executor: Executor = LocalExecutor(), memoryBytesMax: Int = 512 << 20) {
+        self.executor = executor
+        self.blocks = BlockManager(memoryBytesMax: memoryBytesMax)
+    }
+
+    func newRDDId() -> Int { lock.withLock { nextRDD += 1; return nextRDD } }
+    func newShuffleId() -> Int { lock.withLock { nextShuffle += 1; return nextShuffle } }
+    func metric(_ f: (inout JobMetrics) -> Void) { lock.withLock { f(&jobMetrics) } }
+
+    func noteComputed(rdd: Int, partition: Int) {
+        let key = Int64(rdd) << 32 | Int64(partition)
+        lock.withLock {
+            if !computed.insert(key).inserted { jobMetrics.recomputedPartitions += 1 }
+        }
+    }
+
+    func defaultParallelism(_ rdds: AnyRDD...) -> Int { max(rdds.map(\.numPartitions).max() ?? 1, 1) }
+
+    // MARK: Sources and shared variables
+
+    public func parallelize<T>(_ data: [T], partitions: Int? = nil) -> RDD<T> {
+        ParallelCollectionRDD(self, data, partitions ?? executor.parallelism)
+    }
+
+    /// Lines of a text file, split into `partitions` byte ranges at line ends.
+    public func textFile(_ path: String, partitions: Int? = nil) throws -> RDD<String> {
+        guard let data = FileManager.default.contents(atPath: path) else { throw WeftError(.notFound, "cannot read \(path)") }
+        let lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        let trimmed = lines.last == "" ? Array(lines.dropLast()) : lines
+        return parallelize(trimmed, partitions: partitions).setName("textFile(\(path))")
+    }
+
+    public func broadcast<T>(_ v: T) -> Broadcast<T> { Broadcast(v) }
+    public func accumulator(_ name: String) -> Accumulator { Accumulator(name: name) }
+
+    /// Drops every cached partition and shuffle output: what losing an
+    /// executor does. Jobs recompute what they need from lineage.
+    public func loseExecutorState() {
+        blocks.dropAll()
+        shuffles.drop()
+    }
+
+    public func dropShuffleOutputs() { shuffles.drop() }
+    public func dropCachedBlocks() { blocks.dropAll() }
+
+    // MARK: The scheduler
+
+    /// Runs `f` over the given partitions of `rdd` (all by default) and
+    /// returns the results in partition order.
+    public func runJob<T, U>(_ rdd: RDD<T>, partitions: [Int]? = nil, _ f: @escaping ([T]) throws -> U) throws -> [U] {
+        let job = lock.withLock { () -> Int in
+            nextJob += 1
+            jobMetrics = JobMetrics()
+            return nextJob
+        }
+        defer {
+            lock.withLock {
+                lastJobMetrics = jobMetrics
+                totalMetrics.stages += jobMetrics.stages
+                totalMetrics.tasks += jobMetrics.tasks
+                totalMetrics.taskRetries += jobMetrics.taskRetries
+                totalMetrics.stageResubmissions += jobMetrics.stageResubmissions
+                totalMetrics.recomputedPartitions += jobMetrics.recomputedPartitions
+                totalMetrics.cacheHits += jobMetrics.cacheHits
+            }
+        }
+        let parts = partitions ?? Array(0..<rdd.numPartitions)
+        let plan = stagePlan(rdd)
+        var stageIndex = 0
+        for attempt in 0..<maxStageAttempts {
+            do {
+                // Parent stages first (topological order), skipping map outputs that exist.
+                for dep in plan {
+                    if try runMapStage(dep, job: job, stageIndex: &stageIndex, stages: plan.count + 1) {
+                        afterStage?(stageIndex)
+                    }
+                }
+                stageIndex += 1
+                let results = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: plan.count + 1, partitions: parts) { p, ctx in
+                    try f(try rdd.iterator(p, ctx))
+                }
+                return results.map { $0 as! U }
+            } catch let e as FetchFailed where attempt + 1 < maxStageAttempts {
+                // Lost shuffle output: resubmit the parent stage for what is missing.
+                metric { $0.stageResubmissions += 1 }
+                _ = e
+                stageIndex = 0
+                continue
+            }
+        }
+        throw WeftError(.unavailable, "job \(job) failed after \(maxStageAttempts) stage attempts")
+    }
+
+    /// Every shuffle dependency `rdd` needs, parents before children.
+    func stagePlan(_ rdd: AnyRDD) -> [AnyShuffleDependency] {
+        var order: [AnyShuffleDependency] = []
+        var seen: Set<Int> = []
+        var visitedRDDs: Set<Int> = []
+        func visit(_ r: AnyRDD) {
+            guard visitedRDDs.insert(r.id).inserted else { return }
+            for d in r.dependencies {
+                switch d {
+                case .narrow(let p, _): visit(p)
+                case .shuffle(let s):
+                    visit(s.parentRDD)
+                    if seen.insert(s.shuffleId).inserted { order.append(s) }
+                }
+            }
+        }
+        visit(rdd)
+        return order
+    }
+
+    /// Runs the missing map tasks of one shuffle. Returns false if nothing was missing.
+    func runMapStage(_ dep: AnyShuffleDependency, job: Int, stageIndex: inout Int, stages: Int) throws -> Bool {
+        stageIndex += 1
+        let missing = (0..<dep.parentRDD.numPartitions).filter { !shuffles.has(dep.shuffleId, map: $0) }
+        if missing.isEmpty { return false }
+        _ = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: stages, partitions: missing) { p, ctx in
+            let out = try dep.runMapTask(p, ctx)
+            self.shuffles.put(dep.shuffleId, map: p, out)
+            return ()
+        }
+        return true
+    }
+
+    /// Runs one task per partition on the executor, retrying a failed task up
+    /// to `maxTaskFailures` times. Accumulator updates of an attempt count
+    /// only if it succeeds. A FetchFailed goes straight up to the job.
+    func runTasks(job: Int, stage: Int, stageIndex: Int, stages: Int, partitions: [Int], _ body: @escaping (Int, TaskContext) throws -> Any) throws -> [Any] {
+        let results = ResultSlots(partitions.count)
+        let done = Counter()
+        metric {
+            $0.stages += 1
+            $0.tasks += partitions.count
+        }
+        let tasks = partitions.map { TaskId(job: job, stage: stage, partition: $0) }
+        let index = Dictionary(uniqueKeysWithValues: partitions.enumerated().map { ($1, $0) })
+        onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: 0, tasks: tasks.count))
+        executor.run(tasks) { [self] t in
+            var lastError: Error?
+            for attempt in 0..<maxTaskFailures {
+                let ctx = TaskContext(task: t)
+                do {
+                    if let fail = failTask, fail(t, attempt) { throw WeftError(.unavailable, "\(t) attempt \(attempt) failed (injected)") }
+                    let r = try body(t.partition, ctx)
+                    for (acc, v) in ctx.pendingAccumulators { acc.commit(v) }
+                    results.set(index[t.partition]!, .success(r))
+                    lastError = nil
+                    break
+                } catch let e as FetchFailed {
+                    lastError = e
+                    break
+                } catch {
+                    lastError = error
+                    if attempt + 1 < maxTaskFailures { metric { $0.taskRetries += 1 } }
+                }
+            }
+            if let lastError { results.set(index[t.partition]!, .failure(lastError)) }
+            let n = done.increment()
+            onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: n, tasks: tasks.count))
+        }
+        var out: [Any] = []
+        for r in results.values {
+            switch r! {
+            case .success(let v): out.append(v)
+            case .failure(let e as FetchFailed): throw e
+            case .failure(let e): throw e
+            }
+        }
+        return out
+    }
+
+    // MARK: Lineage
+
+    func debugString(_ rdd: AnyRDD) -> String {
+        var lines: [String] = []
+        func visit(_ r: AnyRDD, _ depth: Int, _ stageDepth: Int) {
+            let indent = String(repeating: "  ", count: depth) + String(repeating: "| ", count: 0)
+            var note = ""
+            if r.storageLevel != .none { note = " [persisted \(r.storageLevel), \(blocks.cachedPartitions(rdd: r.id))/\(r.numPartitions) cached]" }
+            lines.append("\(indent)(\(r.numPartitions)) \(r.name) [rdd \(r.id)]\(note)")
+            for d in r.dependencies {
+                switch d {
+                case .narrow(let p, _): visit(p, depth, stageDepth)
+                case .shuffle(let s):
+                    lines.append("\(indent)+-- shuffle \(s.shuffleId) to \(s.outputPartitions) partitions: stage boundary")
+                    visit(s.parentRDD, depth + 1, stageDepth + 1)
+                }
+            }
+        }
+        visit(rdd, 0, 0)
+        return lines.joined(separator: "\n")
+    }
+}
+
+final class ResultSlots: @unchecked Sendable {
+    let lock = NSLock()
+    var values: [Result<Any, Error>?]
+    init(_ n: Int) { values = Array(repeating: nil, count: n) }
+    func set(_ i: Int, _ r: Result<Any, Error>) { lock.withLock { values[i] = r } }
+}

@@ -1,0 +1,97 @@
+import Foundation
+import WeftCore
+
+/// A dependency of an RDD on a parent: narrow (each child partition reads a
+/// known few parent partitions, pipelined in one task) or shuffle (every
+/// child partition may read every parent partition: a stage boundary).
+public enum Dependency {
+    case narrow(AnyRDD, (Int) -> [Int])
+    case shuffle(AnyShuffleDependency)
+
+    public var parent: AnyRDD {
+        switch self {
+        case .narrow(let r, _): return r
+        case .shuffle(let s): return s.parentRDD
+        }
+    }
+}
+
+/// What the scheduler needs from any RDD, whatever its element type.
+public protocol AnyRDD: AnyObject {
+    var id: Int { get }
+    var name: String { get }
+    var numPartitions: Int { get }
+    var dependencies: [Dependency] { get }
+    var storageLevel: StorageLevel { get }
+    var context: DataflowContext { get }
+    /// Where a partition's data lives (a participant), for placement.
+    func preferredLocation(_ partition: Int) -> String?
+}
+
+/// Where a persisted partition is kept.
+public enum StorageLevel: Equatable, Sendable {
+    case none
+    /// In memory, evicted least-recently-used past the context's memory bound
+    /// (an evicted partition is recomputed from lineage).
+    case memory
+}
+
+/// Thrown by a reduce task whose shuffle input is missing: the scheduler
+/// resubmits the parent stage's lost map tasks and retries.
+public struct FetchFailed: Error {
+    public let shuffleId: Int
+    public let mapPartition: Int
+}
+
+/// A task is named, never a closure: (job, stage, partition).
+public struct TaskId: Hashable, Sendable, CustomStringConvertible {
+    public let job: Int
+    public let stage: Int
+    public let partition: Int
+    public var description: String { "task(job \(job), stage \(stage), partition \(partition))" }
+}
+
+/// Passed to every compute call: who is running, and counters.
+public final class TaskContext: @unchecked Sendable {
+    public let task: TaskId
+    let accumulatorUpdates = NSLock()
+    var pendingAccumulators: [(Accumulator, Double)] = []
+    init(task: TaskId) { self.task = task }
+
+    func add(_ acc: Accumulator, _ v: Double) {
+        accumulatorUpdates.withLock { pendingAccumulators.append((acc, v)) }
+    }
+}
+
+/// A counter updated inside tasks and read by the driver. An update counts
+/// once per successful task: a failed or re-run attempt's updates are dropped.
+public final class Accumulator: @unchecked Sendable {
+    let lock = NSLock()
+    var total: Double = 0
+    public let name: String
+    init(name: String) { self.name = name }
+    public var value: Double { lock.withLock { total } }
+    public func add(_ v: Double, in ctx: TaskContext) { ctx.add(self, v) }
+    func commit(_ v: Double) { lock.withLock { total += v } }
+}
+
+/// A read-only value shared with every task.
+public final class Broadcast<T>: @unchecked Sendable {
+    public let value: T
+    init(_ v: T) { value = v }
+}
+
+/// Counters a job reports.
+public struct JobMetrics: Sendable, CustomStringConvertible {
+    public var stages = 0
+    public var tasks = 0
+    public var taskRetries = 0
+    public var stageResubmissions = 0
+    /// Partitions computed again although they had been computed before in
+    /// this context (after cache eviction or lost shuffle output).
+    public var recomputedPartitions = 0
+    public var cacheHits = 0
+    public var description: String {
+        "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(recomputedPartitions) partitions recomputed, \(cacheHits) cache hits"
+    }
+}

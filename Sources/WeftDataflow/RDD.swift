@@ -1,0 +1,365 @@
+import Foundation
+import WeftCore
+
+/// A resilient distributed dataset: a lazy, typed, partitioned collection
+/// defined by its lineage (parents and a compute function per partition).
+/// Transformations build new RDDs; actions run jobs through the scheduler.
+open class RDD<T>: AnyRDD {
+    public let id: Int
+    public let context: DataflowContext
+    public let numPartitions: Int
+    public let dependencies: [Dependency]
+    public var name: String
+    /// Set on pair RDDs whose partitioning is known (after a shuffle).
+    public var partitioner: Partitioner?
+    public private(set) var storageLevel: StorageLevel = .none
+
+    init(_ context: DataflowContext, partitions: Int, dependencies: [Dependency], name: String) {
+        precondition(partitions >= 0)
+        self.context = context
+        self.id = context.newRDDId()
+        self.numPartitions = partitions
+        self.dependencies = dependencies
+        self.name = name
+    }
+
+    /// Computes one partition from its parents. Subclasses override.
+    open func compute(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
+        preconditionFailure("RDD.compute is abstract")
+    }
+
+    open func preferredLocation(_ partition: Int) -> String? {
+        if case .narrow(let p, let f)? = dependencies.first, let first = f(partition).first { return p.preferredLocation(first) }
+        return nil
+    }
+
+    /// The partition's data: from the cache if persisted there, else computed.
+    public func iterator(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
+        if storageLevel != .none, let cached = context.blocks.get(rdd: id, partition: partition) as? [T] {
+            context.metric { $0.cacheHits += 1 }
+            return cached
+        }
+        context.noteComputed(rdd: id, partition: partition)
+        let data = try compute(partition, ctx)
+        if storageLevel != .none {
+            context.blocks.put(rdd: id, partition: partition, data, bytes: estimateBytes(data))
+        }
+        return data
+    }
+
+    func estimateBytes(_ data: [T]) -> Int { 64 + data.count * max(8, MemoryLayout<T>.stride) }
+
+    /// Keeps computed partitions for reuse (evicted LRU past the memory bound).
+    @discardableResult
+    public func persist(_ level: StorageLevel = .memory) -> Self {
+        storageLevel = level
+        return self
+    }
+
+    @discardableResult
+    public func cache() -> Self { persist(.memory) }
+
+    @discardableResult
+    public func unpersist() -> Self {
+        storageLevel = .none
+        context.blocks.drop(rdd: id)
+        return self
+    }
+
+    @discardableResult
+    public func setName(_ n: String) -> Self {
+        name = n
+        return self
+    }
+
+    // MARK: Narrow transformations
+
+    public func mapPartitionsWithIndex<U>(preservesPartitioning: Bool = false, _ f: @escaping (Int, [T], TaskContext) throws -> [U]) -> RDD<U> {
+        let r = MapPartitionsRDD<T, U>(parent: self, f: f, name: "mapPartitions")
+        if preservesPartitioning { r.partitioner = partitioner }
+        return r
+    }
+
+    public func mapPartitions<U>(preservesPartitioning: Bool = false, _ f: @escaping ([T]) throws -> [U]) -> RDD<U> {
+        mapPartitionsWithIndex(preservesPartitioning: preservesPartitioning) { _, xs, _ in try f(xs) }.setName("mapPartitions")
+    }
+
+    public func map<U>(_ f: @escaping (T) throws -> U) -> RDD<U> {
+        mapPartitions { try $0.map(f) }.setName("map")
+    }
+
+    public func filter(_ f: @escaping (T) throws -> Bool) -> RDD<T> {
+        mapPartitions(preservesPartitioning: true) { try $0.filter(f) }.setName("filter")
+    }
+
+    public func flatMap<S: Sequence>(_ f: @escaping (T) throws -> S) -> RDD<S.Element> {
+        mapPartitions { try $0.flatMap(f) }.setName("flatMap")
+    }
+
+    public func glom() -> RDD<[T]> { mapPartitions { [$0] }.setName("glom") }
+
+    /// Bernoulli sample (without replacement) or Poisson-like with
+    /// replacement, seeded per partition so a recomputation gives the same rows.
+    public func sample(withReplacement: Bool, fraction: Double, seed: UInt64 = 42) -> RDD<T> {
+        mapPartitionsWithIndex(preservesPartitioning: true) { i, xs, _ in
+            var rng = SplitMix(seed: seed &+ UInt64(i) &* 0x9E37_79B9)
+            var out: [T] = []
+            for x in xs {
+                if withReplacement {
+                    // Knuth's Poisson draw with mean `fraction`.
+                    let l = exp(-fraction)
+                    var k = 0
+                    var p = 1.0
+                    repeat { k += 1; p *= rng.unit() } while p > l
+                    for _ in 0..<(k - 1) { out.append(x) }
+                } else if rng.unit() < fraction {
+                    out.append(x)
+                }
+            }
+            return out
+        }.setName("sample")
+    }
+
+    public func union(_ other: RDD<T>) -> RDD<T> { UnionRDD([self, other]) }
+
+    public func zipWithIndex() -> RDD<(T, Int)> {
+        // One small job counts each partition to find its offset.
+        let counts = (try? context.runJob(self) { $0.count }) ?? []
+        var offsets: [Int] = []
+        var acc = 0
+        for c in counts {
+            offsets.append(acc)
+            acc += c
+        }
+        return mapPartitionsWithIndex { i, xs, _ in xs.enumerated().map { ($0.element, offsets[i] + $0.offset) } }.setName("zipWithIndex")
+    }
+
+    public func zip<U>(_ other: RDD<U>) -> RDD<(T, U)> { ZippedRDD(self, other) }
+
+    public func cartesian<U>(_ other: RDD<U>) -> RDD<(T, U)> { CartesianRDD(self, other) }
+
+    /// Fewer partitions without a shuffle: each new partition concatenates a
+    /// run of parent partitions.
+    public func coalesce(_ n: Int) -> RDD<T> {
+        precondition(n > 0, "coalesce to at least one partition")
+        if n >= numPartitions { return self }
+        return CoalescedRDD(self, n)
+    }
+
+    /// Any number of partitions, through a shuffle that spreads rows evenly.
+    public func repartition(_ n: Int) -> RDD<T> {
+        mapPartitionsWithIndex { i, xs, _ in xs.enumerated().map { ((i * 7919 + $0.offset) % Swift.max(n, 1), $0.element) } }
+            .partitionBy(HashPartitioner(n))
+            .values()
+            .setName("repartition")
+    }
+
+    public func keyBy<K: Hashable>(_ f: @escaping (T) throws -> K) -> RDD<(K, T)> { map { (try f($0), $0) } }
+
+    // MARK: Actions
+
+    public func collect() throws -> [T] { try context.runJob(self) { $0 }.flatMap { $0 } }
+
+    public func count() throws -> Int { try context.runJob(self) { $0.count }.reduce(0, +) }
+
+    public func foreach(_ f: @escaping (T) throws -> Void) throws { _ = try context.runJob(self) { try $0.forEach(f) } }
+
+    public func reduce(_ f: @escaping (T, T) throws -> T) throws -> T {
+        let partials = try context.runJob(self) { xs -> T? in
+            guard var acc = xs.first else { return nil }
+            for x in xs.dropFirst() { acc = try f(acc, x) }
+            return acc
+        }.compactMap { $0 }
+        guard var acc = partials.first else { throw WeftError(.invalidArgument, "reduce of an empty RDD") }
+        for p in partials.dropFirst() { acc = try f(acc, p) }
+        return acc
+    }
+
+    public func fold(_ zero: T, _ f: @escaping (T, T) throws -> T) throws -> T {
+        try context.runJob(self) { try $0.reduce(zero, f) }.reduce(zero, f)
+    }
+
+    public func aggregate<U>(_ zero: U, _ seqOp: @escaping (U, T) throws -> U, _ combOp: @escaping (U, U) throws -> U) throws -> U {
+        try context.runJob(self) { try $0.reduce(zero, seqOp) }.reduce(zero, combOp)
+    }
+
+    /// The first `n` rows in partition order, scanning as few partitions as it can.
+    public func take(_ n: Int) throws -> [T] {
+        var out: [T] = []
+        var next = 0
+        var batch = 1
+        while out.count < n && next < numPartitions {
+            let parts = Array(next..<min(numPartitions, next + batch))
+            let need = n - out.count
+            for chunk in try context.runJob(self, partitions: parts, { Array($0.prefix(need)) }) {
+                out += chunk.prefix(n - out.count)
+            }
+            next += parts.count
+            batch *= 4
+        }
+        return out
+    }
+
+    public func first() throws -> T {
+        guard let x = try take(1).first else { throw WeftError(.invalidArgument, "first() of an empty RDD") }
+        return x
+    }
+
+    public func takeOrdered(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
+        let partials = try context.runJob(self) { Array($0.sorted(by: less).prefix(n)) }
+        return Array(partials.flatMap { $0 }.sorted(by: less).prefix(n))
+    }
+
+    public func top(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
+        try takeOrdered(n) { less($1, $0) }
+    }
+
+    public func takeSample(withReplacement: Bool, _ n: Int, seed: UInt64 = 42) throws -> [T] {
+        let all = try collect()
+        var rng = SplitMix(seed: seed)
+        if withReplacement { return all.isEmpty ? [] : (0..<n).map { _ in all[Int(rng.next() % UInt64(all.count))] } }
+        var xs = all
+        for i in stride(from: xs.count - 1, to: 0, by: -1) { xs.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
+        return Array(xs.prefix(n))
+    }
+
+    /// The lineage, one RDD per line, indented at each shuffle (a stage
+    /// boundary), with what is persisted.
+    public func toDebugString() -> String { context.debugString(self) }
+}
+
+extension RDD where T: Hashable {
+    public func distinct(_ partitions: Int? = nil) -> RDD<T> {
+        map { ($0, ()) }.reduceByKey(partitions) { a, _ in a }.keys().setName("distinct")
+    }
+
+    public func countByValue() throws -> [T: Int] {
+        try map { ($0, 1) }.countByKey()
+    }
+}
+
+extension RDD where T: Comparable {
+    public func sortBy<K: Comparable & Hashable>(ascending: Bool = true, partitions: Int? = nil, _ key: @escaping (T) -> K) -> RDD<T> {
+        keyBy(key).sortByKey(ascending: ascending, partitions: partitions).values()
+    }
+    public func top(_ n: Int) throws -> [T] { try top(n, by: <) }
+    public func takeOrdered(_ n: Int) throws -> [T] { try takeOrdered(n, by: <) }
+    public func max() throws -> T { try reduce { Swift.max($0, $1) } }
+    public func min() throws -> T { try reduce { Swift.min($0, $1) } }
+}
+
+/// SplitMix64: small, seedable, and the same on every run.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func unit() -> Double { Double(next() >> 11) / Double(1 << 53) }
+}
+
+// MARK: Concrete RDDs
+
+final class ParallelCollectionRDD<T>: RDD<T> {
+    let slices: [[T]]
+    init(_ ctx: DataflowContext, _ data: [T], _ n: Int) {
+        let n = Swift.max(1, n)
+        slices = (0..<n).map { i in Array(data[(data.count * i / n)..<(data.count * (i + 1) / n)]) }
+        super.init(ctx, partitions: n, dependencies: [], name: "parallelize")
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [T] { slices[partition] }
+}
+
+final class MapPartitionsRDD<T, U>: RDD<U> {
+    let parent: RDD<T>
+    let f: (Int, [T], TaskContext) throws -> [U]
+    init(parent: RDD<T>, f: @escaping (Int, [T], TaskContext) throws -> [U], name: String) {
+        self.parent = parent
+        self.f = f
+        super.init(parent.context, partitions: parent.numPartitions, dependencies: [.narrow(parent, { [$0] })], name: name)
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [U] {
+        try f(partition, try parent.iterator(partition, ctx), ctx)
+    }
+}
+
+final class UnionRDD<T>: RDD<T> {
+    let parents: [RDD<T>]
+    let offsets: [Int]
+    init(_ parents: [RDD<T>]) {
+        self.parents = parents
+        var offs: [Int] = []
+        var acc = 0
+        for p in parents {
+            offs.append(acc)
+            acc += p.numPartitions
+        }
+        offsets = offs
+        let deps: [Dependency] = parents.enumerated().map { i, p in
+            let start = offs[i]
+            return .narrow(p, { j in (start..<start + p.numPartitions).contains(j) ? [j - start] : [] })
+        }
+        super.init(parents[0].context, partitions: acc, dependencies: deps, name: "union")
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
+        let i = offsets.lastIndex { $0 <= partition }!
+        return try parents[i].iterator(partition - offsets[i], ctx)
+    }
+}
+
+final class CoalescedRDD<T>: RDD<T> {
+    let parent: RDD<T>
+    let groups: [[Int]]
+    init(_ parent: RDD<T>, _ n: Int) {
+        self.parent = parent
+        let m = parent.numPartitions
+        let gs = (0..<n).map { i in Array((m * i / n)..<(m * (i + 1) / n)) }
+        groups = gs
+        super.init(parent.context, partitions: n, dependencies: [.narrow(parent, { gs[$0] })], name: "coalesce")
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
+        try groups[partition].flatMap { try parent.iterator($0, ctx) }
+    }
+}
+
+final class ZippedRDD<T, U>: RDD<(T, U)> {
+    let a: RDD<T>
+    let b: RDD<U>
+    init(_ a: RDD<T>, _ b: RDD<U>) {
+        precondition(a.numPartitions == b.numPartitions, "zip needs the same number of partitions")
+        self.a = a
+        self.b = b
+        super.init(a.context, partitions: a.numPartitions, dependencies: [.narrow(a, { [$0] }), .narrow(b, { [$0] })], name: "zip")
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(T, U)] {
+        let xs = try a.iterator(partition, ctx), ys = try b.iterator(partition, ctx)
+        guard xs.count == ys.count else {
+            throw WeftError(.invalidArgument, "zip: partition \(partition) has \(xs.count) rows on one side and \(ys.count) on the other")
+        }
+        return Array(Swift.zip(xs, ys))
+    }
+}
+
+final class CartesianRDD<T, U>: RDD<(T, U)> {
+    let a: RDD<T>
+    let b: RDD<U>
+    init(_ a: RDD<T>, _ b: RDD<U>) {
+        self.a = a
+        self.b = b
+        let nb = b.numPartitions
+        super.init(a.context, partitions: a.numPartitions * nb,
+                   dependencies: [.narrow(a, { [$0 / Swift.max(nb, 1)] }), .narrow(b, { [$0 % Swift.max(nb, 1)] })], name: "cartesian")
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(T, U)] {
+        let nb = b.numPartitions
+        let xs = try a.iterator(partition / nb, ctx), ys = try b.iterator(partition % nb, ctx)
+        var out: [(T, U)] = []
+        out.reserveCapacity(xs.count * ys.count)
+        for x in xs { for y in ys { out.append((x, y)) } }
+        return out
+    }
+}
