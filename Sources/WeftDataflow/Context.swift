@@ -276,7 +276,9 @@ public final class DataflowContext: @unchecked Sendable {
         let tasks = partitions.map { TaskId(job: job, stage: stage, partition: $0) }
         let index = Dictionary(uniqueKeysWithValues: partitions.enumerated().map { ($1, $0) })
         onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: 0, tasks: tasks.count))
+        let box = UncheckedBox(body)
         executor.run(tasks) { [self] t in
+            let body = box.value
             var lastError: Error?
             for attempt in 0..<maxTaskFailures {
                 let ctx = TaskContext(task: t)
@@ -331,6 +333,13 @@ public final class DataflowContext: @unchecked Sendable {
         visit(rdd, 0, 0)
         return lines.joined(separator: "\n")
     }
+}
+
+/// Lineage closures are not `Sendable`, but an RDD is immutable once built
+/// and tasks only read it; this box carries a closure to the executor's threads.
+final class UncheckedBox<T>: @unchecked Sendable {
+    let value: T
+    init(_ v: T) { value = v }
 }
 
 final class ResultSlots: @unchecked Sendable {

@@ -209,7 +209,7 @@ extension RDD {
         return ShuffledRDD(dep, name: "combineByKey")
     }
 
-    public func reduceByKey<K: Hashable, V>(_ partitions: Int? = nil, _ f: @escaping (V, V) -> V) -> RDD<(K, V)> where T == (K, V) {
+    public func reduceByKey<K: Hashable, V>(partitions: Int? = nil, _ f: @escaping (V, V) -> V) -> RDD<(K, V)> where T == (K, V) {
         combineByKey({ $0 }, f, f, partitions: partitions).setName("reduceByKey")
     }
 
@@ -227,7 +227,7 @@ extension RDD {
     }
 
     public func partitionBy<K: Hashable, V>(_ p: HashPartitioner) -> RDD<(K, V)> where T == (K, V) {
-        if let mine = partitioner, mine.isSame(as: p) { return self as! RDD<(K, V)> }
+        if let mine = partitioner, mine.isSame(as: p) { return self }
         let dep = ShuffleDependency<K, V, V>(parent: self, partitioner: p, partitionOf: { p.partition($0) }, aggregator: nil, mapSideCombine: false)
         return ShuffledRDD(dep, name: "partitionBy")
     }
@@ -300,7 +300,7 @@ extension RDD {
 
     public func countByKey<K: Hashable, V>() throws -> [K: Int] where T == (K, V) {
         var out: [K: Int] = [:]
-        for (k, c) in try mapValues { _ in 1 }.reduceByKey(+).collect() { out[k] = c }
+        for (k, c) in try mapValues({ _ in 1 }).reduceByKey(+).collect() { out[k] = c }
         return out
     }
 

@@ -47,7 +47,7 @@ open class RDD<T>: AnyRDD {
         return data
     }
 
-    func estimateBytes(_ data: [T]) -> Int { 64 + data.count * max(8, MemoryLayout<T>.stride) }
+    func estimateBytes(_ data: [T]) -> Int { 64 + data.count * Swift.max(8, MemoryLayout<T>.stride) }
 
     /// Keeps computed partitions for reuse (evicted LRU past the memory bound).
     @discardableResult
@@ -189,7 +189,7 @@ open class RDD<T>: AnyRDD {
         var next = 0
         var batch = 1
         while out.count < n && next < numPartitions {
-            let parts = Array(next..<min(numPartitions, next + batch))
+            let parts = Array(next..<Swift.min(numPartitions, next + batch))
             let need = n - out.count
             for chunk in try context.runJob(self, partitions: parts, { Array($0.prefix(need)) }) {
                 out += chunk.prefix(n - out.count)
@@ -230,7 +230,7 @@ open class RDD<T>: AnyRDD {
 
 extension RDD where T: Hashable {
     public func distinct(_ partitions: Int? = nil) -> RDD<T> {
-        map { ($0, ()) }.reduceByKey(partitions) { a, _ in a }.keys().setName("distinct")
+        map { ($0, true) }.reduceByKey(partitions: partitions) { a, _ in a }.keys().setName("distinct")
     }
 
     public func countByValue() throws -> [T: Int] {
