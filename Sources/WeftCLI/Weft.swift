@@ -11,7 +11,7 @@ struct Weft: AsyncParsableCommand {
         discussion: """
         Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (conflict), 4 key not found, 5 outcome unknown.
         """,
-        subcommands: [Demo.self, KV.self, Txn.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
+        subcommands: [Demo.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
     )
 }
 
@@ -144,8 +144,15 @@ func exitCode(for e: WeftError) -> Int32 {
 /// `$WEFT_CLUSTER`) names one, else of an embedded cluster on the data
 /// directory. Weft errors become a clear message and a documented exit code.
 func withCluster<T>(_ g: GlobalOptions, _ body: (WeftClient) async throws -> T) async throws -> T {
+    try await withSession(g) { c, _ in try await body(c) }
+}
+
+/// Like `withCluster`, also handing over the embedded cluster (nil in
+/// cluster mode) for what only embedded mode offers, such as snapshot pins.
+func withSession<T>(_ g: GlobalOptions, _ body: (WeftClient, EmbeddedCluster?) async throws -> T) async throws -> T {
     let client: WeftClient
     let close: () -> Void
+    var embedded: EmbeddedCluster?
     do {
         if let c = g.resolvedCluster {
             let remote = ClusterClient(config: try ClusterConfig.load(c))
@@ -153,6 +160,7 @@ func withCluster<T>(_ g: GlobalOptions, _ body: (WeftClient) async throws -> T) 
             close = { remote.close() }
         } else {
             let cluster = try EmbeddedCluster(dataDir: g.resolvedDataDir, participants: g.participants)
+            embedded = cluster
             client = cluster.client()
             close = {
                 client.close()
@@ -163,7 +171,7 @@ func withCluster<T>(_ g: GlobalOptions, _ body: (WeftClient) async throws -> T) 
         fail(error, json: g.json)
     }
     do {
-        let r = try await body(client)
+        let r = try await body(client, embedded)
         close()
         return r
     } catch {

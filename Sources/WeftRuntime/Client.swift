@@ -195,6 +195,15 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         return (Array(all.prefix(limit)), ts)
     }
 
+    /// One participant's keys starting with `prefix`, from `start` on, at
+    /// most `limit`, at `ts`: one partition of a table snapshot.
+    public func scanParticipant(_ p: ParticipantId, prefix: Bytes, from start: Bytes? = nil, limit: Int, at ts: Timestamp) async throws -> (rows: [ScanRow], more: Bool) {
+        guard case let .scanResult(_, rows, more) = try await call(.participant(p), { .scan(req: $0, start: start ?? prefix, end: prefixEnd(prefix), limit: limit, ts: ts) }) else {
+            throw unexpected()
+        }
+        return (rows, more)
+    }
+
     /// Writes one key in a one-participant transaction (one-phase commit).
     @discardableResult
     public func put(_ key: Bytes, _ value: Bytes) async throws -> Timestamp {

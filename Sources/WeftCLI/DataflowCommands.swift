@@ -1,0 +1,213 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftDataflow
+import WeftProtocol
+import WeftRuntime
+
+struct TableCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "table",
+        abstract: "Load, list, scan and drop tables (committed, immutable snapshots for jobs).",
+        subcommands: [Load.self, List.self, Scan.self, Drop.self]
+    )
+
+    enum Format: String, ExpressibleByArgument { case lines, kv }
+
+    struct Load: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Load a file as a table in one transaction.")
+        @OptionGroup var global: GlobalOptions
+        @Argument var name: String
+        @Argument var file: String
+        @Option(help: "lines: every line a row keyed by its line number; kv: key<TAB>value lines.") var format: Format = .lines
+        @Flag(help: "Replace an existing table atomically.") var overwrite = false
+
+        func run() async throws {
+            let g = global, name = self.name, format = self.format, overwrite = self.overwrite
+            do { try TableStore.checkName(name) } catch let e as WeftError { fail(e, json: g.json) }
+            guard let data = FileManager.default.contents(atPath: file) else { fail(WeftError(.notFound, "cannot read \(file)"), json: g.json) }
+            var lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            if lines.last == "" { lines.removeLast() }
+            var rows: [(Bytes, Bytes)] = []
+            switch format {
+            case .lines:
+                rows = lines.enumerated().map { (Array(String(format: "%012d", $0.offset + 1).utf8), Array($0.element.utf8)) }
+            case .kv:
+                var seen: [String: Int] = [:]
+                var bad: [Int] = []
+                for (i, l) in lines.enumerated() {
+                    guard let tab = l.firstIndex(of: "\t") else {
+                        if !l.isEmpty { bad.append(i + 1) }
+                        continue
+                    }
+                    let k = String(l[..<tab])
+                    if let first = seen[k] { fail(WeftError(.invalidArgument, "\(file):\(i + 1): key '\(k)' repeats the key of line \(first); nothing was loaded"), json: g.json) }
+                    seen[k] = i + 1
+                    rows.append((Array(k.utf8), Array(l[l.index(after: tab)...].utf8)))
+                }
+                if !bad.isEmpty {
+                    fail(WeftError(.invalidArgument, "\(file): \(bad.count) lines have no TAB (lines \(bad.prefix(10).map(String.init).joined(separator: ", "))\(bad.count > 10 ? ", ..." : "")); nothing was loaded"), json: g.json)
+                }
+            }
+            if rows.count >= Limits.txnWritesMax {
+                fail(WeftError(.txnTooLarge, "\(rows.count) rows exceed one transaction (Limits.txnWritesMax = \(Limits.txnWritesMax)); split the file"), json: g.json)
+            }
+            let n = rows.count
+            let boxed = rows.map { Pair(k: $0.0, v: $0.1) }
+            let ts = try await withCluster(g) { c in
+                try await TableStore.write(c, name, rows: boxed.map { ($0.k, $0.v) }, format: format.rawValue, overwrite: overwrite)
+            }
+            print(g.json ? jsonLine(["table": name, "rows": n, "committed_ts": ts]) : "loaded \(n) rows into table \(name) (committed at ts=\(ts))")
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List tables with their row counts.")
+        @OptionGroup var global: GlobalOptions
+        func run() async throws {
+            let g = global
+            let infos = try await withCluster(g) { c in try await TableStore.list(c) }
+            for i in infos {
+                print(g.json ? jsonLine(["table": i.name, "rows": i.rows, "format": i.format, "committed_ts": i.committedTs])
+                      : "\(i.name)\t\(i.rows) rows\t\(i.format)\tcommitted at ts=\(i.committedTs)")
+            }
+            if infos.isEmpty && !g.json { print("no tables") }
+        }
+    }
+
+    struct Scan: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print a table's rows in key order.")
+        @OptionGroup var global: GlobalOptions
+        @Argument var name: String
+        @Option var limit = 100
+        @Option(help: "Snapshot timestamp (default: now).") var at: UInt64?
+        func run() async throws {
+            let g = global, name = self.name, limit = self.limit, at = self.at
+            let rows = try await withCluster(g) { c -> [ScanRow] in
+                guard try await TableStore.info(c, name, at: at) != nil else { throw WeftError(.notFound, "unknown table \(name)") }
+                return try await c.scan(prefix: TableStore.rowPrefix(name), limit: limit, at: at).rows
+            }
+            let skip = TableStore.rowPrefix(name).count
+            for r in rows {
+                let k = text(Array(r.key.dropFirst(skip))), v = text(r.value)
+                print(g.json ? jsonLine(["key": k, "value": v]) : "\(k)\t\(v)")
+            }
+        }
+    }
+
+    struct Drop: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Drop a table in one transaction.")
+        @OptionGroup var global: GlobalOptions
+        @Argument var name: String
+        func run() async throws {
+            let g = global, name = self.name
+            try await withCluster(g) { c in try await TableStore.drop(c, name) }
+            print(g.json ? jsonLine(["dropped": name]) : "dropped table \(name)")
+        }
+    }
+}
+
+struct Pair: Sendable {
+    var k: Bytes
+    var v: Bytes
+}
+
+struct JobCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "job",
+        abstract: "Run built-in dataflow jobs over committed table snapshots.",
+        subcommands: [List.self, Run.self, Explain.self]
+    )
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The built-in jobs.")
+        func run() {
+            for j in BuiltinJobs.all { print("\(j.name)\t\(j.about)") }
+        }
+    }
+
+    struct JobOptions: ParsableArguments {
+        @Argument(help: "Job name (see `weft job list`).") var name: String
+        @Option(help: "Input table.") var input: String
+        @Option(help: "Snapshot timestamp of the input (default: now).") var at: UInt64?
+        @Option(help: "Iterations (pagerank).") var iterations = 10
+        @Option(help: "Damping factor (pagerank).") var damping = 0.85
+
+        func validate() throws {
+            if !BuiltinJobs.all.contains(where: { $0.name == name }) {
+                throw ValidationError("unknown job '\(name)'; known jobs: \(BuiltinJobs.all.map(\.name).joined(separator: ", "))")
+            }
+            if iterations < 1 || iterations > 10_000 { throw ValidationError("--iterations must be 1...10000") }
+            if !(damping > 0 && damping < 1) { throw ValidationError("--damping must be between 0 and 1") }
+        }
+
+        var parameters: JobParameters {
+            var p = JobParameters(input: input)
+            p.at = at
+            p.iterations = iterations
+            p.damping = damping
+            return p
+        }
+    }
+
+    struct Run: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Run a job; its output goes to a table in one transaction.")
+        @OptionGroup var global: GlobalOptions
+        @OptionGroup var job: JobOptions
+        @Option(help: "Output table.") var output: String?
+        @Flag(help: "Replace an existing output table atomically.") var overwrite = false
+
+        func run() async throws {
+            let g = global
+            var params = job.parameters
+            params.output = output
+            params.overwrite = overwrite
+            let name = job.name
+            let p = params
+            let result = try await withSession(g) { client, embedded -> JobResult in
+                let sc = DataflowContext()
+                let tty = isatty(1) == 1
+                sc.onProgress = { pr in
+                    if pr.tasksDone == pr.tasks || tty {
+                        let line = "[stage \(pr.stage)/\(pr.stages)] \(pr.tasksDone)/\(pr.tasks) tasks"
+                        FileHandle.standardError.write(Data((tty ? "\r" + line : line + "\n").utf8))
+                    }
+                }
+                let r = try await Task.detached {
+                    try BuiltinJobs.run(name, p, sc: sc, client: client,
+                                        pin: { ts in try embedded?.pin(ts) }, unpin: { ts in embedded?.unpin(ts) })
+                }.value
+                if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+                return r
+            }
+            if g.json {
+                print(jsonLine(["job": name, "snapshot_ts": result.snapshotTs, "output_rows": result.outputRows, "malformed_lines": result.malformedLines,
+                                "summary": result.summary, "stages": result.metrics.stages, "tasks": result.metrics.tasks,
+                                "recomputed_partitions": result.metrics.recomputedPartitions, "partitions_read_from_replicas": 0]))
+            } else {
+                print("\(name) over \(p.input) at ts=\(result.snapshotTs): \(result.outputRows) output rows")
+                for s in result.summary { print("  \(s)") }
+                print("  \(result.metrics.stages) stages, \(result.metrics.tasks) tasks, \(result.metrics.recomputedPartitions) partitions recomputed, 0 read from replicas")
+                if let out = p.output, let ts = result.committedTs { print("  output table \(out) committed at ts=\(ts)") }
+            }
+        }
+    }
+
+    struct Explain: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print a job's lineage with its stage boundaries, without running it.")
+        @OptionGroup var global: GlobalOptions
+        @OptionGroup var job: JobOptions
+
+        func run() async throws {
+            let g = global
+            let p = job.parameters, name = job.name
+            let text = try await withCluster(g) { client in
+                try await Task.detached {
+                    let sc = DataflowContext()
+                    return try BuiltinJobs.plan(name, p, sc: sc, client: client, malformed: sc.accumulator("malformed")).toDebugString()
+                }.value
+            }
+            print(text)
+        }
+    }
+}

@@ -1,0 +1,186 @@
+import XCTest
+@testable import WeftDataflow
+
+/// Every transformation and action against a plain-Swift reference, on
+/// random input with empty partitions, skewed keys and one giant key.
+final class RDDTests: XCTestCase {
+    var sc = DataflowContext(executor: LocalExecutor(threads: 2))
+    var pairs: [(String, Int)] = []
+    var other: [(String, Int)] = []
+
+    override func setUp() {
+        sc = DataflowContext(executor: LocalExecutor(threads: 2))
+        var rng = SplitMix(seed: 11)
+        pairs = (0..<3000).map { i in
+            let r = rng.next() % 100
+            let key = r < 40 ? "giant" : r < 70 ? "k\(rng.next() % 5)" : "k\(rng.next() % 200)"
+            return (key, Int(rng.next() % 1000))
+        }
+        other = (0..<500).map { _ in ("k\(rng.next() % 300)", Int(rng.next() % 10)) }
+    }
+
+    /// 16 partitions for 3000 rows, several of them empty.
+    func rdd<T>(_ xs: [T]) -> RDD<T> {
+        let withGaps = sc.parallelize(xs, partitions: 8).union(sc.parallelize([T](), partitions: 8))
+        return withGaps
+    }
+
+    func sortedPairs<V: Comparable>(_ xs: [(String, V)]) -> [String] { xs.map { "\($0.0)=\($0.1)" }.sorted() }
+
+    func testNarrowTransformations() throws {
+        let xs = Array(0..<1000)
+        let r = rdd(xs)
+        XCTAssertEqual(try r.map { $0 * 2 }.collect(), xs.map { $0 * 2 })
+        XCTAssertEqual(try r.filter { $0 % 3 == 0 }.collect(), xs.filter { $0 % 3 == 0 })
+        XCTAssertEqual(try r.flatMap { [$0, $0] }.collect(), xs.flatMap { [$0, $0] })
+        XCTAssertEqual(try r.mapPartitionsWithIndex { i, p, _ in p.map { _ in i } }.collect().count, 1000)
+        XCTAssertEqual(try r.glom().collect().count, 16)
+        XCTAssertEqual(try r.glom().collect().flatMap { $0 }, xs)
+        XCTAssertEqual(try r.union(r).count(), 2000)
+        XCTAssertEqual(try r.coalesce(3).collect(), xs)
+        XCTAssertEqual(try r.coalesce(3).numPartitions, 3)
+        XCTAssertEqual(try r.repartition(5).collect().sorted(), xs)
+        XCTAssertEqual(try r.zipWithIndex().collect().map { $0.1 }, Array(0..<1000))
+        XCTAssertEqual(try r.zip(r.map { $0 + 1 }).collect().map { $0.1 - $0.0 }, Array(repeating: 1, count: 1000))
+        XCTAssertEqual(try sc.parallelize([1, 2, 3], partitions: 2).cartesian(sc.parallelize(["a", "b"], partitions: 2)).collect().map { "\($0.0)\($0.1)" }.sorted(),
+                       ["1a", "1b", "2a", "2b", "3a", "3b"])
+        let s1 = try r.sample(withReplacement: false, fraction: 0.1, seed: 5).collect()
+        XCTAssertEqual(s1, try r.sample(withReplacement: false, fraction: 0.1, seed: 5).collect(), "a sample is reproducible")
+        XCTAssertTrue((50...150).contains(s1.count), "\(s1.count)")
+        XCTAssertEqual(try r.map { $0 % 10 }.distinct().collect().sorted(), Array(0..<10))
+    }
+
+    func testActions() throws {
+        let xs = Array(1...500)
+        let r = rdd(xs)
+        XCTAssertEqual(try r.count(), 500)
+        XCTAssertEqual(try r.reduce(+), xs.reduce(0, +))
+        XCTAssertEqual(try r.fold(0, +), xs.reduce(0, +))
+        XCTAssertEqual(try r.aggregate(0, { $0 + $1 }, { $0 + $1 }), xs.reduce(0, +))
+        XCTAssertEqual(try r.take(7), Array(xs.prefix(7)))
+        XCTAssertEqual(try r.take(0), [])
+        XCTAssertEqual(try r.first(), 1)
+        XCTAssertEqual(try r.top(3), [500, 499, 498])
+        XCTAssertEqual(try r.takeOrdered(3), [1, 2, 3])
+        XCTAssertEqual(try r.max(), 500)
+        XCTAssertEqual(try r.takeSample(withReplacement: false, 10, seed: 1).count, 10)
+        XCTAssertEqual(Set(try r.takeSample(withReplacement: false, 10, seed: 1)).count, 10)
+        XCTAssertThrowsError(try sc.parallelize([Int](), partitions: 3).reduce(+))
+        XCTAssertThrowsError(try sc.parallelize([Int](), partitions: 3).first())
+        XCTAssertEqual(try r.map { $0 % 3 }.countByValue(), [0: 166, 1: 167, 2: 167])
+        let acc = sc.accumulator("seen")
+        try r.mapPartitionsWithIndex { _, p, ctx in acc.add(Double(p.count), in: ctx); return p }.foreach { _ in }
+        XCTAssertEqual(acc.value, 500)
+    }
+
+    func testKeyedTransformationsMatchReference() throws {
+        let r = rdd(pairs)
+        var sums: [String: Int] = [:], groups: [String: [Int]] = [:], maxes: [String: Int] = [:]
+        for (k, v) in pairs {
+            sums[k, default: 0] += v
+            groups[k, default: []].append(v)
+            maxes[k] = Swift.max(maxes[k] ?? Int.min, v)
+        }
+        XCTAssertEqual(sortedPairs(try r.reduceByKey(+).collect()), sortedPairs(Array(sums)))
+        XCTAssertEqual(sortedPairs(try r.reduceByKey(partitions: 3, +).collect()), sortedPairs(Array(sums)))
+        XCTAssertEqual(sortedPairs(try r.foldByKey(0, +).collect()), sortedPairs(Array(sums)))
+        XCTAssertEqual(sortedPairs(try r.aggregateByKey(Int.min, { Swift.max($0, $1) }, { Swift.max($0, $1) }).collect()), sortedPairs(Array(maxes)))
+        XCTAssertEqual(sortedPairs(try r.combineByKey({ $0 }, +, +).collect()), sortedPairs(Array(sums)))
+        let grouped = try r.groupByKey().collect()
+        XCTAssertEqual(grouped.count, groups.count)
+        for (k, vs) in grouped { XCTAssertEqual(vs.sorted(), groups[k]!.sorted(), k) }
+        XCTAssertEqual(sortedPairs(try r.mapValues { $0 + 1 }.collect()), sortedPairs(pairs.map { ($0.0, $0.1 + 1) }))
+        XCTAssertEqual(try r.flatMapValues { [$0, $0] }.count(), 6000)
+        XCTAssertEqual(try r.keys().collect().sorted(), pairs.map(\.0).sorted())
+        XCTAssertEqual(try r.values().collect().sorted(), pairs.map(\.1).sorted())
+        XCTAssertEqual(try r.countByKey(), groups.mapValues(\.count))
+        XCTAssertEqual(try r.lookup("giant").sorted(), groups["giant"]!.sorted())
+        XCTAssertEqual(try r.partitionBy(HashPartitioner(4)).lookup("giant").sorted(), groups["giant"]!.sorted())
+        let sorted = try r.sortByKey().collect()
+        XCTAssertEqual(sorted.map(\.0), pairs.map(\.0).sorted())
+        XCTAssertEqual(try r.sortByKey(ascending: false, partitions: 4).collect().map(\.0), pairs.map(\.0).sorted(by: >))
+        XCTAssertEqual(try rdd(Array(0..<300).shuffled()).sortBy { $0 }.collect(), Array(0..<300))
+    }
+
+    func testJoinsMatchReference() throws {
+        let a = rdd(pairs), b = rdd(other)
+        var ref: [String] = [], left: [String] = [], right: [String] = [], full: [String] = []
+        let bByKey = Dictionary(grouping: other, by: \.0)
+        let aByKey = Dictionary(grouping: pairs, by: \.0)
+        for (k, v) in pairs {
+            if let ws = bByKey[k] {
+                for (_, w) in ws { ref.append("\(k)=\(v),\(w)"); left.append("\(k)=\(v),\(w)"); full.append("\(k)=\(v),\(w)") }
+            } else {
+                left.append("\(k)=\(v),nil"); full.append("\(k)=\(v),nil")
+            }
+        }
+        for (k, w) in other {
+            if let vs = aByKey[k] { for (_, v) in vs { right.append("\(k)=\(v),\(w)") } } else { right.append("\(k)=nil,\(w)"); full.append("\(k)=nil,\(w)") }
+        }
+        func show<V, W>(_ xs: [(String, (V?, W?))]) -> [String] {
+            xs.map { "\($0.0)=\($0.1.0.map { "\($0)" } ?? "nil"),\($0.1.1.map { "\($0)" } ?? "nil")" }.sorted()
+        }
+        XCTAssertEqual(try a.join(b).collect().map { "\($0.0)=\($0.1.0),\($0.1.1)" }.sorted(), ref.sorted())
+        XCTAssertEqual(show(try a.leftOuterJoin(b).collect().map { ($0.0, (Optional($0.1.0), $0.1.1)) }), left.sorted())
+        XCTAssertEqual(show(try a.rightOuterJoin(b).collect().map { ($0.0, ($0.1.0, Optional($0.1.1))) }), right.sorted())
+        XCTAssertEqual(show(try a.fullOuterJoin(b).collect()), full.sorted())
+        let cg = try a.cogroup(b).collect()
+        XCTAssertEqual(cg.count, Set(pairs.map(\.0) + other.map(\.0)).count)
+    }
+
+    func testCoPartitionedJoinSkipsTheShuffle() throws {
+        let p = HashPartitioner(4)
+        let a = rdd(pairs).partitionBy(p).persist()
+        let b = rdd(other).partitionBy(p).persist()
+        let joined = a.join(b)
+        // Two shuffles (the partitionBy calls), none for the join itself.
+        XCTAssertEqual(sc.stagePlan(joined).count, 2)
+        XCTAssertEqual(try joined.count(), try rdd(pairs).join(rdd(other)).count())
+        XCTAssertTrue(joined.toDebugString().contains("stage boundary"))
+    }
+
+    func testLostShuffleOutputAndCacheAreRecomputedFromLineage() throws {
+        let base = rdd(pairs).mapValues { $0 * 2 }
+        let counts = base.reduceByKey(+).mapValues { $0 + 1 }.reduceByKey(partitions: 3, +)
+        let expected = sortedPairs(try counts.collect())
+        // A fresh context, and lose every shuffle output after the first stage.
+        sc = DataflowContext(executor: LocalExecutor(threads: 2))
+        let base2 = rdd(pairs).mapValues { $0 * 2 }
+        let counts2 = base2.reduceByKey(+).mapValues { $0 + 1 }.reduceByKey(partitions: 3, +)
+        var dropped = false
+        sc.afterStage = { [sc] stage in
+            if stage == 2 && !dropped {
+                dropped = true
+                sc.loseExecutorState()
+            }
+        }
+        XCTAssertEqual(sortedPairs(try counts2.collect()), expected, "the same result after losing executor state")
+        XCTAssertTrue(dropped)
+        XCTAssertGreaterThan(sc.lastJobMetrics.stageResubmissions, 0)
+        XCTAssertGreaterThan(sc.lastJobMetrics.recomputedPartitions, 0)
+    }
+
+    func testFailedTasksAreRetriedAndAccumulatorsCountOnce() throws {
+        let acc = sc.accumulator("rows")
+        sc.failTask = { t, attempt in attempt == 0 && t.partition % 2 == 0 }
+        let n = try rdd(Array(0..<1000)).mapPartitionsWithIndex { _, xs, ctx in
+            acc.add(Double(xs.count), in: ctx)
+            return xs
+        }.count()
+        XCTAssertEqual(n, 1000)
+        XCTAssertEqual(acc.value, 1000, "a failed attempt's updates do not count")
+        XCTAssertGreaterThan(sc.lastJobMetrics.taskRetries, 0)
+    }
+
+    func testPersistedPartitionsAreReusedAndEvictionRecomputes() throws {
+        let r = rdd(Array(0..<1000)).map { $0 * 3 }.persist()
+        XCTAssertEqual(try r.count(), 1000)
+        XCTAssertEqual(try r.reduce(+), 3 * 999 * 1000 / 2)
+        XCTAssertEqual(sc.lastJobMetrics.cacheHits, 16)
+        XCTAssertEqual(sc.lastJobMetrics.recomputedPartitions, 0)
+        sc.dropCachedBlocks()
+        XCTAssertEqual(try r.count(), 1000)
+        XCTAssertEqual(sc.lastJobMetrics.recomputedPartitions, 48, "the persisted RDD and its two ancestors, 16 partitions each")
+        XCTAssertTrue(r.toDebugString().contains("persisted"))
+    }
+}
