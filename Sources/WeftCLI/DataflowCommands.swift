@@ -107,6 +107,11 @@ struct TableCommand: AsyncParsableCommand {
     }
 }
 
+struct UncheckedPinner: @unchecked Sendable {
+    let cluster: EmbeddedCluster?
+    init(_ c: EmbeddedCluster?) { cluster = c }
+}
+
 struct Pair: Sendable {
     var k: Bytes
     var v: Bytes
@@ -173,10 +178,11 @@ struct JobCommand: AsyncParsableCommand {
                         FileHandle.standardError.write(Data((tty ? "\r" + line : line + "\n").utf8))
                     }
                 }
-                let r = try await Task.detached {
+                let pinner = UncheckedPinner(embedded)
+                let r = try await onDriverThread {
                     try BuiltinJobs.run(name, p, sc: sc, client: client,
-                                        pin: { ts in try embedded?.pin(ts) }, unpin: { ts in embedded?.unpin(ts) })
-                }.value
+                                        pin: { ts in try pinner.cluster?.pin(ts) }, unpin: { ts in pinner.cluster?.unpin(ts) })
+                }
                 if tty { FileHandle.standardError.write(Data("\n".utf8)) }
                 return r
             }
@@ -202,10 +208,10 @@ struct JobCommand: AsyncParsableCommand {
             let g = global
             let p = job.parameters, name = job.name
             let text = try await withCluster(g) { client in
-                try await Task.detached {
+                try await onDriverThread {
                     let sc = DataflowContext()
                     return try BuiltinJobs.plan(name, p, sc: sc, client: client, malformed: sc.accumulator("malformed")).toDebugString()
-                }.value
+                }
             }
             print(text)
         }

@@ -170,3 +170,13 @@ struct RowBox: Sendable {
     var key: Bytes
     var value: Bytes
 }
+
+/// Runs blocking driver code (a job) on its own thread, so it never holds
+/// one of Swift concurrency's few cooperative threads while it waits.
+public func onDriverThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { (cont: CheckedContinuation<T, Error>) in
+        let t = Thread { cont.resume(with: Result { try body() }) }
+        t.stackSize = 16 << 20
+        t.start()
+    }
+}

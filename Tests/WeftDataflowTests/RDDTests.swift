@@ -38,7 +38,7 @@ final class RDDTests: XCTestCase {
         XCTAssertEqual(try r.glom().collect().flatMap { $0 }, xs)
         XCTAssertEqual(try r.union(r).count(), 2000)
         XCTAssertEqual(try r.coalesce(3).collect(), xs)
-        XCTAssertEqual(try r.coalesce(3).numPartitions, 3)
+        XCTAssertEqual(r.coalesce(3).numPartitions, 3)
         XCTAssertEqual(try r.repartition(5).collect().sorted(), xs)
         XCTAssertEqual(try r.zipWithIndex().collect().map { $0.1 }, Array(0..<1000))
         XCTAssertEqual(try r.zip(r.map { $0 + 1 }).collect().map { $0.1 - $0.0 }, Array(repeating: 1, count: 1000))
