@@ -316,21 +316,26 @@ public final class DataflowContext: @unchecked Sendable {
 
     func debugString(_ rdd: AnyRDD) -> String {
         var lines: [String] = []
-        func visit(_ r: AnyRDD, _ depth: Int, _ stageDepth: Int) {
-            let indent = String(repeating: "  ", count: depth) + String(repeating: "| ", count: 0)
+        var shown: Set<Int> = []
+        func visit(_ r: AnyRDD, _ depth: Int) {
+            let indent = String(repeating: "  ", count: depth)
             var note = ""
             if r.storageLevel != .none { note = " [persisted \(r.storageLevel), \(blocks.cachedPartitions(rdd: r.id))/\(r.numPartitions) cached]" }
+            guard shown.insert(r.id).inserted else {
+                lines.append("\(indent)(\(r.numPartitions)) \(r.name) [rdd \(r.id)]\(note) (lineage shown above)")
+                return
+            }
             lines.append("\(indent)(\(r.numPartitions)) \(r.name) [rdd \(r.id)]\(note)")
             for d in r.dependencies {
                 switch d {
-                case .narrow(let p, _): visit(p, depth, stageDepth)
+                case .narrow(let p, _): visit(p, depth)
                 case .shuffle(let s):
-                    lines.append("\(indent)+-- shuffle \(s.shuffleId) to \(s.outputPartitions) partitions: stage boundary")
-                    visit(s.parentRDD, depth + 1, stageDepth + 1)
+                    lines.append("\(indent)+-- shuffle \(s.shuffleId) into \(s.outputPartitions) partitions: stage boundary")
+                    visit(s.parentRDD, depth + 1)
                 }
             }
         }
-        visit(rdd, 0, 0)
+        visit(rdd, 0)
         return lines.joined(separator: "\n")
     }
 }
