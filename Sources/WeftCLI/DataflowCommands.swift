@@ -137,6 +137,9 @@ struct JobCommand: AsyncParsableCommand {
         @Option(help: "Snapshot timestamp of the input (default: now).") var at: UInt64?
         @Option(help: "Iterations (pagerank).") var iterations = 10
         @Option(help: "Damping factor (pagerank).") var damping = 0.85
+        @Option(help: "Clusters (kmeans).") var k = 2
+        @Option(help: "Comma-separated words to count (logmining).") var words: String?
+        @Option(help: "Second input table (join).") var input2: String?
 
         func validate() throws {
             if !BuiltinJobs.all.contains(where: { $0.name == name }) {
@@ -144,6 +147,9 @@ struct JobCommand: AsyncParsableCommand {
             }
             if iterations < 1 || iterations > 10_000 { throw ValidationError("--iterations must be 1...10000") }
             if !(damping > 0 && damping < 1) { throw ValidationError("--damping must be between 0 and 1") }
+            if k < 1 || k > 10_000 { throw ValidationError("--k must be 1...10000") }
+            if name == "join" && input2 == nil { throw ValidationError("join needs --input2 TABLE") }
+            if name == "logmining" && (words ?? "").isEmpty { throw ValidationError("logmining needs --words w1,w2,...") }
         }
 
         var parameters: JobParameters {
@@ -151,6 +157,9 @@ struct JobCommand: AsyncParsableCommand {
             p.at = at
             p.iterations = iterations
             p.damping = damping
+            p.k = k
+            p.words = words.map { $0.split(separator: ",").map(String.init) } ?? []
+            p.input2 = input2
             return p
         }
     }

@@ -10,6 +10,12 @@ public struct JobParameters: Sendable {
     public var iterations = 10
     public var damping = 0.85
     public var overwrite = false
+    /// Clusters (kmeans).
+    public var k = 2
+    /// Words to count in error messages (logmining).
+    public var words: [String] = []
+    /// Second input table (join).
+    public var input2: String?
     public init(input: String) { self.input = input }
 }
 
@@ -29,20 +35,152 @@ public enum BuiltinJobs {
     public static let all: [(name: String, about: String)] = [
         ("wordcount", "count of every word (maximal runs of non-whitespace) in a table of lines; output word -> count"),
         ("pagerank", "PageRank over `src dst` lines, as Spark's bundled example (--iterations, --damping); output vertex -> rank"),
+        ("kmeans", "Lloyd's k-means over lines of numbers; first k points start as centres (--k, --iterations); output centre index -> coordinates"),
+        ("logreg", "logistic regression, full-batch gradient descent with step 1/N over `y x1 x2 ...` lines, y in {-1,1} (--iterations); output feature -> weight"),
+        ("logmining", "keep lines starting with ERROR, take the third tab-separated field, persist, count the messages containing each word (--words a,b); output word -> count"),
+        ("join", "inner join of two key<TAB>value tables (--input, --input2), every matching pair; output key<TAB>n -> v1<TAB>v2"),
+        ("sort", "sort key<TAB>value lines by key (numerically when every key is a number); output position -> key<TAB>value"),
     ]
 
     /// Builds the job's final RDD (output rows) without running it.
     public static func plan(_ name: String, _ p: JobParameters, sc: DataflowContext, client: WeftClient, malformed: Accumulator) throws -> RDD<(Bytes, Bytes)> {
-        let input = try sc.table(p.input, client: client, at: p.at).values().map { String(decoding: $0, as: UTF8.self) }
-        switch name {
-        case "wordcount":
-            return wordCount(input).map { (Array($0.0.utf8), Array(String($0.1).utf8)) }
-        case "pagerank":
-            return pageRank(input, iterations: p.iterations, damping: p.damping, malformed: malformed)
-                .map { (Array($0.0.utf8), Array(String($0.1).utf8)) }
-        default:
+        guard all.contains(where: { $0.name == name }) else {
             throw WeftError(.invalidArgument, "unknown job \(name); `weft job list` shows the jobs (\(all.map(\.name).joined(separator: ", ")))")
         }
+        let rows = try sc.table(p.input, client: client, at: p.at)
+        let input = rows.values().map { String(decoding: $0, as: UTF8.self) }
+        func out<K: CustomStringConvertible, V: CustomStringConvertible>(_ r: RDD<(K, V)>) -> RDD<(Bytes, Bytes)> {
+            r.map { (Array($0.0.description.utf8), Array($0.1.description.utf8)) }
+        }
+        switch name {
+        case "wordcount":
+            return out(wordCount(input))
+        case "pagerank":
+            return out(pageRank(input, iterations: p.iterations, damping: p.damping, malformed: malformed))
+        case "kmeans":
+            let keyed = rows.map { (String(decoding: $0.0, as: UTF8.self), String(decoding: $0.1, as: UTF8.self)) }
+            let centres = try kMeans(keyed, k: p.k, iterations: p.iterations, malformed: malformed)
+            return sc.parallelize(centres.enumerated().map { (Array(String($0.offset).utf8), Array($0.element.map { "\($0)" }.joined(separator: " ").utf8)) }, partitions: 1)
+        case "logreg":
+            let w = try logisticRegression(input, iterations: p.iterations, malformed: malformed)
+            return sc.parallelize(w.enumerated().map { (Array(String($0.offset).utf8), Array("\($0.element)".utf8)) }, partitions: 1)
+        case "logmining":
+            guard !p.words.isEmpty else { throw WeftError(.invalidArgument, "logmining needs --words w1,w2,...") }
+            let counts = try logMining(input, words: p.words)
+            return sc.parallelize(counts.map { (Array($0.0.utf8), Array(String($0.1).utf8)) }, partitions: 1)
+        case "join":
+            guard let second = p.input2 else { throw WeftError(.invalidArgument, "join needs --input2 TABLE") }
+            let right = try sc.table(second, client: client, at: p.at).values().map { String(decoding: $0, as: UTF8.self) }
+            let joined = keyValues(input, malformed).join(keyValues(right, malformed))
+            return joined.groupByKey().flatMap { kv -> [(Bytes, Bytes)] in
+                kv.1.sorted { $0.0 != $1.0 ? $0.0 < $1.0 : $0.1 < $1.1 }.enumerated().map {
+                    (Array("\(kv.0)\t\(String(format: "%06d", $0.offset))".utf8), Array("\($0.element.0)\t\($0.element.1)".utf8))
+                }
+            }
+        case "sort":
+            let pairs = keyValues(input, malformed).persist()
+            let numeric = try pairs.keys().filter { Double($0) == nil }.count() == 0
+            let sorted: RDD<(String, String)>
+            if numeric {
+                sorted = pairs.map { (NumericKey(Double($0.0)!, $0.0), $0.1) }.sortByKey().map { ($0.0.text, $0.1) }
+            } else {
+                sorted = pairs.sortByKey()
+            }
+            return sorted.zipWithIndex().map { (Array(String(format: "%012d", $0.1).utf8), Array("\($0.0.0)\t\($0.0.1)".utf8)) }
+        default:
+            preconditionFailure()
+        }
+    }
+
+    /// `key<TAB>value` lines; a line without a TAB is counted as malformed.
+    static func keyValues(_ lines: RDD<String>, _ malformed: Accumulator) -> RDD<(String, String)> {
+        lines.mapPartitionsWithIndex { _, xs, ctx in
+            var out: [(String, String)] = []
+            for l in xs {
+                if let tab = l.firstIndex(of: "\t") { out.append((String(l[..<tab]), String(l[l.index(after: tab)...]))) } else { malformed.add(1, in: ctx) }
+            }
+            return out
+        }
+    }
+
+    static func numbers(_ line: String) -> [Double]? {
+        let f = line.split(whereSeparator: { $0 == " " || $0 == "," || $0 == "\t" })
+        let xs = f.compactMap { Double($0) }
+        return xs.count == f.count && !xs.isEmpty ? xs : nil
+    }
+
+    /// Lloyd's algorithm as the issue states it: the first k points (in
+    /// input order) start as centres; the nearest centre wins, the lowest
+    /// index on a tie; an empty cluster keeps its centre.
+    public static func kMeans(_ rows: RDD<(String, String)>, k: Int, iterations: Int, malformed: Accumulator) throws -> [[Double]] {
+        guard k > 0 else { throw WeftError(.invalidArgument, "--k must be at least 1") }
+        let points = rows.mapPartitionsWithIndex { _, xs, ctx in
+            xs.compactMap { r -> (String, [Double])? in
+                guard let v = numbers(r.1) else {
+                    if !r.1.allSatisfy(\.isWhitespace) { malformed.add(1, in: ctx) }
+                    return nil
+                }
+                return (r.0, v)
+            }
+        }.persist()
+        var centres = try points.takeOrdered(k) { $0.0 < $1.0 }.map(\.1)
+        guard centres.count == k else { throw WeftError(.invalidArgument, "kmeans needs at least k = \(k) points, the input has \(centres.count)") }
+        let dim = centres[0].count
+        for _ in 0..<iterations {
+            let current = centres
+            let sums = try points.map { p -> (Int, [Double]) in
+                var best = 0
+                var bestD = Double.infinity
+                for (i, c) in current.enumerated() {
+                    var d = 0.0
+                    for j in 0..<min(dim, p.1.count) { d += (p.1[j] - c[j]) * (p.1[j] - c[j]) }
+                    if d < bestD { best = i; bestD = d }
+                }
+                return (best, p.1 + [1])
+            }.reduceByKey { a, b in zip(a, b).map { $0 + $1 } }.collectAsMap()
+            for i in 0..<k {
+                if let s = sums[i], let n = s.last, n > 0 { centres[i] = s.dropLast().map { $0 / n } }
+            }
+        }
+        return centres
+    }
+
+    /// w <- w - (1/N) * sum((sigmoid(y * w.x) - 1) * y * x), from w = 0.
+    public static func logisticRegression(_ lines: RDD<String>, iterations: Int, malformed: Accumulator) throws -> [Double] {
+        let points = lines.mapPartitionsWithIndex { _, xs, ctx in
+            xs.compactMap { l -> (Double, [Double])? in
+                guard let v = numbers(l), v.count >= 2, v[0] == 1 || v[0] == -1 else {
+                    if !l.allSatisfy(\.isWhitespace) { malformed.add(1, in: ctx) }
+                    return nil
+                }
+                return (v[0], Array(v.dropFirst()))
+            }
+        }.persist()
+        let n = try points.count()
+        guard n > 0, let dim = try points.take(1).first?.1.count else { throw WeftError(.invalidArgument, "logreg: the input has no valid `y x1 x2 ...` line") }
+        var w = [Double](repeating: 0, count: dim)
+        for _ in 0..<iterations {
+            let current = w
+            let grad = try points.map { p -> [Double] in
+                var dot = 0.0
+                for j in 0..<min(dim, p.1.count) { dot += current[j] * p.1[j] }
+                let scale = (1 / (1 + exp(-p.0 * dot)) - 1) * p.0
+                return (0..<dim).map { j in j < p.1.count ? scale * p.1[j] : 0 }
+            }.reduce { zip($0, $1).map { $0 + $1 } }
+            for j in 0..<dim { w[j] -= grad[j] / Double(n) }
+        }
+        return w
+    }
+
+    /// The log-mining example of the RDD paper: errors are persisted once,
+    /// then each word is counted by its own job over the cached messages.
+    public static func logMining(_ lines: RDD<String>, words: [String]) throws -> [(String, Int)] {
+        let messages = lines.filter { $0.hasPrefix("ERROR") }
+            .map { l -> String in
+                let f = l.split(separator: "\t", omittingEmptySubsequences: false)
+                return f.count > 2 ? String(f[2]) : ""
+            }.persist().setName("errorMessages")
+        return try words.map { w in (w, try messages.filter { $0.contains(w) }.count()) }
     }
 
     public static func wordCount(_ lines: RDD<String>) -> RDD<(String, Int)> {
@@ -110,6 +248,17 @@ public enum BuiltinJobs {
             result.summary.append("\(ranks.count) ranked vertices after \(params.iterations) iterations (damping \(params.damping))")
             let top = ranks.sorted { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }.prefix(10)
             result.summary.append("top \(top.count): " + top.map { String(format: "%@ %.6f", $0.0, $0.1) }.joined(separator: ", "))
+        case "kmeans":
+            result.summary.append("\(rows.count) centres after \(params.iterations) iterations: " + rows.map { "[\(String(decoding: $0.1, as: UTF8.self))]" }.joined(separator: " "))
+        case "logreg":
+            result.summary.append("weights after \(params.iterations) iterations: " + rows.map { String(decoding: $0.1, as: UTF8.self) }.joined(separator: " "))
+        case "logmining":
+            result.summary.append(rows.map { "\(String(decoding: $0.0, as: UTF8.self)) \(String(decoding: $0.1, as: UTF8.self))" }.joined(separator: ", "))
+        case "join":
+            result.summary.append("\(rows.count) matching pairs")
+        case "sort":
+            let first = rows.min { compareBytes($0.0, $1.0) < 0 }.map { String(decoding: $0.1, as: UTF8.self).replacingOccurrences(of: "\t", with: " ") } ?? "-"
+            result.summary.append("\(rows.count) rows sorted; first: \(first)")
         default: break
         }
         if result.malformedLines > 0 { result.summary.append("\(result.malformedLines) malformed input lines were skipped (counted, not silently dropped)") }
@@ -125,4 +274,12 @@ public enum BuiltinJobs {
 struct EdgeKey: Hashable {
     let src: String
     let dst: String
+}
+
+/// A numeric sort key that keeps the original text.
+struct NumericKey: Comparable, Hashable {
+    let value: Double
+    let text: String
+    init(_ v: Double, _ t: String) { value = v; text = t }
+    static func < (a: NumericKey, b: NumericKey) -> Bool { a.value != b.value ? a.value < b.value : a.text < b.text }
 }

@@ -94,3 +94,53 @@ final class JobTests: XCTestCase {
         }
     }
 }
+
+final class AlgorithmTests: XCTestCase {
+    func testKMeansMatchesPlainLloyd() throws {
+        let sc = DataflowContext()
+        var rng = SplitMix(seed: 4)
+        let pts: [[Double]] = (0..<300).map { i in
+            let c = Double(i % 3) * 10
+            return [c + rng.unit(), c - rng.unit()]
+        }
+        let rows = pts.enumerated().map { (String(format: "%06d", $0.offset), $0.element.map { "\($0)" }.joined(separator: " ")) }
+        let got = try BuiltinJobs.kMeans(sc.parallelize(rows, partitions: 4), k: 3, iterations: 6, malformed: sc.accumulator("m"))
+        var centres = Array(pts.prefix(3))
+        for _ in 0..<6 {
+            var sums = [[Double]](repeating: [0, 0, 0], count: 3)
+            for p in pts {
+                var best = 0
+                var bestD = Double.infinity
+                for (i, c) in centres.enumerated() {
+                    let d = (p[0] - c[0]) * (p[0] - c[0]) + (p[1] - c[1]) * (p[1] - c[1])
+                    if d < bestD { best = i; bestD = d }
+                }
+                sums[best][0] += p[0]; sums[best][1] += p[1]; sums[best][2] += 1
+            }
+            for i in 0..<3 where sums[i][2] > 0 { centres[i] = [sums[i][0] / sums[i][2], sums[i][1] / sums[i][2]] }
+        }
+        for i in 0..<3 { for j in 0..<2 { XCTAssertEqual(got[i][j], centres[i][j], accuracy: 1e-9) } }
+    }
+
+    func testLogisticRegressionMatchesPlainGradientDescent() throws {
+        let sc = DataflowContext()
+        var rng = SplitMix(seed: 8)
+        let data: [(Double, [Double])] = (0..<200).map { i in
+            let y: Double = i % 2 == 0 ? 1 : -1
+            return (y, [y * 0.7 + rng.unit() - 0.5, rng.unit()])
+        }
+        let lines = data.map { "\($0.0) \($0.1[0]) \($0.1[1])" }
+        let got = try BuiltinJobs.logisticRegression(sc.parallelize(lines, partitions: 3), iterations: 5, malformed: sc.accumulator("m"))
+        var w = [0.0, 0.0]
+        for _ in 0..<5 {
+            var g = [0.0, 0.0]
+            for (y, x) in data {
+                let s = (1 / (1 + exp(-y * (w[0] * x[0] + w[1] * x[1]))) - 1) * y
+                g[0] += s * x[0]; g[1] += s * x[1]
+            }
+            w = [w[0] - g[0] / 200, w[1] - g[1] / 200]
+        }
+        XCTAssertEqual(got[0], w[0], accuracy: 1e-9)
+        XCTAssertEqual(got[1], w[1], accuracy: 1e-9)
+    }
+}
