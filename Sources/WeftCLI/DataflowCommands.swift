@@ -198,11 +198,11 @@ struct JobCommand: AsyncParsableCommand {
             if g.json {
                 print(jsonLine(["job": name, "snapshot_ts": result.snapshotTs, "output_rows": result.outputRows, "malformed_lines": result.malformedLines,
                                 "summary": result.summary, "stages": result.metrics.stages, "tasks": result.metrics.tasks,
-                                "recomputed_partitions": result.metrics.recomputedPartitions, "partitions_read_from_replicas": 0]))
+                                "recomputed_partitions": result.metrics.recomputedPartitions, "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas]))
             } else {
                 print("\(name) over \(p.input) at ts=\(result.snapshotTs): \(result.outputRows) output rows")
                 for s in result.summary { print("  \(s)") }
-                print("  \(result.metrics.stages) stages, \(result.metrics.tasks) tasks, \(result.metrics.recomputedPartitions) partitions recomputed, 0 read from replicas")
+                print("  \(result.metrics.stages) stages, \(result.metrics.tasks) tasks, \(result.metrics.recomputedPartitions) partitions recomputed, \(result.metrics.partitionsReadFromReplicas) read from replicas")
                 if let out = p.output, let ts = result.committedTs { print("  output table \(out) committed at ts=\(ts)") }
             }
         }

@@ -137,6 +137,9 @@ public final class DataflowContext: @unchecked Sendable {
     /// Test hook: a task attempt that this returns true for fails.
     public var failTask: (@Sendable (TaskId, Int) -> Bool)?
 
+    /// Names this context's reliable blocks apart from every other run's.
+    public let runId = String(UInt64.random(in: 1...UInt64.max), radix: 36)
+
     public init(executor: Executor = LocalExecutor(), memoryBytesMax: Int = 512 << 20) {
         self.executor = executor
         self.blocks = BlockManager(memoryBytesMax: memoryBytesMax)
@@ -201,6 +204,7 @@ public final class DataflowContext: @unchecked Sendable {
                 totalMetrics.stageResubmissions += jobMetrics.stageResubmissions
                 totalMetrics.recomputedPartitions += jobMetrics.recomputedPartitions
                 totalMetrics.cacheHits += jobMetrics.cacheHits
+                totalMetrics.partitionsReadFromReplicas += jobMetrics.partitionsReadFromReplicas
             }
         }
         let parts = partitions ?? Array(0..<rdd.numPartitions)
@@ -237,6 +241,10 @@ public final class DataflowContext: @unchecked Sendable {
         var visitedRDDs: Set<Int> = []
         func visit(_ r: AnyRDD) {
             guard visitedRDDs.insert(r.id).inserted else { return }
+            // An RDD whose every partition is cached or stored reliably needs
+            // none of its parents' stages (Spark's missing-parent check).
+            if r.storageLevel != .none, blocks.cachedPartitions(rdd: r.id) == r.numPartitions { return }
+            if (r as? ReliableMarker)?.reliablyComplete == true { return }
             for d in r.dependencies {
                 switch d {
                 case .narrow(let p, _): visit(p)
@@ -321,6 +329,7 @@ public final class DataflowContext: @unchecked Sendable {
             let indent = String(repeating: "  ", count: depth)
             var note = ""
             if r.storageLevel != .none { note = " [persisted \(r.storageLevel), \(blocks.cachedPartitions(rdd: r.id))/\(r.numPartitions) cached]" }
+            if let rel = (r as? ReliableMarker)?.reliableDescription { note += " [\(rel)]" }
             guard shown.insert(r.id).inserted else {
                 lines.append("\(indent)(\(r.numPartitions)) \(r.name) [rdd \(r.id)]\(note) (lineage shown above)")
                 return
@@ -337,6 +346,21 @@ public final class DataflowContext: @unchecked Sendable {
         }
         visit(rdd, 0)
         return lines.joined(separator: "\n")
+    }
+}
+
+/// Lets lineage printing say where reliable blocks live without knowing T.
+protocol ReliableMarker {
+    var reliableDescription: String? { get }
+    var reliablyComplete: Bool { get }
+}
+
+extension RDD: ReliableMarker {
+    var reliablyComplete: Bool { reliable?.allStored(numPartitions) ?? false }
+
+    var reliableDescription: String? {
+        guard let r = reliable else { return nil }
+        return "reliable x\(r.replicas) replicas in the store as block set \(r.set)\(checkpointed ? ", lineage cut by checkpoint" : "")"
     }
 }
 

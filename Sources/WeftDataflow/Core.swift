@@ -91,7 +91,9 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     /// this context (after cache eviction or lost shuffle output).
     public var recomputedPartitions = 0
     public var cacheHits = 0
+    /// Partitions of reliably persisted RDDs read back from a replica block.
+    public var partitionsReadFromReplicas = 0
     public var description: String {
-        "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(recomputedPartitions) partitions recomputed, \(cacheHits) cache hits"
+        "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(recomputedPartitions) partitions recomputed, \(partitionsReadFromReplicas) read from replicas, \(cacheHits) cache hits"
     }
 }

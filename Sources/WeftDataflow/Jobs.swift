@@ -66,7 +66,7 @@ public enum BuiltinJobs {
             return sc.parallelize(w.enumerated().map { (Array(String($0.offset).utf8), Array("\($0.element)".utf8)) }, partitions: 1)
         case "logmining":
             guard !p.words.isEmpty else { throw WeftError(.invalidArgument, "logmining needs --words w1,w2,...") }
-            let counts = try logMining(input, words: p.words)
+            let counts = try logMining(input, words: p.words, client: client)
             return sc.parallelize(counts.map { (Array($0.0.utf8), Array(String($0.1).utf8)) }, partitions: 1)
         case "join":
             guard let second = p.input2 else { throw WeftError(.invalidArgument, "join needs --input2 TABLE") }
@@ -174,12 +174,15 @@ public enum BuiltinJobs {
 
     /// The log-mining example of the RDD paper: errors are persisted once,
     /// then each word is counted by its own job over the cached messages.
-    public static func logMining(_ lines: RDD<String>, words: [String]) throws -> [(String, Int)] {
+    public static func logMining(_ lines: RDD<String>, words: [String], client: WeftClient? = nil) throws -> [(String, Int)] {
         let messages = lines.filter { $0.hasPrefix("ERROR") }
             .map { l -> String in
                 let f = l.split(separator: "\t", omittingEmptySubsequences: false)
                 return f.count > 2 ? String(f[2]) : ""
-            }.persist().setName("errorMessages")
+            }.setName("errorMessages")
+        // Reliable persist when a store is at hand: a lost partition is read
+        // back from a replica, not recomputed.
+        if let client { messages.persistReliable(replicas: 2, codec: .string, client: client) } else { messages.persist() }
         return try words.map { w in (w, try messages.filter { $0.contains(w) }.count()) }
     }
 

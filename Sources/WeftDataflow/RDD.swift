@@ -8,8 +8,13 @@ open class RDD<T>: AnyRDD {
     public let id: Int
     public let context: DataflowContext
     public let numPartitions: Int
-    public let dependencies: [Dependency]
+    var lineage: [Dependency]
+    /// The parents; empty once a checkpoint has cut the lineage.
+    public var dependencies: [Dependency] { checkpointed ? [] : lineage }
     public var name: String
+    var reliable: ReliableState?
+    /// True once every partition is in reliable blocks and the lineage is cut.
+    public private(set) var checkpointed = false
     /// Set on pair RDDs whose partitioning is known (after a shuffle).
     public var partitioner: Partitioner?
     public private(set) var storageLevel: StorageLevel = .none
@@ -19,7 +24,7 @@ open class RDD<T>: AnyRDD {
         self.context = context
         self.id = context.newRDDId()
         self.numPartitions = partitions
-        self.dependencies = dependencies
+        self.lineage = dependencies
         self.name = name
     }
 
@@ -39,8 +44,21 @@ open class RDD<T>: AnyRDD {
             context.metric { $0.cacheHits += 1 }
             return cached
         }
+        if let r = reliable, let stored = try r.read(partition) as? [T] {
+            // Lost from memory but stored reliably: a replica, not a recomputation.
+            context.metric { $0.partitionsReadFromReplicas += 1 }
+            context.blocks.put(rdd: id, partition: partition, stored, bytes: estimateBytes(stored))
+            return stored
+        }
+        if checkpointed {
+            throw WeftError(.unavailable, "checkpointed partition \(partition) of \(name) has no readable replica")
+        }
         context.noteComputed(rdd: id, partition: partition)
         let data = try compute(partition, ctx)
+        if let r = reliable {
+            try r.write(partition, data)
+            if r.cutLineage && r.allStored(numPartitions) { checkpointed = true }
+        }
         if storageLevel != .none {
             context.blocks.put(rdd: id, partition: partition, data, bytes: estimateBytes(data))
         }

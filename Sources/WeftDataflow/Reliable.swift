@@ -1,0 +1,192 @@
+import Foundation
+import WeftCore
+import WeftProtocol
+import WeftRuntime
+
+/// How elements of a reliably persisted RDD become bytes and back.
+public struct BlockCodec<T>: @unchecked Sendable {
+    public let encode: (T, inout ByteWriter) -> Void
+    public let decode: (inout ByteReader) throws(DecodeError) -> T
+    public init(encode: @escaping (T, inout ByteWriter) -> Void, decode: @escaping (inout ByteReader) throws(DecodeError) -> T) {
+        self.encode = encode
+        self.decode = decode
+    }
+}
+
+extension BlockCodec where T == String {
+    public static var string: BlockCodec<String> { BlockCodec(encode: { $1.string($0) }, decode: { (r: inout ByteReader) throws(DecodeError) in try r.string(max: Limits.valueBytesMax) }) }
+}
+
+extension BlockCodec where T == (String, Int) {
+    public static var stringInt: BlockCodec<(String, Int)> {
+        BlockCodec(encode: { $1.string($0.0); $1.u64(UInt64(bitPattern: Int64($0.1))) },
+                   decode: { (r: inout ByteReader) throws(DecodeError) in (try r.string(max: Limits.valueBytesMax), Int(Int64(bitPattern: try r.u64()))) })
+    }
+}
+
+extension BlockCodec where T == (String, Double) {
+    public static var stringDouble: BlockCodec<(String, Double)> {
+        BlockCodec(encode: { $1.string($0.0); $1.u64($0.1.bitPattern) },
+                   decode: { (r: inout ByteReader) throws(DecodeError) in (try r.string(max: Limits.valueBytesMax), Double(bitPattern: try r.u64())) })
+    }
+}
+
+/// Reliable blocks in the store. A partition's block is written, with a
+/// checksum, to `replicas` participants and its directory entry, all in ONE
+/// transaction (two-phase commit across those participants): after the
+/// commit every replica and the entry exist, before it none does.
+///
+/// Keys: replica `j`, chunk `c` of partition `p` of block set `u` is
+/// `b/<u>/<p>/<j>/<c>/<salt>`, where `salt` is chosen so the key hashes to
+/// the j-th replica's participant; the directory entry is `d/<u>/<p>`.
+public enum ReliableBlocks {
+    /// Bytes per stored chunk (values are limited to Limits.valueBytesMax).
+    public static let chunkBytesMax = Limits.valueBytesMax - 64
+    static let magic: [UInt8] = Array("WBLK".utf8)
+
+    /// A key with `prefix` that the store places on participant `target`.
+    static func placedKey(_ prefix: String, on target: ParticipantId, of count: Int) -> Bytes {
+        var salt = 0
+        while true {
+            let k = Array("\(prefix)/\(salt)".utf8)
+            if WeftProtocol.Partitioner.participant(for: k, count: count) == target { return k }
+            salt += 1
+        }
+    }
+
+    static func directoryKey(_ set: String, _ p: Int) -> Bytes { Array("d/\(set)/\(p)".utf8) }
+
+    public static func encodeBlock<T>(_ items: [T], _ codec: BlockCodec<T>) -> Bytes {
+        var payload = ByteWriter(capacity: 64 + items.count * 16)
+        payload.int(items.count)
+        for x in items { codec.encode(x, &payload) }
+        var w = ByteWriter(capacity: payload.bytes.count + 24)
+        w.raw(magic)
+        w.u8(1)
+        w.u64(stableHash(payload.bytes))
+        w.raw(payload.bytes)
+        return w.bytes
+    }
+
+    public static func decodeBlock<T>(_ bytes: Bytes, _ codec: BlockCodec<T>) throws -> [T] {
+        try bytes.withUnsafeBytes { buf throws -> [T] in
+            var r = ByteReader(buf)
+            guard buf.count >= 13, Array(buf[0..<4]) == magic else { throw WeftError(.corrupted, "block has no WBLK header") }
+            _ = try r.u32()
+            guard try r.u8() == 1 else { throw WeftError(.corrupted, "block format is not 1") }
+            let sum = try r.u64()
+            let payload = UnsafeRawBufferPointer(rebasing: buf[r.offset...])
+            guard stableHash(payload) == sum else { throw WeftError(.corrupted, "block checksum mismatch") }
+            var pr = ByteReader(payload)
+            let n = try pr.int(max: Int(Int32.max))
+            var out: [T] = []
+            out.reserveCapacity(n)
+            for _ in 0..<n { out.append(try codec.decode(&pr)) }
+            try pr.expectEnd()
+            return out
+        }
+    }
+
+    /// Writes one partition's block to `replicas` participants in one transaction.
+    public static func write(_ client: WeftClient, set: String, partition: Int, block: Bytes, replicas: Int) async throws {
+        let n = client.participantCount
+        let k = max(1, min(replicas, n))
+        let first = WeftProtocol.Partitioner.participant(for: Array("\(set)/\(partition)".utf8), count: n)
+        let targets = (0..<k).map { (first + $0) % n }
+        let chunks = stride(from: 0, to: max(block.count, 1), by: chunkBytesMax).map { Array(block[$0..<min(block.count, $0 + chunkBytesMax)]) }
+        let t = try await client.begin()
+        var entry = "chunks=\(chunks.count) bytes=\(block.count)"
+        for (j, target) in targets.enumerated() {
+            var keys: [String] = []
+            for (c, chunk) in chunks.enumerated() {
+                let key = placedKey("b/\(set)/\(partition)/\(j)/\(c)", on: target, of: n)
+                try t.put(key, chunk)
+                keys.append(String(decoding: key, as: UTF8.self))
+            }
+            entry += " replica=\(target):" + keys.joined(separator: ",")
+        }
+        try t.put(directoryKey(set, partition), Array(entry.utf8))
+        try await t.commit()
+    }
+
+    /// Reads a partition's block from the first replica that answers and
+    /// passes its checksum; nil if the block was never written.
+    public static func read(_ client: WeftClient, set: String, partition: Int) async throws -> Bytes? {
+        guard let dir = try await client.get(directoryKey(set, partition)).value else { return nil }
+        let fields = String(decoding: dir, as: UTF8.self).split(separator: " ")
+        var lastError: Error = WeftError(.notFound, "block \(set)/\(partition) has no replica")
+        for f in fields where f.hasPrefix("replica=") {
+            let keys = f.split(separator: ":", maxSplits: 1)[1].split(separator: ",")
+            do {
+                var bytes = Bytes()
+                for k in keys {
+                    guard let chunk = try await client.get(Array(k.utf8)).value else { throw WeftError(.notFound, "replica chunk \(k) is missing") }
+                    bytes += chunk
+                }
+                guard bytes.count >= 13, Array(bytes[0..<4]) == magic else { throw WeftError(.corrupted, "replica \(f.prefix(20)) is not a block") }
+                return bytes
+            } catch {
+                lastError = error
+            }
+        }
+        throw lastError
+    }
+}
+
+extension RDD {
+    /// Persists partitions as reliable blocks: each computed partition is
+    /// written, with a checksum, to `replicas` participants in one 2PC
+    /// transaction with its directory entry. A partition that is lost from
+    /// memory is read back from a surviving replica instead of recomputed.
+    @discardableResult
+    public func persistReliable(replicas: Int, codec: BlockCodec<T>, client: WeftClient) -> Self {
+        reliable = ReliableState(replicas: replicas, client: client, set: "\(context.runId)-\(id)",
+                                 encode: { ReliableBlocks.encodeBlock($0 as! [T], codec) },
+                                 decode: { try ReliableBlocks.decodeBlock($0, codec) })
+        return persist(.memory)
+    }
+
+    /// Reliable persist that also cuts the lineage once every partition is
+    /// stored: after `checkpoint` and one action, the RDD has no parents.
+    @discardableResult
+    public func checkpoint(replicas: Int, codec: BlockCodec<T>, client: WeftClient) -> Self {
+        persistReliable(replicas: replicas, codec: codec, client: client)
+        reliable?.cutLineage = true
+        return self
+    }
+}
+
+/// What a reliably persisted RDD needs to store and find its blocks.
+final class ReliableState: @unchecked Sendable {
+    let replicas: Int
+    let client: WeftClient
+    let set: String
+    let encode: (Any) -> Bytes
+    let decode: (Bytes) throws -> Any
+    var cutLineage = false
+    let lock = NSLock()
+    var stored: Set<Int> = []
+
+    init(replicas: Int, client: WeftClient, set: String, encode: @escaping (Any) -> Bytes, decode: @escaping (Bytes) throws -> Any) {
+        self.replicas = replicas
+        self.client = client
+        self.set = set
+        self.encode = encode
+        self.decode = decode
+    }
+
+    func read(_ partition: Int) throws -> Any? {
+        let (client, set) = (self.client, self.set)
+        guard let bytes = try blocking({ try await ReliableBlocks.read(client, set: set, partition: partition) }) else { return nil }
+        return try decode(bytes)
+    }
+
+    func write(_ partition: Int, _ data: Any) throws {
+        let block = encode(data)
+        let (client, set, k) = (self.client, self.set, replicas)
+        try blocking { try await ReliableBlocks.write(client, set: set, partition: partition, block: block, replicas: k) }
+        lock.withLock { _ = stored.insert(partition) }
+    }
+
+    func allStored(_ n: Int) -> Bool { lock.withLock { stored.count == n } }
+}

@@ -1,0 +1,73 @@
+import XCTest
+import WeftCore
+import WeftRuntime
+@testable import WeftDataflow
+
+final class ReliableTests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = NSTemporaryDirectory() + "weft-reliable-\(getpid())-\(UInt64.random(in: 0...UInt64.max))" }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func testLostPartitionsAreReadFromReplicasNotRecomputed() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        let words = (0..<5000).map { "w\($0 % 97)" }
+        let result = try await onDriverThread { () -> [String] in
+            let sc = DataflowContext()
+            let counts = sc.parallelize(words, partitions: 6).map { ($0, 1) }.reduceByKey(+)
+                .persistReliable(replicas: 2, codec: .stringInt, client: c)
+            let first = try counts.collect().map { "\($0.0)=\($0.1)" }.sorted()
+            XCTAssertTrue(counts.toDebugString().contains("reliable x2"), counts.toDebugString())
+
+            // Lose the executor: cached partitions and shuffle outputs.
+            sc.loseExecutorState()
+            let second = try counts.collect().map { "\($0.0)=\($0.1)" }.sorted()
+            XCTAssertEqual(second, first)
+            XCTAssertEqual(sc.lastJobMetrics.partitionsReadFromReplicas, 6)
+            XCTAssertEqual(sc.lastJobMetrics.recomputedPartitions, 0, "no partition was recomputed")
+            XCTAssertEqual(sc.lastJobMetrics.stages, 1, "no parent stage ran")
+            return first
+        }
+        XCTAssertEqual(result.count, 97)
+    }
+
+    func testEachBlockHasReplicasOnDistinctParticipantsAndSurvivesLosingOne() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        let block = ReliableBlocks.encodeBlock(["a", "b", "c"], BlockCodec.string)
+        try await ReliableBlocks.write(c, set: "t1", partition: 0, block: block, replicas: 2)
+        let entry = String(decoding: try await c.get(Array("d/t1/0".utf8)).value!, as: UTF8.self)
+        let replicas = entry.split(separator: " ").filter { $0.hasPrefix("replica=") }
+        XCTAssertEqual(replicas.count, 2)
+        let owners = Set(replicas.map { $0.dropFirst("replica=".count).split(separator: ":")[0] })
+        XCTAssertEqual(owners.count, 2, "replicas on two participants: \(entry)")
+        // Lose the first replica: the reader falls back to the second.
+        let firstKey = String(replicas[0].split(separator: ":", maxSplits: 1)[1].split(separator: ",")[0])
+        try await c.delete(Array(firstKey.utf8))
+        let read = try await ReliableBlocks.read(c, set: "t1", partition: 0)
+        XCTAssertEqual(try ReliableBlocks.decodeBlock(read!, BlockCodec.string), ["a", "b", "c"])
+        // A corrupted block is refused by its checksum.
+        var bad = block
+        bad[bad.count - 1] ^= 0xff
+        XCTAssertThrowsError(try ReliableBlocks.decodeBlock(bad, BlockCodec.string))
+    }
+
+    func testCheckpointCutsTheLineage() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        try await onDriverThread {
+            let sc = DataflowContext()
+            let r = sc.parallelize((0..<100).map { "x\($0)" }, partitions: 4).map { $0 + "!" }.checkpoint(replicas: 2, codec: .string, client: c)
+            XCTAssertEqual(try r.count(), 100)
+            XCTAssertTrue(r.checkpointed)
+            XCTAssertTrue(r.dependencies.isEmpty)
+            sc.loseExecutorState()
+            XCTAssertEqual(try r.collect().count, 100)
+            XCTAssertEqual(sc.lastJobMetrics.partitionsReadFromReplicas, 4)
+            XCTAssertTrue(r.toDebugString().contains("lineage cut by checkpoint"))
+        }
+    }
+}
