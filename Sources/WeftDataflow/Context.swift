@@ -164,12 +164,15 @@ public final class DataflowContext: @unchecked Sendable {
         ParallelCollectionRDD(self, data, partitions ?? executor.parallelism)
     }
 
-    /// Lines of a text file, split into `partitions` byte ranges at line ends.
+    /// Lines of a text file. Partition i reads its own byte range of the
+    /// file (from the first line that starts in it), so a partition can be
+    /// read again identically and no task holds the whole file.
     public func textFile(_ path: String, partitions: Int? = nil) throws -> RDD<String> {
-        guard let data = FileManager.default.contents(atPath: path) else { throw WeftError(.notFound, "cannot read \(path)") }
-        let lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
-        let trimmed = lines.last == "" ? Array(lines.dropLast()) : lines
-        return parallelize(trimmed, partitions: partitions).setName("textFile(\(path))")
+        guard let attrs = try? FileManager.default.attributesOfItem(atPath: path), let size = attrs[.size] as? Int else {
+            throw WeftError(.notFound, "cannot read \(path)")
+        }
+        let n = partitions ?? Swift.max(executor.parallelism * 4, size / (32 << 20) + 1)
+        return TextFileRDD(self, path: path, size: size, partitions: Swift.max(1, n))
     }
 
     public func broadcast<T>(_ v: T) -> Broadcast<T> { Broadcast(v) }

@@ -187,7 +187,7 @@ public enum BuiltinJobs {
     }
 
     public static func wordCount(_ lines: RDD<String>) -> RDD<(String, Int)> {
-        lines.flatMap { $0.split(whereSeparator: { $0.isWhitespace }).map(String.init) }
+        lines.flatMap { whitespaceTokens($0) }
             .map { ($0, 1) }
             .reduceByKey(+)
             .setName("wordCounts")

@@ -381,3 +381,95 @@ final class CartesianRDD<T, U>: RDD<(T, U)> {
         return out
     }
 }
+
+/// Lines of a file by byte ranges: a partition owns the lines that start
+/// inside its range [start, end).
+final class TextFileRDD: RDD<String> {
+    let path: String
+    let size: Int
+
+    init(_ ctx: DataflowContext, path: String, size: Int, partitions: Int) {
+        self.path = path
+        self.size = size
+        super.init(ctx, partitions: partitions, dependencies: [], name: "textFile(\(path))")
+    }
+
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [String] {
+        let start = size * partition / numPartitions, end = size * (partition + 1) / numPartitions
+        guard let fh = FileHandle(forReadingAtPath: path) else { throw WeftError(.notFound, "cannot read \(path)") }
+        defer { try? fh.close() }
+        // Read one byte before the range to know whether a line starts at `start`,
+        // and past the end to finish the last line that starts inside it.
+        let from = Swift.max(0, start - 1)
+        try fh.seek(toOffset: UInt64(from))
+        var data = Bytes(fh.readData(ofLength: end - from))
+        var more = Bytes()
+        if end < size {
+            while true {
+                let chunk = fh.readData(ofLength: 64 << 10)
+                if chunk.isEmpty { break }
+                if let nl = chunk.firstIndex(of: 10) {
+                    more += chunk[chunk.startIndex..<nl]
+                    break
+                }
+                more += chunk
+            }
+        }
+        data += more
+        // data[k] is the byte at absolute offset from + k. A line belongs to
+        // this partition if it starts at an offset in [start, end).
+        var i = start - from
+        if start > 0 && data[0] != 10 {
+            // The byte before `start` is not a newline: skip the tail of a
+            // line that began in an earlier partition.
+            while i < data.count && data[i] != 10 { i += 1 }
+            i += 1
+        }
+        var lines: [String] = []
+        let limit = data.count
+        while i < limit && from + i < end {
+            var j = i
+            while j < limit && data[j] != 10 { j += 1 }
+            lines.append(String(decoding: data[i..<j], as: UTF8.self))
+            i = j + 1
+        }
+        return lines
+    }
+}
+
+/// Maximal runs of non-whitespace, like Python's `str.split()`: ASCII
+/// whitespace (and 0x1c-0x1f) by byte, other Unicode whitespace by scalar.
+public func whitespaceTokens(_ line: String) -> [String] {
+    var out: [String] = []
+    var utf8 = line.utf8
+    return utf8.withContiguousStorageIfAvailable { buf -> [String] in
+        var i = 0, start = -1
+        let n = buf.count
+        while i < n {
+            let b = buf[i]
+            var ws = false
+            var width = 1
+            if b < 0x80 {
+                ws = b == 32 || (b >= 9 && b <= 13) || (b >= 28 && b <= 31)
+            } else {
+                width = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : 2
+                if i + width <= n, let s = String(decoding: UnsafeBufferPointer(rebasing: buf[i..<i + width]), as: UTF8.self).unicodeScalars.first {
+                    ws = s.properties.isWhitespace
+                }
+            }
+            if ws {
+                if start >= 0 { out.append(String(decoding: UnsafeBufferPointer(rebasing: buf[start..<i]), as: UTF8.self)); start = -1 }
+            } else if start < 0 {
+                start = i
+            }
+            i += width
+        }
+        if start >= 0 { out.append(String(decoding: UnsafeBufferPointer(rebasing: buf[start..<n]), as: UTF8.self)) }
+        return out
+    } ?? {
+        var s = line
+        s.makeContiguousUTF8()
+        utf8 = s.utf8
+        return whitespaceTokens(s)
+    }()
+}

@@ -184,3 +184,28 @@ final class RDDTests: XCTestCase {
         XCTAssertTrue(r.toDebugString().contains("persisted"))
     }
 }
+
+final class SourceTests: XCTestCase {
+    func testTextFilePartitionsCoverEveryLineExactlyOnce() throws {
+        let path = NSTemporaryDirectory() + "weft-text-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var rng = SplitMix(seed: 2)
+        let lines = (0..<2000).map { i in i % 97 == 0 ? "" : String(repeating: "x", count: Int(rng.next() % 80)) + " \(i)" }
+        for trailingNewline in [true, false] {
+            let text = lines.joined(separator: "\n") + (trailingNewline ? "\n" : "")
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+            for parts in [1, 2, 7, 64, 5000] {
+                let got = try DataflowContext().textFile(path, partitions: parts).collect()
+                XCTAssertEqual(got.count, lines.count, "\(parts) partitions, trailing newline \(trailingNewline)")
+                XCTAssertTrue(got == lines, "\(parts) partitions, trailing newline \(trailingNewline): lines differ")
+            }
+        }
+    }
+
+    func testTokensAreMaximalRunsOfNonWhitespace() {
+        XCTAssertEqual(whitespaceTokens("  a bb\tc\u{00A0}d\u{2003}e\r\nf  "), ["a", "bb", "c", "d", "e", "f"])
+        XCTAssertEqual(whitespaceTokens("héllo wörld 日本"), ["héllo", "wörld", "日本"])
+        XCTAssertEqual(whitespaceTokens(""), [])
+        XCTAssertEqual(whitespaceTokens("   "), [])
+    }
+}
