@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "weft", targets: ["WeftCLI"]),
         .executable(name: "weft-bench", targets: ["WeftBench"]),
+        .executable(name: "weft-dataflow-bench", targets: ["DataflowBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -38,6 +39,7 @@ let package = Package(
         ),
         .executableTarget(name: "WeftBench", dependencies: ["WeftRuntime", "WeftLMDB", "WeftCore", "WeftProtocol"], path: "Tools/WeftBench"),
         .testTarget(name: "WeftProtocolTests", dependencies: ["WeftProtocol", "WeftCore", "WeftSimulation"]),
+        .executableTarget(name: "DataflowBench", dependencies: ["WeftDataflow", "WeftCore"], path: "Tools/DataflowBench"),
         .executableTarget(name: "WeftSim", dependencies: ["WeftSimulation"], path: "Tools/WeftSim"),
         .testTarget(name: "WeftLMDBTests", dependencies: ["WeftLMDB"]),
         .testTarget(name: "WeftDataflowTests", dependencies: ["WeftDataflow", "WeftCore", "WeftRuntime"]),

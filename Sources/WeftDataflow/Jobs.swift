@@ -201,17 +201,23 @@ public enum BuiltinJobs {
         let edges: RDD<(String, String)> = lines.mapPartitionsWithIndex { _, xs, ctx in
             var out: [(String, String)] = []
             for line in xs {
-                let f = line.split(whereSeparator: { $0.isWhitespace })
-                if f.count >= 2 { out.append((String(f[0]), String(f[1]))) } else if !line.allSatisfy(\.isWhitespace) { malformed.add(1, in: ctx) }
+                let f = whitespaceTokens(line)
+                if f.count >= 2 { out.append((f[0], f[1])) } else if !f.isEmpty { malformed.add(1, in: ctx) }
             }
             return out
         }
+        return pageRank(edges: edges, iterations: iterations, damping: damping)
+    }
+
+    /// PageRank over any vertex type (the benchmark uses integers).
+    public static func pageRank<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double) -> RDD<(V, Double)> {
         let links = edges.map { EdgeKey(src: $0.0, dst: $0.1) }.distinct().map { ($0.src, $0.dst) }.groupByKey().persist().setName("links")
-        var ranks: RDD<(String, Double)> = links.mapValues { _ in 1.0 }
+        var ranks: RDD<(V, Double)> = links.mapValues { _ in 1.0 }
         for _ in 0..<max(1, iterations) {
-            let contribs = links.join(ranks).flatMap { kv -> [(String, Double)] in
+            let contribs = links.join(ranks).flatMap { kv -> [(V, Double)] in
                 let (urls, rank) = kv.1
-                return urls.map { ($0, rank / Double(urls.count)) }
+                let share = rank / Double(urls.count)
+                return urls.map { ($0, share) }
             }
             ranks = contribs.reduceByKey(+).mapValues { (1 - damping) + damping * $0 }.setName("ranks")
         }
@@ -274,9 +280,9 @@ public enum BuiltinJobs {
     }
 }
 
-struct EdgeKey: Hashable {
-    let src: String
-    let dst: String
+struct EdgeKey<V: Hashable>: Hashable {
+    let src: V
+    let dst: V
 }
 
 /// A numeric sort key that keeps the original text.

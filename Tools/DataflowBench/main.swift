@@ -1,0 +1,233 @@
+import Foundation
+import WeftCore
+import WeftDataflow
+
+// The dataflow benchmark (COST): each workload runs on the engine with 2
+// threads and with 1, and as a hand-written single-threaded Swift loop over
+// the same file, in the same run.
+//   weft-dataflow-bench [--wordcount-mb 200] [--vertices 1000000] [--edges 10000000]
+//                       [--iterations 10] [--skip-wordcount] [--skip-pagerank] [--dir DIR]
+
+var wordcountMB = 200, vertices = 1_000_000, edgeCount = 10_000_000, iterations = 10
+var skipWordcount = false, skipPagerank = false
+var dirArg = NSTemporaryDirectory() + "weft-dataflow-bench"
+var args = CommandLine.arguments.dropFirst()
+while let a = args.popFirst() {
+    switch a {
+    case "--wordcount-mb": wordcountMB = Int(args.popFirst() ?? "") ?? wordcountMB
+    case "--vertices": vertices = Int(args.popFirst() ?? "") ?? vertices
+    case "--edges": edgeCount = Int(args.popFirst() ?? "") ?? edgeCount
+    case "--iterations": iterations = Int(args.popFirst() ?? "") ?? iterations
+    case "--skip-wordcount": skipWordcount = true
+    case "--skip-pagerank": skipPagerank = true
+    case "--dir": dirArg = args.popFirst() ?? dirArg
+    default:
+        print("usage: weft-dataflow-bench [--wordcount-mb N] [--vertices N] [--edges N] [--iterations N] [--skip-wordcount] [--skip-pagerank] [--dir DIR]")
+        exit(2)
+    }
+}
+let dir = dirArg
+try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+
+func now() -> Double {
+    var t = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
+}
+
+/// Peak resident memory since the last reset (VmHWM), in MiB.
+func peakMiB() -> Double {
+    guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }) else { return -1 }
+    return (Double(line.split(separator: " ").dropFirst().first { !$0.isEmpty }.map(String.init) ?? "") ?? 0) / 1024
+}
+
+func resetPeak() { try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8) }
+
+struct Rng {
+    var s: UInt64
+    mutating func next() -> UInt64 {
+        s &+= 0x9E37_79B9_7F4A_7C15
+        var z = s
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func unit() -> Double { Double(next() >> 11) / Double(1 << 53) }
+}
+
+func report(_ name: String, _ baseline: Double, _ two: Double, _ one: Double, _ peak2: Double, _ peakBase: Double) {
+    print(String(format: "%@: single-threaded loop %.2f s (peak %.0f MiB) | engine 2 threads %.2f s = %.2fx the loop (peak %.0f MiB) | engine 1 thread %.2f s = %.2fx the loop",
+                 name as NSString, baseline, peakBase, two, two / baseline, peak2, one, one / baseline))
+}
+
+// MARK: Word count over Zipf text
+
+// Workloads are plain functions, not top-level code: top-level code runs on
+// the main actor, and closures written there must not run on executor threads.
+func wordcountBench(dir: String, wordcountMB: Int) throws {
+    let path = dir + "/zipf-\(wordcountMB)mb.txt"
+    if (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0 < wordcountMB << 20 {
+        let t0 = now()
+        var rng = Rng(s: 1)
+        let vocab: [String] = (0..<100_000).map { _ in String((0..<(2 + Int(rng.next() % 9))).map { _ in Character(UnicodeScalar(UInt8(97 + rng.next() % 26))) }) }
+        // Zipf(s = 1) over the vocabulary.
+        var cdf: [Double] = []
+        var acc = 0.0
+        for i in 1...vocab.count { acc += 1 / Double(i); cdf.append(acc) }
+        let fh = FileManager.default.createFile(atPath: path, contents: nil) ? FileHandle(forWritingAtPath: path)! : nil
+        var written = 0
+        var buf = [UInt8]()
+        buf.reserveCapacity(8 << 20)
+        while written < wordcountMB << 20 {
+            let words = 5 + Int(rng.next() % 12)
+            for w in 0..<words {
+                let u = rng.unit() * acc
+                var lo = 0, hi = cdf.count - 1
+                while lo < hi { let m = (lo + hi) / 2; if cdf[m] < u { lo = m + 1 } else { hi = m } }
+                if w > 0 { buf.append(32) }
+                buf.append(contentsOf: vocab[lo].utf8)
+            }
+            buf.append(10)
+            if buf.count >= 8 << 20 {
+                fh!.write(Data(buf))
+                written += buf.count
+                buf.removeAll(keepingCapacity: true)
+            }
+        }
+        fh!.write(Data(buf))
+        try fh!.close()
+        print(String(format: "generated %@ (%d MiB) in %.1f s", path, wordcountMB, now() - t0))
+    }
+
+    // The COST baseline: read the file, split on whitespace, count in a dictionary.
+    resetPeak()
+    let t0 = now()
+    let data = FileManager.default.contents(atPath: path)!
+    var counts: [String: Int] = [:]
+    data.withUnsafeBytes { (buf: UnsafeRawBufferPointer) in
+        var start = -1
+        for i in 0..<buf.count {
+            let b = buf[i]
+            if b == 32 || b == 10 || b == 9 || b == 13 {
+                if start >= 0 { counts[String(decoding: UnsafeRawBufferPointer(rebasing: buf[start..<i]), as: UTF8.self), default: 0] += 1; start = -1 }
+            } else if start < 0 { start = i }
+        }
+        if start >= 0 { counts[String(decoding: UnsafeRawBufferPointer(rebasing: buf[start...]), as: UTF8.self), default: 0] += 1 }
+    }
+    let baseline = now() - t0
+    let peakBase = peakMiB()
+    let baseTotal = counts.values.reduce(0, +), baseDistinct = counts.count
+    counts = [:]
+
+    func engine(_ threads: Int) throws -> (Double, Double, Int, Int) {
+        resetPeak()
+        let sc = DataflowContext(executor: LocalExecutor(threads: threads))
+        let t = now()
+        let wc = try BuiltinJobs.wordCount(sc.textFile(path)).mapPartitions { xs in [(xs.count, xs.reduce(0) { $0 + $1.1 })] }.collect()
+        return (now() - t, peakMiB(), wc.reduce(0) { $0 + $1.0 }, wc.reduce(0) { $0 + $1.1 })
+    }
+    let (two, peak2, d2, n2) = try engine(2)
+    let (one, _, d1, n1) = try engine(1)
+    guard d2 == baseDistinct, n2 == baseTotal, d1 == baseDistinct, n1 == baseTotal else {
+        print("wordcount: RESULTS DIFFER: loop \(baseDistinct) distinct / \(baseTotal) words, engine \(d2)/\(n2) and \(d1)/\(n1)")
+        exit(1)
+    }
+    print("wordcount over \(wordcountMB) MiB: \(baseDistinct) distinct words, \(baseTotal) words (engine and loop agree)")
+    report("wordcount", baseline, two, one, peak2, peakBase)
+}
+
+// MARK: PageRank over a generated graph
+
+func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int) throws {
+    let path = dir + "/graph-\(vertices)-\(edgeCount).txt"
+    if !FileManager.default.fileExists(atPath: path) {
+        let t0 = now()
+        var rng = Rng(s: 7)
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        let fh = FileHandle(forWritingAtPath: path)!
+        var buf = [UInt8]()
+        buf.reserveCapacity(8 << 20)
+        for _ in 0..<edgeCount {
+            let src = Int(rng.next() % UInt64(vertices))
+            // Skewed in-degrees: popular destinations get many links.
+            let dst = Int(Double(vertices) * pow(rng.unit(), 2))
+            buf.append(contentsOf: "\(src) \(dst)\n".utf8)
+            if buf.count >= 8 << 20 { fh.write(Data(buf)); buf.removeAll(keepingCapacity: true) }
+        }
+        fh.write(Data(buf))
+        try fh.close()
+        print(String(format: "generated %@ in %.1f s", path, now() - t0))
+    }
+
+    // Baseline: parse, drop duplicate edges, CSR, iterate (Spark's semantics).
+    resetPeak()
+    let t0 = now()
+    let data = FileManager.default.contents(atPath: path)!
+    var pairs: [UInt64] = []
+    pairs.reserveCapacity(edgeCount)
+    data.withUnsafeBytes { (buf: UnsafeRawBufferPointer) in
+        var a = 0, b = 0, field = 0
+        for byte in buf {
+            switch byte {
+            case 48...57:
+                if field == 0 { a = a * 10 + Int(byte - 48) } else { b = b * 10 + Int(byte - 48) }
+            case 32: field = 1
+            case 10:
+                pairs.append(UInt64(a) << 32 | UInt64(b)); a = 0; b = 0; field = 0
+            default: break
+            }
+        }
+    }
+    pairs.sort()
+    var unique: [UInt64] = []
+    unique.reserveCapacity(pairs.count)
+    for p in pairs where unique.last != p { unique.append(p) }
+    pairs = []
+    var offsets = [Int](repeating: 0, count: vertices + 1)
+    for p in unique { offsets[Int(p >> 32) + 1] += 1 }
+    for i in 0..<vertices { offsets[i + 1] += offsets[i] }
+    var ranks = [Double](repeating: -1, count: vertices)
+    for v in 0..<vertices where offsets[v + 1] > offsets[v] { ranks[v] = 1 }
+    var contrib = [Double](repeating: 0, count: vertices)
+    var received = [Bool](repeating: false, count: vertices)
+    for _ in 0..<iterations {
+        for i in 0..<vertices { contrib[i] = 0; received[i] = false }
+        for v in 0..<vertices where ranks[v] >= 0 && offsets[v + 1] > offsets[v] {
+            let share = ranks[v] / Double(offsets[v + 1] - offsets[v])
+            for e in offsets[v]..<offsets[v + 1] { let d = Int(unique[e] & 0xffff_ffff); contrib[d] += share; received[d] = true }
+        }
+        for v in 0..<vertices { ranks[v] = received[v] ? 0.15 + 0.85 * contrib[v] : -1 }
+    }
+    let baseline = now() - t0
+    let peakBase = peakMiB()
+    let baseRanked = ranks.filter { $0 >= 0 }.count
+    let baseTop = ranks.enumerated().max { $0.element < $1.element }!
+
+    func engine(_ threads: Int) throws -> (Double, Double, Int, (Int, Double)) {
+        resetPeak()
+        let sc = DataflowContext(executor: LocalExecutor(threads: threads))
+        let t = now()
+        let edges = try sc.textFile(path).mapPartitions { lines in
+            lines.compactMap { l -> (Int, Int)? in
+                let f = l.split(separator: " ")
+                guard f.count == 2, let a = Int(f[0]), let b = Int(f[1]) else { return nil }
+                return (a, b)
+            }
+        }
+        let out = try BuiltinJobs.pageRank(edges: edges, iterations: iterations, damping: 0.85).collect()
+        let top = out.max { $0.1 < $1.1 }!
+        return (now() - t, peakMiB(), out.count, (top.0, top.1))
+    }
+    let (two, peak2, n2, top2) = try engine(2)
+    let (one, _, n1, _) = try engine(1)
+    guard n2 == baseRanked, n1 == baseRanked, top2.0 == baseTop.offset, abs(top2.1 - baseTop.element) < 1e-6 * baseTop.element else {
+        print("pagerank: RESULTS DIFFER: loop \(baseRanked) ranked, top \(baseTop); engine \(n2)/\(n1), top \(top2)")
+        exit(1)
+    }
+    print("pagerank over \(vertices) vertices, \(edgeCount) edges, \(iterations) iterations: \(baseRanked) ranked vertices, top vertex \(baseTop.offset) rank \(String(format: "%.4f", baseTop.element)) (engine and loop agree)")
+    report("pagerank", baseline, two, one, peak2, peakBase)
+}
+
+if !skipWordcount { try wordcountBench(dir: dir, wordcountMB: wordcountMB) }
+if !skipPagerank { try pagerankBench(dir: dir, vertices: vertices, edgeCount: edgeCount, iterations: iterations) }
