@@ -1,75 +1,210 @@
 import Foundation
 import WeftCore
 
-/// Cached partitions, least-recently-used first out past `memoryBytesMax`.
+/// Cached partitions. Memory comes from the context's pool; when the pool
+/// says no, least-recently-used memory blocks are evicted: dropped
+/// (`.memory`, recomputed from lineage if needed) or written to disk
+/// (`.memoryAndDisk`). `.disk` blocks go straight to a file.
 final class BlockManager: @unchecked Sendable {
+    enum Place {
+        case memory(Any)
+        case disk(String)
+    }
+    struct Entry {
+        var place: Place
+        var bytes: Int
+        var used: UInt64
+        let level: StorageLevel
+        let encode: ((Any) -> Bytes)?
+        let decode: ((Bytes) throws -> Any)?
+    }
     let lock = NSLock()
-    var blocks: [Int: [Int: (data: Any, bytes: Int, used: UInt64)]] = [:]
-    var bytes = 0
+    var blocks: [Int: [Int: Entry]] = [:]
     var clock: UInt64 = 0
-    let memoryBytesMax: Int
-    init(memoryBytesMax: Int) { self.memoryBytesMax = memoryBytesMax }
+    let pool: MemoryPool
+    let disk: SpillDirectory
+    var report: ((inout JobMetrics) -> Void) -> Void = { _ in }
 
-    func get(rdd: Int, partition: Int) -> Any? {
-        lock.withLock {
+    init(pool: MemoryPool, disk: SpillDirectory) {
+        self.pool = pool
+        self.disk = disk
+    }
+
+    func get(rdd: Int, partition: Int, _ ctx: TaskContext? = nil) throws -> Any? {
+        let found = lock.withLock { () -> Entry? in
             guard var b = blocks[rdd]?[partition] else { return nil }
             clock += 1
             b.used = clock
             blocks[rdd]![partition] = b
-            return b.data
+            return b
+        }
+        guard let e = found else { return nil }
+        switch e.place {
+        case .memory(let data): return data
+        case .disk(let file):
+            guard let decode = e.decode, let bytes = try? disk.read(file) else {
+                // An unreadable block is a lost block: recompute it.
+                lock.withLock { blocks[rdd]?[partition] = nil }
+                return nil
+            }
+            report { $0.diskBlockReads += 1 }
+            return try decode(bytes)
         }
     }
 
-    func put(rdd: Int, partition: Int, _ data: Any, bytes n: Int) {
+    func put<T>(rdd: Int, partition: Int, _ data: [T], bytes n: Int, level: StorageLevel, codec: BlockCodec<T>?) {
+        let encode: ((Any) -> Bytes)? = codec.map { c in { SpillFormatBlock.encode($0 as! [T], c) } }
+        let decode: ((Bytes) throws -> Any)? = codec.map { c in { try SpillFormat.decodeAll($0[...], c) } }
+        // Without a codec a disk level can only keep the block in memory.
+        let effective: StorageLevel = codec == nil && level != .none ? .memory : level
+        if effective == .disk, let encode {
+            if let file = writeToDisk(encode(data), rdd: rdd, partition: partition) {
+                insert(rdd, partition, Entry(place: .disk(file), bytes: n, used: 0, level: .disk, encode: encode, decode: decode))
+            }
+            return
+        }
+        if reserve(n, sparing: rdd) {
+            insert(rdd, partition, Entry(place: .memory(data), bytes: n, used: 0, level: effective, encode: encode, decode: decode))
+        } else if effective == .memoryAndDisk, let encode, let file = writeToDisk(encode(data), rdd: rdd, partition: partition) {
+            insert(rdd, partition, Entry(place: .disk(file), bytes: n, used: 0, level: .memoryAndDisk, encode: encode, decode: decode))
+        }
+        // Else a `.memory` block that does not fit is not kept (as in Spark).
+    }
+
+    private func insert(_ rdd: Int, _ partition: Int, _ e: Entry) {
         lock.withLock {
             clock += 1
-            blocks[rdd, default: [:]][partition] = (data, n, clock)
-            bytes += n
-            while bytes > memoryBytesMax {
-                // Evict the least recently used block (it is recomputed from lineage if needed).
-                var victim: (Int, Int, UInt64)?
-                for (r, ps) in blocks { for (p, b) in ps where victim == nil || b.used < victim!.2 { victim = (r, p, b.used) } }
-                guard let (r, p, _) = victim else { break }
-                bytes -= blocks[r]![p]!.bytes
-                blocks[r]![p] = nil
+            var e = e
+            e.used = clock
+            if let old = blocks[rdd]?[partition] { release(old) }
+            blocks[rdd, default: [:]][partition] = e
+        }
+    }
+
+    private func release(_ e: Entry) {
+        switch e.place {
+        case .memory: pool.release(e.bytes)
+        case .disk(let f): disk.remove(f)
+        }
+    }
+
+    private func writeToDisk(_ bytes: Bytes, rdd: Int, partition: Int) -> String? {
+        guard let file = try? disk.write(bytes, tag: "rdd-\(rdd)-\(partition)") else { return nil }
+        report {
+            $0.bytesSpilled += bytes.count
+            $0.spillFiles += 1
+        }
+        return file
+    }
+
+    /// Takes `n` bytes from the pool, evicting least-recently-used memory
+    /// blocks of other RDDs until it fits. False if it cannot.
+    private func reserve(_ n: Int, sparing rdd: Int) -> Bool {
+        if n > pool.capacity { return false }
+        while !pool.tryAcquire(n) {
+            let victim = lock.withLock { () -> (Int, Int, Entry)? in
+                var best: (Int, Int, Entry)?
+                for (r, ps) in blocks where r != rdd {
+                    for (p, e) in ps {
+                        if case .memory = e.place, best == nil || e.used < best!.2.used { best = (r, p, e) }
+                    }
+                }
+                if let (r, p, _) = best { blocks[r]![p] = nil }
+                return best
+            }
+            guard let (r, p, e) = victim else { return false }
+            pool.release(e.bytes)
+            if e.level == .memoryAndDisk, let encode = e.encode, case .memory(let data) = e.place,
+               let file = writeToDisk(encode(data), rdd: r, partition: p) {
+                lock.withLock {
+                    if blocks[r]?[p] == nil {
+                        blocks[r, default: [:]][p] = Entry(place: .disk(file), bytes: e.bytes, used: e.used, level: e.level, encode: e.encode, decode: e.decode)
+                    } else {
+                        disk.remove(file)
+                    }
+                }
             }
         }
+        return true
     }
 
     func drop(rdd: Int) {
         lock.withLock {
-            bytes -= blocks[rdd]?.values.reduce(0) { $0 + $1.bytes } ?? 0
+            for e in blocks[rdd]?.values ?? [:].values { release(e) }
             blocks[rdd] = nil
         }
     }
 
     func dropAll() {
         lock.withLock {
+            for ps in blocks.values { for e in ps.values { release(e) } }
             blocks = [:]
-            bytes = 0
         }
     }
 
     func cachedPartitions(rdd: Int) -> Int { lock.withLock { blocks[rdd]?.count ?? 0 } }
+
+    func onDisk(rdd: Int) -> Int {
+        lock.withLock { blocks[rdd]?.values.filter { if case .disk = $0.place { return true } else { return false } }.count ?? 0 }
+    }
+}
+
+/// Block encoding for disk caches: the spill format of a whole partition.
+enum SpillFormatBlock {
+    static func encode<T>(_ items: [T], _ codec: BlockCodec<T>) -> Bytes {
+        var w = ByteWriter(capacity: 64 + items.count * 16)
+        SpillFormat.encode(items, count: items.count, codec, into: &w)
+        return w.bytes
+    }
 }
 
 /// Map outputs of shuffles, by (shuffle, map partition).
 final class ShuffleManager: @unchecked Sendable {
     let lock = NSLock()
     var outputs: [Int: [Int: ShuffleOutput]] = [:]
+    let pool: MemoryPool
+    let disk: SpillDirectory
 
-    func put(_ shuffle: Int, map: Int, _ out: ShuffleOutput) { lock.withLock { outputs[shuffle, default: [:]][map] = out } }
+    init(pool: MemoryPool, disk: SpillDirectory) {
+        self.pool = pool
+        self.disk = disk
+    }
+
+    func put(_ shuffle: Int, map: Int, _ out: ShuffleOutput) {
+        let old = lock.withLock { () -> ShuffleOutput? in
+            let old = outputs[shuffle]?[map]
+            outputs[shuffle, default: [:]][map] = out
+            return old
+        }
+        if let old { free(old) }
+    }
+
     func has(_ shuffle: Int, map: Int) -> Bool { lock.withLock { outputs[shuffle]?[map] != nil } }
 
-    func fetch<E>(_ shuffle: Int, map: Int, bucket: Int) throws -> [E] {
+    func output(_ shuffle: Int, map: Int) throws -> ShuffleOutput {
         guard let out = lock.withLock({ outputs[shuffle]?[map] }) else { throw FetchFailed(shuffleId: shuffle, mapPartition: map) }
-        return out.buckets[bucket] as! [E]
+        return out
+    }
+
+    private func free(_ out: ShuffleOutput) {
+        pool.release(out.memoryBytes)
+        for r in out.runs { disk.remove(r.file) }
+    }
+
+    func drop(_ shuffle: Int, map: Int) {
+        if let old = lock.withLock({ outputs[shuffle]?.removeValue(forKey: map) }) { free(old) }
     }
 
     func drop(shuffle: Int? = nil) {
-        lock.withLock {
-            if let s = shuffle { outputs[s] = nil } else { outputs = [:] }
+        let gone = lock.withLock { () -> [ShuffleOutput] in
+            if let s = shuffle {
+                defer { outputs[s] = nil }
+                return Array(outputs[s]?.values ?? [:].values)
+            }
+            defer { outputs = [:] }
+            return outputs.values.flatMap { $0.values }
         }
+        for o in gone { free(o) }
     }
 }
 
@@ -123,7 +258,11 @@ public final class DataflowContext: @unchecked Sendable {
     var nextJob = 0
     var nextStage = 0
     let blocks: BlockManager
-    let shuffles = ShuffleManager()
+    let shuffles: ShuffleManager
+    /// The one memory bound (`memoryBytesMax`) shared by caches, shuffle
+    /// map outputs and map-side combine tables.
+    let memory: MemoryPool
+    let spillDirectory: SpillDirectory
     public var executor: Executor
     public let maxTaskFailures = 4
     public let maxStageAttempts = 4
@@ -140,10 +279,21 @@ public final class DataflowContext: @unchecked Sendable {
     /// Names this context's reliable blocks apart from every other run's.
     public let runId = String(UInt64.random(in: 1...UInt64.max), radix: 36)
 
-    public init(executor: Executor = LocalExecutor(), memoryBytesMax: Int = 512 << 20) {
+    /// The default memory bound of a context.
+    public static let memoryBytesMaxDefault = 512 << 20
+
+    public init(executor: Executor = LocalExecutor(), memoryBytesMax: Int = DataflowContext.memoryBytesMaxDefault) {
         self.executor = executor
-        self.blocks = BlockManager(memoryBytesMax: memoryBytesMax)
+        memory = MemoryPool(capacity: memoryBytesMax)
+        spillDirectory = SpillDirectory(runId: String(UInt64.random(in: 1...UInt64.max), radix: 36))
+        blocks = BlockManager(pool: memory, disk: spillDirectory)
+        shuffles = ShuffleManager(pool: memory, disk: spillDirectory)
+        blocks.report = { [unowned self] f in self.metric(f) }
     }
+
+    /// The most memory the pool has had in use (an estimate of the data
+    /// the engine holds, not the process's resident size).
+    public var peakPoolBytes: Int { memory.peak }
 
     func newRDDId() -> Int { lock.withLock { nextRDD += 1; return nextRDD } }
     func newShuffleId() -> Int { lock.withLock { nextShuffle += 1; return nextShuffle } }
@@ -201,13 +351,7 @@ public final class DataflowContext: @unchecked Sendable {
         defer {
             lock.withLock {
                 lastJobMetrics = jobMetrics
-                totalMetrics.stages += jobMetrics.stages
-                totalMetrics.tasks += jobMetrics.tasks
-                totalMetrics.taskRetries += jobMetrics.taskRetries
-                totalMetrics.stageResubmissions += jobMetrics.stageResubmissions
-                totalMetrics.recomputedPartitions += jobMetrics.recomputedPartitions
-                totalMetrics.cacheHits += jobMetrics.cacheHits
-                totalMetrics.partitionsReadFromReplicas += jobMetrics.partitionsReadFromReplicas
+                totalMetrics.add(jobMetrics)
             }
         }
         let parts = partitions ?? Array(0..<rdd.numPartitions)
@@ -331,7 +475,9 @@ public final class DataflowContext: @unchecked Sendable {
         func visit(_ r: AnyRDD, _ depth: Int) {
             let indent = String(repeating: "  ", count: depth)
             var note = ""
-            if r.storageLevel != .none { note = " [persisted \(r.storageLevel), \(blocks.cachedPartitions(rdd: r.id))/\(r.numPartitions) cached]" }
+            if r.storageLevel != .none {
+                note = " [persisted \(r.storageLevel), \(blocks.cachedPartitions(rdd: r.id))/\(r.numPartitions) cached, \(blocks.onDisk(rdd: r.id)) of them on disk]"
+            }
             if let rel = (r as? ReliableMarker)?.reliableDescription { note += " [\(rel)]" }
             guard shown.insert(r.id).inserted else {
                 lines.append("\(indent)(\(r.numPartitions)) \(r.name) [rdd \(r.id)]\(note) (lineage shown above)")

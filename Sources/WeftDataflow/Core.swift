@@ -34,6 +34,11 @@ public enum StorageLevel: Equatable, Sendable {
     /// In memory, evicted least-recently-used past the context's memory bound
     /// (an evicted partition is recomputed from lineage).
     case memory
+    /// In memory while it fits; past the bound, least-recently-used blocks
+    /// move to disk (serialized) instead of being dropped.
+    case memoryAndDisk
+    /// Serialized on disk only; takes no memory from the bound.
+    case disk
 }
 
 /// Thrown by a reduce task whose shuffle input is missing: the scheduler
@@ -93,7 +98,28 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     public var cacheHits = 0
     /// Partitions of reliably persisted RDDs read back from a replica block.
     public var partitionsReadFromReplicas = 0
+    /// Cached partitions read back from disk (memory-and-disk or disk level).
+    public var diskBlockReads = 0
+    /// Bytes written to spill files (shuffle data and cache blocks).
+    public var bytesSpilled = 0
+    public var spillFiles = 0
+    /// Memory held past the bound because the data has no codec to spill with.
+    public var unspillableBytes = 0
     public var description: String {
-        "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(recomputedPartitions) partitions recomputed, \(partitionsReadFromReplicas) read from replicas, \(cacheHits) cache hits"
+        "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(recomputedPartitions) partitions recomputed, \(partitionsReadFromReplicas) read from replicas, \(cacheHits) cache hits (\(diskBlockReads) from disk), \(bytesSpilled) bytes spilled in \(spillFiles) files"
+    }
+
+    mutating func add(_ o: JobMetrics) {
+        stages += o.stages
+        tasks += o.tasks
+        taskRetries += o.taskRetries
+        stageResubmissions += o.stageResubmissions
+        recomputedPartitions += o.recomputedPartitions
+        cacheHits += o.cacheHits
+        partitionsReadFromReplicas += o.partitionsReadFromReplicas
+        diskBlockReads += o.diskBlockReads
+        bytesSpilled += o.bytesSpilled
+        spillFiles += o.spillFiles
+        unspillableBytes += o.unspillableBytes
     }
 }

@@ -45,11 +45,12 @@ public final class RangePartitioner<K: Comparable>: Partitioner {
     }
 }
 
-/// How values of a key are combined: Spark's `Aggregator`.
+/// How values of a key are combined: Spark's `Aggregator`, with merges that
+/// update the combiner in place (so grouping appends rather than copies).
 public struct Aggregator<V, C> {
     public let createCombiner: (V) -> C
-    public let mergeValue: (C, V) -> C
-    public let mergeCombiners: (C, C) -> C
+    public let mergeValue: (inout C, V) -> Void
+    public let mergeCombiners: (inout C, C) -> Void
 }
 
 /// A shuffle dependency seen without its types, for the scheduler.
@@ -61,49 +62,199 @@ public protocol AnyShuffleDependency: AnyObject {
     func runMapTask(_ p: Int, _ ctx: TaskContext) throws -> ShuffleOutput
 }
 
-/// One map task's output: a bucket per reduce partition, and its size.
-public struct ShuffleOutput {
-    let buckets: [Any]
+/// One map task's output: a bucket per reduce partition, partly in memory
+/// and partly in spill files (runs), each run holding every bucket.
+public final class ShuffleOutput: @unchecked Sendable {
+    /// In-memory buckets, each an array of (K, C); empty when all spilled.
+    let memory: [Any]
+    /// Memory taken from the pool for `memory`, released when dropped.
+    let memoryBytes: Int
+    let runs: [SpillRun]
     let rows: Int
+    init(memory: [Any], memoryBytes: Int, runs: [SpillRun], rows: Int) {
+        self.memory = memory
+        self.memoryBytes = memoryBytes
+        self.runs = runs
+        self.rows = rows
+    }
+}
+
+/// A spill file with every bucket of a map task: bucket b is the byte
+/// range offsets[b]..<offsets[b+1].
+struct SpillRun {
+    let file: String
+    let offsets: [Int]
+}
+
+/// Buckets of one map task, spilled as runs when the memory pool says no.
+struct ShuffleWriter<K, C> {
+    let buckets: Int
+    let codec: BlockCodec<(K, C)>?
+    let sc: DataflowContext
+    let tag: String
+    /// Estimated bytes per row held in memory.
+    let rowBytes: Int
+    var held = 0
+    var runs: [SpillRun] = []
+
+    init(sc: DataflowContext, buckets: Int, tag: String, rowBytes: Int) {
+        self.sc = sc
+        self.buckets = buckets
+        self.tag = tag
+        self.rowBytes = rowBytes
+        codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
+    }
+
+    /// Asks for memory for `rows` more rows; false means spill now.
+    mutating func reserve(rows: Int) -> Bool {
+        let n = rows * rowBytes
+        if sc.memory.tryAcquire(n) {
+            held += n
+            return true
+        }
+        if codec == nil {
+            // Nothing to spill with: hold it anyway, and say so.
+            sc.memory.force(n)
+            held += n
+            sc.metric { $0.unspillableBytes += n }
+            return true
+        }
+        return false
+    }
+
+    /// Writes the buckets as one run and frees their memory.
+    mutating func spill(_ data: [[(K, C)]]) throws {
+        guard let codec else { return }
+        var w = ByteWriter(capacity: 1 << 16)
+        var offsets = [0]
+        for b in data {
+            SpillFormat.encode(b, count: b.count, codec, into: &w)
+            offsets.append(w.bytes.count)
+        }
+        let file = try sc.spillDirectory.write(w.bytes, tag: tag)
+        runs.append(SpillRun(file: file, offsets: offsets))
+        sc.memory.release(held)
+        held = 0
+        sc.metric {
+            $0.bytesSpilled += w.bytes.count
+            $0.spillFiles += 1
+        }
+    }
+
+    func finish(_ data: [[(K, C)]], rows: Int) -> ShuffleOutput {
+        ShuffleOutput(memory: data.map { $0 as Any }, memoryBytes: held, runs: runs, rows: rows)
+    }
 }
 
 final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
     let shuffleId: Int
     let parent: RDD<(K, V)>
     let partitioner: Partitioner
-    let partitionOf: (K) -> Int
     let aggregator: Aggregator<V, C>?
     let mapSideCombine: Bool
     var parentRDD: AnyRDD { parent }
     var outputPartitions: Int { partitioner.numPartitions }
+    /// The map task and the reduce-side read, built where K, V and C are
+    /// concrete so that their hashing and merging are specialized.
+    let mapTask: (Int, TaskContext) throws -> ShuffleOutput
+    let readBucket: (ShuffleOutput, Int) throws -> [(K, C)]
 
     init(parent: RDD<(K, V)>, partitioner: Partitioner, partitionOf: @escaping (K) -> Int, aggregator: Aggregator<V, C>?, mapSideCombine: Bool) {
-        shuffleId = parent.context.newShuffleId()
+        let id = parent.context.newShuffleId()
+        shuffleId = id
         self.parent = parent
         self.partitioner = partitioner
-        self.partitionOf = partitionOf
         self.aggregator = aggregator
         self.mapSideCombine = mapSideCombine
+        mapTask = Self.makeMapTask(parent, id, partitioner.numPartitions, partitionOf, aggregator, mapSideCombine)
+        readBucket = Self.makeReader(parent.context)
     }
 
-    func runMapTask(_ p: Int, _ ctx: TaskContext) throws -> ShuffleOutput {
-        let data = try parent.iterator(p, ctx)
-        let n = partitioner.numPartitions
-        if let agg = aggregator, mapSideCombine {
-            // Map-side combine: one combiner per key per bucket.
-            var maps = [[K: C]](repeating: [:], count: n)
-            for (k, v) in data {
-                let b = partitionOf(k)
-                if let c = maps[b][k] { maps[b][k] = agg.mergeValue(c, v) } else { maps[b][k] = agg.createCombiner(v) }
+    func runMapTask(_ p: Int, _ ctx: TaskContext) throws -> ShuffleOutput { try mapTask(p, ctx) }
+
+    static func makeMapTask(_ parent: RDD<(K, V)>, _ id: Int, _ n: Int, _ partitionOf: @escaping (K) -> Int,
+                            _ aggregator: Aggregator<V, C>?, _ combine: Bool) -> (Int, TaskContext) throws -> ShuffleOutput {
+        let sc = parent.context
+        let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
+        if let agg = aggregator, combine {
+            return { p, ctx in
+                // Map-side combine: one combiner per key, hashed once per row;
+                // the bucket of a key is computed once per distinct key.
+                var w = ShuffleWriter<K, C>(sc: sc, buckets: n, tag: "shuffle-\(id)-map-\(p)", rowBytes: rowBytes)
+                var m: [K: C] = [:]
+                var sinceReserve = 0
+                var rows = 0
+                func split(_ m: [K: C]) -> [[(K, C)]] {
+                    var out = [[(K, C)]](repeating: [], count: n)
+                    for (k, c) in m { out[partitionOf(k)].append((k, c)) }
+                    return out
+                }
+                try parent.push(p, ctx) { kv in
+                    rows += 1
+                    if let i = m.index(forKey: kv.0) {
+                        agg.mergeValue(&m.values[i], kv.1)
+                        return
+                    }
+                    m[kv.0] = agg.createCombiner(kv.1)
+                    sinceReserve += 1
+                    if sinceReserve == 1024 {
+                        sinceReserve = 0
+                        if !w.reserve(rows: 1024) {
+                            try w.spill(split(m))
+                            m = [:]
+                        }
+                    }
+                }
+                _ = w.reserve(rows: sinceReserve)
+                return w.finish(split(m), rows: rows)
             }
-            return ShuffleOutput(buckets: maps.map { Array($0) as [(K, C)] }, rows: maps.reduce(0) { $0 + $1.count })
         }
-        var buckets = [[(K, C)]](repeating: [], count: n)
-        for (k, v) in data {
-            let c: C = aggregator.map { $0.createCombiner(v) } ?? (v as! C)
-            buckets[partitionOf(k)].append((k, c))
+        return { p, ctx in
+            var w = ShuffleWriter<K, C>(sc: sc, buckets: n, tag: "shuffle-\(id)-map-\(p)", rowBytes: rowBytes)
+            var buckets = [[(K, C)]](repeating: [], count: n)
+            var sinceReserve = 0
+            var rows = 0
+            try parent.push(p, ctx) { kv in
+                let c: C = aggregator.map { $0.createCombiner(kv.1) } ?? (kv.1 as! C)
+                buckets[partitionOf(kv.0)].append((kv.0, c))
+                rows += 1
+                sinceReserve += 1
+                if sinceReserve == 4096 {
+                    sinceReserve = 0
+                    if !w.reserve(rows: 4096) {
+                        try w.spill(buckets)
+                        buckets = [[(K, C)]](repeating: [], count: n)
+                    }
+                }
+            }
+            _ = w.reserve(rows: sinceReserve)
+            return w.finish(buckets, rows: rows)
         }
-        return ShuffleOutput(buckets: buckets, rows: data.count)
+    }
+
+    static func makeReader(_ sc: DataflowContext) -> (ShuffleOutput, Int) throws -> [(K, C)] {
+        let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
+        return { out, b in
+            var rows = out.memory.isEmpty ? [] : out.memory[b] as! [(K, C)]
+            for run in out.runs {
+                guard let codec else { break }
+                let bytes = try sc.spillDirectory.readRange(run.file, from: run.offsets[b], to: run.offsets[b + 1])
+                rows += try SpillFormat.decodeAll(bytes[...], codec)
+            }
+            return rows
+        }
+    }
+
+    /// Bucket `b` of map output `m`; FetchFailed if that output is gone.
+    func fetch(map m: Int, bucket b: Int) throws -> [(K, C)] {
+        let out = try parent.context.shuffles.output(shuffleId, map: m)
+        do {
+            return try readBucket(out, b)
+        } catch {
+            // A spill file that cannot be read is lost map output: recompute it.
+            parent.context.shuffles.drop(shuffleId, map: m)
+            throw FetchFailed(shuffleId: shuffleId, mapPartition: m)
+        }
     }
 }
 
@@ -111,78 +262,73 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
 /// and merges combiners per key (or keeps pairs as they are, for partitionBy).
 final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
     let dep: ShuffleDependency<K, V, C>
+    let reduce: (Int) throws -> [(K, C)]
 
     init(_ dep: ShuffleDependency<K, V, C>, name: String) {
         self.dep = dep
+        reduce = Self.makeReduce(dep)
         super.init(dep.parent.context, partitions: dep.partitioner.numPartitions, dependencies: [.shuffle(dep)], name: name)
         partitioner = dep.partitioner
     }
 
     override func preferredLocation(_ partition: Int) -> String? { nil }
 
-    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, C)] {
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, C)] { try reduce(partition) }
+
+    static func makeReduce(_ dep: ShuffleDependency<K, V, C>) -> (Int) throws -> [(K, C)] {
         let maps = dep.parent.numPartitions
         if let agg = dep.aggregator {
-            var merged: [K: C] = [:]
-            for m in 0..<maps {
-                for (k, c) in try context.shuffles.fetch(dep.shuffleId, map: m, bucket: partition) as [(K, C)] {
-                    if let old = merged[k] { merged[k] = agg.mergeCombiners(old, c) } else { merged[k] = c }
+            return { partition in
+                var merged: [K: C] = [:]
+                for m in 0..<maps {
+                    for (k, c) in try dep.fetch(map: m, bucket: partition) {
+                        if let i = merged.index(forKey: k) { agg.mergeCombiners(&merged.values[i], c) } else { merged[k] = c }
+                    }
                 }
+                return Array(merged)
             }
-            return Array(merged)
         }
-        var out: [(K, C)] = []
-        for m in 0..<maps { out += try context.shuffles.fetch(dep.shuffleId, map: m, bucket: partition) as [(K, C)] }
-        return out
+        return { partition in
+            var out: [(K, C)] = []
+            for m in 0..<maps { out += try dep.fetch(map: m, bucket: partition) }
+            return out
+        }
     }
 }
 
-/// Groups the values of each key from several parents. A parent already
+/// Groups the values of each key from two parents. A parent already
 /// partitioned like the result is read through a narrow dependency (no
-/// shuffle); any other parent is shuffled.
-final class CoGroupedRDD<K: Hashable>: RDD<(K, [[Any]])> {
-    enum Source {
-        case narrow(RDD<(K, Any)>)
-        case shuffled(ShuffleDependency<K, Any, [Any]>)
-    }
-    let sources: [Source]
+/// shuffle); any other parent is shuffled (grouped, without map-side combine).
+final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
+    let group: (Int, TaskContext) throws -> [(K, ([V], [W]))]
 
-    init(_ parents: [RDD<(K, Any)>], partitioner: HashPartitioner) {
-        let ctx = parents[0].context
-        var deps: [Dependency] = []
-        var srcs: [Source] = []
-        for p in parents {
-            if let pp = p.partitioner, pp.isSame(as: partitioner) {
-                deps.append(.narrow(p, { [$0] }))
-                srcs.append(.narrow(p))
-            } else {
-                let agg = Aggregator<Any, [Any]>(createCombiner: { [$0] }, mergeValue: { $0 + [$1] }, mergeCombiners: { $0 + $1 })
-                let d = ShuffleDependency<K, Any, [Any]>(parent: p, partitioner: partitioner, partitionOf: { partitioner.partition($0) }, aggregator: agg, mapSideCombine: false)
-                deps.append(.shuffle(d))
-                srcs.append(.shuffled(d))
-            }
+    init(_ a: RDD<(K, V)>, _ b: RDD<(K, W)>, partitioner: HashPartitioner) {
+        let (depA, readA) = Self.side(a, partitioner)
+        let (depB, readB) = Self.side(b, partitioner)
+        group = { p, ctx in
+            var groups: [K: ([V], [W])] = [:]
+            try readA(p, ctx) { k, vs in groups[k, default: ([], [])].0.append(contentsOf: vs) }
+            try readB(p, ctx) { k, ws in groups[k, default: ([], [])].1.append(contentsOf: ws) }
+            return Array(groups)
         }
-        sources = srcs
-        super.init(ctx, partitions: partitioner.numPartitions, dependencies: deps, name: "cogroup")
+        super.init(a.context, partitions: partitioner.numPartitions, dependencies: [depA, depB], name: "cogroup")
         self.partitioner = partitioner
     }
 
-    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, [[Any]])] {
-        var groups: [K: [[Any]]] = [:]
-        let n = sources.count
-        for (i, s) in sources.enumerated() {
-            switch s {
-            case .narrow(let r):
-                for (k, v) in try r.iterator(partition, ctx) { groups[k, default: Array(repeating: [], count: n)][i].append(v) }
-            case .shuffled(let d):
-                for m in 0..<d.parent.numPartitions {
-                    for (k, vs) in try context.shuffles.fetch(d.shuffleId, map: m, bucket: partition) as [(K, [Any])] {
-                        groups[k, default: Array(repeating: [], count: n)][i] += vs
-                    }
-                }
-            }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, ([V], [W]))] { try group(partition, ctx) }
+
+    /// One parent's dependency, and a reader that hands its values of
+    /// partition p to a callback, grouped by key where it can.
+    static func side<X>(_ r: RDD<(K, X)>, _ part: HashPartitioner) -> (Dependency, (Int, TaskContext, (K, [X]) -> Void) throws -> Void) {
+        if let pp = r.partitioner, pp.isSame(as: part) {
+            return (.narrow(r, { [$0] }), { p, ctx, emit in try r.push(p, ctx) { emit($0.0, [$0.1]) } })
         }
-        return Array(groups)
+        let agg = Aggregator<X, [X]>(createCombiner: { [$0] }, mergeValue: { $0.append($1) }, mergeCombiners: { $0.append(contentsOf: $1) })
+        let d = ShuffleDependency<K, X, [X]>(parent: r, partitioner: part, partitionOf: { part.partition($0) }, aggregator: agg, mapSideCombine: true)
+        let maps = r.numPartitions
+        return (.shuffle(d), { p, _, emit in
+            for m in 0..<maps { for (k, xs) in try d.fetch(map: m, bucket: p) { emit(k, xs) } }
+        })
     }
 }
 
@@ -195,13 +341,21 @@ extension RDD {
         _ createCombiner: @escaping (V) -> C, _ mergeValue: @escaping (C, V) -> C, _ mergeCombiners: @escaping (C, C) -> C,
         partitions: Int? = nil, mapSideCombine: Bool = true
     ) -> RDD<(K, C)> where T == (K, V) {
+        let agg = Aggregator<V, C>(createCombiner: createCombiner, mergeValue: { $0 = mergeValue($0, $1) }, mergeCombiners: { $0 = mergeCombiners($0, $1) })
+        return combine(agg, partitions: partitions, mapSideCombine: mapSideCombine)
+    }
+
+    /// The one shuffle-with-aggregation primitive under reduceByKey,
+    /// groupByKey, aggregateByKey, foldByKey and combineByKey.
+    func combine<K: Hashable, V, C>(_ agg: Aggregator<V, C>, partitions: Int?, mapSideCombine: Bool) -> RDD<(K, C)> where T == (K, V) {
         let part = HashPartitioner(partitions ?? context.defaultParallelism(self))
-        let agg = Aggregator(createCombiner: createCombiner, mergeValue: mergeValue, mergeCombiners: mergeCombiners)
         if let p = partitioner, p.isSame(as: part) {
             // Already partitioned by key: combine within each partition, no shuffle.
             return mapPartitions(preservesPartitioning: true) { xs in
                 var m: [K: C] = [:]
-                for (k, v) in xs { if let c = m[k] { m[k] = mergeValue(c, v) } else { m[k] = createCombiner(v) } }
+                for (k, v) in xs {
+                    if let i = m.index(forKey: k) { agg.mergeValue(&m.values[i], v) } else { m[k] = agg.createCombiner(v) }
+                }
                 return Array(m)
             }.setName("combineByKey")
         }
@@ -210,20 +364,25 @@ extension RDD {
     }
 
     public func reduceByKey<K: Hashable, V>(partitions: Int? = nil, _ f: @escaping (V, V) -> V) -> RDD<(K, V)> where T == (K, V) {
-        combineByKey({ $0 }, f, f, partitions: partitions).setName("reduceByKey")
+        combine(Aggregator(createCombiner: { $0 }, mergeValue: { $0 = f($0, $1) }, mergeCombiners: { $0 = f($0, $1) }),
+                partitions: partitions, mapSideCombine: true).setName("reduceByKey")
     }
 
     public func foldByKey<K: Hashable, V>(_ zero: V, partitions: Int? = nil, _ f: @escaping (V, V) -> V) -> RDD<(K, V)> where T == (K, V) {
-        combineByKey({ f(zero, $0) }, f, f, partitions: partitions).setName("foldByKey")
+        combine(Aggregator(createCombiner: { f(zero, $0) }, mergeValue: { $0 = f($0, $1) }, mergeCombiners: { $0 = f($0, $1) }),
+                partitions: partitions, mapSideCombine: true).setName("foldByKey")
     }
 
     public func aggregateByKey<K: Hashable, V, U>(_ zero: U, partitions: Int? = nil, _ seqOp: @escaping (U, V) -> U, _ combOp: @escaping (U, U) -> U) -> RDD<(K, U)> where T == (K, V) {
-        combineByKey({ seqOp(zero, $0) }, seqOp, combOp, partitions: partitions).setName("aggregateByKey")
+        combine(Aggregator(createCombiner: { seqOp(zero, $0) }, mergeValue: { $0 = seqOp($0, $1) }, mergeCombiners: { $0 = combOp($0, $1) }),
+                partitions: partitions, mapSideCombine: true).setName("aggregateByKey")
     }
 
-    /// Groups values by key (no map-side combine, as in Spark).
+    /// Groups values by key (no map-side combine, as in Spark). Values are
+    /// appended in place, so a giant key costs linear time.
     public func groupByKey<K: Hashable, V>(_ partitions: Int? = nil) -> RDD<(K, [V])> where T == (K, V) {
-        combineByKey({ [$0] }, { $0 + [$1] }, { $0 + $1 }, partitions: partitions, mapSideCombine: false).setName("groupByKey")
+        combine(Aggregator(createCombiner: { [$0] }, mergeValue: { $0.append($1) }, mergeCombiners: { $0.append(contentsOf: $1) }),
+                partitions: partitions, mapSideCombine: false).setName("groupByKey")
     }
 
     public func partitionBy<K: Hashable, V>(_ p: HashPartitioner) -> RDD<(K, V)> where T == (K, V) {
@@ -232,12 +391,23 @@ extension RDD {
         return ShuffledRDD(dep, name: "partitionBy")
     }
 
+    /// Persists a pair RDD, with a codec made of its key's and value's
+    /// codecs when both are `SpillCodable` (so disk levels work for pairs).
+    @discardableResult
+    public func persist<K, V>(_ level: StorageLevel = .memory) -> Self where T == (K, V) {
+        persist(level, codec: BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<V>.automatic()))
+    }
+
     public func mapValues<K, V, U>(_ f: @escaping (V) throws -> U) -> RDD<(K, U)> where T == (K, V) {
-        mapPartitions(preservesPartitioning: true) { try $0.map { ($0.0, try f($0.1)) } }.setName("mapValues")
+        let r = ElementwiseRDD<(K, V), (K, U)>(parent: self, name: "mapValues") { kv, emit in try emit((kv.0, try f(kv.1))) }
+        r.partitioner = partitioner
+        return r
     }
 
     public func flatMapValues<K, V, S: Sequence>(_ f: @escaping (V) throws -> S) -> RDD<(K, S.Element)> where T == (K, V) {
-        mapPartitions(preservesPartitioning: true) { xs in try xs.flatMap { kv in try f(kv.1).map { (kv.0, $0) } } }.setName("flatMapValues")
+        let r = ElementwiseRDD<(K, V), (K, S.Element)>(parent: self, name: "flatMapValues") { kv, emit in for y in try f(kv.1) { try emit((kv.0, y)) } }
+        r.partitioner = partitioner
+        return r
     }
 
     public func keys<K, V>() -> RDD<K> where T == (K, V) { map { $0.0 }.setName("keys") }
@@ -245,11 +415,7 @@ extension RDD {
 
     public func cogroup<K: Hashable, V, W>(_ other: RDD<(K, W)>, partitions: Int? = nil) -> RDD<(K, ([V], [W]))> where T == (K, V) {
         let part = (partitioner as? HashPartitioner) ?? (other.partitioner as? HashPartitioner) ?? HashPartitioner(partitions ?? context.defaultParallelism(self, other))
-        let a: RDD<(K, Any)> = mapPartitions(preservesPartitioning: true) { $0.map { ($0.0, $0.1 as Any) } }
-        let b: RDD<(K, Any)> = other.mapPartitions(preservesPartitioning: true) { $0.map { ($0.0, $0.1 as Any) } }
-        return CoGroupedRDD<K>([a, b], partitioner: part)
-            .mapPartitions(preservesPartitioning: true) { $0.map { ($0.0, ($0.1[0].map { $0 as! V }, $0.1[1].map { $0 as! W })) } }
-            .setName("cogroup")
+        return CoGroupedRDD<K, V, W>(self, other, partitioner: part)
     }
 
     public func join<K: Hashable, V, W>(_ other: RDD<(K, W)>, partitions: Int? = nil) -> RDD<(K, (V, W))> where T == (K, V) {

@@ -39,15 +39,15 @@ open class RDD<T>: AnyRDD {
     }
 
     /// The partition's data: from the cache if persisted there, else computed.
-    public func iterator(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
-        if storageLevel != .none, let cached = context.blocks.get(rdd: id, partition: partition) as? [T] {
+    public final func iterator(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
+        if storageLevel != .none, let cached = try context.blocks.get(rdd: id, partition: partition, ctx) as? [T] {
             context.metric { $0.cacheHits += 1 }
             return cached
         }
         if let r = reliable, let stored = try r.read(partition) as? [T] {
             // Lost from memory but stored reliably: a replica, not a recomputation.
             context.metric { $0.partitionsReadFromReplicas += 1 }
-            context.blocks.put(rdd: id, partition: partition, stored, bytes: estimateBytes(stored))
+            context.blocks.put(rdd: id, partition: partition, stored, bytes: estimateBytes(stored), level: storageLevel, codec: blockCodec)
             return stored
         }
         if checkpointed {
@@ -60,65 +60,93 @@ open class RDD<T>: AnyRDD {
             if r.cutLineage && r.allStored(numPartitions) { checkpointed = true }
         }
         if storageLevel != .none {
-            context.blocks.put(rdd: id, partition: partition, data, bytes: estimateBytes(data))
+            context.blocks.put(rdd: id, partition: partition, data, bytes: estimateBytes(data), level: storageLevel, codec: blockCodec)
         }
         return data
     }
 
+    /// Hands the partition's rows to `body` one at a time. Chains of
+    /// element-wise transformations (map, filter, flatMap...) override this
+    /// to run fused, row by row, without building an array between steps;
+    /// anything persisted goes through `iterator` so the cache is used.
+    func push(_ partition: Int, _ ctx: TaskContext, _ body: (T) throws -> Void) throws {
+        for x in try iterator(partition, ctx) { try body(x) }
+    }
+
+    /// True when `push` must go through `iterator` (the partition is or
+    /// will be kept somewhere) rather than recompute in a fused pipeline.
+    final var materializes: Bool { storageLevel != .none || reliable != nil || checkpointed }
+
     func estimateBytes(_ data: [T]) -> Int { 64 + data.count * Swift.max(8, MemoryLayout<T>.stride) }
 
-    /// Keeps computed partitions for reuse (evicted LRU past the memory bound).
+    /// How this RDD's partitions become bytes for disk-level caching.
+    var blockCodec: BlockCodec<T>?
+
+    /// Keeps computed partitions for reuse. `.memory` blocks are dropped
+    /// least-recently-used past the memory bound (and recomputed from
+    /// lineage when needed again); `.memoryAndDisk` blocks move to disk
+    /// instead; `.disk` blocks never take memory. Disk levels need a codec:
+    /// the element type's `SpillCodable` conformance (found at run time),
+    /// or pairs of such types; without one, the block stays in memory.
     @discardableResult
-    public func persist(_ level: StorageLevel = .memory) -> Self {
+    public final func persist(_ level: StorageLevel = .memory) -> Self {
+        persist(level, codec: BlockCodec<T>.automatic())
+    }
+
+    @discardableResult
+    public final func persist(_ level: StorageLevel, codec: BlockCodec<T>?) -> Self {
         storageLevel = level
+        blockCodec = codec
         return self
     }
 
     @discardableResult
-    public func cache() -> Self { persist(.memory) }
+    public final func cache() -> Self { persist(.memory) }
 
     @discardableResult
-    public func unpersist() -> Self {
+    public final func unpersist() -> Self {
         storageLevel = .none
         context.blocks.drop(rdd: id)
         return self
     }
 
     @discardableResult
-    public func setName(_ n: String) -> Self {
+    public final func setName(_ n: String) -> Self {
         name = n
         return self
     }
 
     // MARK: Narrow transformations
 
-    public func mapPartitionsWithIndex<U>(preservesPartitioning: Bool = false, _ f: @escaping (Int, [T], TaskContext) throws -> [U]) -> RDD<U> {
+    public final func mapPartitionsWithIndex<U>(preservesPartitioning: Bool = false, _ f: @escaping (Int, [T], TaskContext) throws -> [U]) -> RDD<U> {
         let r = MapPartitionsRDD<T, U>(parent: self, f: f, name: "mapPartitions")
         if preservesPartitioning { r.partitioner = partitioner }
         return r
     }
 
-    public func mapPartitions<U>(preservesPartitioning: Bool = false, _ f: @escaping ([T]) throws -> [U]) -> RDD<U> {
+    public final func mapPartitions<U>(preservesPartitioning: Bool = false, _ f: @escaping ([T]) throws -> [U]) -> RDD<U> {
         mapPartitionsWithIndex(preservesPartitioning: preservesPartitioning) { _, xs, _ in try f(xs) }.setName("mapPartitions")
     }
 
-    public func map<U>(_ f: @escaping (T) throws -> U) -> RDD<U> {
-        mapPartitions { try $0.map(f) }.setName("map")
+    public final func map<U>(_ f: @escaping (T) throws -> U) -> RDD<U> {
+        ElementwiseRDD(parent: self, name: "map") { x, emit in try emit(try f(x)) }
     }
 
-    public func filter(_ f: @escaping (T) throws -> Bool) -> RDD<T> {
-        mapPartitions(preservesPartitioning: true) { try $0.filter(f) }.setName("filter")
+    public final func filter(_ f: @escaping (T) throws -> Bool) -> RDD<T> {
+        let r = ElementwiseRDD<T, T>(parent: self, name: "filter") { x, emit in if try f(x) { try emit(x) } }
+        r.partitioner = partitioner
+        return r
     }
 
-    public func flatMap<S: Sequence>(_ f: @escaping (T) throws -> S) -> RDD<S.Element> {
-        mapPartitions { try $0.flatMap(f) }.setName("flatMap")
+    public final func flatMap<S: Sequence>(_ f: @escaping (T) throws -> S) -> RDD<S.Element> {
+        ElementwiseRDD(parent: self, name: "flatMap") { x, emit in for y in try f(x) { try emit(y) } }
     }
 
-    public func glom() -> RDD<[T]> { mapPartitions { [$0] }.setName("glom") }
+    public final func glom() -> RDD<[T]> { mapPartitions { [$0] }.setName("glom") }
 
     /// Bernoulli sample (without replacement) or Poisson-like with
     /// replacement, seeded per partition so a recomputation gives the same rows.
-    public func sample(withReplacement: Bool, fraction: Double, seed: UInt64 = 42) -> RDD<T> {
+    public final func sample(withReplacement: Bool, fraction: Double, seed: UInt64 = 42) -> RDD<T> {
         mapPartitionsWithIndex(preservesPartitioning: true) { i, xs, _ in
             var rng = SplitMix(seed: seed &+ UInt64(i) &* 0x9E37_79B9)
             var out: [T] = []
@@ -138,9 +166,9 @@ open class RDD<T>: AnyRDD {
         }.setName("sample")
     }
 
-    public func union(_ other: RDD<T>) -> RDD<T> { UnionRDD([self, other]) }
+    public final func union(_ other: RDD<T>) -> RDD<T> { UnionRDD([self, other]) }
 
-    public func zipWithIndex() -> RDD<(T, Int)> {
+    public final func zipWithIndex() -> RDD<(T, Int)> {
         // One small job counts each partition to find its offset.
         let counts = (try? context.runJob(self) { $0.count }) ?? []
         var offsets: [Int] = []
@@ -152,37 +180,37 @@ open class RDD<T>: AnyRDD {
         return mapPartitionsWithIndex { i, xs, _ in xs.enumerated().map { ($0.element, offsets[i] + $0.offset) } }.setName("zipWithIndex")
     }
 
-    public func zip<U>(_ other: RDD<U>) -> RDD<(T, U)> { ZippedRDD(self, other) }
+    public final func zip<U>(_ other: RDD<U>) -> RDD<(T, U)> { ZippedRDD(self, other) }
 
-    public func cartesian<U>(_ other: RDD<U>) -> RDD<(T, U)> { CartesianRDD(self, other) }
+    public final func cartesian<U>(_ other: RDD<U>) -> RDD<(T, U)> { CartesianRDD(self, other) }
 
     /// Fewer partitions without a shuffle: each new partition concatenates a
     /// run of parent partitions.
-    public func coalesce(_ n: Int) -> RDD<T> {
+    public final func coalesce(_ n: Int) -> RDD<T> {
         precondition(n > 0, "coalesce to at least one partition")
         if n >= numPartitions { return self }
         return CoalescedRDD(self, n)
     }
 
     /// Any number of partitions, through a shuffle that spreads rows evenly.
-    public func repartition(_ n: Int) -> RDD<T> {
+    public final func repartition(_ n: Int) -> RDD<T> {
         mapPartitionsWithIndex { i, xs, _ in xs.enumerated().map { ((i * 7919 + $0.offset) % Swift.max(n, 1), $0.element) } }
             .partitionBy(HashPartitioner(n))
             .values()
             .setName("repartition")
     }
 
-    public func keyBy<K: Hashable>(_ f: @escaping (T) throws -> K) -> RDD<(K, T)> { map { (try f($0), $0) } }
+    public final func keyBy<K: Hashable>(_ f: @escaping (T) throws -> K) -> RDD<(K, T)> { map { (try f($0), $0) } }
 
     // MARK: Actions
 
-    public func collect() throws -> [T] { try context.runJob(self) { $0 }.flatMap { $0 } }
+    public final func collect() throws -> [T] { try context.runJob(self) { $0 }.flatMap { $0 } }
 
-    public func count() throws -> Int { try context.runJob(self) { $0.count }.reduce(0, +) }
+    public final func count() throws -> Int { try context.runJob(self) { $0.count }.reduce(0, +) }
 
-    public func foreach(_ f: @escaping (T) throws -> Void) throws { _ = try context.runJob(self) { try $0.forEach(f) } }
+    public final func foreach(_ f: @escaping (T) throws -> Void) throws { _ = try context.runJob(self) { try $0.forEach(f) } }
 
-    public func reduce(_ f: @escaping (T, T) throws -> T) throws -> T {
+    public final func reduce(_ f: @escaping (T, T) throws -> T) throws -> T {
         let partials = try context.runJob(self) { xs -> T? in
             guard var acc = xs.first else { return nil }
             for x in xs.dropFirst() { acc = try f(acc, x) }
@@ -193,16 +221,16 @@ open class RDD<T>: AnyRDD {
         return acc
     }
 
-    public func fold(_ zero: T, _ f: @escaping (T, T) throws -> T) throws -> T {
+    public final func fold(_ zero: T, _ f: @escaping (T, T) throws -> T) throws -> T {
         try context.runJob(self) { try $0.reduce(zero, f) }.reduce(zero, f)
     }
 
-    public func aggregate<U>(_ zero: U, _ seqOp: @escaping (U, T) throws -> U, _ combOp: @escaping (U, U) throws -> U) throws -> U {
+    public final func aggregate<U>(_ zero: U, _ seqOp: @escaping (U, T) throws -> U, _ combOp: @escaping (U, U) throws -> U) throws -> U {
         try context.runJob(self) { try $0.reduce(zero, seqOp) }.reduce(zero, combOp)
     }
 
     /// The first `n` rows in partition order, scanning as few partitions as it can.
-    public func take(_ n: Int) throws -> [T] {
+    public final func take(_ n: Int) throws -> [T] {
         var out: [T] = []
         var next = 0
         var batch = 1
@@ -218,21 +246,21 @@ open class RDD<T>: AnyRDD {
         return out
     }
 
-    public func first() throws -> T {
+    public final func first() throws -> T {
         guard let x = try take(1).first else { throw WeftError(.invalidArgument, "first() of an empty RDD") }
         return x
     }
 
-    public func takeOrdered(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
+    public final func takeOrdered(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
         let partials = try context.runJob(self) { Array($0.sorted(by: less).prefix(n)) }
         return Array(partials.flatMap { $0 }.sorted(by: less).prefix(n))
     }
 
-    public func top(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
+    public final func top(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
         try takeOrdered(n) { less($1, $0) }
     }
 
-    public func takeSample(withReplacement: Bool, _ n: Int, seed: UInt64 = 42) throws -> [T] {
+    public final func takeSample(withReplacement: Bool, _ n: Int, seed: UInt64 = 42) throws -> [T] {
         let all = try collect()
         var rng = SplitMix(seed: seed)
         if withReplacement { return all.isEmpty ? [] : (0..<n).map { _ in all[Int(rng.next() % UInt64(all.count))] } }
@@ -243,7 +271,7 @@ open class RDD<T>: AnyRDD {
 
     /// The lineage, one RDD per line, indented at each shuffle (a stage
     /// boundary), with what is persisted.
-    public func toDebugString() -> String { context.debugString(self) }
+    public final func toDebugString() -> String { context.debugString(self) }
 }
 
 extension RDD where T: Hashable {
@@ -302,6 +330,32 @@ final class MapPartitionsRDD<T, U>: RDD<U> {
     }
     override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [U] {
         try f(partition, try parent.iterator(partition, ctx), ctx)
+    }
+}
+
+/// A row-by-row transformation (map, filter, flatMap, mapValues...).
+/// Chains of these run fused: a row goes through every step before the
+/// next row is read, and no array is built between steps.
+final class ElementwiseRDD<T, U>: RDD<U> {
+    let parent: RDD<T>
+    let f: (T, (U) throws -> Void) throws -> Void
+    init(parent: RDD<T>, name: String, _ f: @escaping (T, (U) throws -> Void) throws -> Void) {
+        self.parent = parent
+        self.f = f
+        super.init(parent.context, partitions: parent.numPartitions, dependencies: [.narrow(parent, { [$0] })], name: name)
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [U] {
+        var out: [U] = []
+        try parent.push(partition, ctx) { x in try f(x) { out.append($0) } }
+        return out
+    }
+    override func push(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        context.noteComputed(rdd: id, partition: partition)
+        try parent.push(partition, ctx) { x in try f(x, body) }
     }
 }
 
@@ -395,45 +449,72 @@ final class TextFileRDD: RDD<String> {
     }
 
     override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [String] {
+        var lines: [String] = []
+        try push(partition, ctx) { lines.append($0) }
+        return lines
+    }
+
+    /// Bytes read from the file at a time: a task never holds more of it.
+    var readChunkBytes = 4 << 20
+
+    override func push(_ partition: Int, _ ctx: TaskContext, _ body: (String) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        context.noteComputed(rdd: id, partition: partition)
         let start = size * partition / numPartitions, end = size * (partition + 1) / numPartitions
+        guard start < end else { return }
         guard let fh = FileHandle(forReadingAtPath: path) else { throw WeftError(.notFound, "cannot read \(path)") }
         defer { try? fh.close() }
-        // Read one byte before the range to know whether a line starts at `start`,
-        // and past the end to finish the last line that starts inside it.
-        let from = Swift.max(0, start - 1)
-        try fh.seek(toOffset: UInt64(from))
-        var data = Bytes(fh.readData(ofLength: end - from))
-        var more = Bytes()
-        if end < size {
-            while true {
-                let chunk = fh.readData(ofLength: 64 << 10)
-                if chunk.isEmpty { break }
-                if let nl = chunk.firstIndex(of: 10) {
-                    more += chunk[chunk.startIndex..<nl]
-                    break
+        // A line belongs to this partition if it starts at an offset in
+        // [start, end). Read one byte before `start` to know whether a line
+        // starts there, and go past `end` to finish the last line.
+        var offset = Swift.max(0, start - 1)
+        try fh.seek(toOffset: UInt64(offset))
+        var pending = Bytes()          // an unfinished line carried across chunks
+        var lineStart = -1             // absolute offset where `pending` starts; -1: skipping
+        if start == 0 { lineStart = 0 }
+        var atFirstByte = start > 0
+        while true {
+            let chunk = fh.readData(ofLength: readChunkBytes)
+            if chunk.isEmpty { break }
+            var done = false
+            try chunk.withUnsafeBytes { (buf: UnsafeRawBufferPointer) in
+                var i = 0
+                if atFirstByte {
+                    // The byte before `start`: a newline there means a line starts at `start`.
+                    if buf[0] == 10 { lineStart = start }
+                    i = 1
+                    atFirstByte = false
                 }
-                more += chunk
+                while i < buf.count {
+                    guard let nl = UnsafeRawBufferPointer(rebasing: buf[i...]).firstIndex(of: 10).map({ $0 + i }) else {
+                        if lineStart >= 0 { pending.append(contentsOf: buf[i...]) }
+                        i = buf.count
+                        break
+                    }
+                    if lineStart >= 0 {
+                        if pending.isEmpty {
+                            try body(String(decoding: UnsafeRawBufferPointer(rebasing: buf[i..<nl]), as: UTF8.self))
+                        } else {
+                            pending.append(contentsOf: buf[i..<nl])
+                            try body(String(decoding: pending, as: UTF8.self))
+                            pending.removeAll(keepingCapacity: true)
+                        }
+                    }
+                    // The next line starts after this newline; it is ours if it starts before `end`.
+                    let next = offset + nl + 1
+                    if next >= end { done = true; return }
+                    lineStart = next
+                    i = nl + 1
+                }
             }
+            if done { return }
+            offset += chunk.count
         }
-        data += more
-        // data[k] is the byte at absolute offset from + k. A line belongs to
-        // this partition if it starts at an offset in [start, end).
-        var i = start - from
-        if start > 0 && data[0] != 10 {
-            // The byte before `start` is not a newline: skip the tail of a
-            // line that began in an earlier partition.
-            while i < data.count && data[i] != 10 { i += 1 }
-            i += 1
-        }
-        var lines: [String] = []
-        let limit = data.count
-        while i < limit && from + i < end {
-            var j = i
-            while j < limit && data[j] != 10 { j += 1 }
-            lines.append(String(decoding: data[i..<j], as: UTF8.self))
-            i = j + 1
-        }
-        return lines
+        // The file's last line has no newline.
+        if lineStart >= 0 && lineStart < end && !pending.isEmpty { try body(String(decoding: pending, as: UTF8.self)) }
     }
 }
 

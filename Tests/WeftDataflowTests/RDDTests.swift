@@ -195,9 +195,14 @@ final class SourceTests: XCTestCase {
             let text = lines.joined(separator: "\n") + (trailingNewline ? "\n" : "")
             try text.write(toFile: path, atomically: true, encoding: .utf8)
             for parts in [1, 2, 7, 64, 5000] {
-                let got = try DataflowContext().textFile(path, partitions: parts).collect()
-                XCTAssertEqual(got.count, lines.count, "\(parts) partitions, trailing newline \(trailingNewline)")
-                XCTAssertTrue(got == lines, "\(parts) partitions, trailing newline \(trailingNewline): lines differ")
+                // Small read chunks put line ends at every position relative to a chunk boundary.
+                for chunk in parts > 100 ? [7, 4 << 20] : [1, 2, 5, 64, 4 << 20] {
+                    let rdd = try DataflowContext().textFile(path, partitions: parts)
+                    (rdd as! TextFileRDD).readChunkBytes = chunk
+                    let got = try rdd.collect()
+                    XCTAssertEqual(got.count, lines.count, "\(parts) partitions, chunk \(chunk), trailing newline \(trailingNewline)")
+                    XCTAssertTrue(got == lines, "\(parts) partitions, chunk \(chunk), trailing newline \(trailingNewline): lines differ")
+                }
             }
         }
     }

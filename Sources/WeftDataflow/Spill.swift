@@ -1,0 +1,189 @@
+import Foundation
+import WeftCore
+
+/// Elements that can leave memory: written to a spill file or a block and
+/// read back. Shuffle data, disk-level caches and reliable blocks use it.
+/// A type that is not `SpillCodable` still works everywhere; its shuffle
+/// data and caches just stay in memory (counted as `unspillableBytes`).
+public protocol SpillCodable {
+    func encode(to w: inout ByteWriter)
+    static func decode(from r: inout ByteReader) throws(DecodeError) -> Self
+}
+
+extension Int: SpillCodable {
+    public func encode(to w: inout ByteWriter) { w.u64(UInt64(bitPattern: Int64(self))) }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> Int { Int(Int64(bitPattern: try r.u64())) }
+}
+
+extension UInt64: SpillCodable {
+    public func encode(to w: inout ByteWriter) { w.u64(self) }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> UInt64 { try r.u64() }
+}
+
+extension UInt8: SpillCodable {
+    public func encode(to w: inout ByteWriter) { w.u8(self) }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> UInt8 { try r.u8() }
+}
+
+extension Double: SpillCodable {
+    public func encode(to w: inout ByteWriter) { w.u64(bitPattern) }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> Double { Double(bitPattern: try r.u64()) }
+}
+
+extension Bool: SpillCodable {
+    public func encode(to w: inout ByteWriter) { w.bool(self) }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> Bool { try r.bool() }
+}
+
+extension String: SpillCodable {
+    public func encode(to w: inout ByteWriter) { w.string(self) }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> String { try r.string(max: Int(Int32.max)) }
+}
+
+extension Array: SpillCodable where Element: SpillCodable {
+    public func encode(to w: inout ByteWriter) {
+        w.int(count)
+        for x in self { x.encode(to: &w) }
+    }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> [Element] {
+        let n = try r.int(max: r.remaining)
+        var out: [Element] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n { out.append(try Element.decode(from: &r)) }
+        return out
+    }
+}
+
+extension Optional: SpillCodable where Wrapped: SpillCodable {
+    public func encode(to w: inout ByteWriter) {
+        switch self {
+        case .none: w.u8(0)
+        case .some(let x): w.u8(1); x.encode(to: &w)
+        }
+    }
+    public static func decode(from r: inout ByteReader) throws(DecodeError) -> Wrapped? {
+        try r.u8() == 0 ? nil : try Wrapped.decode(from: &r)
+    }
+}
+
+extension BlockCodec {
+    /// The codec of a `SpillCodable` type, found at run time; nil for any
+    /// other type (tuples included: use `pair`).
+    public static func automatic() -> BlockCodec<T>? {
+        guard let c = T.self as? SpillCodable.Type else { return nil }
+        return BlockCodec(encode: { x, w in (x as! SpillCodable).encode(to: &w) },
+                          decode: { (r: inout ByteReader) throws(DecodeError) -> T in try c.decode(from: &r) as! T })
+    }
+
+    /// A pair's codec from its components' codecs.
+    public static func pair<A, B>(_ a: BlockCodec<A>?, _ b: BlockCodec<B>?) -> BlockCodec<(A, B)>? where T == (A, B) {
+        guard let a, let b else { return nil }
+        return BlockCodec(encode: { x, w in a.encode(x.0, &w); b.encode(x.1, &w) },
+                          decode: { (r: inout ByteReader) throws(DecodeError) -> (A, B) in (try a.decode(&r), try b.decode(&r)) })
+    }
+}
+
+/// The one memory bound of a context, shared by cached blocks, shuffle map
+/// outputs and map-side combine tables. Whoever cannot get memory spills
+/// (or, for a `.memory` cache, drops the block).
+final class MemoryPool: @unchecked Sendable {
+    let capacity: Int
+    private let lock = NSLock()
+    private var used = 0
+    private(set) var peak = 0
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    func tryAcquire(_ n: Int) -> Bool {
+        lock.withLock {
+            guard used + n <= capacity else { return false }
+            used += n
+            peak = Swift.max(peak, used)
+            return true
+        }
+    }
+
+    /// Takes memory that is already in use and cannot be refused (data
+    /// that has no codec to spill with).
+    func force(_ n: Int) {
+        lock.withLock {
+            used += n
+            peak = Swift.max(peak, used)
+        }
+    }
+
+    func release(_ n: Int) { lock.withLock { used -= n } }
+    var inUse: Int { lock.withLock { used } }
+}
+
+/// Spill files of one context, in a private directory removed with it.
+final class SpillDirectory: @unchecked Sendable {
+    let path: String
+    private let lock = NSLock()
+    private var next = 0
+    private var created = false
+
+    init(runId: String) {
+        path = NSTemporaryDirectory() + "weft-spill-\(getpid())-\(runId)"
+    }
+
+    /// Writes `bytes` to a new file and returns its path.
+    func write(_ bytes: Bytes, tag: String) throws -> String {
+        let file = try lock.withLock { () throws -> String in
+            if !created {
+                try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+                created = true
+            }
+            next += 1
+            return path + "/\(tag)-\(next)"
+        }
+        do {
+            try Data(bytes).write(to: URL(fileURLWithPath: file))
+        } catch {
+            throw WeftError(.storage, "cannot spill \(bytes.count) bytes to \(file): \(error.localizedDescription) (is the disk full?)")
+        }
+        return file
+    }
+
+    func read(_ file: String) throws -> Bytes {
+        guard let d = FileManager.default.contents(atPath: file) else { throw WeftError(.storage, "spill file \(file) is missing") }
+        return Bytes(d)
+    }
+
+    /// Bytes [from, to) of a spill file.
+    func readRange(_ file: String, from: Int, to: Int) throws -> Bytes {
+        guard let fh = FileHandle(forReadingAtPath: file) else { throw WeftError(.storage, "spill file \(file) is missing") }
+        defer { try? fh.close() }
+        try fh.seek(toOffset: UInt64(from))
+        let d = fh.readData(ofLength: to - from)
+        guard d.count == to - from else { throw WeftError(.corrupted, "spill file \(file) is shorter than its index says") }
+        return Bytes(d)
+    }
+
+    func remove(_ file: String) { try? FileManager.default.removeItem(atPath: file) }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// Encodes items with a codec into one buffer; `decodeAll` reads them back.
+enum SpillFormat {
+    static func encode<T, S: Sequence>(_ items: S, count: Int, _ codec: BlockCodec<T>, into w: inout ByteWriter) where S.Element == T {
+        w.int(count)
+        for x in items { codec.encode(x, &w) }
+    }
+
+    static func decodeAll<T>(_ bytes: ArraySlice<UInt8>, _ codec: BlockCodec<T>) throws -> [T] {
+        try bytes.withUnsafeBytes { buf throws -> [T] in
+            var r = ByteReader(buf)
+            do {
+                let n = try r.int(max: buf.count)
+                var out: [T] = []
+                out.reserveCapacity(n)
+                for _ in 0..<n { out.append(try codec.decode(&r)) }
+                return out
+            } catch {
+                throw WeftError(.corrupted, "spill data does not decode: \(error)")
+            }
+        }
+    }
+}
