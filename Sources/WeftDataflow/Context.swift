@@ -53,6 +53,9 @@ final class BlockManager: @unchecked Sendable {
     }
 
     func put<T>(rdd: Int, partition: Int, _ data: [T], bytes n: Int, level: StorageLevel, codec: BlockCodec<T>?) {
+        // A codec that cannot encode these rows (a tuple with a component
+        // that has no codec) is no codec.
+        let codec = codec.flatMap { c in data.first.map(c.accepts) ?? true ? c : nil }
         let encode: ((Any) -> Bytes)? = codec.map { c in { SpillFormatBlock.encode($0 as! [T], c) } }
         let decode: ((Bytes) throws -> Any)? = codec.map { c in { try SpillFormat.decodeAll($0[...], c) } }
         // Without a codec a disk level can only keep the block in memory.
@@ -189,6 +192,14 @@ final class ShuffleManager: @unchecked Sendable {
     private func free(_ out: ShuffleOutput) {
         pool.release(out.memoryBytes)
         for r in out.runs { disk.remove(r.file) }
+    }
+
+    /// Drops the outputs of `shuffle` that have a spill file that is gone.
+    func dropUnreadable(_ shuffle: Int) {
+        let maps = lock.withLock { outputs[shuffle] ?? [:] }
+        for (m, out) in maps where out.runs.contains(where: { !FileManager.default.fileExists(atPath: $0.file) }) {
+            drop(shuffle, map: m)
+        }
     }
 
     func drop(_ shuffle: Int, map: Int) {

@@ -187,9 +187,11 @@ public enum BuiltinJobs {
     }
 
     public static func wordCount(_ lines: RDD<String>) -> RDD<(String, Int)> {
-        lines.flatMap { whitespaceTokens($0) }
-            .map { ($0, 1) }
-            .reduceByKey(+)
+        // Tokens go straight from the line to the map-side combine table.
+        ElementwiseRDD<String, (String, Int)>(parent: lines, name: "flatMap(tokens).map((_, 1))") { line, emit in
+            try forEachWhitespaceToken(line) { try emit(($0, 1)) }
+        }
+        .reduceByKey(+)
             .setName("wordCounts")
     }
 
@@ -210,6 +212,8 @@ public enum BuiltinJobs {
     }
 
     /// PageRank over any vertex type (the benchmark uses integers).
+    @_specialize(where V == Int)
+    @_specialize(where V == String)
     public static func pageRank<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double) -> RDD<(V, Double)> {
         let links = edges.map { EdgeKey(src: $0.0, dst: $0.1) }.distinct().map { ($0.src, $0.dst) }.groupByKey().persist().setName("links")
         var ranks: RDD<(V, Double)> = links.mapValues { _ in 1.0 }

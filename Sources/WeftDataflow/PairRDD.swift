@@ -112,7 +112,7 @@ struct ShuffleWriter<K, C> {
             held += n
             return true
         }
-        if codec == nil {
+        if codec == nil || unusable {
             // Nothing to spill with: hold it anyway, and say so.
             sc.memory.force(n)
             held += n
@@ -122,9 +122,19 @@ struct ShuffleWriter<K, C> {
         return false
     }
 
-    /// Writes the buckets as one run and frees their memory.
-    mutating func spill(_ data: [[(K, C)]]) throws {
-        guard let codec else { return }
+    /// Set when the codec turns out not to accept these rows.
+    var unusable = false
+
+    /// Writes the buckets as one run and frees their memory. Returns false
+    /// (and keeps the rows, counted as unspillable) if the codec cannot
+    /// encode them.
+    mutating func spill(_ data: [[(K, C)]]) throws -> Bool {
+        guard let codec, let sample = data.first(where: { !$0.isEmpty })?.first else { return false }
+        if !codec.accepts(sample) {
+            unusable = true
+            _ = reserve(rows: data.reduce(0) { $0 + $1.count })
+            return false
+        }
         var w = ByteWriter(capacity: 1 << 16)
         var offsets = [0]
         for b in data {
@@ -139,10 +149,11 @@ struct ShuffleWriter<K, C> {
             $0.bytesSpilled += w.bytes.count
             $0.spillFiles += 1
         }
+        return true
     }
 
     func finish(_ data: [[(K, C)]], rows: Int) -> ShuffleOutput {
-        ShuffleOutput(memory: data.map { $0 as Any }, memoryBytes: held, runs: runs, rows: rows)
+        ShuffleOutput(memory: data.allSatisfy(\.isEmpty) ? [] : data.map { $0 as Any }, memoryBytes: held, runs: runs, rows: rows)
     }
 }
 
@@ -199,13 +210,10 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                     sinceReserve += 1
                     if sinceReserve == 1024 {
                         sinceReserve = 0
-                        if !w.reserve(rows: 1024) {
-                            try w.spill(split(m))
-                            m = [:]
-                        }
+                        if !w.reserve(rows: 1024), try w.spill(split(m)) { m = [:] }
                     }
                 }
-                _ = w.reserve(rows: sinceReserve)
+                if !w.reserve(rows: sinceReserve), try w.spill(split(m)) { m = [:] }
                 return w.finish(split(m), rows: rows)
             }
         }
@@ -221,13 +229,10 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                 sinceReserve += 1
                 if sinceReserve == 4096 {
                     sinceReserve = 0
-                    if !w.reserve(rows: 4096) {
-                        try w.spill(buckets)
-                        buckets = [[(K, C)]](repeating: [], count: n)
-                    }
+                    if !w.reserve(rows: 4096), try w.spill(buckets) { buckets = [[(K, C)]](repeating: [], count: n) }
                 }
             }
-            _ = w.reserve(rows: sinceReserve)
+            if !w.reserve(rows: sinceReserve), try w.spill(buckets) { buckets = [[(K, C)]](repeating: [], count: n) }
             return w.finish(buckets, rows: rows)
         }
     }
@@ -251,8 +256,11 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
         do {
             return try readBucket(out, b)
         } catch {
-            // A spill file that cannot be read is lost map output: recompute it.
+            // A spill file that cannot be read is lost map output: drop it,
+            // and any other output of this shuffle whose files are gone, so
+            // the resubmitted stage recomputes them all at once.
             parent.context.shuffles.drop(shuffleId, map: m)
+            parent.context.shuffles.dropUnreadable(shuffleId)
             throw FetchFailed(shuffleId: shuffleId, mapPartition: m)
         }
     }
@@ -389,13 +397,6 @@ extension RDD {
         if let mine = partitioner, mine.isSame(as: p) { return self }
         let dep = ShuffleDependency<K, V, V>(parent: self, partitioner: p, partitionOf: { p.partition($0) }, aggregator: nil, mapSideCombine: false)
         return ShuffledRDD(dep, name: "partitionBy")
-    }
-
-    /// Persists a pair RDD, with a codec made of its key's and value's
-    /// codecs when both are `SpillCodable` (so disk levels work for pairs).
-    @discardableResult
-    public func persist<K, V>(_ level: StorageLevel = .memory) -> Self where T == (K, V) {
-        persist(level, codec: BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<V>.automatic()))
     }
 
     public func mapValues<K, V, U>(_ f: @escaping (V) throws -> U) -> RDD<(K, U)> where T == (K, V) {

@@ -465,20 +465,24 @@ final class TextFileRDD: RDD<String> {
         context.noteComputed(rdd: id, partition: partition)
         let start = size * partition / numPartitions, end = size * (partition + 1) / numPartitions
         guard start < end else { return }
-        guard let fh = FileHandle(forReadingAtPath: path) else { throw WeftError(.notFound, "cannot read \(path)") }
-        defer { try? fh.close() }
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw WeftError(.notFound, "cannot read \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
         // A line belongs to this partition if it starts at an offset in
         // [start, end). Read one byte before `start` to know whether a line
         // starts there, and go past `end` to finish the last line.
         var offset = Swift.max(0, start - 1)
-        try fh.seek(toOffset: UInt64(offset))
         var pending = Bytes()          // an unfinished line carried across chunks
         var lineStart = -1             // absolute offset where `pending` starts; -1: skipping
         if start == 0 { lineStart = 0 }
         var atFirstByte = start > 0
+        // One buffer, reused for every chunk.
+        var buffer = Bytes(repeating: 0, count: readChunkBytes)
         while true {
-            let chunk = fh.readData(ofLength: readChunkBytes)
-            if chunk.isEmpty { break }
+            let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, readChunkBytes, off_t(offset)) }
+            if got < 0 { throw WeftError(.storage, "reading \(path): \(String(cString: strerror(errno)))") }
+            if got == 0 { break }
+            let chunk = buffer[0..<got]
             var done = false
             try chunk.withUnsafeBytes { (buf: UnsafeRawBufferPointer) in
                 var i = 0
@@ -511,7 +515,7 @@ final class TextFileRDD: RDD<String> {
                 }
             }
             if done { return }
-            offset += chunk.count
+            offset += got
         }
         // The file's last line has no newline.
         if lineStart >= 0 && lineStart < end && !pending.isEmpty { try body(String(decoding: pending, as: UTF8.self)) }
@@ -522,8 +526,16 @@ final class TextFileRDD: RDD<String> {
 /// whitespace (and 0x1c-0x1f) by byte, other Unicode whitespace by scalar.
 public func whitespaceTokens(_ line: String) -> [String] {
     var out: [String] = []
-    var utf8 = line.utf8
-    return utf8.withContiguousStorageIfAvailable { buf -> [String] in
+    forEachWhitespaceToken(line) { out.append($0) }
+    return out
+}
+
+/// The tokens of `whitespaceTokens`, handed to `body` one at a time.
+public func forEachWhitespaceToken(_ line: String, _ body: (String) throws -> Void) rethrows {
+    var line = line
+    line.makeContiguousUTF8()
+    try line.utf8.withContiguousStorageIfAvailable { buf in
+        func token(_ a: Int, _ b: Int) -> String { String(decoding: UnsafeBufferPointer(rebasing: buf[a..<b]), as: UTF8.self) }
         var i = 0, start = -1
         let n = buf.count
         while i < n {
@@ -539,18 +551,12 @@ public func whitespaceTokens(_ line: String) -> [String] {
                 }
             }
             if ws {
-                if start >= 0 { out.append(String(decoding: UnsafeBufferPointer(rebasing: buf[start..<i]), as: UTF8.self)); start = -1 }
+                if start >= 0 { try body(token(start, i)); start = -1 }
             } else if start < 0 {
                 start = i
             }
             i += width
         }
-        if start >= 0 { out.append(String(decoding: UnsafeBufferPointer(rebasing: buf[start..<n]), as: UTF8.self)) }
-        return out
-    } ?? {
-        var s = line
-        s.makeContiguousUTF8()
-        utf8 = s.utf8
-        return whitespaceTokens(s)
-    }()
+        if start >= 0 { try body(token(start, n)) }
+    }
 }

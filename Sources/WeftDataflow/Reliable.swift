@@ -7,9 +7,14 @@ import WeftRuntime
 public struct BlockCodec<T>: @unchecked Sendable {
     public let encode: (T, inout ByteWriter) -> Void
     public let decode: (inout ByteReader) throws(DecodeError) -> T
-    public init(encode: @escaping (T, inout ByteWriter) -> Void, decode: @escaping (inout ByteReader) throws(DecodeError) -> T) {
+    /// False for a value this codec cannot encode (checked on a block's
+    /// first row before it is spilled).
+    public let accepts: (T) -> Bool
+    public init(encode: @escaping (T, inout ByteWriter) -> Void, decode: @escaping (inout ByteReader) throws(DecodeError) -> T,
+                accepts: @escaping (T) -> Bool = { _ in true }) {
         self.encode = encode
         self.decode = decode
+        self.accepts = accepts
     }
 }
 

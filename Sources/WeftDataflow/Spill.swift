@@ -70,16 +70,91 @@ extension BlockCodec {
     /// The codec of a `SpillCodable` type, found at run time; nil for any
     /// other type (tuples included: use `pair`).
     public static func automatic() -> BlockCodec<T>? {
-        guard let c = T.self as? SpillCodable.Type else { return nil }
-        return BlockCodec(encode: { x, w in (x as! SpillCodable).encode(to: &w) },
-                          decode: { (r: inout ByteReader) throws(DecodeError) -> T in try c.decode(from: &r) as! T })
+        if let c = T.self as? SpillCodable.Type {
+            return BlockCodec(encode: { x, w in (x as! SpillCodable).encode(to: &w) },
+                              decode: { (r: inout ByteReader) throws(DecodeError) -> T in try c.decode(from: &r) as! T })
+        }
+        return tuple()
     }
+
+    /// A tuple of `SpillCodable` components, by reflection: the components'
+    /// types come from the first value encoded, and a decoded tuple is
+    /// assembled in place at the offsets of Swift's tuple layout (each
+    /// component aligned after the previous one). Spill data never leaves
+    /// the process that wrote it, so the layout is the one it was written
+    /// with. Nil if `T` is not a tuple; `accepts` is false for a value with
+    /// a component that has no codec.
+    static func tuple() -> BlockCodec<T>? {
+        let layout = TupleLayout()
+        return BlockCodec(
+            encode: { x, w in
+                for child in Mirror(reflecting: x).children { (child.value as! SpillCodable).encode(to: &w) }
+            },
+            decode: { (r: inout ByteReader) throws(DecodeError) -> T in
+                guard let (types, offsets) = layout.get() else { throw DecodeError("tuple layout unknown") }
+                let p = UnsafeMutableRawPointer.allocate(byteCount: Swift.max(1, MemoryLayout<T>.size), alignment: MemoryLayout<T>.alignment)
+                defer { p.deallocate() }
+                for (t, off) in zip(types, offsets) {
+                    let v = try t.decode(from: &r)
+                    store(v, at: p + off)
+                }
+                return p.assumingMemoryBound(to: T.self).move()
+            },
+            accepts: { x in layout.learn(x, size: MemoryLayout<T>.size) }
+        )
+    }
+}
+
+private func store<X: SpillCodable>(_ x: X, at p: UnsafeMutableRawPointer) {
+    p.initializeMemory(as: X.self, repeating: x, count: 1)
+}
+
+/// Component types and offsets of a tuple type, learned from a value.
+final class TupleLayout: @unchecked Sendable {
+    private let lock = NSLock()
+    private var known: ([SpillCodable.Type], [Int])?
+    private var refused = false
+
+    func get() -> ([SpillCodable.Type], [Int])? { lock.withLock { known } }
+
+    /// True if `x` is a tuple whose components are all `SpillCodable` and
+    /// whose computed layout matches the tuple's size.
+    func learn(_ x: Any, size: Int) -> Bool {
+        if let ok = lock.withLock({ known != nil ? true : refused ? false : nil }) { return ok }
+        let m = Mirror(reflecting: x)
+        var types: [SpillCodable.Type] = []
+        var offsets: [Int] = []
+        var end = 0
+        var ok = m.displayStyle == .tuple && m.children.count > 0
+        for child in m.children where ok {
+            guard let t = type(of: child.value) as? SpillCodable.Type else { ok = false; break }
+            let (sz, al) = layoutOf(t)
+            let off = (end + al - 1) / al * al
+            types.append(t)
+            offsets.append(off)
+            end = off + sz
+        }
+        ok = ok && end == size
+        lock.withLock {
+            if ok { known = (types, offsets) } else { refused = true }
+        }
+        return ok
+    }
+}
+
+private func layoutOf(_ t: SpillCodable.Type) -> (Int, Int) {
+    func of<X: SpillCodable>(_: X.Type) -> (Int, Int) { (MemoryLayout<X>.size, MemoryLayout<X>.alignment) }
+    return of(t)
+}
+
+extension BlockCodec {
 
     /// A pair's codec from its components' codecs.
     public static func pair<A, B>(_ a: BlockCodec<A>?, _ b: BlockCodec<B>?) -> BlockCodec<(A, B)>? where T == (A, B) {
         guard let a, let b else { return nil }
         return BlockCodec(encode: { x, w in a.encode(x.0, &w); b.encode(x.1, &w) },
-                          decode: { (r: inout ByteReader) throws(DecodeError) -> (A, B) in (try a.decode(&r), try b.decode(&r)) })
+                          decode: { (r: inout ByteReader) throws(DecodeError) -> (A, B) in (try a.decode(&r), try b.decode(&r)) },
+                          accepts: { a.accepts($0.0) && b.accepts($0.1) })
     }
 }
 
@@ -138,7 +213,13 @@ final class SpillDirectory: @unchecked Sendable {
             return path + "/\(tag)-\(next)"
         }
         do {
-            try Data(bytes).write(to: URL(fileURLWithPath: file))
+            do {
+                try Data(bytes).write(to: URL(fileURLWithPath: file))
+            } catch {
+                // The directory may have been removed under us: make it again once.
+                try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+                try Data(bytes).write(to: URL(fileURLWithPath: file))
+            }
         } catch {
             throw WeftError(.storage, "cannot spill \(bytes.count) bytes to \(file): \(error.localizedDescription) (is the disk full?)")
         }

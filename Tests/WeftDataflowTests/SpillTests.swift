@@ -1,0 +1,143 @@
+import XCTest
+import WeftCore
+@testable import WeftDataflow
+
+/// Past the memory bound, shuffle data and caches go to disk and come back
+/// unchanged; results equal a plain-Swift reference.
+final class SpillTests: XCTestCase {
+    /// Random words with a skewed distribution and one giant key.
+    func words(_ n: Int, seed: UInt64) -> [String] {
+        var rng = SplitMix(seed: seed)
+        return (0..<n).map { _ in
+            let r = rng.next() % 100
+            return r < 30 ? "giant" : r < 60 ? "w\(rng.next() % 50)" : "w\(rng.next() % 20_000)"
+        }
+    }
+
+    func reference(_ ws: [String]) -> [String: Int] {
+        var m: [String: Int] = [:]
+        for w in ws { m[w, default: 0] += 1 }
+        return m
+    }
+
+    func testShuffleSpillsPastTheBoundAndGivesTheSameCounts() throws {
+        let ws = words(60_000, seed: 5)
+        let expected = reference(ws)
+        // 64 KiB: far less than the map-side combine tables need.
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 64 << 10)
+        let counts = try sc.parallelize(ws, partitions: 6).map { ($0, 1) }.reduceByKey(partitions: 4, +).collect()
+        XCTAssertEqual(counts.count, expected.count, "one row per distinct word")
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: counts), expected)
+        let m = sc.lastJobMetrics
+        XCTAssertGreaterThan(m.bytesSpilled, 0, "the combine tables did not fit and must have spilled")
+        XCTAssertGreaterThan(m.spillFiles, 1)
+        XCTAssertLessThanOrEqual(sc.peakPoolBytes, 64 << 10, "the pool never goes past its bound")
+        // The same job with room to spare spills nothing.
+        let roomy = DataflowContext(executor: LocalExecutor(threads: 2))
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: try roomy.parallelize(ws, partitions: 6).map { ($0, 1) }.reduceByKey(partitions: 4, +).collect()), expected)
+        XCTAssertEqual(roomy.lastJobMetrics.bytesSpilled, 0)
+    }
+
+    func testGroupByKeyWithAGiantKeySpillsAndKeepsEveryValue() throws {
+        let ws = words(40_000, seed: 9)
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 32 << 10)
+        let groups = try sc.parallelize(Array(ws.enumerated()), partitions: 5).map { ($0.element, $0.offset) }.groupByKey(3).collect()
+        var expected: [String: [Int]] = [:]
+        for (i, w) in ws.enumerated() { expected[w, default: []].append(i) }
+        XCTAssertEqual(groups.count, expected.count)
+        for (k, vs) in groups { XCTAssertEqual(vs.sorted(), expected[k], "values of \(k)") }
+        XCTAssertGreaterThan(sc.lastJobMetrics.bytesSpilled, 0)
+    }
+
+    func testLostSpillFilesResubmitTheMapStage() throws {
+        let ws = words(30_000, seed: 3)
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 16 << 10)
+        let counts = sc.parallelize(ws, partitions: 4).map { ($0, 1) }.reduceByKey(partitions: 3, +)
+        var removed = false
+        sc.afterStage = { stage in
+            if stage == 1 && !removed {
+                // The disk under the shuffle is lost between the stages.
+                removed = true
+                try? FileManager.default.removeItem(atPath: sc.spillDirectory.path)
+            }
+        }
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: try counts.collect()), reference(ws))
+        XCTAssertTrue(removed)
+        XCTAssertGreaterThan(sc.lastJobMetrics.stageResubmissions, 0, "unreadable map output is lost output: the map stage runs again")
+    }
+
+    func testDiskLevelBlocksAreReadBackNotRecomputed() throws {
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2))
+        let r = sc.parallelize(Array(0..<5000), partitions: 8).map { "row-\($0)" }.persist(.disk)
+        XCTAssertEqual(try r.count(), 5000)
+        XCTAssertEqual(sc.memory.inUse, 0, "disk blocks take no memory")
+        XCTAssertGreaterThan(sc.lastJobMetrics.bytesSpilled, 0)
+        let all = try r.collect()
+        XCTAssertEqual(all, (0..<5000).map { "row-\($0)" })
+        XCTAssertEqual(sc.lastJobMetrics.diskBlockReads, 8)
+        XCTAssertEqual(sc.lastJobMetrics.recomputedPartitions, 0)
+        XCTAssertTrue(r.toDebugString().contains("8 of them on disk"), r.toDebugString())
+    }
+
+    func testMemoryAndDiskMovesEvictedBlocksToDisk() throws {
+        // Room for about two of the eight partitions.
+        let sc = DataflowContext(executor: LocalExecutor(threads: 1), memoryBytesMax: 40 << 10)
+        let pairs = sc.parallelize(Array(0..<8000), partitions: 8).map { ($0 % 97, Double($0)) }.persist(.memoryAndDisk)
+        let expected = (0..<8000).reduce(0.0) { $0 + Double($1) }
+        XCTAssertEqual(try pairs.values().reduce(+), expected)
+        XCTAssertGreaterThan(sc.blocks.onDisk(rdd: pairs.id), 0, "evicted blocks went to disk")
+        XCTAssertEqual(sc.blocks.cachedPartitions(rdd: pairs.id), 8, "and none was dropped")
+        XCTAssertEqual(try pairs.values().reduce(+), expected)
+        XCTAssertEqual(sc.lastJobMetrics.recomputedPartitions, 0, "every partition came from memory or disk")
+        XCTAssertGreaterThan(sc.lastJobMetrics.diskBlockReads, 0)
+
+        // The same with `.memory`: evicted blocks are gone and recomputed.
+        let sc2 = DataflowContext(executor: LocalExecutor(threads: 1), memoryBytesMax: 40 << 10)
+        let pairs2 = sc2.parallelize(Array(0..<8000), partitions: 8).map { ($0 % 97, Double($0)) }.persist(.memory)
+        XCTAssertEqual(try pairs2.values().reduce(+), expected)
+        XCTAssertEqual(try pairs2.values().reduce(+), expected)
+        XCTAssertGreaterThan(sc2.lastJobMetrics.recomputedPartitions, 0)
+    }
+
+    func testTypesWithoutACodecStayInMemoryAndSaySo() throws {
+        struct Opaque { let n: Int }
+        let sc = DataflowContext(executor: LocalExecutor(threads: 1), memoryBytesMax: 8 << 10)
+        let r = sc.parallelize(Array(0..<20_000), partitions: 2).map { ($0 % 1000, Opaque(n: $0)) }
+            .combineByKey({ [$0] }, { $0 + [$1] }, { $0 + $1 }, partitions: 2)
+        let rows = try r.collect()
+        XCTAssertEqual(rows.count, 1000)
+        XCTAssertEqual(rows.reduce(0) { $0 + $1.1.count }, 20_000)
+        XCTAssertEqual(sc.lastJobMetrics.bytesSpilled, 0)
+        XCTAssertGreaterThan(sc.lastJobMetrics.unspillableBytes, 0, "memory held past the bound is reported")
+    }
+
+    func testCodecsRoundTrip() throws {
+        func roundTrip<T: SpillCodable & Equatable>(_ x: T) throws {
+            var w = ByteWriter()
+            x.encode(to: &w)
+            let back = try w.bytes.withUnsafeBytes { buf -> T in
+                var r = ByteReader(buf)
+                return try T.decode(from: &r)
+            }
+            XCTAssertEqual(back, x)
+        }
+        try roundTrip(-42)
+        try roundTrip(3.25)
+        try roundTrip("héllo wörld")
+        try roundTrip([[1, 2], [], [3]])
+        try roundTrip([Optional("a"), nil])
+        try roundTrip(Array("bytes".utf8))
+        // Tuples of codable components, found by reflection.
+        let c = try XCTUnwrap(BlockCodec<(String, Double, [Int]?)>.automatic())
+        let rows: [(String, Double, [Int]?)] = [("a", 1.5, [1, 2]), ("héllo", -0.0, nil), ("", 3, [])]
+        XCTAssertTrue(c.accepts(rows[0]))
+        let bytes = SpillFormatBlock.encode(rows, c)
+        let back = try SpillFormat.decodeAll(bytes[...], c)
+        XCTAssertEqual(back.map(\.0), rows.map(\.0))
+        XCTAssertEqual(back.map(\.1), rows.map(\.1))
+        XCTAssertEqual(back.map(\.2), rows.map(\.2))
+        struct Opaque { let n: Int }
+        XCTAssertFalse(BlockCodec<(Int, Opaque)>.automatic()!.accepts((1, Opaque(n: 2))), "a component without a codec")
+        XCTAssertFalse(BlockCodec<Opaque>.automatic()!.accepts(Opaque(n: 1)), "not a tuple")
+    }
+}
