@@ -42,13 +42,13 @@ final class BlockManager: @unchecked Sendable {
         switch e.place {
         case .memory(let data): return data
         case .disk(let file):
-            guard let decode = e.decode, let bytes = try? disk.read(file) else {
+            guard let decode = e.decode, let bytes = try? disk.read(file), let data = try? decode(bytes) else {
                 // An unreadable block is a lost block: recompute it.
                 lock.withLock { blocks[rdd]?[partition] = nil }
                 return nil
             }
             report { $0.diskBlockReads += 1 }
-            return try decode(bytes)
+            return data
         }
     }
 
@@ -366,9 +366,11 @@ public final class DataflowContext: @unchecked Sendable {
             }
         }
         let parts = partitions ?? Array(0..<rdd.numPartitions)
-        let plan = stagePlan(rdd)
         var stageIndex = 0
         for attempt in 0..<maxStageAttempts {
+            // Planned again on each attempt: a cached RDD whose stages were
+            // skipped may have lost blocks since.
+            let plan = stagePlan(rdd)
             do {
                 // Parent stages first (topological order), skipping map outputs that exist.
                 for dep in plan {
@@ -381,10 +383,12 @@ public final class DataflowContext: @unchecked Sendable {
                     try f(try rdd.iterator(p, ctx))
                 }
                 return results.map { $0 as! U }
-            } catch let e as FetchFailed where attempt + 1 < maxStageAttempts {
+            } catch let e as FetchFailed {
                 // Lost shuffle output: resubmit the parent stage for what is missing.
+                if attempt + 1 == maxStageAttempts {
+                    throw WeftError(.unavailable, "job \(job) failed: map output \(e.mapPartition) of shuffle \(e.shuffleId) was lost \(maxStageAttempts) times")
+                }
                 metric { $0.stageResubmissions += 1 }
-                _ = e
                 stageIndex = 0
                 continue
             }

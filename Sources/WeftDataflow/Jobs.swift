@@ -79,7 +79,7 @@ public enum BuiltinJobs {
             }
         case "sort":
             let pairs = keyValues(input, malformed).persist()
-            let numeric = try pairs.keys().filter { Double($0) == nil }.count() == 0
+            let numeric = try pairs.keys().filter { !isPlainNumber($0) }.count() == 0
             let sorted: RDD<(String, String)>
             if numeric {
                 sorted = pairs.map { (NumericKey(Double($0.0)!, $0.0), $0.1) }.sortByKey().map { ($0.0.text, $0.1) }
@@ -126,6 +126,10 @@ public enum BuiltinJobs {
         var centres = try points.takeOrdered(k) { $0.0 < $1.0 }.map(\.1)
         guard centres.count == k else { throw WeftError(.invalidArgument, "kmeans needs at least k = \(k) points, the input has \(centres.count)") }
         let dim = centres[0].count
+        let otherDims = try points.filter { $0.1.count != dim }.count()
+        if otherDims > 0 {
+            throw WeftError(.invalidArgument, "kmeans: \(otherDims) points do not have \(dim) coordinates like the first point; every point needs the same dimension")
+        }
         for _ in 0..<iterations {
             let current = centres
             let sums = try points.map { p -> (Int, [Double]) in
@@ -287,6 +291,14 @@ public enum BuiltinJobs {
 struct EdgeKey<V: Hashable>: Hashable {
     let src: V
     let dst: V
+}
+
+/// A finite decimal number such as `-12`, `3.5` or `1e6` (not `nan`,
+/// `inf` or hex), so such keys sort numerically.
+func isPlainNumber(_ s: String) -> Bool {
+    guard !s.isEmpty, s.utf8.allSatisfy({ ($0 >= 48 && $0 <= 57) || $0 == 43 || $0 == 45 || $0 == 46 || $0 == 101 || $0 == 69 }),
+          let d = Double(s) else { return false }
+    return d.isFinite
 }
 
 /// A numeric sort key that keeps the original text.

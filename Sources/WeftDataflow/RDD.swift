@@ -138,6 +138,11 @@ open class RDD<T>: AnyRDD {
         return r
     }
 
+    /// map and keep the non-nil results.
+    public final func compactMap<U>(_ f: @escaping (T) throws -> U?) -> RDD<U> {
+        ElementwiseRDD(parent: self, name: "compactMap") { x, emit in if let y = try f(x) { try emit(y) } }
+    }
+
     public final func flatMap<S: Sequence>(_ f: @escaping (T) throws -> S) -> RDD<S.Element> {
         ElementwiseRDD(parent: self, name: "flatMap") { x, emit in for y in try f(x) { try emit(y) } }
     }
