@@ -15,7 +15,7 @@ struct TableCommand: AsyncParsableCommand {
     enum Format: String, ExpressibleByArgument { case lines, kv }
 
     struct Load: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Load a file as a table in one transaction.")
+        static let configuration = CommandConfiguration(abstract: "Load a file as a table: one transaction, or batches (with a progress bar) that become visible together.")
         @OptionGroup var global: GlobalOptions
         @Argument var name: String
         @Argument var file: String
@@ -49,13 +49,18 @@ struct TableCommand: AsyncParsableCommand {
                     fail(WeftError(.invalidArgument, "\(file): \(bad.count) lines have no TAB (lines \(bad.prefix(10).map(String.init).joined(separator: ", "))\(bad.count > 10 ? ", ..." : "")); nothing was loaded"), json: g.json)
                 }
             }
-            if rows.count >= Limits.txnWritesMax {
-                fail(WeftError(.txnTooLarge, "\(rows.count) rows exceed one transaction (Limits.txnWritesMax = \(Limits.txnWritesMax)); split the file"), json: g.json)
-            }
             let n = rows.count
             let boxed = rows.map { Pair(k: $0.0, v: $0.1) }
+            // Big files load in batches; the table appears only when the last commits.
+            let tty = isatty(2) == 1
+            let progress: @Sendable (Int, Int) -> Void = { done, total in
+                guard total > TableStore.loadBatchRowsMax else { return }
+                let width = 30, filled = total == 0 ? width : done * width / total
+                let line = "loading \(name) [" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(done)/\(total) rows"
+                FileHandle.standardError.write(Data((tty ? "\r" + line + (done == total ? "\n" : "") : line + "\n").utf8))
+            }
             let ts = try await withCluster(g) { c in
-                try await TableStore.write(c, name, rows: boxed.map { ($0.k, $0.v) }, format: format.rawValue, overwrite: overwrite)
+                try await TableStore.write(c, name, rows: boxed.map { ($0.k, $0.v) }, format: format.rawValue, overwrite: overwrite, progress: progress)
             }
             print(g.json ? jsonLine(["table": name, "rows": n, "committed_ts": ts]) : "loaded \(n) rows into table \(name) (committed at ts=\(ts))")
         }
@@ -84,10 +89,10 @@ struct TableCommand: AsyncParsableCommand {
         func run() async throws {
             let g = global, name = self.name, limit = self.limit, at = self.at
             let rows = try await withCluster(g) { c -> [ScanRow] in
-                guard try await TableStore.info(c, name, at: at) != nil else { throw WeftError(.notFound, "unknown table \(name)") }
-                return try await c.scan(prefix: TableStore.rowPrefix(name), limit: limit, at: at).rows
+                guard let info = try await TableStore.info(c, name, at: at) else { throw WeftError(.notFound, "unknown table \(name)") }
+                return try await c.scan(prefix: info.rowPrefix, limit: limit, at: at).rows
             }
-            let skip = TableStore.rowPrefix(name).count
+            let skip = rows.first.map { r in r.key.firstIndex(of: UInt8(ascii: "/")).flatMap { i in r.key[(i + 1)...].firstIndex(of: UInt8(ascii: "/")) }.map { $0 + 1 } ?? 0 } ?? 0
             for r in rows {
                 let k = text(Array(r.key.dropFirst(skip))), v = text(r.value)
                 print(g.json ? jsonLine(["key": k, "value": v]) : "\(k)\t\(v)")

@@ -19,14 +19,31 @@ final class ResultHolder<T>: @unchecked Sendable {
     var result: Result<T, Error>?
 }
 
-/// Tables live in the key-value store: row `k` of table `t` is the key
-/// `t/<t>/<k>`, and the catalog entry `c/<t>` describes the table. A table
-/// snapshot is (table, commit timestamp): immutable, so any partition of it
-/// can be read again identically, which is the base case of lineage.
+/// Tables live in the key-value store. The catalog entry `c/<t>` describes
+/// table `t` and names its current *generation* `g`; row `k` of that
+/// generation is the key `t/<t>@<g>/<k>` (tables written before
+/// generations existed have `g` empty and rows at `t/<t>/<k>`). A table
+/// snapshot is (table, commit timestamp): the catalog entry at that
+/// timestamp says which generation to read, and rows are immutable, so any
+/// partition of it can be read again identically, which is the base case
+/// of lineage.
+///
+/// Writing a table writes a NEW generation and then flips the catalog entry
+/// to it in one transaction: readers see the old table or the new one,
+/// never a mix, however many transactions the rows took. Rows of a
+/// generation no catalog entry names are invisible; the old generation's
+/// rows are deleted after the flip (older snapshots still read them, as of
+/// their timestamp).
 public enum TableStore {
     public static let rowsPageMax = 50_000
+    /// Rows per load transaction for big tables (`LoadBatchRowsMax`).
+    public static let loadBatchRowsMax = 50_000
+    /// Key and value bytes per load transaction (`LoadBatchBytesMax`).
+    public static let loadBatchBytesMax = 32 << 20
 
-    public static func rowPrefix(_ table: String) -> Bytes { Array("t/\(table)/".utf8) }
+    public static func rowPrefix(_ table: String, generation: String = "") -> Bytes {
+        Array((generation.isEmpty ? "t/\(table)/" : "t/\(table)@\(generation)/").utf8)
+    }
     public static func catalogKey(_ table: String) -> Bytes { Array("c/\(table)".utf8) }
 
     public static func checkName(_ name: String) throws {
@@ -39,6 +56,8 @@ public enum TableStore {
         public var rows: Int
         public var format: String
         public var committedTs: Timestamp
+        public var generation: String
+        public var rowPrefix: Bytes { TableStore.rowPrefix(name, generation: generation) }
     }
 
     public static func list(_ client: WeftClient, at ts: Timestamp? = nil) async throws -> [Info] {
@@ -47,13 +66,14 @@ public enum TableStore {
     }
 
     static func parseInfo(name: String, _ v: Bytes, _ version: Timestamp) -> Info {
-        var rows = 0, format = "kv"
+        var rows = 0, format = "kv", gen = ""
         for f in String(decoding: v, as: UTF8.self).split(separator: " ") {
             let kv = f.split(separator: "=", maxSplits: 1)
             if kv.count == 2 && kv[0] == "rows" { rows = Int(kv[1]) ?? 0 }
             if kv.count == 2 && kv[0] == "format" { format = String(kv[1]) }
+            if kv.count == 2 && kv[0] == "gen" { gen = String(kv[1]) }
         }
-        return Info(name: name, rows: rows, format: format, committedTs: version)
+        return Info(name: name, rows: rows, format: format, committedTs: version, generation: gen)
     }
 
     public static func info(_ client: WeftClient, _ name: String, at ts: Timestamp? = nil) async throws -> Info? {
@@ -61,47 +81,78 @@ public enum TableStore {
         return v.map { parseInfo(name: name, $0, version) }
     }
 
-    /// Writes a whole table in ONE transaction, with its catalog entry:
-    /// readers see all of it or none. An existing table is refused unless
-    /// `overwrite`, and then replaced atomically (old rows deleted in the
-    /// same transaction).
+    /// Writes a whole table as a new generation and makes it the table in
+    /// one transaction (with the catalog entry): readers see all of it or
+    /// none. Up to `loadBatchRowsMax` rows this is ONE transaction; bigger
+    /// tables are written in batches first (`progress(rowsWritten, rows)`
+    /// after each), and a writer that dies midway leaves only invisible
+    /// rows. An existing table is refused unless `overwrite`, and then
+    /// replaced atomically.
     @discardableResult
-    public static func write(_ client: WeftClient, _ name: String, rows: [(Bytes, Bytes)], format: String, overwrite: Bool) async throws -> Timestamp {
+    public static func write(_ client: WeftClient, _ name: String, rows: [(Bytes, Bytes)], format: String, overwrite: Bool,
+                             progress: (@Sendable (Int, Int) -> Void)? = nil) async throws -> Timestamp {
         try checkName(name)
-        let t = try await client.begin()
-        if try await t.get(catalogKey(name)) != nil {
-            guard overwrite else { throw WeftError(.invalidArgument, "table \(name) already exists; pass --overwrite to replace it atomically") }
-            let p = rowPrefix(name)
-            for part in 0..<client.participantCount {
-                var from: Bytes? = nil
-                while true {
-                    let (old, more) = try await client.scanParticipant(part, prefix: p, from: from, limit: rowsPageMax, at: t.startTs)
-                    for r in old { try t.delete(r.key) }
-                    guard more, let last = old.last else { break }
-                    from = last.key + [0]
-                }
-            }
+        if !overwrite, try await info(client, name) != nil {
+            throw WeftError(.invalidArgument, "table \(name) already exists; pass --overwrite to replace it atomically")
         }
-        for (k, v) in rows { try t.put(rowPrefix(name) + k, v) }
-        try t.put(catalogKey(name), Array("rows=\(rows.count) format=\(format)".utf8))
-        return try await t.commit()
+        let gen = String(UInt64.random(in: 1...UInt64.max), radix: 36)
+        let prefix = rowPrefix(name, generation: gen)
+        // Every batch but the last commits on its own; the last goes with the catalog flip.
+        var start = 0
+        var batches: [Range<Int>] = []
+        while start < rows.count {
+            var end = start, bytes = 0
+            while end < rows.count && end - start < loadBatchRowsMax && (end == start || bytes + rows[end].0.count + rows[end].1.count <= loadBatchBytesMax) {
+                bytes += prefix.count + rows[end].0.count + rows[end].1.count
+                end += 1
+            }
+            batches.append(start..<end)
+            start = end
+        }
+        if batches.isEmpty { batches = [0..<0] }
+        for b in batches.dropLast() {
+            let t = try await client.begin()
+            for i in b { try t.put(prefix + rows[i].0, rows[i].1) }
+            try await t.commit()
+            progress?(b.upperBound, rows.count)
+        }
+        let t = try await client.begin()
+        let old = try await t.get(catalogKey(name)).map { parseInfo(name: name, $0, 0) }
+        if old != nil && !overwrite {
+            throw WeftError(.invalidArgument, "table \(name) already exists; pass --overwrite to replace it atomically")
+        }
+        for i in batches.last! { try t.put(prefix + rows[i].0, rows[i].1) }
+        try t.put(catalogKey(name), Array("rows=\(rows.count) format=\(format) gen=\(gen)".utf8))
+        let ts = try await t.commit()
+        progress?(rows.count, rows.count)
+        if let old { try await deleteRows(client, prefix: old.rowPrefix) }
+        return ts
     }
 
-    /// Drops a table (rows and catalog entry) in one transaction.
-    public static func drop(_ client: WeftClient, _ name: String) async throws {
-        guard try await info(client, name) != nil else { throw WeftError(.notFound, "unknown table \(name)") }
-        let t = try await client.begin()
+    /// Deletes every row under `prefix`, in transactions of at most
+    /// `rowsPageMax` deletes (the rows are invisible already).
+    static func deleteRows(_ client: WeftClient, prefix: Bytes) async throws {
         for part in 0..<client.participantCount {
-            var from: Bytes? = nil
             while true {
-                let (old, more) = try await client.scanParticipant(part, prefix: rowPrefix(name), from: from, limit: rowsPageMax, at: t.startTs)
+                let at = try await client.now()
+                let (old, more) = try await client.scanParticipant(part, prefix: prefix, from: nil, limit: rowsPageMax, at: at)
+                if old.isEmpty { break }
+                let t = try await client.begin()
                 for r in old { try t.delete(r.key) }
-                guard more, let last = old.last else { break }
-                from = last.key + [0]
+                try await t.commit()
+                if !more { break }
             }
         }
+    }
+
+    /// Drops a table: the catalog entry goes in one transaction (the table
+    /// is gone for every later snapshot), then its rows in batches.
+    public static func drop(_ client: WeftClient, _ name: String) async throws {
+        guard let i = try await info(client, name) else { throw WeftError(.notFound, "unknown table \(name)") }
+        let t = try await client.begin()
         try t.delete(catalogKey(name))
         try await t.commit()
+        try await deleteRows(client, prefix: i.rowPrefix)
     }
 }
 
@@ -112,17 +163,20 @@ final class TableRDD: RDD<(Bytes, Bytes)> {
     let table: String
     let ts: Timestamp
 
-    init(_ ctx: DataflowContext, client: WeftClient, table: String, at ts: Timestamp) {
+    let prefix: Bytes
+
+    init(_ ctx: DataflowContext, client: WeftClient, table: TableStore.Info, at ts: Timestamp) {
         self.client = client
-        self.table = table
+        self.table = table.name
+        self.prefix = table.rowPrefix
         self.ts = ts
-        super.init(ctx, partitions: client.participantCount, dependencies: [], name: "table(\(table) @ \(ts))")
+        super.init(ctx, partitions: client.participantCount, dependencies: [], name: "table(\(table.name) @ \(ts))")
     }
 
     override func preferredLocation(_ partition: Int) -> String? { "participant-\(partition)" }
 
     override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(Bytes, Bytes)] {
-        let (client, prefix, ts) = (self.client, TableStore.rowPrefix(table), self.ts)
+        let (client, prefix, ts) = (self.client, self.prefix, self.ts)
         let rows = try blocking { () async throws -> [ScanRowBox] in
             var out: [ScanRowBox] = []
             var from: Bytes? = nil
@@ -150,10 +204,10 @@ extension DataflowContext {
     public func table(_ name: String, client: WeftClient, at ts: Timestamp? = nil) throws -> RDD<(Bytes, Bytes)> {
         try TableStore.checkName(name)
         let at = try ts ?? blocking { try await client.now() }
-        guard try blocking({ try await TableStore.info(client, name, at: at) }) != nil else {
+        guard let info = try blocking({ try await TableStore.info(client, name, at: at) }) else {
             throw WeftError(.notFound, "unknown table \(name) (at ts=\(at)); `weft table list` shows the tables")
         }
-        return TableRDD(self, client: client, table: name, at: at)
+        return TableRDD(self, client: client, table: info, at: at)
     }
 }
 

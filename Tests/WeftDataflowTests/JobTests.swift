@@ -5,6 +5,12 @@ import WeftRuntime
 
 /// Built-in jobs over real committed tables in an embedded cluster, checked
 /// against straightforward reference computations.
+final class ProgressLog: @unchecked Sendable {
+    let lock = NSLock()
+    var values: [Int] = []
+    func add(_ v: Int) { lock.withLock { values.append(v) } }
+}
+
 final class JobTests: XCTestCase {
     var dir = ""
     override func setUp() {
@@ -36,9 +42,9 @@ final class JobTests: XCTestCase {
         var ref: [String: Int] = [:]
         for l in lines { for w in l.split(whereSeparator: { $0.isWhitespace }) { ref[String(w), default: 0] += 1 } }
         XCTAssertEqual(wc.outputRows, ref.count)
-        let (rows, _) = try await c.scan(prefix: TableStore.rowPrefix("wc"), limit: 10_000)
+        let rows = try await tableRows(c, "wc")
         var got: [String: Int] = [:]
-        for r in rows { got[String(decoding: r.key.dropFirst(5), as: UTF8.self)] = Int(String(decoding: r.value, as: UTF8.self)) }
+        for r in rows { got[r.0] = Int(String(decoding: r.1, as: UTF8.self)) }
         XCTAssertEqual(got, ref)
         let top = ref.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key < $1.key }.prefix(20).map { "\($0.key) \($0.value)" }.joined(separator: ", ")
         XCTAssertTrue(wc.summary.contains("top 20: " + top), "\(wc.summary)")
@@ -61,11 +67,11 @@ final class JobTests: XCTestCase {
             for (src, dsts) in links { if let r = ranks[src] { for d in dsts { contrib[d, default: 0] += r / Double(dsts.count) } } }
             ranks = contrib.mapValues { 0.15 + 0.85 * $0 }
         }
-        let (prRows, _) = try await c.scan(prefix: TableStore.rowPrefix("pr"), limit: 10_000)
+        let prRows = try await tableRows(c, "pr")
         XCTAssertEqual(prRows.count, ranks.count)
         for r in prRows {
-            let v = String(decoding: r.key.dropFirst(5), as: UTF8.self)
-            XCTAssertEqual(Double(String(decoding: r.value, as: UTF8.self))!, ranks[v]!, accuracy: 1e-9, v)
+            let v = r.0
+            XCTAssertEqual(Double(String(decoding: r.1, as: UTF8.self))!, ranks[v]!, accuracy: 1e-9, v)
         }
 
         // The output table exists: refused without --overwrite, replaced atomically with it.
@@ -75,9 +81,50 @@ final class JobTests: XCTestCase {
         again.input = "graph"
         let overwriteParams = again
         _ = try await onDriverThread { try BuiltinJobs.run("wordcount", overwriteParams, sc: sc, client: c) }
-        let (after, _) = try await c.scan(prefix: TableStore.rowPrefix("wc"), limit: 10_000)
-        XCTAssertFalse(after.contains { String(decoding: $0.key, as: UTF8.self) == "t/wc/w1" }, "old rows are gone")
-        XCTAssertTrue(after.contains { String(decoding: $0.key, as: UTF8.self) == "t/wc/v1" })
+        let after = try await tableRows(c, "wc")
+        XCTAssertFalse(after.contains { $0.0 == "w1" }, "the new table has none of the old rows")
+        XCTAssertTrue(after.contains { $0.0 == "v1" })
+        let (everything, _) = try await c.scan(prefix: Array("t/wc".utf8), limit: 10_000)
+        XCTAssertEqual(everything.count, after.count, "the old generation's rows were deleted")
+    }
+
+    /// The rows of a table's current generation, keys without the prefix.
+    func tableRows(_ c: WeftClient, _ name: String) async throws -> [(String, Bytes)] {
+        let info = try await TableStore.info(c, name)
+        let prefix = try XCTUnwrap(info).rowPrefix
+        return try await c.scan(prefix: prefix, limit: 10_000).rows.map { (String(decoding: $0.key.dropFirst(prefix.count), as: UTF8.self), $0.value) }
+    }
+
+    func testBigTablesLoadInBatchesAndAppearAtOnce() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        // More rows than one batch: several transactions, one visible table.
+        let n = TableStore.loadBatchRowsMax * 2 + 123
+        let rows = (0..<n).map { (Array(String(format: "%012d", $0).utf8), Array("line \($0)".utf8)) }
+        let before = try await c.now()
+        let seen = ProgressLog()
+        try await TableStore.write(c, "big", rows: rows, format: "lines", overwrite: false, progress: { done, _ in seen.add(done) })
+        XCTAssertEqual(seen.values, [TableStore.loadBatchRowsMax, TableStore.loadBatchRowsMax * 2, n])
+        let atBefore = try await TableStore.info(c, "big", at: before)
+        XCTAssertNil(atBefore, "invisible before the last batch")
+        let maybeInfo = try await TableStore.info(c, "big")
+        let info = try XCTUnwrap(maybeInfo)
+        XCTAssertEqual(info.rows, n)
+        let sc = DataflowContext()
+        let count = try await onDriverThread { try sc.table("big", client: c).count() }
+        XCTAssertEqual(count, n)
+        // Replacing it: the old snapshot still reads the old rows.
+        let oldTs = info.committedTs
+        try await TableStore.write(c, "big", rows: Array(rows.prefix(10)), format: "lines", overwrite: true)
+        let counts = try await onDriverThread { (try sc.table("big", client: c).count(), try sc.table("big", client: c, at: oldTs).count()) }
+        XCTAssertEqual(counts.0, 10)
+        XCTAssertEqual(counts.1, n, "a snapshot before the overwrite still sees every old row")
+        try await TableStore.drop(c, "big")
+        let gone = try await TableStore.info(c, "big")
+        XCTAssertNil(gone)
+        let left = try await c.scan(prefix: Array("t/big".utf8), limit: 10).rows.count
+        XCTAssertEqual(left, 0, "the rows went with it")
     }
 
     func testUnknownTableAndJobAreClearErrors() async throws {

@@ -10,6 +10,8 @@ import WeftDataflow
 //                       [--skip-wordcount] [--skip-pagerank] [--dir DIR]
 // Each timing is the best of --repeat runs (the machine is shared and noisy).
 
+/// Unbuffered output: a long run shows each result as soon as it is known.
+func out(_ s: String) { FileHandle.standardOutput.write(Data((s + "\n").utf8)) }
 var wordcountMB = 200, vertices = 1_000_000, edgeCount = 10_000_000, iterations = 10
 var skipWordcount = false, skipPagerank = false, repeats = 3, boundMB = 64
 var dirArg = NSTemporaryDirectory() + "weft-dataflow-bench"
@@ -26,7 +28,7 @@ while let a = args.popFirst() {
     case "--skip-pagerank": skipPagerank = true
     case "--dir": dirArg = args.popFirst() ?? dirArg
     default:
-        print("usage: weft-dataflow-bench [--wordcount-mb N] [--vertices N] [--edges N] [--iterations N] [--repeat N] [--bound-mb N] [--skip-wordcount] [--skip-pagerank] [--dir DIR]")
+        out("usage: weft-dataflow-bench [--wordcount-mb N] [--vertices N] [--edges N] [--iterations N] [--repeat N] [--bound-mb N] [--skip-wordcount] [--skip-pagerank] [--dir DIR]")
         exit(2)
     }
 }
@@ -61,7 +63,7 @@ struct Rng {
 }
 
 func report(_ name: String, _ baseline: Double, _ two: Double, _ one: Double, _ peak2: Double, _ peakBase: Double) {
-    print(String(format: "%@: single-threaded loop %.2f s (peak %.0f MiB) | engine 2 threads %.2f s = %.2fx the loop (peak %.0f MiB) | engine 1 thread %.2f s = %.2fx the loop",
+    out(String(format: "%@: single-threaded loop %.2f s (peak %.0f MiB) | engine 2 threads %.2f s = %.2fx the loop (peak %.0f MiB) | engine 1 thread %.2f s = %.2fx the loop",
                  name as NSString, baseline, peakBase, two, two / baseline, peak2, one, one / baseline))
 }
 
@@ -101,7 +103,7 @@ func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int) t
         }
         fh!.write(Data(buf))
         try fh!.close()
-        print(String(format: "generated %@ (%d MiB) in %.1f s", path, wordcountMB, now() - t0))
+        out(String(format: "generated %@ (%d MiB) in %.1f s", path, wordcountMB, now() - t0))
     }
 
     // The COST baseline: read the file, split on whitespace, count in a dictionary.
@@ -135,12 +137,12 @@ func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int) t
     let (one, (_, d1, n1, _)) = try best(repeats) { try engine(1) }
     let (bounded, (peakB, dB, nB, mB)) = try engine(2, bound: boundMB << 20)
     guard d2 == baseDistinct, n2 == baseTotal, d1 == baseDistinct, n1 == baseTotal, dB == baseDistinct, nB == baseTotal else {
-        print("wordcount: RESULTS DIFFER: loop \(baseDistinct) distinct / \(baseTotal) words, engine \(d2)/\(n2), \(d1)/\(n1), bounded \(dB)/\(nB)")
+        out("wordcount: RESULTS DIFFER: loop \(baseDistinct) distinct / \(baseTotal) words, engine \(d2)/\(n2), \(d1)/\(n1), bounded \(dB)/\(nB)")
         exit(1)
     }
-    print("wordcount over \(wordcountMB) MiB: \(baseDistinct) distinct words, \(baseTotal) words (engine and loop agree)")
+    out("wordcount over \(wordcountMB) MiB: \(baseDistinct) distinct words, \(baseTotal) words (engine and loop agree)")
     report("wordcount", baseline, two, one, peak2, peakBase)
-    print(String(format: "wordcount with a %d MiB memory bound, 2 threads: %.2f s, peak %.0f MiB, %d bytes spilled in %d files, same result",
+    out(String(format: "wordcount with a %d MiB memory bound, 2 threads: %.2f s, peak %.0f MiB, %d bytes spilled in %d files, same result",
                  boundMB, bounded, peakB, mB.bytesSpilled, mB.spillFiles))
 }
 
@@ -164,7 +166,7 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int) 
         }
         fh.write(Data(buf))
         try fh.close()
-        print(String(format: "generated %@ in %.1f s", path, now() - t0))
+        out(String(format: "generated %@ in %.1f s", path, now() - t0))
     }
 
     // Baseline: parse, drop duplicate edges, CSR, iterate (Spark's semantics).
@@ -235,10 +237,10 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int) 
     let (two, peak2, n2, top2) = try engine(2)
     let (one, _, n1, _) = try engine(1)
     guard n2 == baseRanked, n1 == baseRanked, top2.0 == baseTop.offset, abs(top2.1 - baseTop.element) < 1e-6 * baseTop.element else {
-        print("pagerank: RESULTS DIFFER: loop \(baseRanked) ranked, top \(baseTop); engine \(n2)/\(n1), top \(top2)")
+        out("pagerank: RESULTS DIFFER: loop \(baseRanked) ranked, top \(baseTop); engine \(n2)/\(n1), top \(top2)")
         exit(1)
     }
-    print("pagerank over \(vertices) vertices, \(edgeCount) edges, \(iterations) iterations: \(baseRanked) ranked vertices, top vertex \(baseTop.offset) rank \(String(format: "%.4f", baseTop.element)) (engine and loop agree)")
+    out("pagerank over \(vertices) vertices, \(edgeCount) edges, \(iterations) iterations: \(baseRanked) ranked vertices, top vertex \(baseTop.offset) rank \(String(format: "%.4f", baseTop.element)) (engine and loop agree)")
     report("pagerank", baseline, two, one, peak2, peakBase)
 }
 
