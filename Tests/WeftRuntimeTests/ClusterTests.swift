@@ -130,10 +130,19 @@ final class ClusterTests: XCTestCase {
             c.kill9(node)
             let victim = try c.start(node, env: ["WEFT_CRASH_AT": point])
             XCTAssertNotEqual(victimPid, Int32(victim.processIdentifier))
-            let txn = try c.weft(["txn"] + keys.flatMap { ["-e", "put \($0) \(point)"] })
-            // The victim dies at its crash point.
-            for _ in 0..<500 where victim.isRunning { usleep(10_000) }
+            var txn = try c.weft(["txn"] + keys.flatMap { ["-e", "put \($0) \(point)"] })
+            // The victim dies at its crash point. On a loaded machine the
+            // first attempt can fail before any commit starts (the restarted
+            // node not serving yet): try again while the victim lives.
+            for attempt in 0..<1500 where victim.isRunning {
+                usleep(10_000)
+                if attempt % 300 == 299 && victim.isRunning { txn = try c.weft(["txn"] + keys.flatMap { ["-e", "put \($0) \(point)"] }) }
+            }
             XCTAssertFalse(victim.isRunning, "\(point): the node did not reach its crash point")
+            if victim.isRunning {
+                victim.terminate()
+                continue
+            }
             XCTAssertEqual(victim.terminationReason, .uncaughtSignal, "\(point): killed by SIGKILL")
             if point == "participant.after-prepare-forced" {
                 let offline = try c.weft(["admin", "in-doubt"])
