@@ -23,6 +23,11 @@ struct NodeCommand: ParsableCommand {
             printErr("weft node \(id): error: \(error.message)")
             throw ExitCode(1)
         }
+        let nodeId = id
+        node.onFailure = { error in
+            printErr("weft node \(nodeId): error: \(error.message); exiting, restart it to recover from disk")
+            Glibc.exit(70)
+        }
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
         sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint), recovered in \(node.recoveryMillis) ms")

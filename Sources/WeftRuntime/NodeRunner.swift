@@ -45,11 +45,27 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
     public private(set) var recordsCommitted = 0
     var thread: Thread?
 
-    init(address: NodeAddress, machine: M, router: any Transport, persist: @escaping ([M.Record]) throws(WeftError) -> Void) {
+    /// A one-line summary of the machine, refreshed after every round and
+    /// readable from any thread without waiting for the node's thread:
+    /// health checks answer from the event loop, which must never block on
+    /// a runner (one that has not started yet would never answer).
+    let summarize: (M) -> String
+    var lastSummary: String
+
+    init(address: NodeAddress, machine: M, router: any Transport, summarize: @escaping (M) -> String = { _ in "" },
+         persist: @escaping ([M.Record]) throws(WeftError) -> Void) {
         self.address = address
         self.machine = machine
         self.router = router
         self.persist = persist
+        self.summarize = summarize
+        self.lastSummary = summarize(machine)
+    }
+
+    public var summary: String {
+        cond.lock()
+        defer { cond.unlock() }
+        return lastSummary
     }
 
     func start() {
@@ -150,6 +166,10 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
                     return
                 }
             }
+            let now2 = summarize(machine)
+            cond.lock()
+            lastSummary = now2
+            cond.unlock()
             router.sendAll(out.messages)
         }
     }

@@ -59,7 +59,8 @@ final class TestCluster {
         children[id] = p
         // Wait until it serves: a participant first hears the coordinator's clock.
         let port = basePort + (ids.firstIndex(of: id) ?? 0)
-        for _ in 0..<500 {
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while Date() < deadline {
             if !p.isRunning { break }
             let info = pingNode(port: port)
             if info.contains("\"serving\"") || (info.contains("recovering") && !isAlive("coordinator")) { break }
@@ -82,10 +83,16 @@ final class TestCluster {
         return false
     }
 
-    func stop() {
+    /// Stops every node; keeps the directory (logs, data) when `keep`, so a
+    /// failed test can be examined.
+    func stop(keep: Bool = false) {
         _ = try? runWeft(["cluster", "stop", "--dir", dir])
         for (_, p) in children where p.isRunning { p.terminate(); p.waitUntilExit() }
-        removeDir(dir)
+        if keep {
+            print("cluster directory kept for inspection: \(dir)")
+        } else {
+            removeDir(dir)
+        }
     }
 }
 
@@ -124,7 +131,7 @@ final class ClusterTests: XCTestCase {
         ]
         for (node, point) in points {
             let c = try TestCluster()
-            defer { c.stop() }
+            defer { c.stop(keep: (testRun?.failureCount ?? 0) > 0) }
             // Relaunch the victim with the crash point armed.
             let victimPid = c.pid(node)
             c.kill9(node)
@@ -169,7 +176,7 @@ final class ClusterTests: XCTestCase {
 
     func testRandomKillsConserveTotalAndLoseNoAcknowledgedTransfer() throws {
         let c = try TestCluster()
-        defer { c.stop() }
+        defer { c.stop(keep: (testRun?.failureCount ?? 0) > 0) }
         let out = c.dir + "/bank.out"
         _ = FileManager.default.createFile(atPath: out, contents: nil)
         let bank = Process()
@@ -223,7 +230,7 @@ final class ClusterTests: XCTestCase {
 
     func testBadInputDoesNotHurtTheCluster() throws {
         let c = try TestCluster()
-        defer { c.stop() }
+        defer { c.stop(keep: (testRun?.failureCount ?? 0) > 0) }
         XCTAssertEqual(try c.weft(["kv", "put", "keep", "me"]).status, 0)
         let port = c.basePort + 1
         // Garbage, an oversized length, another protocol version, an HTTP request.

@@ -131,7 +131,8 @@ public final class ClusterNode: @unchecked Sendable {
             // readFloor nil: the participant asks the coordinator's clock
             // before it accepts a PREPARE (see ParticipantMachine).
             let machine = try s.recoverMachine(id: p, readFloor: nil, nowMillis: now)
-            participantRunner = NodeRunner(address: spec.address, machine: machine, router: transport) { (r) throws(WeftError) in try s.persist(r) }
+            participantRunner = NodeRunner(address: spec.address, machine: machine, router: transport,
+                                           summarize: { $0.awaitingClock ? "recovering" : "serving" }) { (r) throws(WeftError) in try s.persist(r) }
             transport.register(spec.address, participantRunner!)
         }
         recoveryMillis = wallMillis() - started
@@ -153,7 +154,7 @@ public final class ClusterNode: @unchecked Sendable {
     func healthState() -> String {
         if let r = participantRunner {
             if r.failure != nil { return "failed" }
-            return r.withMachine { $0.awaitingClock ? "recovering" : "serving" }
+            return r.summary
         }
         if let r = coordinatorRunner, r.failure != nil { return "failed" }
         return "serving"
@@ -187,6 +188,14 @@ public final class ClusterNode: @unchecked Sendable {
     }
 
     public var failure: WeftError? { coordinatorRunner?.failure ?? participantRunner?.failure }
+
+    /// Called once if the node stops on a storage failure (disk full, map
+    /// at its limit): its memory may be ahead of its disk, so the process
+    /// should exit and be restarted, which recovers from the disk.
+    public var onFailure: @Sendable (WeftError) -> Void {
+        get { transport.onNodeFailed }
+        set { transport.onNodeFailed = newValue }
+    }
 }
 
 /// A client of a running cluster.

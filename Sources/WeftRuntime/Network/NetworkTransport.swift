@@ -56,7 +56,12 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if outbound != nil { write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me)) }
+        if let to = outbound {
+            // Recorded here, on the channel's own loop, so that its
+            // channelInactive always finds it (see outboundClosed).
+            transport.outboundActive(to, context.channel)
+            write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me))
+        }
         context.fireChannelActive()
     }
 
@@ -241,7 +246,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             return
         }
         var peer = peers[env.to] ?? Peer()
-        if let ch = peer.channel {
+        if let ch = peer.channel, !peer.connecting {
             lock.unlock()
             writeFrame(ch, .envelope(env))
             return
@@ -276,7 +281,11 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         for env in envs {
             var channel: Channel?
             if sinks[env.to] == nil {
-                if case .client(let id) = env.to { channel = clientChannels[id] } else { channel = peers[env.to]?.channel }
+                if case .client(let id) = env.to {
+                    channel = clientChannels[id]
+                } else if let peer = peers[env.to], !peer.connecting {
+                    channel = peer.channel
+                }
             }
             guard let ch = channel else {
                 rest.append(env)
@@ -309,15 +318,15 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
                     try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: to))
                 }
             }
-        bootstrap.connect(host: endpoint.host, port: endpoint.port).whenComplete { [self] result in
-            switch result {
-            case .success(let ch):
-                lock.withLock { peers[to, default: Peer()].channel = ch }
-                // Queued envelopes go once the peer's HELLO arrives (outboundReady).
-            case .failure(let error):
-                connectFailed(to, endpoint, "\(error)")
-            }
+        bootstrap.connect(host: endpoint.host, port: endpoint.port).whenFailure { [self] error in
+            connectFailed(to, endpoint, "\(error)")
         }
+        // On success the handler's channelActive records the channel, and
+        // queued envelopes go once the peer's HELLO arrives (outboundReady).
+    }
+
+    func outboundActive(_ to: NodeAddress, _ channel: Channel) {
+        lock.withLock { peers[to, default: Peer()].channel = channel }
     }
 
     func connectFailed(_ to: NodeAddress, _ endpoint: Endpoint, _ why: String) {
@@ -346,6 +355,8 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         peers[to] = peer
         let ch = peer.channel
         lock.unlock()
+        // We run on the channel's loop, so a concurrent send's write is
+        // queued behind these: order is kept.
         if let ch { for env in queued { writeFrame(ch, .envelope(env)) } }
     }
 
@@ -386,14 +397,21 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         }
     }
 
+    /// A client request that cannot reach its node is answered with the
+    /// reason: a local client's through its sink, a remote client's (whose
+    /// node here has stopped) over the connection it came on.
     public func undeliverable(_ env: Envelope, _ error: WeftError) {
-        let local = lock.withLock { env.from == me || sinks[env.from] != nil }
-        guard case .client = env.from, local, let req = clientRequestId(env.message) else { return }
+        guard case .client = env.from, let req = clientRequestId(env.message) else { return }
         send(Envelope(from: env.to, to: env.from, .failed(req: req, error: error)))
     }
 
+    /// Called when this process's node stops on a storage failure; the
+    /// node process exits through it so that a restart recovers from disk.
+    public var onNodeFailed: @Sendable (WeftError) -> Void = { _ in }
+
     public func nodeFailed(_ address: NodeAddress, _ error: WeftError) {
         log("node stopped: \(error.message)")
+        onNodeFailed(error)
     }
 
     func writeFrame(_ channel: Channel, _ frame: Frame) {
