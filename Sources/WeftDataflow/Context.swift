@@ -219,32 +219,180 @@ final class ShuffleManager: @unchecked Sendable {
     }
 }
 
-/// Runs a stage's tasks. Local mode uses every core; the protocol is where
-/// executors inside participant processes will plug in.
+/// Runs a stage's tasks. Local mode uses a pool of threads, one per core;
+/// the protocol is where executors inside participant processes will plug
+/// in.
 public protocol Executor: Sendable {
     var parallelism: Int { get }
-    func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId) -> Void)
+    /// Runs `body` once for each task and returns when every task is done,
+    /// or as soon as the executor is lost (its threads die and the blocks
+    /// and shuffle outputs it held are gone): then `.lost`. A task makes its
+    /// result visible only through `TaskAttempt.publish`, which refuses
+    /// once the executor that ran it is lost, so a dead executor's late
+    /// result is never counted (nor its accumulator updates).
+    func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId, TaskAttempt) -> Void) -> ExecutorOutcome
 }
 
-public struct LocalExecutor: Executor {
-    public let parallelism: Int
-    public init(threads: Int = ProcessInfo.processInfo.activeProcessorCount) { parallelism = max(1, threads) }
-    public func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId) -> Void) {
-        if parallelism == 1 || tasks.count == 1 {
-            for t in tasks { body(t) }
-            return
-        }
-        // A fixed pool of `parallelism` workers pulls tasks in order.
-        let next = Counter()
-        DispatchQueue.concurrentPerform(iterations: min(parallelism, tasks.count)) { _ in
-            while true {
-                let i = next.increment() - 1
-                if i >= tasks.count { return }
-                body(tasks[i])
-            }
-        }
+public enum ExecutorOutcome: Sendable { case finished, lost }
+
+/// One batch of tasks on one executor incarnation.
+public final class TaskAttempt: @unchecked Sendable {
+    let cond = NSCondition()
+    var lost = false
+    var remaining: Int
+
+    init(tasks: Int) { remaining = tasks }
+
+    /// Runs `f` (which publishes a task's result) unless the executor was
+    /// lost; the check and `f` are atomic with respect to the loss.
+    @discardableResult
+    public func publish(_ f: () -> Void) -> Bool {
+        cond.lock()
+        defer { cond.unlock() }
+        if lost { return false }
+        f()
+        return true
+    }
+
+    var isLost: Bool { cond.withLock { lost } }
+
+    func finishOne() {
+        cond.lock()
+        remaining -= 1
+        if remaining == 0 { cond.broadcast() }
+        cond.unlock()
+    }
+
+    func markLost() {
+        cond.lock()
+        lost = true
+        cond.broadcast()
+        cond.unlock()
+    }
+
+    func wait() -> ExecutorOutcome {
+        cond.lock()
+        defer { cond.unlock() }
+        while remaining > 0 && !lost { cond.wait() }
+        return lost ? .lost : .finished
     }
 }
+
+/// The local executor: a pool of `parallelism` dedicated threads pulling
+/// tasks in order. `kill()` loses it the way a crashed executor process is
+/// lost: waiting and running tasks are abandoned (a running task's result
+/// is refused when it finishes), the scheduler drops what the executor
+/// held, and a fresh pool of threads takes the next tasks.
+public final class LocalExecutor: Executor, @unchecked Sendable {
+    public let parallelism: Int
+    let pool: WorkerPool
+
+    public init(threads: Int = ProcessInfo.processInfo.activeProcessorCount) {
+        parallelism = max(1, threads)
+        pool = WorkerPool(threads: parallelism)
+    }
+
+    deinit { pool.shutdown() }
+
+    public func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId, TaskAttempt) -> Void) -> ExecutorOutcome {
+        pool.run(tasks, body)
+    }
+
+    /// Loses this executor: its threads stop taking tasks (a running task
+    /// finishes, but its result is refused), every waiting task is
+    /// abandoned, and new threads serve whatever comes next.
+    public func kill() { pool.kill() }
+
+    /// How many times `kill()` was called.
+    public var kills: Int { pool.cond.withLock { pool.kills } }
+}
+
+/// The threads behind a `LocalExecutor`, one generation at a time.
+final class WorkerPool: @unchecked Sendable {
+    let threads: Int
+    let cond = NSCondition()
+    var queue: [(TaskAttempt, () -> Void)] = []
+    var head = 0
+    var generation = 0
+    var active: [ObjectIdentifier: TaskAttempt] = [:]
+    var kills = 0
+
+    init(threads: Int) {
+        self.threads = threads
+        startWorkers()
+    }
+
+    func startWorkers() {
+        let gen = generation
+        for i in 0..<threads {
+            let t = Thread { [self] in work(gen) }
+            t.name = "weft-executor-\(gen)-\(i)"
+            t.stackSize = 8 << 20
+            t.start()
+        }
+    }
+
+    func work(_ gen: Int) {
+        while true {
+            cond.lock()
+            while head == queue.count && generation == gen { cond.wait() }
+            if generation != gen {
+                cond.unlock()
+                return
+            }
+            let (attempt, item) = queue[head]
+            head += 1
+            if head == queue.count {
+                queue.removeAll(keepingCapacity: true)
+                head = 0
+            }
+            cond.unlock()
+            item()
+            attempt.finishOne()
+        }
+    }
+
+    func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId, TaskAttempt) -> Void) -> ExecutorOutcome {
+        if tasks.isEmpty { return .finished }
+        let attempt = TaskAttempt(tasks: tasks.count)
+        cond.lock()
+        active[ObjectIdentifier(attempt)] = attempt
+        for t in tasks { queue.append((attempt, { body(t, attempt) })) }
+        cond.broadcast()
+        cond.unlock()
+        let outcome = attempt.wait()
+        cond.lock()
+        active[ObjectIdentifier(attempt)] = nil
+        cond.unlock()
+        return outcome
+    }
+
+    func kill() {
+        cond.lock()
+        generation += 1
+        kills += 1
+        let victims = Array(active.values)
+        queue.removeAll()
+        head = 0
+        cond.broadcast()
+        cond.unlock()
+        for a in victims { a.markLost() }
+        startWorkers()
+    }
+
+    /// Lets every thread exit once its current task is done.
+    func shutdown() {
+        cond.lock()
+        generation += 1
+        queue.removeAll()
+        head = 0
+        cond.broadcast()
+        cond.unlock()
+    }
+}
+
+/// Thrown inside the scheduler when the executor running a stage is lost.
+struct ExecutorLost: Error {}
 
 final class Counter: @unchecked Sendable {
     let lock = NSLock()
@@ -391,6 +539,18 @@ public final class DataflowContext: @unchecked Sendable {
                 metric { $0.stageResubmissions += 1 }
                 stageIndex = 0
                 continue
+            } catch is ExecutorLost {
+                // Everything the executor held is gone; the next attempt
+                // replans and recomputes what lineage says is missing.
+                if attempt + 1 == maxStageAttempts {
+                    throw WeftError(.unavailable, "job \(job) failed: the executor was lost \(maxStageAttempts) times")
+                }
+                metric {
+                    $0.executorsLost += 1
+                    $0.stageResubmissions += 1
+                }
+                stageIndex = 0
+                continue
             }
         }
         throw WeftError(.unavailable, "job \(job) failed after \(maxStageAttempts) stage attempts")
@@ -425,10 +585,10 @@ public final class DataflowContext: @unchecked Sendable {
         stageIndex += 1
         let missing = (0..<dep.parentRDD.numPartitions).filter { !shuffles.has(dep.shuffleId, map: $0) }
         if missing.isEmpty { return false }
-        _ = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: stages, partitions: missing) { p, ctx in
-            let out = try dep.runMapTask(p, ctx)
-            self.shuffles.put(dep.shuffleId, map: p, out)
-            return ()
+        _ = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: stages, partitions: missing, publish: { p, out in
+            self.shuffles.put(dep.shuffleId, map: p, out as! ShuffleOutput)
+        }) { p, ctx in
+            try dep.runMapTask(p, ctx)
         }
         return true
     }
@@ -436,7 +596,8 @@ public final class DataflowContext: @unchecked Sendable {
     /// Runs one task per partition on the executor, retrying a failed task up
     /// to `maxTaskFailures` times. Accumulator updates of an attempt count
     /// only if it succeeds. A FetchFailed goes straight up to the job.
-    func runTasks(job: Int, stage: Int, stageIndex: Int, stages: Int, partitions: [Int], _ body: @escaping (Int, TaskContext) throws -> Any) throws -> [Any] {
+    func runTasks(job: Int, stage: Int, stageIndex: Int, stages: Int, partitions: [Int], publish: ((Int, Any) -> Void)? = nil,
+                  _ body: @escaping (Int, TaskContext) throws -> Any) throws -> [Any] {
         let results = ResultSlots(partitions.count)
         let done = Counter()
         metric {
@@ -446,17 +607,22 @@ public final class DataflowContext: @unchecked Sendable {
         let tasks = partitions.map { TaskId(job: job, stage: stage, partition: $0) }
         let index = Dictionary(uniqueKeysWithValues: partitions.enumerated().map { ($1, $0) })
         onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: 0, tasks: tasks.count))
-        let box = UncheckedBox(body)
-        executor.run(tasks) { [self] t in
-            let body = box.value
+        let box = UncheckedBox((body, publish))
+        let outcome = executor.run(tasks) { [self] t, run in
+            let (body, publish) = box.value
             var lastError: Error?
             for attempt in 0..<maxTaskFailures {
+                if run.isLost { return }
                 let ctx = TaskContext(task: t)
                 do {
                     if let fail = failTask, fail(t, attempt) { throw WeftError(.unavailable, "\(t) attempt \(attempt) failed (injected)") }
                     let r = try body(t.partition, ctx)
-                    for (acc, v) in ctx.pendingAccumulators { acc.commit(v) }
-                    results.set(index[t.partition]!, .success(r))
+                    // Only a live executor's result counts, accumulators included.
+                    run.publish {
+                        publish?(t.partition, r)
+                        for (acc, v) in ctx.pendingAccumulators { acc.commit(v) }
+                        results.set(index[t.partition]!, .success(r))
+                    }
                     lastError = nil
                     break
                 } catch let e as FetchFailed {
@@ -470,6 +636,11 @@ public final class DataflowContext: @unchecked Sendable {
             if let lastError { results.set(index[t.partition]!, .failure(lastError)) }
             let n = done.increment()
             onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: n, tasks: tasks.count))
+        }
+        if outcome == .lost {
+            // What the executor held (cached blocks, shuffle outputs) died with it.
+            loseExecutorState()
+            throw ExecutorLost()
         }
         var out: [Any] = []
         for r in results.values {

@@ -92,6 +92,8 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     public var tasks = 0
     public var taskRetries = 0
     public var stageResubmissions = 0
+    /// Times the executor was lost mid-job (its threads killed).
+    public var executorsLost = 0
     /// Partitions computed again although they had been computed before in
     /// this context (after cache eviction or lost shuffle output).
     public var recomputedPartitions = 0
@@ -106,7 +108,7 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     /// Memory held past the bound because the data has no codec to spill with.
     public var unspillableBytes = 0
     public var description: String {
-        "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(recomputedPartitions) partitions recomputed, \(partitionsReadFromReplicas) read from replicas, \(cacheHits) cache hits (\(diskBlockReads) from disk), \(bytesSpilled) bytes spilled in \(spillFiles) files"
+        "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(executorsLost) executors lost, \(recomputedPartitions) partitions recomputed, \(partitionsReadFromReplicas) read from replicas, \(cacheHits) cache hits (\(diskBlockReads) from disk), \(bytesSpilled) bytes spilled in \(spillFiles) files"
     }
 
     mutating func add(_ o: JobMetrics) {
@@ -114,6 +116,7 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
         tasks += o.tasks
         taskRetries += o.taskRetries
         stageResubmissions += o.stageResubmissions
+        executorsLost += o.executorsLost
         recomputedPartitions += o.recomputedPartitions
         cacheHits += o.cacheHits
         partitionsReadFromReplicas += o.partitionsReadFromReplicas

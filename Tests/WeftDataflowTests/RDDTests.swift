@@ -160,6 +160,45 @@ final class RDDTests: XCTestCase {
         XCTAssertGreaterThan(sc.lastJobMetrics.recomputedPartitions, 0)
     }
 
+    /// Kills the executor's thread pool from inside a running task of the
+    /// second stage: the killed attempt's result and accumulator update are
+    /// refused, waiting tasks are abandoned, the cache and shuffle outputs
+    /// die with the pool, and the job still returns exactly the same result
+    /// on a fresh pool, recomputing the lost cache from lineage.
+    func testKillingTheExecutorPoolMidJobGivesTheSameResult() throws {
+        func job(_ cached: RDD<(String, Int)>, _ hook: @escaping (Int, TaskContext) -> Void) -> RDD<(String, Int)> {
+            cached.mapPartitionsWithIndex { i, xs, ctx in
+                hook(i, ctx)
+                return xs.map { ($0.0, $0.1 + 1) }
+            }.reduceByKey(partitions: 3, +)
+        }
+        let expected = sortedPairs(try job(rdd(pairs).mapValues { $0 * 2 }.reduceByKey(+), { _, _ in }).collect())
+
+        let executor = LocalExecutor(threads: 2)
+        sc = DataflowContext(executor: executor)
+        let cached = rdd(pairs).mapValues { $0 * 2 }.reduceByKey(+).persist()
+        XCTAssertGreaterThan(try cached.count(), 0)
+        let attempts = sc.accumulator("attempts of partition 1")
+        let killed = Once()
+        let out = job(cached) { i, ctx in
+            guard i == 1 else { return }
+            attempts.add(1, in: ctx)
+            if killed.first() { executor.kill() }
+        }
+        XCTAssertEqual(sortedPairs(try out.collect()), expected, "the same result after the pool was killed")
+        let m = sc.lastJobMetrics
+        XCTAssertEqual(executor.kills, 1)
+        XCTAssertEqual(m.executorsLost, 1)
+        XCTAssertEqual(attempts.value, 1, "the killed attempt's accumulator update does not count")
+        // The cache died with the pool: its lineage ran again (two sources
+        // of 8, union, mapValues and the cached RDD: 16 partitions each),
+        // plus the killed stage's tasks that had started; nothing else.
+        let lineage = 4 * 16
+        XCTAssertGreaterThan(m.recomputedPartitions, lineage, "the killed task ran again")
+        XCTAssertLessThanOrEqual(m.recomputedPartitions, lineage + 16)
+        XCTAssertEqual(sc.blocks.cachedPartitions(rdd: cached.id), cached.numPartitions, "the cache is whole again")
+    }
+
     func testFailedTasksAreRetriedAndAccumulatorsCountOnce() throws {
         let acc = sc.accumulator("rows")
         sc.failTask = { t, attempt in attempt == 0 && t.partition % 2 == 0 }
@@ -212,5 +251,20 @@ final class SourceTests: XCTestCase {
         XCTAssertEqual(whitespaceTokens("héllo wörld 日本"), ["héllo", "wörld", "日本"])
         XCTAssertEqual(whitespaceTokens(""), [])
         XCTAssertEqual(whitespaceTokens("   "), [])
+    }
+}
+
+/// True the first time only, from any thread.
+final class Once: @unchecked Sendable {
+    let lock = NSLock()
+    var done = false
+    func first() -> Bool { lock.withLock { defer { done = true }; return !done } }
+
+    /// A counter any thread may bump.
+    final class Counter: @unchecked Sendable {
+        let lock = NSLock()
+        var n = 0
+        func add() { lock.withLock { n += 1 } }
+        var value: Int { lock.withLock { n } }
     }
 }

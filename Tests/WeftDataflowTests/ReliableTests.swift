@@ -32,6 +32,41 @@ final class ReliableTests: XCTestCase {
         XCTAssertEqual(result.count, 97)
     }
 
+    /// The executor's thread pool is killed mid-job, downstream of a
+    /// reliably persisted RDD: the job gives the same answer, and the
+    /// reliable partitions come from replicas; no source row is read again.
+    func testKillingThePoolMidJobReadsReliablePartitionsFromReplicas() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        let words = (0..<5000).map { "w\($0 % 97)" }
+        try await onDriverThread {
+            let executor = LocalExecutor(threads: 2)
+            let sc = DataflowContext(executor: executor)
+            let sourceRuns = Once.Counter()
+            let counts = sc.parallelize(words, partitions: 6)
+                .mapPartitionsWithIndex { _, xs, _ in sourceRuns.add(); return xs.map { ($0, 1) } }
+                .reduceByKey(+)
+                .persistReliable(replicas: 2, codec: .stringInt, client: c)
+            let first = try counts.collect()
+            XCTAssertEqual(sourceRuns.value, 6)
+            var expected: [Int: Int] = [:]
+            for (w, n) in first { expected[w.count, default: 0] += n }
+
+            let killed = Once()
+            let byLength = counts.mapPartitionsWithIndex { i, xs, _ in
+                if i == 2 && killed.first() { executor.kill() }
+                return xs.map { ($0.0.count, $0.1) }
+            }.reduceByKey(partitions: 2, +)
+            let got = try byLength.collect()
+            XCTAssertEqual(Dictionary(uniqueKeysWithValues: got), expected)
+            let m = sc.lastJobMetrics
+            XCTAssertEqual(m.executorsLost, 1)
+            XCTAssertEqual(sourceRuns.value, 6, "no source partition was computed again")
+            XCTAssertGreaterThanOrEqual(m.partitionsReadFromReplicas, 6, "after the kill every partition came from a replica")
+        }
+    }
+
     func testEachBlockHasReplicasOnDistinctParticipantsAndSurvivesLosingOne() async throws {
         let cluster = try EmbeddedCluster(dataDir: dir)
         defer { cluster.close() }
