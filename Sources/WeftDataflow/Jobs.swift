@@ -219,13 +219,21 @@ public enum BuiltinJobs {
     @_specialize(where V == Int)
     @_specialize(where V == String)
     public static func pageRank<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double) -> RDD<(V, Double)> {
-        let links = edges.map { EdgeKey(src: $0.0, dst: $0.1) }.distinct().map { ($0.src, $0.dst) }.groupByKey().persist().setName("links")
+        // Spark's edges.distinct().groupByKey(), in one shuffle: group, then
+        // drop repeated destinations (first occurrence kept).
+        let links = edges.groupByKey().mapValues { dsts -> [V] in
+            var seen = Set<V>(minimumCapacity: dsts.count)
+            return dsts.filter { seen.insert($0).inserted }
+        }.persist().setName("links")
         var ranks: RDD<(V, Double)> = links.mapValues { _ in 1.0 }
         for _ in 0..<max(1, iterations) {
-            let contribs = links.join(ranks).flatMap { kv -> [(V, Double)] in
+            // links and ranks are partitioned alike: the join is narrow, and
+            // each vertex's contributions go straight into the shuffle's
+            // map-side combine, with no array per vertex.
+            let contribs = ElementwiseRDD<(V, ([V], Double)), (V, Double)>(parent: links.join(ranks), name: "contributions") { kv, emit in
                 let (urls, rank) = kv.1
                 let share = rank / Double(urls.count)
-                return urls.map { ($0, share) }
+                for u in urls { try emit((u, share)) }
             }
             ranks = contribs.reduceByKey(+).mapValues { (1 - damping) + damping * $0 }.setName("ranks")
         }
@@ -286,11 +294,6 @@ public enum BuiltinJobs {
         }
         return result
     }
-}
-
-struct EdgeKey<V: Hashable>: Hashable {
-    let src: V
-    let dst: V
 }
 
 /// A finite decimal number such as `-12`, `3.5` or `1e6` (not `nan`,

@@ -340,6 +340,67 @@ final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
     }
 }
 
+/// An inner join of two parents: one partition of the right side is built
+/// into a hash table (flat, chained: no array per key), and the left side
+/// streams through it row by row. A parent already partitioned like the
+/// result is read through a narrow dependency; any other is shuffled
+/// first, without combining (as in Spark's join).
+final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
+    let join: (Int, TaskContext, ((K, (V, W))) throws -> Void) throws -> Void
+
+    init(_ a: RDD<(K, V)>, _ b: RDD<(K, W)>, partitioner: HashPartitioner) {
+        let (depA, readA) = Self.stream(a, partitioner)
+        let (depB, readB) = Self.stream(b, partitioner)
+        join = { p, ctx, emit in
+            var first: [K: Int] = [:]
+            var next: [Int] = []
+            var values: [W] = []
+            try readB(p, ctx) { k, w in
+                next.append(first.updateValue(values.count, forKey: k) ?? -1)
+                values.append(w)
+            }
+            if values.isEmpty { return }
+            try readA(p, ctx) { k, v in
+                var i = first[k] ?? -1
+                while i >= 0 {
+                    try emit((k, (v, values[i])))
+                    i = next[i]
+                }
+            }
+        }
+        super.init(a.context, partitions: partitioner.numPartitions, dependencies: [depA, depB], name: "join")
+        self.partitioner = partitioner
+    }
+
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, (V, W))] {
+        var out: [(K, (V, W))] = []
+        try join(partition, ctx) { out.append($0) }
+        return out
+    }
+
+    override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, (V, W))) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        context.noteComputed(rdd: id, partition: partition)
+        try join(partition, ctx, body)
+    }
+
+    /// One parent's dependency, and a reader that hands its rows of
+    /// partition p to a callback one at a time.
+    static func stream<X>(_ r: RDD<(K, X)>, _ part: HashPartitioner) -> (Dependency, (Int, TaskContext, (K, X) throws -> Void) throws -> Void) {
+        if let pp = r.partitioner, pp.isSame(as: part) {
+            return (.narrow(r, { [$0] }), { p, ctx, emit in try r.push(p, ctx) { try emit($0.0, $0.1) } })
+        }
+        let d = ShuffleDependency<K, X, X>(parent: r, partitioner: part, partitionOf: { part.partition($0) }, aggregator: nil, mapSideCombine: false)
+        let maps = r.numPartitions
+        return (.shuffle(d), { p, _, emit in
+            for m in 0..<maps { for (k, x) in try d.fetch(map: m, bucket: p) { try emit(k, x) } }
+        })
+    }
+}
+
 // MARK: Pair functions
 
 extension RDD {
@@ -420,7 +481,8 @@ extension RDD {
     }
 
     public func join<K: Hashable, V, W>(_ other: RDD<(K, W)>, partitions: Int? = nil) -> RDD<(K, (V, W))> where T == (K, V) {
-        cogroup(other, partitions: partitions).flatMapValues { vs, ws in vs.flatMap { v in ws.map { (v, $0) } } }.setName("join")
+        let part = (partitioner as? HashPartitioner) ?? (other.partitioner as? HashPartitioner) ?? HashPartitioner(partitions ?? context.defaultParallelism(self, other))
+        return HashJoinedRDD<K, V, W>(self, other, partitioner: part)
     }
 
     public func leftOuterJoin<K: Hashable, V, W>(_ other: RDD<(K, W)>, partitions: Int? = nil) -> RDD<(K, (V, W?))> where T == (K, V) {
