@@ -48,7 +48,7 @@ public enum BuiltinJobs {
             throw WeftError(.invalidArgument, "unknown job \(name); `weft job list` shows the jobs (\(all.map(\.name).joined(separator: ", ")))")
         }
         let rows = try sc.table(p.input, client: client, at: p.at)
-        let input = rows.values().map { String(decoding: $0, as: UTF8.self) }
+        let input = textLines(rows)
         func out<K: CustomStringConvertible, V: CustomStringConvertible>(_ r: RDD<(K, V)>) -> RDD<(Bytes, Bytes)> {
             r.map { (Array($0.0.description.utf8), Array($0.1.description.utf8)) }
         }
@@ -70,7 +70,7 @@ public enum BuiltinJobs {
             return sc.parallelize(counts.map { (Array($0.0.utf8), Array(String($0.1).utf8)) }, partitions: 1)
         case "join":
             guard let second = p.input2 else { throw WeftError(.invalidArgument, "join needs --input2 TABLE") }
-            let right = try sc.table(second, client: client, at: p.at).values().map { String(decoding: $0, as: UTF8.self) }
+            let right = textLines(try sc.table(second, client: client, at: p.at))
             let joined = keyValues(input, malformed).join(keyValues(right, malformed))
             return joined.groupByKey().flatMap { kv -> [(Bytes, Bytes)] in
                 kv.1.sorted { $0.0 != $1.0 ? $0.0 < $1.0 : $0.1 < $1.1 }.enumerated().map {
@@ -90,6 +90,16 @@ public enum BuiltinJobs {
         default:
             preconditionFailure()
         }
+    }
+
+    /// A table as the text lines a job reads: a `lines` table's lines, or a
+    /// `kv` table's rows as `key<TAB>value` lines (so a table loaded with
+    /// `--format kv`, or a job's output, can feed join, sort and the rest).
+    static func textLines(_ rows: RDD<(Bytes, Bytes)>) -> RDD<String> {
+        if (rows as? TableRDD)?.format == "kv" {
+            return rows.map { String(decoding: $0.0, as: UTF8.self) + "\t" + String(decoding: $0.1, as: UTF8.self) }
+        }
+        return rows.values().map { String(decoding: $0, as: UTF8.self) }
     }
 
     /// `key<TAB>value` lines; a line without a TAB is counted as malformed.

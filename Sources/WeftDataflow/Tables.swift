@@ -164,10 +164,13 @@ final class TableRDD: RDD<(Bytes, Bytes)> {
     let ts: Timestamp
 
     let prefix: Bytes
+    /// `lines` (key = line number, value = the line) or `kv`.
+    let format: String
 
     init(_ ctx: DataflowContext, client: WeftClient, table: TableStore.Info, at ts: Timestamp) {
         self.client = client
         self.table = table.name
+        self.format = table.format
         self.prefix = table.rowPrefix
         self.ts = ts
         super.init(ctx, partitions: client.participantCount, dependencies: [], name: "table(\(table.name) @ \(ts))")

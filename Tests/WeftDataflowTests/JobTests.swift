@@ -75,7 +75,8 @@ final class JobTests: XCTestCase {
         }
 
         // The output table exists: refused without --overwrite, replaced atomically with it.
-        XCTAssertThrowsError(try BuiltinJobs.run("wordcount", p, sc: sc, client: c))
+        let refused = try await runError("wordcount", p, sc: sc, c)
+        XCTAssertTrue(refused.contains("already exists"), refused)
         var again = p
         again.overwrite = true
         again.input = "graph"
@@ -132,13 +133,51 @@ final class JobTests: XCTestCase {
         defer { cluster.close() }
         let c = cluster.client()
         let sc = DataflowContext()
-        XCTAssertThrowsError(try BuiltinJobs.run("wordcount", JobParameters(input: "nothing"), sc: sc, client: c)) {
-            XCTAssertTrue("\($0)".contains("unknown table nothing"), "\($0)")
-        }
+        let noTable = try await runError("wordcount", JobParameters(input: "nothing"), sc: sc, c)
+        XCTAssertTrue(noTable.contains("unknown table nothing"), noTable)
         try await load(c, "t1", ["a b"])
-        XCTAssertThrowsError(try BuiltinJobs.run("frobnicate", JobParameters(input: "t1"), sc: sc, client: c)) {
-            XCTAssertTrue("\($0)".contains("unknown job frobnicate"), "\($0)")
+        let noJob = try await runError("frobnicate", JobParameters(input: "t1"), sc: sc, c)
+        XCTAssertTrue(noJob.contains("unknown job frobnicate"), noJob)
+    }
+
+    /// Runs a job on a driver thread (never blocking a Swift-concurrency
+    /// thread) and returns its error's text, or "" if it succeeded.
+    func runError(_ name: String, _ p: JobParameters, sc: DataflowContext, _ c: WeftClient) async throws -> String {
+        try await onDriverThread { () -> String in
+            do {
+                _ = try BuiltinJobs.run(name, p, sc: sc, client: c)
+                return ""
+            } catch {
+                return "\(error)"
+            }
         }
+    }
+
+    /// A `kv` table (loaded with `--format kv`, or a job's output) reads as
+    /// `key<TAB>value` lines, so join and sort take it like a text table.
+    func testJoinAndSortReadKvTablesAndLinesTables() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        let prices = [("10", "apple"), ("2", "pear"), ("33", "fig")].map { (Array($0.0.utf8), Array($0.1.utf8)) }
+        try await TableStore.write(c, "prices", rows: prices, format: "kv", overwrite: false)
+        try await load(c, "orders", ["2\tbob", "10\tann", "2\tcid", "7\tdan"])
+        let sc = DataflowContext()
+        var sortP = JobParameters(input: "prices")
+        sortP.output = "sorted"
+        let sortParams = sortP
+        _ = try await onDriverThread { try BuiltinJobs.run("sort", sortParams, sc: sc, client: c) }
+        let sorted = try await tableRows(c, "sorted").sorted { $0.0 < $1.0 }.map { String(decoding: $0.1, as: UTF8.self) }
+        XCTAssertEqual(sorted, ["2\tpear", "10\tapple", "33\tfig"], "numeric order of a kv table's keys")
+
+        var joinP = JobParameters(input: "orders")
+        joinP.input2 = "prices"
+        joinP.output = "joined"
+        let joinParams = joinP
+        let result = try await onDriverThread { try BuiltinJobs.run("join", joinParams, sc: sc, client: c) }
+        XCTAssertEqual(result.malformedLines, 0)
+        let joined = try await tableRows(c, "joined").map { $0.0.split(separator: "\t")[0] + "=" + String(decoding: $0.1, as: UTF8.self) }.sorted()
+        XCTAssertEqual(joined, ["10=ann\tapple", "2=bob\tpear", "2=cid\tpear"])
     }
 }
 
