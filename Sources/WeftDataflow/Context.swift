@@ -194,6 +194,42 @@ final class ShuffleManager: @unchecked Sendable {
         for r in out.runs { disk.remove(r.file) }
     }
 
+    let demoting = NSLock()
+
+    /// Moves finished map outputs of shuffles other than `sparing` from
+    /// memory to disk, oldest shuffle first, until `needed` bytes are free
+    /// in the pool. True if anything was freed. A reader holding the old
+    /// output keeps reading it from memory; new readers read the file.
+    func demote(_ needed: Int, sparing: Int) -> Bool {
+        demoting.lock()
+        defer { demoting.unlock() }
+        let candidates = lock.withLock { () -> [(Int, Int, ShuffleOutput)] in
+            var out: [(Int, Int, ShuffleOutput)] = []
+            for s in outputs.keys.sorted() where s != sparing {
+                for (m, o) in outputs[s]! where o.memoryBytes > 0 && o.demote != nil { out.append((s, m, o)) }
+            }
+            return out
+        }
+        var freed = 0
+        for (s, m, old) in candidates {
+            if freed >= needed { break }
+            guard let new = try? old.demote?() else { continue }
+            let swapped = lock.withLock { () -> Bool in
+                guard outputs[s]?[m] === old else { return false }
+                outputs[s]![m] = new
+                return true
+            }
+            if swapped {
+                pool.release(old.memoryBytes)
+                freed += old.memoryBytes
+            } else {
+                // Dropped or replaced meanwhile: the new file is nobody's.
+                if let f = new.runs.last?.file { disk.remove(f) }
+            }
+        }
+        return freed > 0
+    }
+
     /// Drops the outputs of `shuffle` that have a spill file that is gone.
     func dropUnreadable(_ shuffle: Int) {
         let maps = lock.withLock { outputs[shuffle] ?? [:] }

@@ -71,11 +71,16 @@ public final class ShuffleOutput: @unchecked Sendable {
     let memoryBytes: Int
     let runs: [SpillRun]
     let rows: Int
-    init(memory: [Any], memoryBytes: Int, runs: [SpillRun], rows: Int) {
+    /// Writes the in-memory buckets as one more run and returns the output
+    /// without memory (nil when there is nothing to write or no codec).
+    /// Built where the types are known; see `ShuffleManager.demote`.
+    let demote: (() throws -> ShuffleOutput?)?
+    init(memory: [Any], memoryBytes: Int, runs: [SpillRun], rows: Int, demote: (() throws -> ShuffleOutput?)? = nil) {
         self.memory = memory
         self.memoryBytes = memoryBytes
         self.runs = runs
         self.rows = rows
+        self.demote = demote
     }
 }
 
@@ -97,18 +102,24 @@ struct ShuffleWriter<K, C> {
     var held = 0
     var runs: [SpillRun] = []
 
-    init(sc: DataflowContext, buckets: Int, tag: String, rowBytes: Int) {
+    let shuffle: Int
+
+    init(sc: DataflowContext, shuffle: Int, map: Int, buckets: Int, rowBytes: Int) {
         self.sc = sc
+        self.shuffle = shuffle
         self.buckets = buckets
-        self.tag = tag
+        self.tag = "shuffle-\(shuffle)-map-\(map)"
         self.rowBytes = rowBytes
         codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
     }
 
-    /// Asks for memory for `rows` more rows; false means spill now.
+    /// Asks for memory for `rows` more rows; false means spill now. Older
+    /// shuffles' finished outputs move to disk first (oldest first), so a
+    /// long chain of shuffles (an iterative job) does not leave each new
+    /// map task only crumbs of memory to spill from.
     mutating func reserve(rows: Int) -> Bool {
         let n = rows * rowBytes
-        if sc.memory.tryAcquire(n) {
+        if sc.memory.tryAcquire(n) || (sc.shuffles.demote(n, sparing: shuffle) && sc.memory.tryAcquire(n)) {
             held += n
             return true
         }
@@ -153,7 +164,26 @@ struct ShuffleWriter<K, C> {
     }
 
     func finish(_ data: [[(K, C)]], rows: Int) -> ShuffleOutput {
-        ShuffleOutput(memory: data.allSatisfy(\.isEmpty) ? [] : data.map { $0 as Any }, memoryBytes: held, runs: runs, rows: rows)
+        let empty = data.allSatisfy(\.isEmpty)
+        var demote: (() throws -> ShuffleOutput?)?
+        if !empty, !unusable, let codec, let sample = data.first(where: { !$0.isEmpty })?.first, codec.accepts(sample) {
+            let (sc, tag, runs) = (sc, tag, runs)
+            demote = {
+                var w = ByteWriter(capacity: 1 << 16)
+                var offsets = [0]
+                for b in data {
+                    SpillFormat.encode(b, count: b.count, codec, into: &w)
+                    offsets.append(w.bytes.count)
+                }
+                let file = try sc.spillDirectory.write(w.bytes, tag: tag)
+                sc.metric {
+                    $0.bytesSpilled += w.bytes.count
+                    $0.spillFiles += 1
+                }
+                return ShuffleOutput(memory: [], memoryBytes: 0, runs: runs + [SpillRun(file: file, offsets: offsets)], rows: rows)
+            }
+        }
+        return ShuffleOutput(memory: empty ? [] : data.map { $0 as Any }, memoryBytes: held, runs: runs, rows: rows, demote: demote)
     }
 }
 
@@ -191,7 +221,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
             return { p, ctx in
                 // Map-side combine: one combiner per key, hashed once per row;
                 // the bucket of a key is computed once per distinct key.
-                var w = ShuffleWriter<K, C>(sc: sc, buckets: n, tag: "shuffle-\(id)-map-\(p)", rowBytes: rowBytes)
+                var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes)
                 var m: [K: C] = [:]
                 var sinceReserve = 0
                 var rows = 0
@@ -218,7 +248,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
             }
         }
         return { p, ctx in
-            var w = ShuffleWriter<K, C>(sc: sc, buckets: n, tag: "shuffle-\(id)-map-\(p)", rowBytes: rowBytes)
+            var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes)
             var buckets = [[(K, C)]](repeating: [], count: n)
             var sinceReserve = 0
             var rows = 0

@@ -38,6 +38,34 @@ final class SpillTests: XCTestCase {
         XCTAssertEqual(roomy.lastJobMetrics.bytesSpilled, 0)
     }
 
+    /// An iterative job (a chain of shuffles) under a bound that holds only
+    /// a few shuffles' outputs: older outputs move to disk whole, one file
+    /// per map output, oldest first, while the newest stay in memory.
+    func testOlderShuffleOutputsMoveToDiskWholeForNewerOnes() throws {
+        let keys = 2_000, rounds = 8
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 256 << 10)
+        var x = sc.parallelize((0..<20_000).map { ($0 % keys, 1) }, partitions: 4)
+        var ref: [Int: Int] = [:]
+        for i in 0..<20_000 { ref[i % keys, default: 0] += 1 }
+        for _ in 0..<rounds {
+            x = x.map { (($0.0 * 7 + 3) % keys, $0.1) }.reduceByKey(partitions: 4, +)
+            var next: [Int: Int] = [:]
+            for (k, v) in ref { next[(k * 7 + 3) % keys, default: 0] += v }
+            ref = next
+        }
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: try x.collect()), ref)
+        XCTAssertLessThanOrEqual(sc.peakPoolBytes, 256 << 10)
+        let outputs = sc.shuffles.outputs
+        let ids = outputs.keys.sorted()
+        XCTAssertEqual(ids.count, rounds)
+        let first = outputs[ids[0]]!.values, last = outputs[ids.last!]!.values
+        XCTAssertTrue(first.allSatisfy { $0.memoryBytes == 0 && !$0.runs.isEmpty }, "the oldest shuffle went to disk")
+        XCTAssertTrue(last.allSatisfy { $0.memoryBytes > 0 && $0.runs.isEmpty }, "the newest stayed in memory, unspilled")
+        // One file per demoted output, plus the first stage's own spills
+        // (its four combine tables alone need more than the bound).
+        XCTAssertLessThanOrEqual(sc.lastJobMetrics.spillFiles, rounds * 4 + 4, "no map task left spilling crumbs")
+    }
+
     func testGroupByKeyWithAGiantKeySpillsAndKeepsEveryValue() throws {
         let ws = words(40_000, seed: 9)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 32 << 10)
