@@ -167,16 +167,18 @@ struct ShuffleWriter<K, C> {
         let empty = data.allSatisfy(\.isEmpty)
         var demote: (() throws -> ShuffleOutput?)?
         if !empty, !unusable, let codec, let sample = data.first(where: { !$0.isEmpty })?.first, codec.accepts(sample) {
-            let (sc, tag, runs) = (sc, tag, runs)
-            demote = {
+            // The output lives in the context's shuffle manager: hold the
+            // context weakly, or it would never be released.
+            let (dir, tag, runs) = (sc.spillDirectory, tag, runs)
+            demote = { [weak sc] in
                 var w = ByteWriter(capacity: 1 << 16)
                 var offsets = [0]
                 for b in data {
                     SpillFormat.encode(b, count: b.count, codec, into: &w)
                     offsets.append(w.bytes.count)
                 }
-                let file = try sc.spillDirectory.write(w.bytes, tag: tag)
-                sc.metric {
+                let file = try dir.write(w.bytes, tag: tag)
+                sc?.metric {
                     $0.bytesSpilled += w.bytes.count
                     $0.spillFiles += 1
                 }

@@ -148,7 +148,7 @@ final class RDDTests: XCTestCase {
         let base2 = rdd(pairs).mapValues { $0 * 2 }
         let counts2 = base2.reduceByKey(+).mapValues { $0 + 1 }.reduceByKey(partitions: 3, +)
         var dropped = false
-        sc.afterStage = { [sc] stage in
+        sc.afterStage = { [unowned sc] stage in
             if stage == 2 && !dropped {
                 dropped = true
                 sc.loseExecutorState()

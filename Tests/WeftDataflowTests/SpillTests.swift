@@ -82,7 +82,7 @@ final class SpillTests: XCTestCase {
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 16 << 10)
         let counts = sc.parallelize(ws, partitions: 4).map { ($0, 1) }.reduceByKey(partitions: 3, +)
         var removed = false
-        sc.afterStage = { stage in
+        sc.afterStage = { [unowned sc] stage in
             if stage == 1 && !removed {
                 // The disk under the shuffle is lost between the stages.
                 removed = true
