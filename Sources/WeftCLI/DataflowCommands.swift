@@ -224,7 +224,7 @@ struct JobCommand: AsyncParsableCommand {
             let text = try await withCluster(g) { client in
                 try await onDriverThread {
                     let sc = DataflowContext()
-                    return try BuiltinJobs.plan(name, p, sc: sc, client: client, malformed: sc.accumulator("malformed")).toDebugString()
+                    return try BuiltinJobs.plan(name, p, sc: sc, client: client, malformed: sc.accumulator("malformed"), explainOnly: true).toDebugString()
                 }
             }
             print(text)

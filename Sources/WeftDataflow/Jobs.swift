@@ -42,8 +42,13 @@ public enum BuiltinJobs {
         ("sort", "sort key<TAB>value lines by key (numerically when every key is a number); output position -> key<TAB>value"),
     ]
 
-    /// Builds the job's final RDD (output rows) without running it.
-    public static func plan(_ name: String, _ p: JobParameters, sc: DataflowContext, client: WeftClient, malformed: Accumulator) throws -> RDD<(Bytes, Bytes)> {
+    /// Builds the job's final RDD (output rows). Iterative jobs (kmeans,
+    /// logreg), logmining and sort run actions while they plan (centres,
+    /// weights, counts, samples); with `explainOnly` nothing runs, and the
+    /// RDD returned is one iteration's lineage (kmeans, logreg), the first
+    /// word's count (logmining), or the sort without its sampled bounds.
+    public static func plan(_ name: String, _ p: JobParameters, sc: DataflowContext, client: WeftClient, malformed: Accumulator,
+                            explainOnly: Bool = false) throws -> RDD<(Bytes, Bytes)> {
         guard all.contains(where: { $0.name == name }) else {
             throw WeftError(.invalidArgument, "unknown job \(name); `weft job list` shows the jobs (\(all.map(\.name).joined(separator: ", ")))")
         }
@@ -59,13 +64,21 @@ public enum BuiltinJobs {
             return out(pageRank(input, iterations: p.iterations, damping: p.damping, malformed: malformed))
         case "kmeans":
             let keyed = rows.map { (String(decoding: $0.0, as: UTF8.self), String(decoding: $0.1, as: UTF8.self)) }
+            if explainOnly { return out(kMeansStep(kMeansPoints(keyed, malformed: malformed), centres: [])) }
             let centres = try kMeans(keyed, k: p.k, iterations: p.iterations, malformed: malformed)
             return sc.parallelize(centres.enumerated().map { (Array(String($0.offset).utf8), Array($0.element.map { "\($0)" }.joined(separator: " ").utf8)) }, partitions: 1)
         case "logreg":
+            if explainOnly {
+                return logRegGradient(logRegPoints(input, malformed: malformed), w: []).map { (Array("gradient".utf8), Array("\($0)".utf8)) }
+            }
             let w = try logisticRegression(input, iterations: p.iterations, malformed: malformed)
             return sc.parallelize(w.enumerated().map { (Array(String($0.offset).utf8), Array("\($0.element)".utf8)) }, partitions: 1)
         case "logmining":
             guard !p.words.isEmpty else { throw WeftError(.invalidArgument, "logmining needs --words w1,w2,...") }
+            if explainOnly {
+                let w = p.words[0]
+                return errorMessages(input, client: client).filter { $0.contains(w) }.map { (Array(w.utf8), Array($0.utf8)) }
+            }
             let counts = try logMining(input, words: p.words, client: client)
             return sc.parallelize(counts.map { (Array($0.0.utf8), Array(String($0.1).utf8)) }, partitions: 1)
         case "join":
@@ -79,14 +92,18 @@ public enum BuiltinJobs {
             }
         case "sort":
             let pairs = keyValues(input, malformed).persist()
+            if explainOnly {
+                // Numeric or text order, and the range bounds, are found when it runs.
+                return pairs.sortByKey(bounds: [], ascending: true).map { (Array($0.0.utf8), Array($0.1.utf8)) }
+            }
             let numeric = try pairs.keys().filter { !isPlainNumber($0) }.count() == 0
             let sorted: RDD<(String, String)>
             if numeric {
-                sorted = pairs.map { (NumericKey(Double($0.0)!, $0.0), $0.1) }.sortByKey().map { ($0.0.text, $0.1) }
+                sorted = try pairs.map { (NumericKey(Double($0.0)!, $0.0), $0.1) }.sortByKey().map { ($0.0.text, $0.1) }
             } else {
-                sorted = pairs.sortByKey()
+                sorted = try pairs.sortByKey()
             }
-            return sorted.zipWithIndex().map { (Array(String(format: "%012d", $0.1).utf8), Array("\($0.0.0)\t\($0.0.1)".utf8)) }
+            return try sorted.zipWithIndex().map { (Array(String(format: "%012d", $0.1).utf8), Array("\($0.0.0)\t\($0.0.1)".utf8)) }
         default:
             preconditionFailure()
         }
@@ -124,15 +141,7 @@ public enum BuiltinJobs {
     /// index on a tie; an empty cluster keeps its centre.
     public static func kMeans(_ rows: RDD<(String, String)>, k: Int, iterations: Int, malformed: Accumulator) throws -> [[Double]] {
         guard k > 0 else { throw WeftError(.invalidArgument, "--k must be at least 1") }
-        let points = rows.mapPartitionsWithIndex { _, xs, ctx in
-            xs.compactMap { r -> (String, [Double])? in
-                guard let v = numbers(r.1) else {
-                    if !r.1.allSatisfy(\.isWhitespace) { malformed.add(1, in: ctx) }
-                    return nil
-                }
-                return (r.0, v)
-            }
-        }.persist()
+        let points = kMeansPoints(rows, malformed: malformed)
         var centres = try points.takeOrdered(k) { $0.0 < $1.0 }.map(\.1)
         guard centres.count == k else { throw WeftError(.invalidArgument, "kmeans needs at least k = \(k) points, the input has \(centres.count)") }
         let dim = centres[0].count
@@ -141,17 +150,7 @@ public enum BuiltinJobs {
             throw WeftError(.invalidArgument, "kmeans: \(otherDims) points do not have \(dim) coordinates like the first point; every point needs the same dimension")
         }
         for _ in 0..<iterations {
-            let current = centres
-            let sums = try points.map { p -> (Int, [Double]) in
-                var best = 0
-                var bestD = Double.infinity
-                for (i, c) in current.enumerated() {
-                    var d = 0.0
-                    for j in 0..<min(dim, p.1.count) { d += (p.1[j] - c[j]) * (p.1[j] - c[j]) }
-                    if d < bestD { best = i; bestD = d }
-                }
-                return (best, p.1 + [1])
-            }.reduceByKey { a, b in zip(a, b).map { $0 + $1 } }.collectAsMap()
+            let sums = try kMeansStep(points, centres: centres).collectAsMap()
             for i in 0..<k {
                 if let s = sums[i], let n = s.last, n > 0 { centres[i] = s.dropLast().map { $0 / n } }
             }
@@ -159,9 +158,51 @@ public enum BuiltinJobs {
         return centres
     }
 
+    /// The points of kmeans, keyed by row key (input order), persisted.
+    static func kMeansPoints(_ rows: RDD<(String, String)>, malformed: Accumulator) -> RDD<(String, [Double])> {
+        rows.mapPartitionsWithIndex { _, xs, ctx in
+            xs.compactMap { r -> (String, [Double])? in
+                guard let v = numbers(r.1) else {
+                    if !r.1.allSatisfy(\.isWhitespace) { malformed.add(1, in: ctx) }
+                    return nil
+                }
+                return (r.0, v)
+            }
+        }.persist().setName("points")
+    }
+
+    /// One Lloyd iteration: each point to its nearest centre (the lowest
+    /// index on a tie), then per centre the coordinate sums and the count
+    /// (as a last coordinate).
+    static func kMeansStep(_ points: RDD<(String, [Double])>, centres: [[Double]]) -> RDD<(Int, [Double])> {
+        points.map { p -> (Int, [Double]) in
+            var best = 0
+            var bestD = Double.infinity
+            for (i, c) in centres.enumerated() {
+                var d = 0.0
+                for j in 0..<min(c.count, p.1.count) { d += (p.1[j] - c[j]) * (p.1[j] - c[j]) }
+                if d < bestD { best = i; bestD = d }
+            }
+            return (best, p.1 + [1])
+        }.reduceByKey { a, b in zip(a, b).map { $0 + $1 } }.setName("centreSums")
+    }
+
     /// w <- w - (1/N) * sum((sigmoid(y * w.x) - 1) * y * x), from w = 0.
     public static func logisticRegression(_ lines: RDD<String>, iterations: Int, malformed: Accumulator) throws -> [Double] {
-        let points = lines.mapPartitionsWithIndex { _, xs, ctx in
+        let points = logRegPoints(lines, malformed: malformed)
+        let n = try points.count()
+        guard n > 0, let dim = try points.take(1).first?.1.count else { throw WeftError(.invalidArgument, "logreg: the input has no valid `y x1 x2 ...` line") }
+        var w = [Double](repeating: 0, count: dim)
+        for _ in 0..<iterations {
+            let grad = try logRegGradient(points, w: w).reduce { zip($0, $1).map { $0 + $1 } }
+            for j in 0..<dim { w[j] -= grad[j] / Double(n) }
+        }
+        return w
+    }
+
+    /// `y x1 x2 ...` lines with y in {-1, 1}, persisted.
+    static func logRegPoints(_ lines: RDD<String>, malformed: Accumulator) -> RDD<(Double, [Double])> {
+        lines.mapPartitionsWithIndex { _, xs, ctx in
             xs.compactMap { l -> (Double, [Double])? in
                 guard let v = numbers(l), v.count >= 2, v[0] == 1 || v[0] == -1 else {
                     if !l.allSatisfy(\.isWhitespace) { malformed.add(1, in: ctx) }
@@ -169,35 +210,38 @@ public enum BuiltinJobs {
                 }
                 return (v[0], Array(v.dropFirst()))
             }
-        }.persist()
-        let n = try points.count()
-        guard n > 0, let dim = try points.take(1).first?.1.count else { throw WeftError(.invalidArgument, "logreg: the input has no valid `y x1 x2 ...` line") }
-        var w = [Double](repeating: 0, count: dim)
-        for _ in 0..<iterations {
-            let current = w
-            let grad = try points.map { p -> [Double] in
-                var dot = 0.0
-                for j in 0..<min(dim, p.1.count) { dot += current[j] * p.1[j] }
-                let scale = (1 / (1 + exp(-p.0 * dot)) - 1) * p.0
-                return (0..<dim).map { j in j < p.1.count ? scale * p.1[j] : 0 }
-            }.reduce { zip($0, $1).map { $0 + $1 } }
-            for j in 0..<dim { w[j] -= grad[j] / Double(n) }
-        }
-        return w
+        }.persist().setName("points")
+    }
+
+    /// Each point's gradient term at `w` (summed by the caller's reduce).
+    static func logRegGradient(_ points: RDD<(Double, [Double])>, w: [Double]) -> RDD<[Double]> {
+        let dim = w.count
+        return points.map { p -> [Double] in
+            var dot = 0.0
+            for j in 0..<min(dim, p.1.count) { dot += w[j] * p.1[j] }
+            let scale = (1 / (1 + exp(-p.0 * dot)) - 1) * p.0
+            return (0..<dim).map { j in j < p.1.count ? scale * p.1[j] : 0 }
+        }.setName("gradient")
     }
 
     /// The log-mining example of the RDD paper: errors are persisted once,
     /// then each word is counted by its own job over the cached messages.
     public static func logMining(_ lines: RDD<String>, words: [String], client: WeftClient? = nil) throws -> [(String, Int)] {
+        let messages = errorMessages(lines, client: client)
+        return try words.map { w in (w, try messages.filter { $0.contains(w) }.count()) }
+    }
+
+    /// The third tab-separated field of lines starting with ERROR,
+    /// persisted: reliably when a store is at hand (a lost partition is read
+    /// back from a replica, not recomputed), else in memory.
+    static func errorMessages(_ lines: RDD<String>, client: WeftClient?) -> RDD<String> {
         let messages = lines.filter { $0.hasPrefix("ERROR") }
             .map { l -> String in
                 let f = l.split(separator: "\t", omittingEmptySubsequences: false)
                 return f.count > 2 ? String(f[2]) : ""
             }.setName("errorMessages")
-        // Reliable persist when a store is at hand: a lost partition is read
-        // back from a replica, not recomputed.
         if let client { messages.persistReliable(replicas: 2, codec: .string, client: client) } else { messages.persist() }
-        return try words.map { w in (w, try messages.filter { $0.contains(w) }.count()) }
+        return messages
     }
 
     public static func wordCount(_ lines: RDD<String>) -> RDD<(String, Int)> {

@@ -539,12 +539,13 @@ extension RDD {
 
     /// Sorts by key: a sampling job picks range bounds, a shuffle moves each
     /// key to its range, and each partition sorts locally.
-    public func sortByKey<K: Comparable & Hashable, V>(ascending: Bool = true, partitions: Int? = nil) -> RDD<(K, V)> where T == (K, V) {
+    /// The sampling job runs here, as in Spark; its failure is this call's.
+    public func sortByKey<K: Comparable & Hashable, V>(ascending: Bool = true, partitions: Int? = nil) throws -> RDD<(K, V)> where T == (K, V) {
         let n = partitions ?? numPartitions
-        let samples = ((try? context.runJob(self) { xs -> [K] in
+        let samples = try context.runJob(self) { xs -> [K] in
             let step = Swift.max(1, xs.count / 100)
             return stride(from: 0, to: xs.count, by: step).map { xs[$0].0 }
-        }) ?? []).flatMap { $0 }.sorted()
+        }.flatMap { $0 }.sorted()
         var bounds: [K] = []
         if n > 1 && !samples.isEmpty {
             for i in 1..<n {
@@ -552,6 +553,12 @@ extension RDD {
                 if bounds.last.map({ $0 < b }) ?? true { bounds.append(b) }
             }
         }
+        return sortByKey(bounds: bounds, ascending: ascending)
+    }
+
+    /// Sorts with given range bounds (no sampling job): what `sortByKey`
+    /// plans once it has sampled, and what `job explain` shows.
+    func sortByKey<K: Comparable & Hashable, V>(bounds: [K], ascending: Bool) -> RDD<(K, V)> where T == (K, V) {
         let part = RangePartitioner(bounds: bounds, ascending: ascending)
         let dep = ShuffleDependency<K, V, V>(parent: self, partitioner: part, partitionOf: { part.partition($0) }, aggregator: nil, mapSideCombine: false)
         return ShuffledRDD(dep, name: "sortByKey").mapPartitions(preservesPartitioning: true) { xs in

@@ -173,9 +173,10 @@ open class RDD<T>: AnyRDD {
 
     public final func union(_ other: RDD<T>) -> RDD<T> { UnionRDD([self, other]) }
 
-    public final func zipWithIndex() -> RDD<(T, Int)> {
-        // One small job counts each partition to find its offset.
-        let counts = (try? context.runJob(self) { $0.count }) ?? []
+    /// One small job counts each partition to find its offset; it runs
+    /// here, as in Spark, and its failure is this call's.
+    public final func zipWithIndex() throws -> RDD<(T, Int)> {
+        let counts = try context.runJob(self) { $0.count }
         var offsets: [Int] = []
         var acc = 0
         for c in counts {
@@ -290,8 +291,8 @@ extension RDD where T: Hashable {
 }
 
 extension RDD where T: Comparable {
-    public func sortBy<K: Comparable & Hashable>(ascending: Bool = true, partitions: Int? = nil, _ key: @escaping (T) -> K) -> RDD<T> {
-        keyBy(key).sortByKey(ascending: ascending, partitions: partitions).values()
+    public func sortBy<K: Comparable & Hashable>(ascending: Bool = true, partitions: Int? = nil, _ key: @escaping (T) -> K) throws -> RDD<T> {
+        try keyBy(key).sortByKey(ascending: ascending, partitions: partitions).values()
     }
     public func top(_ n: Int) throws -> [T] { try top(n, by: <) }
     public func takeOrdered(_ n: Int) throws -> [T] { try takeOrdered(n, by: <) }

@@ -153,6 +153,33 @@ final class JobTests: XCTestCase {
         }
     }
 
+    /// `job explain` runs nothing, even for jobs that run actions while
+    /// they plan, and shows what they would run.
+    func testExplainRunsNoJob() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        try await load(c, "nums", ["1 2 3", "-1 0.5 2", "1 4 4"])
+        try await load(c, "logs", ["ERROR\tx\tdisk full", "INFO\tx\tok"])
+        try await load(c, "pairs", ["b\t1", "a\t2"])
+        let cases: [(String, String, String)] = [("kmeans", "nums", "centreSums"), ("logreg", "nums", "gradient"),
+                                                 ("logmining", "logs", "errorMessages"), ("sort", "pairs", "sortByKey")]
+        for (job, table, shows) in cases {
+            var p = JobParameters(input: table)
+            p.words = ["disk"]
+            let params = p
+            let (text, stages) = try await onDriverThread { () -> (String, Int) in
+                let sc = DataflowContext()
+                let rdd = try BuiltinJobs.plan(job, params, sc: sc, client: c, malformed: sc.accumulator("m"), explainOnly: true)
+                return (rdd.toDebugString(), sc.totalMetrics.stages)
+            }
+            XCTAssertEqual(stages, 0, "\(job): explain ran a job")
+            XCTAssertTrue(text.contains(shows), "\(job): \(text)")
+        }
+        let blocks = try await c.scan(prefix: Array("d/".utf8), limit: 10).rows.count
+        XCTAssertEqual(blocks, 0, "explain logmining wrote no reliable block")
+    }
+
     /// A `kv` table (loaded with `--format kv`, or a job's output) reads as
     /// `key<TAB>value` lines, so join and sort take it like a text table.
     func testJoinAndSortReadKvTablesAndLinesTables() async throws {
