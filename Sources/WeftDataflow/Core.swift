@@ -100,6 +100,9 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     public var cacheHits = 0
     /// Partitions of reliably persisted RDDs read back from a replica block.
     public var partitionsReadFromReplicas = 0
+    /// Reliably persisted partitions none of whose replicas could be read
+    /// (recomputed from lineage instead).
+    public var unreadableReplicatedPartitions = 0
     /// Cached partitions read back from disk (memory-and-disk or disk level).
     public var diskBlockReads = 0
     /// Bytes written to spill files (shuffle data and cache blocks).
@@ -120,6 +123,7 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
         recomputedPartitions += o.recomputedPartitions
         cacheHits += o.cacheHits
         partitionsReadFromReplicas += o.partitionsReadFromReplicas
+        unreadableReplicatedPartitions += o.unreadableReplicatedPartitions
         diskBlockReads += o.diskBlockReads
         bytesSpilled += o.bytesSpilled
         spillFiles += o.spillFiles

@@ -44,11 +44,23 @@ open class RDD<T>: AnyRDD {
             context.metric { $0.cacheHits += 1 }
             return cached
         }
-        if let r = reliable, let stored = try r.read(partition) as? [T] {
-            // Lost from memory but stored reliably: a replica, not a recomputation.
-            context.metric { $0.partitionsReadFromReplicas += 1 }
-            context.blocks.put(rdd: id, partition: partition, stored, bytes: estimateBytes(stored), level: storageLevel, codec: blockCodec)
-            return stored
+        if let r = reliable {
+            do {
+                if let stored = try r.read(partition) as? [T] {
+                    // Lost from memory but stored reliably: a replica, not a recomputation.
+                    context.metric { $0.partitionsReadFromReplicas += 1 }
+                    context.blocks.put(rdd: id, partition: partition, stored, bytes: estimateBytes(stored), level: storageLevel, codec: blockCodec)
+                    return stored
+                }
+            } catch {
+                // No replica is readable. With the lineage still there, recompute
+                // (and store the block again); a checkpoint has nothing to fall back on.
+                if checkpointed {
+                    throw WeftError(.unavailable, "checkpointed partition \(partition) of \(name) has no readable replica: \(error)")
+                }
+                context.metric { $0.unreadableReplicatedPartitions += 1 }
+                r.forget(partition)
+            }
         }
         if checkpointed {
             throw WeftError(.unavailable, "checkpointed partition \(partition) of \(name) has no readable replica")

@@ -114,9 +114,13 @@ public enum ReliableBlocks {
         try await t.commit()
     }
 
-    /// Reads a partition's block from the first replica that answers and
-    /// passes its checksum; nil if the block was never written.
-    public static func read(_ client: WeftClient, set: String, partition: Int) async throws -> Bytes? {
+    /// Reads a partition's block from the first replica that answers, has
+    /// a block header and passes `accept` (the caller decodes there, which
+    /// checks the checksum); a replica that is missing, unreachable or
+    /// corrupted is skipped for the next. nil if the block was never
+    /// written; the last replica's error if none is readable.
+    public static func read(_ client: WeftClient, set: String, partition: Int,
+                            accept: (Bytes) throws -> Void = { _ in }) async throws -> Bytes? {
         guard let dir = try await client.get(directoryKey(set, partition)).value else { return nil }
         let fields = String(decoding: dir, as: UTF8.self).split(separator: " ")
         var lastError: Error = WeftError(.notFound, "block \(set)/\(partition) has no replica")
@@ -129,6 +133,7 @@ public enum ReliableBlocks {
                     bytes += chunk
                 }
                 guard bytes.count >= 13, Array(bytes[0..<4]) == magic else { throw WeftError(.corrupted, "replica \(f.prefix(20)) is not a block") }
+                try accept(bytes)
                 return bytes
             } catch {
                 lastError = error
@@ -171,6 +176,7 @@ final class ReliableState: @unchecked Sendable {
     var cutLineage = false
     let lock = NSLock()
     var stored: Set<Int> = []
+    var unreadable: Set<Int> = []
 
     init(replicas: Int, client: WeftClient, set: String, encode: @escaping (Any) -> Bytes, decode: @escaping (Bytes) throws -> Any) {
         self.replicas = replicas
@@ -180,18 +186,43 @@ final class ReliableState: @unchecked Sendable {
         self.decode = decode
     }
 
+    /// The partition from the first readable replica (decoded, checksum
+    /// checked); nil if it was never stored; throws if no replica is readable.
     func read(_ partition: Int) throws -> Any? {
+        if lock.withLock({ unreadable.contains(partition) }) { return nil }
         let (client, set) = (self.client, self.set)
-        guard let bytes = try blocking({ try await ReliableBlocks.read(client, set: set, partition: partition) }) else { return nil }
-        return try decode(bytes)
+        let box = DecodedBox(decode)
+        guard try blocking({ try await ReliableBlocks.read(client, set: set, partition: partition) { box.value = try box.decode($0) } }) != nil else { return nil }
+        return box.value
     }
 
     func write(_ partition: Int, _ data: Any) throws {
         let block = encode(data)
         let (client, set, k) = (self.client, self.set, replicas)
         try blocking { try await ReliableBlocks.write(client, set: set, partition: partition, block: block, replicas: k) }
-        lock.withLock { _ = stored.insert(partition) }
+        lock.withLock {
+            stored.insert(partition)
+            unreadable.remove(partition)
+        }
     }
 
     func allStored(_ n: Int) -> Bool { lock.withLock { stored.count == n } }
+
+    /// A partition none of whose replicas is readable: the RDD is no longer
+    /// complete, so the scheduler plans its parents' stages again.
+    /// Its replicas are not read again until it is written anew.
+    func forget(_ partition: Int) {
+        lock.withLock {
+            stored.remove(partition)
+            unreadable.insert(partition)
+        }
+    }
+}
+
+/// The decoder and what it decoded, across the `blocking` hop (used by one
+/// task at a time).
+final class DecodedBox: @unchecked Sendable {
+    let decode: (Bytes) throws -> Any
+    var value: Any?
+    init(_ decode: @escaping (Bytes) throws -> Any) { self.decode = decode }
 }

@@ -67,6 +67,55 @@ final class ReliableTests: XCTestCase {
         }
     }
 
+    /// A corrupted replica is skipped for the next one; a partition whose
+    /// every replica is corrupted is recomputed from lineage (and stored
+    /// again), never a failed job.
+    func testCorruptReplicasFallBackToTheNextAndThenToLineage() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        let words = (0..<3000).map { "w\($0 % 41)" }
+        let sc = DataflowContext()
+        let (box, first) = try await onDriverThread { () -> (UncheckedBox<RDD<(String, Int)>>, [String]) in
+            let counts = sc.parallelize(words, partitions: 4).map { ($0, 1) }.reduceByKey(+)
+                .persistReliable(replicas: 2, codec: .stringInt, client: c)
+            return (UncheckedBox(counts), try counts.collect().map { "\($0.0)=\($0.1)" }.sorted())
+        }
+        let set = try XCTUnwrap(box.value.reliable).set
+        func replicaKeys(_ p: Int) async throws -> [[String]] {
+            let entry = String(decoding: try await c.get(ReliableBlocks.directoryKey(set, p)).value!, as: UTF8.self)
+            return entry.split(separator: " ").filter { $0.hasPrefix("replica=") }.map { f in
+                f.split(separator: ":", maxSplits: 1)[1].split(separator: ",").map(String.init)
+            }
+        }
+        // Partition 0: flip the last byte of its first replica. Partition 1: both replicas.
+        func corrupt(_ key: String) async throws {
+            var v = try await c.get(Array(key.utf8)).value!
+            v[v.count - 1] ^= 0xff
+            try await c.put(Array(key.utf8), v)
+        }
+        try await corrupt(try replicaKeys(0)[0].last!)
+        for r in try await replicaKeys(1) { try await corrupt(r.last!) }
+
+        let (second, m) = try await onDriverThread { () -> ([String], JobMetrics) in
+            sc.loseExecutorState()
+            return (try box.value.collect().map { "\($0.0)=\($0.1)" }.sorted(), sc.lastJobMetrics)
+        }
+        XCTAssertEqual(second, first)
+        XCTAssertEqual(m.partitionsReadFromReplicas, 3, "partition 0 from its second replica, 2 and 3 as usual")
+        XCTAssertEqual(m.unreadableReplicatedPartitions, 1, "partition 1 had no readable replica")
+        XCTAssertGreaterThan(m.recomputedPartitions, 0, "partition 1 came from lineage")
+        // Recomputing stored partition 1 again: the next loss reads it from a replica.
+        let third = try await onDriverThread { () -> JobMetrics in
+            sc.loseExecutorState()
+            _ = try box.value.collect()
+            return sc.lastJobMetrics
+        }
+        XCTAssertEqual(third.unreadableReplicatedPartitions, 0, "partition 1 was stored again when it was recomputed")
+        XCTAssertEqual(third.partitionsReadFromReplicas, 4)
+        XCTAssertEqual(third.recomputedPartitions, 0)
+    }
+
     func testEachBlockHasReplicasOnDistinctParticipantsAndSurvivesLosingOne() async throws {
         let cluster = try EmbeddedCluster(dataDir: dir)
         defer { cluster.close() }
