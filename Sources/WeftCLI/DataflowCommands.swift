@@ -112,9 +112,19 @@ struct TableCommand: AsyncParsableCommand {
     }
 }
 
-struct UncheckedPinner: @unchecked Sendable {
-    let cluster: EmbeddedCluster?
-    init(_ c: EmbeddedCluster?) { cluster = c }
+/// The job's snapshot lease, set and read on the driver thread.
+final class LeaseHolder: @unchecked Sendable {
+    var value: SnapshotLease?
+}
+
+/// Runs a built-in job on the driver thread with its snapshot leased on
+/// every participant for the life of the job, embedded or over the
+/// network alike (see `SnapshotLease`).
+func runLeased(_ name: String, _ p: JobParameters, sc: DataflowContext, client: WeftClient) throws -> JobResult {
+    let lease = LeaseHolder()
+    return try BuiltinJobs.run(name, p, sc: sc, client: client,
+                               pin: { ts in lease.value = try blocking { try await SnapshotLease.take(client, at: ts) } },
+                               unpin: { _ in if let l = lease.value { _ = try? blocking { await l.release() } } })
 }
 
 struct Pair: Sendable {
@@ -192,11 +202,7 @@ struct JobCommand: AsyncParsableCommand {
                         FileHandle.standardError.write(Data((tty ? "\r" + line : line + "\n").utf8))
                     }
                 }
-                let pinner = UncheckedPinner(embedded)
-                let r = try await onDriverThread {
-                    try BuiltinJobs.run(name, p, sc: sc, client: client,
-                                        pin: { ts in try pinner.cluster?.pin(ts) }, unpin: { ts in pinner.cluster?.unpin(ts) })
-                }
+                let r = try await onDriverThread { try runLeased(name, p, sc: sc, client: client) }
                 if tty { FileHandle.standardError.write(Data("\n".utf8)) }
                 return r
             }

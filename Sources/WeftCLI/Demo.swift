@@ -109,14 +109,13 @@ struct Demo: AsyncParsableCommand {
         say("   table corpus: \(corpus.count) lines, committed at ts=\(cts)")
         say("   table graph:  \(graph.count) edges over 200 vertices, committed at ts=\(gts)")
         let sc = DataflowContext()
-        let pinner = UncheckedPinner(cluster)
         for (job, input, output) in [("wordcount", "corpus", "corpus_counts"), ("pagerank", "graph", "graph_ranks")] {
             var p = JobParameters(input: input)
             p.output = output
             p.overwrite = true
             let params = p
             let r = try await onDriverThread {
-                try BuiltinJobs.run(job, params, sc: sc, client: jobClient, pin: { try pinner.cluster?.pin($0) }, unpin: { pinner.cluster?.unpin($0) })
+                try runLeased(job, params, sc: sc, client: jobClient)
             }
             say("   weft job run \(job) --input \(input) --output \(output)   (snapshot ts=\(r.snapshotTs))")
             for line in r.summary { say("     \(line)") }

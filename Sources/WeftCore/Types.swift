@@ -60,4 +60,8 @@ public enum Limits {
     /// Versions older than this many ticks (ms) behind the newest commit are
     /// garbage-collected unless a snapshot pins them.
     public static let versionRetentionTicks: UInt64 = 10 * 60 * 1000
+    /// The longest a snapshot lease (`pin`) holds without being renewed, ms.
+    public static let pinLeaseMillisMax: UInt64 = 10 * 60 * 1000
+    /// The lease a running job takes on its snapshot, renewed every third of it, ms.
+    public static let jobPinLeaseMillis: UInt64 = 30_000
 }

@@ -4,7 +4,7 @@ import WeftRuntime
 
 /// Runs an async call to completion from a task thread (tasks run on
 /// executor threads, outside Swift concurrency).
-func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
+public func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
     let sem = DispatchSemaphore(value: 0)
     let box = UncheckedBox(ResultHolder<T>())
     Task {

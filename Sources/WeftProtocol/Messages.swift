@@ -96,6 +96,12 @@ public enum Message: Sendable, Equatable {
     case scan(req: UInt64, start: Bytes, end: Bytes?, limit: Int, ts: Timestamp)
     case scanResult(req: UInt64, rows: [ScanRow], more: Bool)
     case failed(req: UInt64, error: WeftError)
+    /// Holds the versions a snapshot at `ts` reads against garbage
+    /// collection for `leaseMillis` from now (capped at
+    /// `Limits.pinLeaseMillisMax`); sending it again renews the lease; 0
+    /// releases it. A lease belongs to (client, ts) and is not durable.
+    case pin(req: UInt64, ts: Timestamp, leaseMillis: UInt64)
+    case pinned(req: UInt64, ts: Timestamp)
 
     // coordinator -> participant
     case prepare(txn: TxnId, startTs: Timestamp, commitTs: Timestamp, participants: [ParticipantId], part: TxnPart)

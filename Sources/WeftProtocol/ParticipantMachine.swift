@@ -64,8 +64,11 @@ public struct ParticipantMachine: Sendable {
     var lastClockQueryMillis: UInt64 = 0
     var lastGCMillis: UInt64 = 0
     var parked: [TxnId: [(from: NodeAddress, message: Message, deadline: UInt64)]] = [:]
-    /// Snapshots pinned against garbage collection (ts -> pin count).
+    /// Snapshots pinned against garbage collection (ts -> pin count), by
+    /// embedded callers.
     var pins: [Timestamp: Int] = [:]
+    /// Snapshot leases of remote clients: (client, ts) -> expiry (ms).
+    var leases: [LeaseKey: UInt64] = [:]
     public var retentionMillis: UInt64 = Limits.versionRetentionTicks
     /// Two-phase transactions committed here (txn -> commitTs), for answering
     /// peers; bounded, with everything at or below `outcomeFloor` forgotten.
@@ -143,6 +146,8 @@ public struct ParticipantMachine: Sendable {
             }
         case let .status(req, txn):
             onStatus(from: from, req: req, txn: txn)
+        case let .pin(req, ts, lease):
+            onPin(from: from, req: req, ts: ts, leaseMillis: lease)
         case let .peerQuery(txn, commitTs, from):
             onPeerQuery(txn: txn, commitTs: commitTs, from: from)
         case let .peerOutcome(txn, _, committed):
@@ -178,6 +183,7 @@ public struct ParticipantMachine: Sendable {
                 for q in p.participants where q != id { send(.participant(q), .peerQuery(txn: txn, commitTs: p.commitTs, from: id)) }
             }
         }
+        if leases.values.contains(where: { $0 <= self.nowMillis }) { leases = leases.filter { $0.value > self.nowMillis } }
         if self.nowMillis >= lastGCMillis + 1000 {
             lastGCMillis = self.nowMillis
             collectGarbage()
@@ -192,6 +198,18 @@ public struct ParticipantMachine: Sendable {
     public mutating func unpin(_ ts: Timestamp) {
         guard let n = pins[ts] else { return }
         pins[ts] = n > 1 ? n - 1 : nil
+    }
+
+    /// Takes, renews (same client and ts) or, with 0, releases a lease.
+    mutating func onPin(from: NodeAddress, req: UInt64, ts: Timestamp, leaseMillis: UInt64) {
+        let key = LeaseKey(holder: from, ts: ts)
+        if leaseMillis == 0 {
+            leases[key] = nil
+            return send(from, .pinned(req: req, ts: ts))
+        }
+        if leases[key] == nil && ts < gcHorizon { return send(from, .failed(req: req, error: snapshotTooOld(ts))) }
+        leases[key] = nowMillis + min(leaseMillis, Limits.pinLeaseMillisMax)
+        send(from, .pinned(req: req, ts: ts))
     }
 
     // MARK: Reads
@@ -413,6 +431,7 @@ public struct ParticipantMachine: Sendable {
     mutating func collectGarbage() {
         var horizon = HLC.timestamp(millis: nowMillis > retentionMillis ? nowMillis - retentionMillis : 0)
         if let oldestPin = pins.keys.min() { horizon = min(horizon, oldestPin) }
+        if let oldestLease = leases.keys.map(\.ts).min() { horizon = min(horizon, oldestLease) }
         guard horizon > gcHorizon else { return }
         gcHorizon = horizon
         if committedOlder.values.contains(where: { $0 <= horizon }) { committedOlder = committedOlder.filter { $0.value > horizon } }
@@ -460,4 +479,10 @@ public func printable(_ key: Bytes) -> String {
         return "'\(s)'"
     }
     return "0x" + key.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+}
+
+/// Who holds a snapshot lease, on which timestamp.
+struct LeaseKey: Hashable {
+    let holder: NodeAddress
+    let ts: Timestamp
 }

@@ -155,6 +155,8 @@ public enum WireCodec {
         case let .peerOutcome(txn, from, committed):
             w.u8(22); w.u64(txn); w.int(from)
             w.u8(committed == nil ? 2 : committed! ? 1 : 0)
+        case let .pin(req, ts, lease): w.u8(23); w.u64(req); w.u64(ts); w.u64(lease)
+        case let .pinned(req, ts): w.u8(24); w.u64(req); w.u64(ts)
         }
     }
 
@@ -227,6 +229,8 @@ public enum WireCodec {
             case 2: return .peerOutcome(txn: txn, from: from, committed: nil)
             case let t: throw DecodeError("bad peer outcome \(t)")
             }
+        case 23: return .pin(req: try r.u64(), ts: try r.u64(), leaseMillis: try r.u64())
+        case 24: return .pinned(req: try r.u64(), ts: try r.u64())
         case let t: throw DecodeError("unknown message tag \(t)")
         }
     }

@@ -58,7 +58,7 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         let req: UInt64
         switch env.message {
         case let .began(r, _), let .commitResult(r, _, _), let .readResult(r, _, _),
-             let .scanResult(r, _, _), let .failed(r, _), let .statusResult(r, _, _):
+             let .scanResult(r, _, _), let .failed(r, _), let .statusResult(r, _, _), let .pinned(r, _):
             req = r
         default:
             return
@@ -217,6 +217,22 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         let t = Transaction(client: self, startTs: 0)
         try t.delete(key)
         return try await t.commit()
+    }
+
+    /// Holds the snapshot at `ts` against garbage collection on every
+    /// participant for `leaseMillis` (renew by calling again; 0 releases).
+    /// Fails with `snapshotTooOld` if a participant has already collected it.
+    public func pin(_ ts: Timestamp, leaseMillis: UInt64) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for p in 0..<participantCount {
+                group.addTask {
+                    guard case .pinned = try await self.call(.participant(p), { .pin(req: $0, ts: ts, leaseMillis: leaseMillis) }) else {
+                        throw self.unexpected()
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
     }
 
     /// What became of transaction `txn`: the coordinator's answer if it has

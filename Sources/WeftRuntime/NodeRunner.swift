@@ -229,7 +229,7 @@ extension Transport {
 /// The request id of a client request, if `m` is one.
 func clientRequestId(_ m: Message) -> UInt64? {
     switch m {
-    case let .begin(r), let .read(r, _, _), let .scan(r, _, _, _, _), let .commit(r, _, _, _), let .status(r, _):
+    case let .begin(r), let .read(r, _, _), let .scan(r, _, _, _, _), let .commit(r, _, _, _), let .status(r, _), let .pin(r, _, _):
         return r
     default:
         return nil

@@ -128,6 +128,41 @@ final class MachineScriptTests: XCTestCase {
         XCTAssertEqual(m.lockCount, 0)
     }
 
+    /// A client's lease on a snapshot holds garbage collection below it
+    /// while renewed, lets go when released or run out, and is refused on a
+    /// snapshot already collected.
+    func testSnapshotLeaseHoldsGarbageCollectionUntilReleasedOrRunOut() {
+        var m = participant()
+        m.retentionMillis = 1_000
+        m.tick(nowMillis: 5_000)
+        let ts = HLC.timestamp(millis: 5_000)
+        let pin = { (req: UInt64, lease: UInt64) in Envelope(from: .client(7), to: .participant(0), .pin(req: req, ts: ts, leaseMillis: lease)) }
+        m.step(pin(1, 3_000))
+        XCTAssertEqual(m.takeOutput().messages.map(\.message), [.pinned(req: 1, ts: ts)])
+        m.tick(nowMillis: 7_500)
+        XCTAssertLessThanOrEqual(m.gcHorizon, ts, "retention alone would have collected it")
+        m.step(pin(2, 3_000)) // renewed until 10,500
+        _ = m.takeOutput()
+        m.tick(nowMillis: 10_000)
+        XCTAssertLessThanOrEqual(m.gcHorizon, ts)
+        m.tick(nowMillis: 11_100)
+        XCTAssertGreaterThan(m.gcHorizon, ts, "the lease ran out")
+        m.step(pin(3, 3_000))
+        guard case .failed(3, let e) = m.takeOutput().messages.first?.message else { return XCTFail("a collected snapshot cannot be leased") }
+        XCTAssertEqual(e.code, .snapshotTooOld)
+
+        // Released explicitly: collection moves on at the next round.
+        let ts2 = HLC.timestamp(millis: 11_100)
+        m.step(Envelope(from: .client(8), to: .participant(0), .pin(req: 4, ts: ts2, leaseMillis: 60_000)))
+        _ = m.takeOutput()
+        m.tick(nowMillis: 13_000)
+        XCTAssertLessThanOrEqual(m.gcHorizon, ts2)
+        m.step(Envelope(from: .client(8), to: .participant(0), .pin(req: 5, ts: ts2, leaseMillis: 0)))
+        XCTAssertEqual(m.takeOutput().messages.map(\.message), [.pinned(req: 5, ts: ts2)])
+        m.tick(nowMillis: 14_100)
+        XCTAssertGreaterThan(m.gcHorizon, ts2)
+    }
+
     func testReadCacheStopsAWriterFromCommittingBeneathARead() {
         var m = participant()
         m.step(Envelope(from: .client(1), to: .participant(0), .read(req: 1, key: k, ts: 50)))

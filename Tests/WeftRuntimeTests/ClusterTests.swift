@@ -228,6 +228,26 @@ final class ClusterTests: XCTestCase {
         print("random kills: \(kills) kills, \(acked.count) acknowledged, \(unknown.count) unknown, \(snapshots) snapshots checked")
     }
 
+    /// Tables and jobs over the network: a load, a job whose snapshot is
+    /// leased on every participant over TCP while it runs, and its output.
+    func testJobsRunOverTheNetwork() throws {
+        let c = try TestCluster()
+        defer { c.stop(keep: (testRun?.failureCount ?? 0) > 0) }
+        let file = c.dir + "/words.txt"
+        try "a b a\nc a b\n\nd".write(toFile: file, atomically: true, encoding: .utf8)
+        let load = try c.weft(["table", "load", "words", file])
+        XCTAssertEqual(load.status, 0, load.stderr)
+        let run = try c.weft(["job", "run", "wordcount", "--input", "words", "--output", "wc"])
+        XCTAssertEqual(run.status, 0, run.stderr)
+        XCTAssertTrue(run.stdout.contains("4 distinct words"), run.stdout)
+        let scan = try c.weft(["table", "scan", "wc"])
+        XCTAssertEqual(scan.stdout.split(separator: "\n").sorted(), ["a\t3", "b\t2", "c\t1", "d\t1"])
+        // A snapshot the participants have collected is refused clearly.
+        let old = try c.weft(["job", "run", "wordcount", "--input", "words", "--at", "1"])
+        XCTAssertNotEqual(old.status, 0)
+        XCTAssertTrue(old.stderr.contains("snapshot") || old.stderr.contains("unknown table"), old.stderr)
+    }
+
     func testBadInputDoesNotHurtTheCluster() throws {
         let c = try TestCluster()
         defer { c.stop(keep: (testRun?.failureCount ?? 0) > 0) }
