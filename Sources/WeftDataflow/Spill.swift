@@ -200,6 +200,26 @@ final class SpillDirectory: @unchecked Sendable {
 
     init(runId: String) {
         path = NSTemporaryDirectory() + "weft-spill-\(getpid())-\(runId)"
+        Self.removeOrphans()
+    }
+
+    nonisolated(unsafe) static var orphansChecked = false
+    static let orphanLock = NSLock()
+
+    /// Removes the spill directories of processes that are gone (a job
+    /// killed with SIGKILL never removes its own), once per process.
+    static func removeOrphans(force: Bool = false) {
+        let first = orphanLock.withLock { () -> Bool in
+            defer { orphansChecked = true }
+            return !orphansChecked
+        }
+        guard first || force else { return }
+        let tmp = NSTemporaryDirectory()
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: tmp)) ?? [] where name.hasPrefix("weft-spill-") {
+            let fields = name.split(separator: "-")
+            guard fields.count >= 4, let pid = Int32(fields[2]), pid != getpid() else { continue }
+            if kill(pid, 0) != 0 && errno == ESRCH { try? FileManager.default.removeItem(atPath: tmp + name) }
+        }
     }
 
     /// Writes `bytes` to a new file and returns its path.

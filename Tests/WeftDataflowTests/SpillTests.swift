@@ -66,6 +66,20 @@ final class SpillTests: XCTestCase {
         XCTAssertLessThanOrEqual(sc.lastJobMetrics.spillFiles, rounds * 4 + 4, "no map task left spilling crumbs")
     }
 
+    /// Spill directories of processes that are gone are removed; a live
+    /// process's are kept.
+    func testOrphanedSpillDirectoriesOfDeadProcessesAreRemoved() throws {
+        var dead: Int32 = 4_000_000
+        while kill(dead, 0) == 0 || errno != ESRCH { dead -= 1 }
+        let tmp = NSTemporaryDirectory()
+        let orphan = tmp + "weft-spill-\(dead)-orphantest", mine = tmp + "weft-spill-\(getpid())-minetest"
+        for d in [orphan, mine] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        defer { try? FileManager.default.removeItem(atPath: mine) }
+        SpillDirectory.removeOrphans(force: true)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: orphan), "a dead process's directory is removed")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: mine), "a live process's directory is kept")
+    }
+
     func testGroupByKeyWithAGiantKeySpillsAndKeepsEveryValue() throws {
         let ws = words(40_000, seed: 9)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 32 << 10)
