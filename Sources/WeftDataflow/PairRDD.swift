@@ -219,6 +219,41 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                             _ aggregator: Aggregator<V, C>?, _ combine: Bool) -> (Int, TaskContext) throws -> ShuffleOutput {
         let sc = parent.context
         let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
+        if let agg = aggregator, combine, K.self == Int.self {
+            // The same map-side combine over `IntMap` (no SipHash, no
+            // Dictionary); K is Int here, so the bit casts are identities.
+            return { p, ctx in
+                var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes)
+                var m = IntMap<C>()
+                var sinceReserve = 0
+                var rows = 0
+                func split(_ m: IntMap<C>) -> [[(K, C)]] {
+                    var out = [[(K, C)]](repeating: [], count: n)
+                    for i in 0..<m.count {
+                        let k = unsafeBitCast(m.keys[i], to: K.self)
+                        out[partitionOf(k)].append((k, m.values[i]))
+                    }
+                    return out
+                }
+                try parent.push(p, ctx) { kv in
+                    rows += 1
+                    let key = unsafeBitCast(kv.0, to: Int.self)
+                    let (e, slot) = m.find(key)
+                    if e >= 0 {
+                        agg.mergeValue(&m.values[e], kv.1)
+                        return
+                    }
+                    m.insert(key, agg.createCombiner(kv.1), at: slot)
+                    sinceReserve += 1
+                    if sinceReserve == 1024 {
+                        sinceReserve = 0
+                        if !w.reserve(rows: 1024), try w.spill(split(m)) { m = IntMap() }
+                    }
+                }
+                if !w.reserve(rows: sinceReserve), try w.spill(split(m)) { m = IntMap() }
+                return w.finish(split(m), rows: rows)
+            }
+        }
         if let agg = aggregator, combine {
             return { p, ctx in
                 // Map-side combine: one combiner per key, hashed once per row;
@@ -317,6 +352,22 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
 
     static func makeReduce(_ dep: ShuffleDependency<K, V, C>) -> (Int) throws -> [(K, C)] {
         let maps = dep.parent.numPartitions
+        if let agg = dep.aggregator, K.self == Int.self {
+            return { partition in
+                var merged = IntMap<C>()
+                for m in 0..<maps {
+                    for (k, c) in try dep.fetch(map: m, bucket: partition) {
+                        let key = unsafeBitCast(k, to: Int.self)
+                        let (e, slot) = merged.find(key)
+                        if e >= 0 { agg.mergeCombiners(&merged.values[e], c) } else { merged.insert(key, c, at: slot) }
+                    }
+                }
+                var out: [(K, C)] = []
+                out.reserveCapacity(merged.count)
+                for i in 0..<merged.count { out.append((unsafeBitCast(merged.keys[i], to: K.self), merged.values[i])) }
+                return out
+            }
+        }
         if let agg = dep.aggregator {
             return { partition in
                 var merged: [K: C] = [:]
@@ -383,20 +434,50 @@ final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
     init(_ a: RDD<(K, V)>, _ b: RDD<(K, W)>, partitioner: HashPartitioner) {
         let (depA, readA) = Self.stream(a, partitioner)
         let (depB, readB) = Self.stream(b, partitioner)
-        join = { p, ctx, emit in
-            var first: [K: Int] = [:]
-            var next: [Int] = []
-            var values: [W] = []
-            try readB(p, ctx) { k, w in
-                next.append(first.updateValue(values.count, forKey: k) ?? -1)
-                values.append(w)
+        if K.self == Int.self {
+            // The same join over an `IntMap` of chain heads.
+            join = { p, ctx, emit in
+                var first = IntMap<Int>()
+                var next: [Int] = []
+                var values: [W] = []
+                try readB(p, ctx) { k, w in
+                    let key = unsafeBitCast(k, to: Int.self)
+                    let (e, slot) = first.find(key)
+                    if e >= 0 {
+                        next.append(first.values[e])
+                        first.values[e] = values.count
+                    } else {
+                        next.append(-1)
+                        first.insert(key, values.count, at: slot)
+                    }
+                    values.append(w)
+                }
+                if values.isEmpty { return }
+                try readA(p, ctx) { k, v in
+                    let (e, _) = first.find(unsafeBitCast(k, to: Int.self))
+                    var i = e >= 0 ? first.values[e] : -1
+                    while i >= 0 {
+                        try emit((k, (v, values[i])))
+                        i = next[i]
+                    }
+                }
             }
-            if values.isEmpty { return }
-            try readA(p, ctx) { k, v in
-                var i = first[k] ?? -1
-                while i >= 0 {
-                    try emit((k, (v, values[i])))
-                    i = next[i]
+        } else {
+            join = { p, ctx, emit in
+                var first: [K: Int] = [:]
+                var next: [Int] = []
+                var values: [W] = []
+                try readB(p, ctx) { k, w in
+                    next.append(first.updateValue(values.count, forKey: k) ?? -1)
+                    values.append(w)
+                }
+                if values.isEmpty { return }
+                try readA(p, ctx) { k, v in
+                    var i = first[k] ?? -1
+                    while i >= 0 {
+                        try emit((k, (v, values[i])))
+                        i = next[i]
+                    }
                 }
             }
         }

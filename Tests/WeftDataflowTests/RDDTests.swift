@@ -199,6 +199,39 @@ final class RDDTests: XCTestCase {
         XCTAssertEqual(sc.blocks.cachedPartitions(rdd: cached.id), cached.numPartitions, "the cache is whole again")
     }
 
+    /// The Int-keyed shuffle table against a Dictionary: negative and
+    /// colliding keys, growth past many doublings, in-place updates.
+    func testIntMapMatchesDictionary() {
+        var rng = SplitMix(seed: 3)
+        var m = IntMap<Int>()
+        var ref: [Int: Int] = [:]
+        for _ in 0..<200_000 {
+            let r = rng.next()
+            let k = r % 3 == 0 ? Int(bitPattern: UInt(r)) : Int(r % 50_000) - 25_000 // a few huge, most clustered
+            let (e, slot) = m.find(k)
+            if e >= 0 { m.values[e] += 1 } else { m.insert(k, 1, at: slot) }
+            ref[k, default: 0] += 1
+        }
+        XCTAssertEqual(m.count, ref.count)
+        for i in 0..<m.count { XCTAssertEqual(m.values[i], ref[m.keys[i]]) }
+        XCTAssertEqual(Set(m.keys), Set(ref.keys))
+        XCTAssertEqual(m.find(Int.min).entry, ref[Int.min] == nil ? -1 : m.find(Int.min).entry)
+    }
+
+    /// Int keys take the IntMap paths of join, reduceByKey and the map-side
+    /// combine: the same answers as plain loops, repeated keys included.
+    func testIntKeyedShufflesMatchReference() throws {
+        var rng = SplitMix(seed: 21)
+        let a = (0..<3000).map { _ in (Int(rng.next() % 400) - 200, Int(rng.next() % 100)) }
+        let b = (0..<800).map { _ in (Int(rng.next() % 500) - 250, Int(rng.next() % 100)) }
+        var ref: [String] = []
+        for (k, v) in a { for (k2, w) in b where k2 == k { ref.append("\(k)=\(v),\(w)") } }
+        XCTAssertEqual(try rdd(a).join(rdd(b)).collect().map { "\($0.0)=\($0.1.0),\($0.1.1)" }.sorted(), ref.sorted())
+        var sums: [Int: Int] = [:]
+        for (k, v) in a { sums[k, default: 0] += v }
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: try rdd(a).reduceByKey(partitions: 5, +).collect()), sums)
+    }
+
     func testFailedTasksAreRetriedAndAccumulatorsCountOnce() throws {
         let acc = sc.accumulator("rows")
         sc.failTask = { t, attempt in attempt == 0 && t.partition % 2 == 0 }
