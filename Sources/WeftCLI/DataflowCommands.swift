@@ -207,9 +207,17 @@ struct JobCommand: AsyncParsableCommand {
                 return r
             }
             if g.json {
-                print(jsonLine(["job": name, "snapshot_ts": result.snapshotTs, "output_rows": result.outputRows, "malformed_lines": result.malformedLines,
-                                "summary": result.summary, "stages": result.metrics.stages, "tasks": result.metrics.tasks,
-                                "recomputed_partitions": result.metrics.recomputedPartitions, "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas]))
+                var o: [String: Any] = ["job": name, "input": p.input, "snapshot_ts": result.snapshotTs, "output_rows": result.outputRows,
+                                        "malformed_lines": result.malformedLines, "summary": result.summary,
+                                        "stages": result.metrics.stages, "tasks": result.metrics.tasks, "task_retries": result.metrics.taskRetries,
+                                        "recomputed_partitions": result.metrics.recomputedPartitions,
+                                        "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas,
+                                        "bytes_spilled": result.metrics.bytesSpilled]
+                if let out = p.output, let ts = result.committedTs {
+                    o["output"] = out
+                    o["committed_ts"] = ts
+                }
+                print(jsonLine(o))
             } else {
                 print("\(name) over \(p.input) at ts=\(result.snapshotTs): \(result.outputRows) output rows")
                 for s in result.summary { print("  \(s)") }

@@ -29,6 +29,44 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(scan.stdout, "k2\ttwo\n")
     }
 
+    /// `weft table` and `weft job` as a user runs them: loads (lines and
+    /// kv, with a repeated key refused by line number), a job with JSON
+    /// output, an existing output refused then replaced, errors by name.
+    func testTablesAndJobsFromTheCommandLine() throws {
+        let text = dir + "/words.txt", kv = dir + "/kv.txt", dup = dir + "/dup.txt"
+        try "a b a\n\nb c\n".write(toFile: text, atomically: true, encoding: .utf8)
+        try "x\t1\ny\t2\n".write(toFile: kv, atomically: true, encoding: .utf8)
+        try "x\t1\ny\t2\nx\t3\n".write(toFile: dup, atomically: true, encoding: .utf8)
+        XCTAssertEqual(try weft("table", "load", "words", text).status, 0)
+        XCTAssertEqual(try weft("table", "load", "pairs", kv, "--format", "kv").status, 0)
+        let repeated = try weft("table", "load", "bad", dup, "--format", "kv")
+        XCTAssertNotEqual(repeated.status, 0)
+        XCTAssertTrue(repeated.stderr.contains("dup.txt:3: key 'x' repeats the key of line 1"), repeated.stderr)
+        XCTAssertEqual(try weft("table", "scan", "words").stdout.split(separator: "\n").count, 3, "the empty line is a row too")
+
+        let run = try weft("job", "run", "wordcount", "--input", "words", "--output", "wc", "--json")
+        XCTAssertEqual(run.status, 0, run.stderr)
+        let o = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+        XCTAssertEqual(o["output_rows"] as? Int, 3)
+        XCTAssertEqual(o["output"] as? String, "wc")
+        XCTAssertNotNil(o["committed_ts"] as? UInt64)
+        XCTAssertEqual(try weft("table", "scan", "wc").stdout, "a\t2\nb\t2\nc\t1\n")
+
+        let again = try weft("job", "run", "wordcount", "--input", "pairs", "--output", "wc")
+        XCTAssertNotEqual(again.status, 0)
+        XCTAssertTrue(again.stderr.contains("already exists"), again.stderr)
+        XCTAssertEqual(try weft("job", "run", "wordcount", "--input", "pairs", "--output", "wc", "--overwrite").status, 0)
+        XCTAssertEqual(try weft("table", "scan", "wc").stdout, "1\t1\n2\t1\nx\t1\ny\t1\n", "a kv table reads as key<TAB>value lines")
+
+        let unknownJob = try weft("job", "run", "frobnicate", "--input", "words")
+        XCTAssertNotEqual(unknownJob.status, 0)
+        XCTAssertTrue(unknownJob.stderr.contains("unknown job 'frobnicate'"), unknownJob.stderr)
+        let unknownTable = try weft("job", "run", "wordcount", "--input", "nothing")
+        XCTAssertTrue(unknownTable.stderr.contains("unknown table nothing"), unknownTable.stderr)
+        XCTAssertEqual(try weft("table", "drop", "wc").status, 0)
+        XCTAssertFalse(try weft("table", "list").stdout.contains("wc"))
+    }
+
     func testGetAtOldTimestampSeesOldVersion() throws {
         let first = try weft("kv", "put", "v", "old", "--json")
         let ts = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(first.stdout.utf8)) as? [String: Any])?["committed_ts"] as? UInt64)
