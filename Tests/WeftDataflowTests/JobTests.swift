@@ -153,6 +153,35 @@ final class JobTests: XCTestCase {
         }
     }
 
+    /// logmining as in the RDD paper: ERROR lines' third field, persisted
+    /// reliably, counted per word; a counts table equal to a plain loop.
+    func testLogMiningCountsMatchAPlainLoop() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        var rng = SplitMix(seed: 4)
+        let kinds = ["ERROR", "WARN", "INFO", "ERRORS"]
+        let msgs = ["disk full on sda", "php timeout", "mysql down", "disk slow", "ok"]
+        let lines = (0..<500).map { i in "\(kinds[Int(rng.next() % 4)])\t\(i)\t\(msgs[Int(rng.next() % 5)])" } + ["ERROR\tno-third-field"]
+        try await load(c, "log", lines)
+        var p = JobParameters(input: "log")
+        p.words = ["disk", "mysql", "absent"]
+        p.output = "counts"
+        let params = p
+        _ = try await onDriverThread { try BuiltinJobs.run("logmining", params, sc: DataflowContext(), client: c) }
+        var ref: [String: Int] = [:]
+        for w in params.words {
+            ref[w] = lines.filter { $0.hasPrefix("ERROR") }.map { l -> String in
+                let f = l.split(separator: "\t", omittingEmptySubsequences: false)
+                return f.count > 2 ? String(f[2]) : ""
+            }.filter { $0.contains(w) }.count
+        }
+        let rows = try await tableRows(c, "counts")
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: rows.map { ($0.0, Int(String(decoding: $0.1, as: UTF8.self))!) }), ref)
+        XCTAssertEqual(ref["absent"], 0)
+        XCTAssertGreaterThan(ref["disk"]!, 0)
+    }
+
     /// `job explain` runs nothing, even for jobs that run actions while
     /// they plan, and shows what they would run.
     func testExplainRunsNoJob() async throws {
