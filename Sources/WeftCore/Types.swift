@@ -44,6 +44,10 @@ public enum Limits {
     /// Envelopes queued for one peer connection before new ones are dropped
     /// (node to node: the protocol resends) or refused (client requests).
     public static let peerQueueMax = 100_000
+    /// How long an outbound connection may wait for the peer's HELLO before
+    /// it is closed and what waits on it fails (a stopped or hung peer
+    /// accepts connections in the kernel but never answers), in ms.
+    public static let handshakeMillisMax: Int64 = 2_000
     /// Most entries in a participant's read-timestamp cache before it
     /// collapses old entries into its floor.
     public static let readCacheEntriesMax = 1 << 20

@@ -278,6 +278,14 @@ final class ClusterTests: XCTestCase {
         c.kill9("participant-2")
         let blocker = try listenOn(port: c.basePort + 3)
         let busy = try runWeft(["node", "--cluster", c.dir, "--id", "participant-2"])
+        // Meanwhile the port accepts connections (in the kernel's backlog)
+        // but nothing answers, like a stopped process: a clear error after
+        // Limits.handshakeMillisMax, not a hang until the request deadline.
+        let hungStart = Date()
+        let hung = try c.weft(["kv", "scan"])
+        XCTAssertEqual(hung.status, 1)
+        XCTAssertTrue(hung.stderr.contains("no HELLO within"), hung.stderr)
+        XCTAssertLessThan(Date().timeIntervalSince(hungStart), 10)
         close(blocker)
         XCTAssertEqual(busy.status, 1)
         XCTAssertTrue(busy.stderr.contains("already in use"), busy.stderr)

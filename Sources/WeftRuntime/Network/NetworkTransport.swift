@@ -327,6 +327,13 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
 
     func outboundActive(_ to: NodeAddress, _ channel: Channel) {
         lock.withLock { peers[to, default: Peer()].channel = channel }
+        channel.eventLoop.scheduleTask(in: .milliseconds(Limits.handshakeMillisMax)) { [self] in
+            let stuck = lock.withLock { peers[to]?.connecting == true && peers[to]?.channel === channel }
+            if stuck {
+                log("\(to) accepted a connection but sent no HELLO within \(Limits.handshakeMillisMax) ms (Limits.handshakeMillisMax); closing it")
+                channel.close(promise: nil)
+            }
+        }
     }
 
     func connectFailed(_ to: NodeAddress, _ endpoint: Endpoint, _ why: String) {
@@ -374,7 +381,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         let local = Array(sinks.values)
         lock.unlock()
         if wasConnecting, let endpoint = directory[to] {
-            for env in queued { undeliverable(env, unreachable(to, endpoint, "connection closed during handshake")) }
+            for env in queued { undeliverable(env, unreachable(to, endpoint, "connection closed during handshake, or no HELLO within \(Limits.handshakeMillisMax) ms")) }
         }
         // A client whose node went away fails its waiting requests at once.
         for case let c as WeftClient in local { c.failRequests(to: to, WeftError(.unavailable, "lost the connection to \(to) at \(directory[to].map { "\($0)" } ?? "?")")) }
