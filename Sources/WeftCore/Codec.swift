@@ -49,6 +49,9 @@ public struct ByteWriter: Sendable {
 
     public mutating func bool(_ v: Bool) { bytes.append(v ? 1 : 0) }
 
+    /// Bytes as they are, with no length (the reader knows it).
+    public mutating func raw(_ b: UnsafeRawBufferPointer) { bytes.append(contentsOf: b) }
+
     public mutating func blob<C: Collection>(_ b: C) where C.Element == UInt8 {
         varint(UInt64(b.count))
         bytes.append(contentsOf: b)
@@ -91,6 +94,13 @@ public struct ByteReader {
         withUnsafeMutableBytes(of: &v) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + 4])) }
         offset += 4
         return UInt32(littleEndian: v)
+    }
+
+    /// Fills `into` with the next `into.count` bytes.
+    public mutating func raw(into: UnsafeMutableRawBufferPointer) throws(DecodeError) {
+        try need(into.count, "raw bytes")
+        if into.count > 0 { into.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + into.count])) }
+        offset += into.count
     }
 
     public mutating func u64() throws(DecodeError) -> UInt64 {

@@ -2,11 +2,15 @@
 /// combine, reduce-side merge, join tables): open addressing with linear
 /// probing and a multiplicative (Fibonacci) hash instead of `Dictionary`'s
 /// seeded SipHash. Entries live in two dense arrays in insertion order; the
-/// probe table holds each slot's key and entry index.
+/// probe table holds each slot's key and entry index side by side, so a
+/// probe that misses the cache misses it once.
 struct IntMap<Value> {
-    private var slotKeys: [Int]
-    /// Entry index + 1 per slot; 0 is an empty slot.
-    private var slotEntries: [Int32]
+    struct Slot {
+        var key: Int
+        /// Entry index + 1; 0 is an empty slot.
+        var entry: Int32
+    }
+    private var slots: [Slot]
     private var shift: Int
     private(set) var keys: [Int] = []
     var values: [Value] = []
@@ -14,8 +18,7 @@ struct IntMap<Value> {
     init(capacity: Int = 64) {
         var size = 16
         while size < capacity * 2 { size <<= 1 }
-        slotKeys = [Int](repeating: 0, count: size)
-        slotEntries = [Int32](repeating: 0, count: size)
+        slots = [Slot](repeating: Slot(key: 0, entry: 0), count: size)
         shift = 64 - size.trailingZeroBitCount
     }
 
@@ -29,13 +32,15 @@ struct IntMap<Value> {
     /// The entry index of `k`, or -1 with the slot where it would go.
     @inline(__always)
     func find(_ k: Int) -> (entry: Int, slot: Int) {
-        let mask = slotKeys.count - 1
-        var s = home(k)
-        while true {
-            let e = slotEntries[s]
-            if e == 0 { return (-1, s) }
-            if slotKeys[s] == k { return (Int(e) - 1, s) }
-            s = (s + 1) & mask
+        slots.withUnsafeBufferPointer { slots in
+            let mask = slots.count - 1
+            var s = home(k)
+            while true {
+                let slot = slots[s]
+                if slot.entry == 0 { return (-1, s) }
+                if slot.key == k { return (Int(slot.entry) - 1, s) }
+                s = (s + 1) & mask
+            }
         }
     }
 
@@ -44,23 +49,20 @@ struct IntMap<Value> {
     mutating func insert(_ k: Int, _ v: Value, at slot: Int) -> Int {
         keys.append(k)
         values.append(v)
-        slotKeys[slot] = k
-        slotEntries[slot] = Int32(truncatingIfNeeded: keys.count)
-        if keys.count * 2 > slotKeys.count { grow() }
+        slots[slot] = Slot(key: k, entry: Int32(truncatingIfNeeded: keys.count))
+        if keys.count * 2 > slots.count { grow() }
         return keys.count - 1
     }
 
     private mutating func grow() {
-        let size = slotKeys.count * 2
-        slotKeys = [Int](repeating: 0, count: size)
-        slotEntries = [Int32](repeating: 0, count: size)
+        let size = slots.count * 2
+        slots = [Slot](repeating: Slot(key: 0, entry: 0), count: size)
         shift -= 1
         let mask = size - 1
         for (i, k) in keys.enumerated() {
             var s = home(k)
-            while slotEntries[s] != 0 { s = (s + 1) & mask }
-            slotKeys[s] = k
-            slotEntries[s] = Int32(truncatingIfNeeded: i + 1)
+            while slots[s].entry != 0 { s = (s + 1) & mask }
+            slots[s] = Slot(key: k, entry: Int32(truncatingIfNeeded: i + 1))
         }
     }
 }

@@ -104,21 +104,21 @@ struct ShuffleWriter<K, C> {
 
     let shuffle: Int
 
-    init(sc: DataflowContext, shuffle: Int, map: Int, buckets: Int, rowBytes: Int) {
+    init(sc: DataflowContext, shuffle: Int, map: Int, buckets: Int, rowBytes: Int, codec: BlockCodec<(K, C)>?) {
         self.sc = sc
         self.shuffle = shuffle
         self.buckets = buckets
         self.tag = "shuffle-\(shuffle)-map-\(map)"
         self.rowBytes = rowBytes
-        codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
+        self.codec = codec
     }
 
     /// Asks for memory for `rows` more rows; false means spill now. Older
     /// shuffles' finished outputs move to disk first (oldest first), so a
     /// long chain of shuffles (an iterative job) does not leave each new
     /// map task only crumbs of memory to spill from.
-    mutating func reserve(rows: Int) -> Bool {
-        let n = rows * rowBytes
+    mutating func reserve(rows: Int, extraBytes: Int = 0) -> Bool {
+        let n = rows * rowBytes + extraBytes
         if sc.memory.tryAcquire(n) || (sc.shuffles.demote(n, sparing: shuffle) && sc.memory.tryAcquire(n)) {
             held += n
             return true
@@ -209,21 +209,24 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
         self.partitioner = partitioner
         self.aggregator = aggregator
         self.mapSideCombine = mapSideCombine
-        mapTask = Self.makeMapTask(parent, id, partitioner.numPartitions, partitionOf, aggregator, mapSideCombine)
-        readBucket = Self.makeReader(parent.context)
+        // One codec for every writer and the reader: a tuple codec learns
+        // its layout from the rows it is given, and the reader must know it.
+        let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
+        mapTask = Self.makeMapTask(parent, id, partitioner.numPartitions, partitionOf, aggregator, mapSideCombine, codec)
+        readBucket = Self.makeReader(parent.context, codec)
     }
 
     func runMapTask(_ p: Int, _ ctx: TaskContext) throws -> ShuffleOutput { try mapTask(p, ctx) }
 
     static func makeMapTask(_ parent: RDD<(K, V)>, _ id: Int, _ n: Int, _ partitionOf: @escaping (K) -> Int,
-                            _ aggregator: Aggregator<V, C>?, _ combine: Bool) -> (Int, TaskContext) throws -> ShuffleOutput {
+                            _ aggregator: Aggregator<V, C>?, _ combine: Bool, _ codec: BlockCodec<(K, C)>?) -> (Int, TaskContext) throws -> ShuffleOutput {
         let sc = parent.context
         let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
         if let agg = aggregator, combine, K.self == Int.self {
             // The same map-side combine over `IntMap` (no SipHash, no
             // Dictionary); K is Int here, so the bit casts are identities.
             return { p, ctx in
-                var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes)
+                var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
                 var m = IntMap<C>()
                 var sinceReserve = 0
                 var rows = 0
@@ -258,7 +261,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
             return { p, ctx in
                 // Map-side combine: one combiner per key, hashed once per row;
                 // the bucket of a key is computed once per distinct key.
-                var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes)
+                var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
                 var m: [K: C] = [:]
                 var sinceReserve = 0
                 var rows = 0
@@ -285,27 +288,32 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
             }
         }
         return { p, ctx in
-            var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes)
+            var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
             var buckets = [[(K, C)]](repeating: [], count: n)
             var sinceReserve = 0
             var rows = 0
+            // Rows that hold arrays (partition-level blocks) say how big they are.
+            let sized = C.self is MemorySized.Type
+            var extra = 0
             try parent.push(p, ctx) { kv in
                 let c: C = aggregator.map { $0.createCombiner(kv.1) } ?? (kv.1 as! C)
                 buckets[partitionOf(kv.0)].append((kv.0, c))
                 rows += 1
                 sinceReserve += 1
-                if sinceReserve == 4096 {
+                if sized { extra += (c as! MemorySized).memoryBytes }
+                if sinceReserve == 4096 || extra >= 1 << 20 {
+                    let (r, x) = (sinceReserve, extra)
                     sinceReserve = 0
-                    if !w.reserve(rows: 4096), try w.spill(buckets) { buckets = [[(K, C)]](repeating: [], count: n) }
+                    extra = 0
+                    if !w.reserve(rows: r, extraBytes: x), try w.spill(buckets) { buckets = [[(K, C)]](repeating: [], count: n) }
                 }
             }
-            if !w.reserve(rows: sinceReserve), try w.spill(buckets) { buckets = [[(K, C)]](repeating: [], count: n) }
+            if !w.reserve(rows: sinceReserve, extraBytes: extra), try w.spill(buckets) { buckets = [[(K, C)]](repeating: [], count: n) }
             return w.finish(buckets, rows: rows)
         }
     }
 
-    static func makeReader(_ sc: DataflowContext) -> (ShuffleOutput, Int) throws -> [(K, C)] {
-        let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
+    static func makeReader(_ sc: DataflowContext, _ codec: BlockCodec<(K, C)>?) -> (ShuffleOutput, Int) throws -> [(K, C)] {
         return { out, b in
             var rows = out.memory.isEmpty ? [] : out.memory[b] as! [(K, C)]
             for run in out.runs {

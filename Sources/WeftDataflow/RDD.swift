@@ -89,7 +89,11 @@ open class RDD<T>: AnyRDD {
     /// will be kept somewhere) rather than recompute in a fused pipeline.
     final var materializes: Bool { storageLevel != .none || reliable != nil || checkpointed }
 
-    func estimateBytes(_ data: [T]) -> Int { 64 + data.count * Swift.max(8, MemoryLayout<T>.stride) }
+    func estimateBytes(_ data: [T]) -> Int {
+        var n = 64 + data.count * Swift.max(8, MemoryLayout<T>.stride)
+        if T.self is MemorySized.Type { for x in data { n += (x as! MemorySized).memoryBytes } }
+        return n
+    }
 
     /// How this RDD's partitions become bytes for disk-level caching.
     var blockCodec: BlockCodec<T>?
@@ -480,6 +484,12 @@ final class TextFileRDD: RDD<String> {
             for x in try iterator(partition, ctx) { try body(x) }
             return
         }
+        try forEachLine(partition) { try body(String(decoding: $0, as: UTF8.self)) }
+    }
+
+    /// The partition's lines as bytes (no newline), for parsers that need
+    /// no String: valid only during the call.
+    func forEachLine(_ partition: Int, _ body: (UnsafeRawBufferPointer) throws -> Void) throws {
         context.noteComputed(rdd: id, partition: partition)
         let start = size * partition / numPartitions, end = size * (partition + 1) / numPartitions
         guard start < end else { return }
@@ -518,10 +528,10 @@ final class TextFileRDD: RDD<String> {
                     }
                     if lineStart >= 0 {
                         if pending.isEmpty {
-                            try body(String(decoding: UnsafeRawBufferPointer(rebasing: buf[i..<nl]), as: UTF8.self))
+                            try body(UnsafeRawBufferPointer(rebasing: buf[i..<nl]))
                         } else {
                             pending.append(contentsOf: buf[i..<nl])
-                            try body(String(decoding: pending, as: UTF8.self))
+                            try pending.withUnsafeBytes { try body($0) }
                             pending.removeAll(keepingCapacity: true)
                         }
                     }
@@ -536,7 +546,7 @@ final class TextFileRDD: RDD<String> {
             offset += got
         }
         // The file's last line has no newline.
-        if lineStart >= 0 && lineStart < end && !pending.isEmpty { try body(String(decoding: pending, as: UTF8.self)) }
+        if lineStart >= 0 && lineStart < end && !pending.isEmpty { try pending.withUnsafeBytes { try body($0) } }
     }
 }
 

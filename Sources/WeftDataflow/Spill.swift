@@ -41,12 +41,41 @@ extension String: SpillCodable {
 }
 
 extension Array: SpillCodable where Element: SpillCodable {
+    /// Arrays of 8-byte numbers are copied whole: on a little-endian host
+    /// their memory is their encoding.
+    static var isWordArray: Bool {
+        #if _endian(little)
+        return Element.self == Int.self || Element.self == Double.self || Element.self == UInt64.self
+        #else
+        return false
+        #endif
+    }
+
     public func encode(to w: inout ByteWriter) {
         w.int(count)
+        if Self.isWordArray {
+            withUnsafeBytes { w.raw($0) }
+            return
+        }
         for x in self { x.encode(to: &w) }
     }
     public static func decode(from r: inout ByteReader) throws(DecodeError) -> [Element] {
         let n = try r.int(max: r.remaining)
+        if isWordArray {
+            guard n <= r.remaining / 8 else { throw DecodeError("array of \(n) words in \(r.remaining) bytes") }
+            var failure: DecodeError?
+            let out = [Element](unsafeUninitializedCapacity: n) { buf, count in
+                do throws(DecodeError) {
+                    try r.raw(into: UnsafeMutableRawBufferPointer(buf))
+                    count = n
+                } catch {
+                    failure = error
+                    count = 0
+                }
+            }
+            if let failure { throw failure }
+            return out
+        }
         var out: [Element] = []
         out.reserveCapacity(n)
         for _ in 0..<n { out.append(try Element.decode(from: &r)) }

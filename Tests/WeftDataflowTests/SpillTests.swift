@@ -80,6 +80,18 @@ final class SpillTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: mine), "a live process's directory is kept")
     }
 
+    /// Shuffled values that are tuples spill through a codec that learns
+    /// the tuple's layout from the rows written; the reader shares it.
+    /// (Before, the reader had a codec of its own that had never seen a
+    /// row, and every spilled bucket failed to decode.)
+    func testTupleValuesSpillAndReadBack() throws {
+        let rows = (0..<20_000).map { ($0 % 997, ($0, "v\($0)")) }
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 32 << 10)
+        let got = try sc.parallelize(rows, partitions: 4).partitionBy(HashPartitioner(3)).collect()
+        XCTAssertGreaterThan(sc.lastJobMetrics.bytesSpilled, 0)
+        XCTAssertEqual(got.map { "\($0.0) \($0.1.0) \($0.1.1)" }.sorted(), rows.map { "\($0.0) \($0.1.0) \($0.1.1)" }.sorted())
+    }
+
     func testGroupByKeyWithAGiantKeySpillsAndKeepsEveryValue() throws {
         let ws = words(40_000, seed: 9)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 32 << 10)

@@ -217,19 +217,7 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int) 
         resetPeak()
         let sc = DataflowContext(executor: LocalExecutor(threads: threads))
         let t = now()
-        let edges = try sc.textFile(path).compactMap { l -> (Int, Int)? in
-            var a = 0, b = 0, field = 0, digits = 0
-            for byte in l.utf8 {
-                switch byte {
-                case 48...57:
-                    if field == 0 { a = a * 10 + Int(byte - 48) } else { b = b * 10 + Int(byte - 48) }
-                    digits += 1
-                case 32: field += 1
-                default: return nil
-                }
-            }
-            return field == 1 && digits >= 2 ? (a, b) : nil
-        }
+        let edges = BuiltinJobs.integerEdges(try sc.textFile(path))
         let out = try BuiltinJobs.pageRank(edges: edges, iterations: iterations, damping: 0.85).collect()
         let top = out.max { $0.1 < $1.1 }!
         return (now() - t, peakMiB(), out.count, (top.0, top.1))

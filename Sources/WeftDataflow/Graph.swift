@@ -1,0 +1,493 @@
+import Foundation
+import WeftCore
+
+// A partitioned graph for iterative vertex programs, in the manner of
+// Spark's GraphX: edges are kept per partition in compressed arrays (local
+// integer indices, not vertex values), and the messages of an iteration
+// cross the shuffle as one flat block per (sender partition, receiver
+// partition) pair instead of one (vertex, value) tuple per edge. All of it
+// is ordinary RDDs: the links and the vertex routing are persisted RDDs,
+// each iteration is a shuffle, and a lost partition is recomputed from
+// lineage like any other.
+//
+// Set-up (once):
+//   edges ──route by source──▶ [shuffle] ──▶ links (CSR, deduplicated, persisted)
+//   links ──each partition's distinct destinations──▶ [shuffle] ──▶ vertices (persisted)
+// Each iteration:
+//   links ⋈ ranks (co-partitioned: narrow) ──sums per destination──▶ [shuffle] ──▶ vertices ⋈ messages ──▶ ranks
+
+/// Rows keyed by a partition number go to that partition: the shuffle of
+/// partition-level blocks.
+public final class DirectPartitioner: Partitioner {
+    public let numPartitions: Int
+    public init(_ n: Int) {
+        precondition(n > 0)
+        numPartitions = n
+    }
+    public func isSame(as other: Partitioner) -> Bool { (other as? DirectPartitioner)?.numPartitions == numPartitions }
+    public var description: String { "direct(\(numPartitions))" }
+}
+
+/// The memory an element holds beyond its inline size (arrays inside it),
+/// for the memory bound's accounting of shuffle rows and cached blocks.
+public protocol MemorySized {
+    var memoryBytes: Int { get }
+}
+
+extension RDD {
+    /// Spark's zipPartitions: partition i of the result is `f` of partition
+    /// i of both parents (which must have as many partitions).
+    public final func zipPartitions<U, R>(_ other: RDD<U>, preservesPartitioning: Bool = false,
+                                          _ f: @escaping (Int, [T], [U], TaskContext) throws -> [R]) -> RDD<R> {
+        let r = ZippedPartitionsRDD(self, other, f)
+        if preservesPartitioning { r.partitioner = partitioner }
+        return r
+    }
+
+    /// Rows keyed by their partition number, shuffled there (no combining).
+    func partitionByIndex<V>(_ n: Int) -> RDD<(Int, V)> where T == (Int, V) {
+        let p = DirectPartitioner(n)
+        if let mine = partitioner, mine.isSame(as: p) { return self }
+        let dep = ShuffleDependency<Int, V, V>(parent: self, partitioner: p, partitionOf: { $0 }, aggregator: nil, mapSideCombine: false)
+        return ShuffledRDD(dep, name: "partitionByIndex")
+    }
+
+    /// A whole partition's rows, streamed to `f` without an array between.
+    func streamPartitions<U>(name: String, _ f: @escaping (Int, TaskContext, ((T) throws -> Void) throws -> Void) throws -> [U]) -> RDD<U> {
+        StreamPartitionsRDD(parent: self, name: name, f)
+    }
+}
+
+final class ZippedPartitionsRDD<A, B, R>: RDD<R> {
+    let a: RDD<A>
+    let b: RDD<B>
+    let f: (Int, [A], [B], TaskContext) throws -> [R]
+    init(_ a: RDD<A>, _ b: RDD<B>, _ f: @escaping (Int, [A], [B], TaskContext) throws -> [R]) {
+        precondition(a.numPartitions == b.numPartitions, "zipPartitions needs the same number of partitions")
+        self.a = a
+        self.b = b
+        self.f = f
+        super.init(a.context, partitions: a.numPartitions, dependencies: [.narrow(a, { [$0] }), .narrow(b, { [$0] })], name: "zipPartitions")
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [R] {
+        try f(partition, try a.iterator(partition, ctx), try b.iterator(partition, ctx), ctx)
+    }
+}
+
+final class StreamPartitionsRDD<T, U>: RDD<U> {
+    let parent: RDD<T>
+    let f: (Int, TaskContext, ((T) throws -> Void) throws -> Void) throws -> [U]
+    init(parent: RDD<T>, name: String, _ f: @escaping (Int, TaskContext, ((T) throws -> Void) throws -> Void) throws -> [U]) {
+        self.parent = parent
+        self.f = f
+        super.init(parent.context, partitions: parent.numPartitions, dependencies: [.narrow(parent, { [$0] })], name: name)
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [U] {
+        try f(partition, ctx) { body in try parent.push(partition, ctx, body) }
+    }
+}
+
+// MARK: Blocks
+
+/// Edges whose sources belong to one partition.
+struct EdgeBlock<V>: MemorySized {
+    var srcs: [V] = []
+    var dsts: [V] = []
+    var memoryBytes: Int { 2 * srcs.count * MemoryLayout<V>.stride }
+}
+
+extension EdgeBlock: SpillCodable where V: SpillCodable {
+    func encode(to w: inout ByteWriter) {
+        srcs.encode(to: &w)
+        dsts.encode(to: &w)
+    }
+    static func decode(from r: inout ByteReader) throws(DecodeError) -> EdgeBlock<V> {
+        EdgeBlock(srcs: try [V].decode(from: &r), dsts: try [V].decode(from: &r))
+    }
+}
+
+/// One partition's out-links, deduplicated, in local indices. Source i is
+/// slot i of the partition's vertices; its edges to vertex partition q
+/// point into `targets[q].dsts`, the distinct destinations it has there.
+struct LinkPartition<V>: MemorySized {
+    struct Targets {
+        var dsts: [V] = []
+        var edgeSrc: [Int32] = []
+        var edgeDst: [Int32] = []
+    }
+    var srcs: [V] = []
+    var outDegree: [Int32] = []
+    var targets: [Targets] = []
+    var edges: Int { targets.reduce(0) { $0 + $1.edgeSrc.count } }
+    var memoryBytes: Int {
+        srcs.count * (MemoryLayout<V>.stride + 4) + targets.reduce(0) { $0 + $1.dsts.count * MemoryLayout<V>.stride + $1.edgeSrc.count * 8 }
+    }
+}
+
+/// One partition's vertices: slot -> vertex, and for each link partition p,
+/// the slot of each of p's distinct destinations here.
+struct VertexPartition<V>: MemorySized {
+    var ids: [V] = []
+    var srcCount = 0
+    var inSlots: [[Int32]] = []
+    var memoryBytes: Int { ids.count * MemoryLayout<V>.stride + inSlots.reduce(0) { $0 + $1.count * 4 } }
+}
+
+/// Values per vertex slot; `has[i]` is false for a vertex without a value.
+struct RankBlock: MemorySized {
+    var rank: [Double] = []
+    var has: [Bool] = []
+    var memoryBytes: Int { rank.count * 9 }
+}
+
+/// Sums sent by link partition `from` to one vertex partition, aligned
+/// with `from`'s distinct destinations there.
+struct MessageBlock: MemorySized, SpillCodable {
+    var from = 0
+    var sum: [Double] = []
+    var got: [Bool] = []
+    var memoryBytes: Int { sum.count * 9 }
+    func encode(to w: inout ByteWriter) {
+        from.encode(to: &w)
+        sum.encode(to: &w)
+        got.withUnsafeBytes { w.raw($0) }
+    }
+    static func decode(from r: inout ByteReader) throws(DecodeError) -> MessageBlock {
+        var b = MessageBlock(from: try Int.decode(from: &r), sum: try [Double].decode(from: &r))
+        b.got.reserveCapacity(b.sum.count)
+        for _ in 0..<b.sum.count { b.got.append(try r.u8() != 0) }
+        return b
+    }
+}
+
+// MARK: Indexing vertices
+
+/// Dense indices for vertex values in first-seen order: `IntMap` for Int
+/// vertices, a Dictionary otherwise.
+struct VertexIndexer<V: Hashable> {
+    private var ints: IntMap<UInt8>
+    private var dict: [V: Int32] = [:]
+    private(set) var ids: [V] = []
+    init(capacity: Int = 64) {
+        ints = IntMap(capacity: V.self == Int.self ? capacity : 1)
+        if V.self != Int.self { dict.reserveCapacity(capacity) }
+    }
+    var count: Int { ids.count }
+
+    @inline(__always)
+    mutating func index(_ v: V) -> Int32 {
+        if V.self == Int.self {
+            let k = unsafeBitCast(v, to: Int.self)
+            let (e, slot) = ints.find(k)
+            if e >= 0 { return Int32(truncatingIfNeeded: e) }
+            ids.append(v)
+            return Int32(truncatingIfNeeded: ints.insert(k, 0, at: slot))
+        }
+        if let i = dict[v] { return i }
+        let i = Int32(truncatingIfNeeded: ids.count)
+        dict[v] = i
+        ids.append(v)
+        return i
+    }
+}
+
+/// The vertex partition of `v` among `n`: a multiplicative hash for Int
+/// (the same in every process), `hashValue` otherwise.
+@inline(__always)
+func vertexPartition<V: Hashable>(_ v: V, _ n: Int) -> Int {
+    if V.self == Int.self {
+        // Murmur3's finalizer: not IntMap's multiplicative hash, whose top
+        // bits would then be the same for every vertex of a partition (and
+        // its probes would pile up in one corner of the table).
+        var h = UInt64(bitPattern: Int64(unsafeBitCast(v, to: Int.self)))
+        h = (h ^ (h >> 33)) &* 0xFF51_AFD7_ED55_8CCD
+        h = (h ^ (h >> 33)) &* 0xC4CE_B9FE_1A85_EC53
+        h ^= h >> 33
+        return Int(((h >> 32) &* UInt64(n)) >> 32)
+    }
+    let h = v.hashValue % n
+    return h < 0 ? h + n : h
+}
+
+// MARK: PageRank
+
+public enum GraphPageRank {
+    /// Spark's pagerank.py over a partitioned graph: the same answer as
+    /// `BuiltinJobs.pageRankByJoin` (up to the order floating-point sums are
+    /// taken in), with the links as compressed arrays and each iteration's
+    /// messages as flat blocks.
+    @_specialize(where V == Int)
+    @_specialize(where V == String)
+    public static func run<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double, partitions: Int? = nil) -> RDD<(V, Double)> {
+        let n = max(1, partitions ?? min(edges.numPartitions, 2 * edges.context.executor.parallelism))
+        let links = self.links(edges, n)
+        let vertices = self.vertices(links, n)
+        var ranks: RDD<RankBlock> = links.mapPartitions(preservesPartitioning: true) { ls in
+            ls.map { RankBlock(rank: [Double](repeating: 1, count: $0.srcs.count), has: [Bool](repeating: true, count: $0.srcs.count)) }
+        }.setName("ranks(1.0 per source)")
+        for _ in 0..<max(1, iterations) {
+            ranks = step(links, vertices, ranks, n, damping)
+        }
+        return vertices.zipPartitions(ranks) { _, vs, rs, _ in
+            guard let v = vs.first, let r = rs.first else { return [] }
+            var out: [(V, Double)] = []
+            out.reserveCapacity(r.has.count)
+            for i in 0..<r.has.count where r.has[i] { out.append((v.ids[i], r.rank[i])) }
+            return out
+        }.setName("ranks(vertex, rank)")
+    }
+
+    /// Edges routed to the partition of their source, deduplicated, as CSR.
+    static func links<V: Hashable>(_ edges: RDD<(V, V)>, _ n: Int) -> RDD<LinkPartition<V>> {
+        let routed: RDD<(Int, EdgeBlock<V>)> = edges.streamPartitions(name: "edgesBySource") { _, _, source in
+            var blocks = [EdgeBlock<V>](repeating: EdgeBlock(), count: n)
+            try source { e in
+                let q = vertexPartition(e.0, n)
+                blocks[q].srcs.append(e.0)
+                blocks[q].dsts.append(e.1)
+            }
+            return blocks.enumerated().compactMap { $0.element.srcs.isEmpty ? nil : ($0.offset, $0.element) }
+        }
+        let shuffled: RDD<(Int, EdgeBlock<V>)> = routed.partitionByIndex(n)
+        return shuffled.mapPartitionsWithIndex(preservesPartitioning: true) { _, blocks, _ in
+            [buildLinks(blocks.map(\.1), n)]
+        }.persist().setName("links(CSR, distinct edges)")
+    }
+
+    static func buildLinks<V: Hashable>(_ blocks: [EdgeBlock<V>], _ n: Int) -> LinkPartition<V> {
+        if V.self == Int.self, let l = buildPackedLinks(unsafeBitCast(blocks, to: [EdgeBlock<Int>].self), n) {
+            return unsafeBitCast(l, to: LinkPartition<V>.self)
+        }
+        let total = blocks.reduce(0) { $0 + $1.srcs.count }
+        var srcIndex = VertexIndexer<V>(capacity: total / 4 + 16)
+        var dstIndex = (0..<n).map { _ in VertexIndexer<V>(capacity: total / (4 * n) + 16) }
+        // Per edge: its source's index, and its destination as (vertex
+        // partition, index among that partition's destinations), packed.
+        var eSrc = [Int32](), eDst = [UInt64]()
+        eSrc.reserveCapacity(total)
+        eDst.reserveCapacity(total)
+        for b in blocks {
+            for i in 0..<b.srcs.count {
+                let d = b.dsts[i]
+                let q = vertexPartition(d, n)
+                eSrc.append(srcIndex.index(b.srcs[i]))
+                eDst.append(UInt64(q) << 32 | UInt64(UInt32(dstIndex[q].index(d))))
+            }
+        }
+        // Counting sort by source (stable: first occurrences stay first),
+        // moving the packed destinations themselves.
+        let sources = srcIndex.count
+        var start = [Int](repeating: 0, count: sources + 1)
+        for s in eSrc { start[Int(s) + 1] += 1 }
+        for i in 0..<sources { start[i + 1] += start[i] }
+        var sorted = [UInt64](repeating: 0, count: total)
+        var fill = start
+        sorted.withUnsafeMutableBufferPointer { sorted in
+            fill.withUnsafeMutableBufferPointer { fill in
+                for e in 0..<total {
+                    let s = Int(eSrc[e])
+                    sorted[fill[s]] = eDst[e]
+                    fill[s] += 1
+                }
+            }
+        }
+        eSrc = []
+        eDst = []
+        // Drop repeated edges: a destination already seen for this source.
+        var lastSource = dstIndex.map { [Int32](repeating: -1, count: $0.count) }
+        var out = LinkPartition<V>()
+        out.srcs = srcIndex.ids
+        out.outDegree = [Int32](repeating: 0, count: sources)
+        var edgeSrc = [[Int32]](repeating: [], count: n), edgeDst = [[Int32]](repeating: [], count: n)
+        for q in 0..<n {
+            edgeSrc[q].reserveCapacity(total / n + 16)
+            edgeDst[q].reserveCapacity(total / n + 16)
+        }
+        for s in 0..<sources {
+            var degree: Int32 = 0
+            for k in start[s]..<start[s + 1] {
+                let packed = sorted[k]
+                let q = Int(packed >> 32), d = Int(packed & 0xffff_ffff)
+                if lastSource[q][d] == Int32(s) { continue }
+                lastSource[q][d] = Int32(s)
+                degree += 1
+                edgeSrc[q].append(Int32(s))
+                edgeDst[q].append(Int32(d))
+            }
+            out.outDegree[s] = degree
+        }
+        out.targets = (0..<n).map { LinkPartition<V>.Targets(dsts: dstIndex[$0].ids, edgeSrc: edgeSrc[$0], edgeDst: edgeDst[$0]) }
+        return out
+    }
+
+    /// `buildLinks` for integer vertices in [0, 2^32), the common case:
+    /// each edge packed into one 64-bit key and radix-sorted, so grouping by
+    /// source, dropping repeats and numbering destinations are sequential
+    /// passes instead of a hash probe per edge. Nil for other vertices.
+    static func buildPackedLinks(_ blocks: [EdgeBlock<Int>], _ n: Int) -> LinkPartition<Int>? {
+        let total = blocks.reduce(0) { $0 + $1.srcs.count }
+        var keys = [UInt64]()
+        keys.reserveCapacity(total)
+        for b in blocks {
+            for i in 0..<b.srcs.count {
+                let s = UInt(bitPattern: b.srcs[i]), d = UInt(bitPattern: b.dsts[i])
+                guard s >> 32 == 0, d >> 32 == 0 else { return nil }
+                keys.append(UInt64(s) << 32 | UInt64(d))
+            }
+        }
+        radixSort(&keys)
+        var out = LinkPartition<Int>()
+        // Per vertex partition: (destination, edge ordinal there), packed.
+        var byDst = [[UInt64]](repeating: [], count: n)
+        var edgeSrc = [[Int32]](repeating: [], count: n)
+        var previous: UInt64 = ~0
+        for k in keys where k != previous {
+            previous = k
+            let src = Int(k >> 32), dst = Int(k & 0xffff_ffff)
+            if out.srcs.last != src {
+                out.srcs.append(src)
+                out.outDegree.append(0)
+            }
+            let s = out.srcs.count - 1
+            out.outDegree[s] += 1
+            let q = vertexPartition(dst, n)
+            byDst[q].append(UInt64(dst) << 32 | UInt64(edgeSrc[q].count))
+            edgeSrc[q].append(Int32(s))
+        }
+        keys = []
+        out.targets = (0..<n).map { q in
+            radixSort(&byDst[q])
+            var t = LinkPartition<Int>.Targets()
+            t.edgeSrc = edgeSrc[q]
+            t.edgeDst = [Int32](repeating: 0, count: byDst[q].count)
+            var last: UInt64 = ~0
+            t.edgeDst.withUnsafeMutableBufferPointer { edgeDst in
+                for x in byDst[q] {
+                    if x >> 32 != last {
+                        last = x >> 32
+                        t.dsts.append(Int(last))
+                    }
+                    edgeDst[Int(x & 0xffff_ffff)] = Int32(t.dsts.count - 1)
+                }
+            }
+            byDst[q] = []
+            return t
+        }
+        return out
+    }
+
+    /// Each partition's vertices: its sources, then the destinations the
+    /// link partitions send it, with the slots each link partition's
+    /// messages land in.
+    static func vertices<V: Hashable>(_ links: RDD<LinkPartition<V>>, _ n: Int) -> RDD<VertexPartition<V>> {
+        let lists: RDD<(Int, (Int, [V]))> = links.mapPartitionsWithIndex { p, ls, _ in
+            guard let l = ls.first else { return [] }
+            return l.targets.enumerated().compactMap { q, t in t.dsts.isEmpty ? nil : (q, (p, t.dsts)) }
+        }.setName("destinationsByPartition")
+        let routed: RDD<(Int, (Int, [V]))> = lists.partitionByIndex(n)
+        return links.zipPartitions(routed, preservesPartitioning: true) { _, ls, incoming, _ in
+            guard let l = ls.first else { return [] }
+            var index = VertexIndexer<V>(capacity: l.srcs.count * 2 + 16)
+            for s in l.srcs { _ = index.index(s) }
+            var inSlots = [[Int32]](repeating: [], count: n)
+            for (_, (p, dsts)) in incoming { inSlots[p] = dsts.map { index.index($0) } }
+            return [VertexPartition(ids: index.ids, srcCount: l.srcs.count, inSlots: inSlots)]
+        }.persist().setName("vertices(slots, routing)")
+    }
+
+    /// One iteration: each source sends rank/outdegree along its links,
+    /// summed per destination within the sending partition; each vertex
+    /// that received something gets (1 - d) + d * sum.
+    static func step<V>(_ links: RDD<LinkPartition<V>>, _ vertices: RDD<VertexPartition<V>>, _ ranks: RDD<RankBlock>, _ n: Int, _ damping: Double) -> RDD<RankBlock> {
+        let messages: RDD<(Int, MessageBlock)> = links.zipPartitions(ranks) { p, ls, rs, _ in
+            guard let l = ls.first, let r = rs.first else { return [] }
+            var share = [Double](repeating: 0, count: l.srcs.count)
+            var sends = [Bool](repeating: false, count: l.srcs.count)
+            for s in 0..<l.srcs.count where s < r.has.count && r.has[s] {
+                share[s] = r.rank[s] / Double(l.outDegree[s])
+                sends[s] = true
+            }
+            var out: [(Int, MessageBlock)] = []
+            for (q, t) in l.targets.enumerated() where !t.dsts.isEmpty {
+                var sum = [Double](repeating: 0, count: t.dsts.count)
+                var got = [Bool](repeating: false, count: t.dsts.count)
+                share.withUnsafeBufferPointer { share in
+                    sends.withUnsafeBufferPointer { sends in
+                        sum.withUnsafeMutableBufferPointer { sum in
+                            got.withUnsafeMutableBufferPointer { got in
+                                for k in 0..<t.edgeSrc.count {
+                                    let s = Int(t.edgeSrc[k])
+                                    if sends[s] {
+                                        let d = Int(t.edgeDst[k])
+                                        sum[d] += share[s]
+                                        got[d] = true
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                out.append((q, MessageBlock(from: p, sum: sum, got: got)))
+            }
+            return out
+        }.setName("contributions(summed per destination)")
+        let received: RDD<(Int, MessageBlock)> = messages.partitionByIndex(n)
+        return vertices.zipPartitions(received, preservesPartitioning: true) { _, vs, msgs, _ in
+            guard let v = vs.first else { return [] }
+            var acc = [Double](repeating: 0, count: v.ids.count)
+            var has = [Bool](repeating: false, count: v.ids.count)
+            acc.withUnsafeMutableBufferPointer { acc in
+                has.withUnsafeMutableBufferPointer { has in
+                    for (_, m) in msgs {
+                        let slots = v.inSlots[m.from]
+                        for k in 0..<m.sum.count where m.got[k] {
+                            let i = Int(slots[k])
+                            acc[i] += m.sum[k]
+                            has[i] = true
+                        }
+                    }
+                }
+            }
+            for i in 0..<acc.count where has[i] { acc[i] = (1 - damping) + damping * acc[i] }
+            return [RankBlock(rank: acc, has: has)]
+        }.setName("ranks")
+    }
+}
+
+/// LSD radix sort of 64-bit keys, a byte a pass; a byte that every key
+/// shares is skipped (small vertex numbers sort in few passes).
+func radixSort(_ a: inout [UInt64]) {
+    let n = a.count
+    if n < 2 { return }
+    var counts = [Int](repeating: 0, count: 8 * 256)
+    a.withUnsafeBufferPointer { a in
+        counts.withUnsafeMutableBufferPointer { c in
+            for x in a {
+                for b in 0..<8 { c[b << 8 | Int((x >> UInt64(b << 3)) & 0xff)] += 1 }
+            }
+        }
+    }
+    var buffer = [UInt64](repeating: 0, count: n)
+    for b in 0..<8 {
+        let shift = UInt64(b << 3)
+        if counts[b << 8 | Int((a[0] >> shift) & 0xff)] == n { continue }
+        var offsets = [Int](repeating: 0, count: 256)
+        var sum = 0
+        for v in 0..<256 {
+            offsets[v] = sum
+            sum += counts[b << 8 | v]
+        }
+        a.withUnsafeBufferPointer { src in
+            buffer.withUnsafeMutableBufferPointer { dst in
+                offsets.withUnsafeMutableBufferPointer { off in
+                    for x in src {
+                        let v = Int((x >> shift) & 0xff)
+                        dst[off[v]] = x
+                        off[v] += 1
+                    }
+                }
+            }
+        }
+        swap(&a, &buffer)
+    }
+}
