@@ -90,19 +90,24 @@ final class StreamPartitionsRDD<T, U>: RDD<U> {
 // MARK: Blocks
 
 /// Edges whose sources belong to one partition.
+/// Integer edges whose ends fit in 32 bits travel packed, one word each
+/// (source in the high half).
 struct EdgeBlock<V>: MemorySized {
     var srcs: [V] = []
     var dsts: [V] = []
-    var memoryBytes: Int { 2 * srcs.count * MemoryLayout<V>.stride }
+    var packed: [UInt64] = []
+    var isEmpty: Bool { srcs.isEmpty && packed.isEmpty }
+    var memoryBytes: Int { 2 * srcs.count * MemoryLayout<V>.stride + packed.count * 8 }
 }
 
 extension EdgeBlock: SpillCodable where V: SpillCodable {
     func encode(to w: inout ByteWriter) {
         srcs.encode(to: &w)
         dsts.encode(to: &w)
+        packed.encode(to: &w)
     }
     static func decode(from r: inout ByteReader) throws(DecodeError) -> EdgeBlock<V> {
-        EdgeBlock(srcs: try [V].decode(from: &r), dsts: try [V].decode(from: &r))
+        EdgeBlock(srcs: try [V].decode(from: &r), dsts: try [V].decode(from: &r), packed: try [UInt64].decode(from: &r))
     }
 }
 
@@ -219,7 +224,7 @@ public enum GraphPageRank {
     @_specialize(where V == Int)
     @_specialize(where V == String)
     public static func run<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double, partitions: Int? = nil) -> RDD<(V, Double)> {
-        let n = max(1, partitions ?? min(edges.numPartitions, 2 * edges.context.executor.parallelism))
+        let n = max(1, partitions ?? min(edges.numPartitions, max(2, edges.context.executor.parallelism)))
         let links = self.links(edges, n)
         let vertices = self.vertices(links, n)
         var ranks: RDD<RankBlock> = links.mapPartitions(preservesPartitioning: true) { ls in
@@ -243,10 +248,17 @@ public enum GraphPageRank {
             var blocks = [EdgeBlock<V>](repeating: EdgeBlock(), count: n)
             try source { e in
                 let q = vertexPartition(e.0, n)
+                if V.self == Int.self {
+                    let s = UInt(bitPattern: unsafeBitCast(e.0, to: Int.self)), d = UInt(bitPattern: unsafeBitCast(e.1, to: Int.self))
+                    if s >> 32 == 0 && d >> 32 == 0 {
+                        blocks[q].packed.append(UInt64(s) << 32 | UInt64(d))
+                        return
+                    }
+                }
                 blocks[q].srcs.append(e.0)
                 blocks[q].dsts.append(e.1)
             }
-            return blocks.enumerated().compactMap { $0.element.srcs.isEmpty ? nil : ($0.offset, $0.element) }
+            return blocks.enumerated().compactMap { $0.element.isEmpty ? nil : ($0.offset, $0.element) }
         }
         let shuffled: RDD<(Int, EdgeBlock<V>)> = routed.partitionByIndex(n)
         return shuffled.mapPartitionsWithIndex(preservesPartitioning: true) { _, blocks, _ in
@@ -255,9 +267,28 @@ public enum GraphPageRank {
     }
 
     static func buildLinks<V: Hashable>(_ blocks: [EdgeBlock<V>], _ n: Int) -> LinkPartition<V> {
-        if V.self == Int.self, let l = buildPackedLinks(unsafeBitCast(blocks, to: [EdgeBlock<Int>].self), n) {
-            return unsafeBitCast(l, to: LinkPartition<V>.self)
+        if V.self == Int.self {
+            if blocks.allSatisfy({ $0.srcs.isEmpty }) {
+                var keys = [UInt64]()
+                keys.reserveCapacity(blocks.reduce(0) { $0 + $1.packed.count })
+                for b in blocks { keys += b.packed }
+                return unsafeBitCast(buildPackedLinks(&keys, n), to: LinkPartition<V>.self)
+            }
+            // Some vertex does not fit in 32 bits: unpack and hash them all.
+            var blocks = blocks
+            for i in blocks.indices {
+                for k in blocks[i].packed {
+                    blocks[i].srcs.append(unsafeBitCast(Int(k >> 32), to: V.self))
+                    blocks[i].dsts.append(unsafeBitCast(Int(k & 0xffff_ffff), to: V.self))
+                }
+                blocks[i].packed = []
+            }
+            return buildHashedLinks(blocks, n)
         }
+        return buildHashedLinks(blocks, n)
+    }
+
+    static func buildHashedLinks<V: Hashable>(_ blocks: [EdgeBlock<V>], _ n: Int) -> LinkPartition<V> {
         let total = blocks.reduce(0) { $0 + $1.srcs.count }
         var srcIndex = VertexIndexer<V>(capacity: total / 4 + 16)
         var dstIndex = (0..<n).map { _ in VertexIndexer<V>(capacity: total / (4 * n) + 16) }
@@ -323,18 +354,8 @@ public enum GraphPageRank {
     /// `buildLinks` for integer vertices in [0, 2^32), the common case:
     /// each edge packed into one 64-bit key and radix-sorted, so grouping by
     /// source, dropping repeats and numbering destinations are sequential
-    /// passes instead of a hash probe per edge. Nil for other vertices.
-    static func buildPackedLinks(_ blocks: [EdgeBlock<Int>], _ n: Int) -> LinkPartition<Int>? {
-        let total = blocks.reduce(0) { $0 + $1.srcs.count }
-        var keys = [UInt64]()
-        keys.reserveCapacity(total)
-        for b in blocks {
-            for i in 0..<b.srcs.count {
-                let s = UInt(bitPattern: b.srcs[i]), d = UInt(bitPattern: b.dsts[i])
-                guard s >> 32 == 0, d >> 32 == 0 else { return nil }
-                keys.append(UInt64(s) << 32 | UInt64(d))
-            }
-        }
+    /// passes instead of a hash probe per edge.
+    static func buildPackedLinks(_ keys: inout [UInt64], _ n: Int) -> LinkPartition<Int> {
         radixSort(&keys)
         var out = LinkPartition<Int>()
         // Per vertex partition: (destination, edge ordinal there), packed.

@@ -246,8 +246,9 @@ public enum BuiltinJobs {
 
     public static func wordCount(_ lines: RDD<String>) -> RDD<(String, Int)> {
         // Tokens go straight from the line to the map-side combine table.
-        ElementwiseRDD<String, (String, Int)>(parent: lines, name: "flatMap(tokens).map((_, 1))") { line, emit in
-            try forEachWhitespaceToken(line) { try emit(($0, 1)) }
+        // (Over a text file, tokens come straight from the file's bytes.)
+        LineParserRDD<(String, Int)>(parent: lines, name: "flatMap(tokens).map((_, 1))") { line, _, emit in
+            try forEachWhitespaceToken(line.assumingMemoryBound(to: UInt8.self)) { try emit(($0, 1)) }
         }
         .reduceByKey(+)
             .setName("wordCounts")
@@ -272,35 +273,21 @@ public enum BuiltinJobs {
     /// `src dst` lines of non-negative integers as edges (the benchmark's
     /// graph); any other line is counted in `malformed`.
     public static func integerEdges(_ lines: RDD<String>, malformed: Accumulator? = nil) -> RDD<(Int, Int)> {
-        // Straight from a text file's bytes when nothing keeps its lines.
-        let file = lines as? TextFileRDD
-        return lines.streamPartitions(name: "edges(src dst)") { p, ctx, source in
-            var out: [(Int, Int)] = []
-            func parse(_ line: UnsafeRawBufferPointer) {
-                // Two fields of 1 to 18 digits, separated by spaces or tabs.
-                var v = (0, 0), digits = (0, 0), field = 0
-                for byte in line {
-                    switch byte {
-                    case 48...57:
-                        if field == 0 { v.0 = v.0 &* 10 &+ Int(byte &- 48); digits.0 += 1 }
-                        else if field == 1 { v.1 = v.1 &* 10 &+ Int(byte &- 48); digits.1 += 1 }
-                        else { digits.1 = 99 }
-                    case 32, 9:
-                        if field == 0 && digits.0 > 0 { field = 1 } else if field == 1 && digits.1 > 0 { field = 2 }
-                    default: digits.1 = 99
-                    }
-                }
-                if digits.0 > 0, digits.0 <= 18, digits.1 > 0, digits.1 <= 18 { out.append(v) } else { malformed?.add(1, in: ctx) }
-            }
-            if let file, !file.materializes {
-                try file.forEachLine(p) { parse($0) }
-            } else {
-                try source { line in
-                    var line = line
-                    line.withUTF8 { parse(UnsafeRawBufferPointer($0)) }
+        LineParserRDD(parent: lines, name: "edges(src dst)") { line, ctx, emit in
+            // Two fields of 1 to 18 digits, separated by spaces or tabs.
+            var v = (0, 0), digits = (0, 0), field = 0
+            for byte in line {
+                switch byte {
+                case 48...57:
+                    if field == 0 { v.0 = v.0 &* 10 &+ Int(byte &- 48); digits.0 += 1 }
+                    else if field == 1 { v.1 = v.1 &* 10 &+ Int(byte &- 48); digits.1 += 1 }
+                    else { digits.1 = 99 }
+                case 32, 9:
+                    if field == 0 && digits.0 > 0 { field = 1 } else if field == 1 && digits.1 > 0 { field = 2 }
+                default: digits.1 = 99
                 }
             }
-            return out
+            if digits.0 > 0, digits.0 <= 18, digits.1 > 0, digits.1 <= 18 { try emit(v) } else { malformed?.add(1, in: ctx) }
         }
     }
 

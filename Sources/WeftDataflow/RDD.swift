@@ -550,6 +550,42 @@ final class TextFileRDD: RDD<String> {
     }
 }
 
+/// Rows parsed from lines, handed on as they are parsed (fused like an
+/// element-wise step). Over a text file that nothing keeps, the parser
+/// reads the file's bytes with no String per line.
+final class LineParserRDD<U>: RDD<U> {
+    let parent: RDD<String>
+    let parse: (UnsafeRawBufferPointer, TaskContext, (U) throws -> Void) throws -> Void
+    init(parent: RDD<String>, name: String, _ parse: @escaping (UnsafeRawBufferPointer, TaskContext, (U) throws -> Void) throws -> Void) {
+        self.parent = parent
+        self.parse = parse
+        super.init(parent.context, partitions: parent.numPartitions, dependencies: [.narrow(parent, { [$0] })], name: name)
+    }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [U] {
+        var out: [U] = []
+        try run(partition, ctx) { out.append($0) }
+        return out
+    }
+    override func push(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        try run(partition, ctx, body)
+    }
+    private func run(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
+        context.noteComputed(rdd: id, partition: partition)
+        if let file = parent as? TextFileRDD, !file.materializes {
+            try file.forEachLine(partition) { try parse($0, ctx, body) }
+        } else {
+            try parent.push(partition, ctx) { line in
+                var line = line
+                try line.withUTF8 { try parse(UnsafeRawBufferPointer($0), ctx, body) }
+            }
+        }
+    }
+}
+
 /// Maximal runs of non-whitespace, like Python's `str.split()`: ASCII
 /// whitespace (and 0x1c-0x1f) by byte, other Unicode whitespace by scalar.
 public func whitespaceTokens(_ line: String) -> [String] {
@@ -562,7 +598,12 @@ public func whitespaceTokens(_ line: String) -> [String] {
 public func forEachWhitespaceToken(_ line: String, _ body: (String) throws -> Void) rethrows {
     var line = line
     line.makeContiguousUTF8()
-    try line.utf8.withContiguousStorageIfAvailable { buf in
+    try line.utf8.withContiguousStorageIfAvailable { try forEachWhitespaceToken($0, body) }
+}
+
+/// The same over a line's UTF-8 bytes.
+func forEachWhitespaceToken(_ buf: UnsafeBufferPointer<UInt8>, _ body: (String) throws -> Void) rethrows {
+    do {
         func token(_ a: Int, _ b: Int) -> String { String(decoding: UnsafeBufferPointer(rebasing: buf[a..<b]), as: UTF8.self) }
         var i = 0, start = -1
         let n = buf.count
