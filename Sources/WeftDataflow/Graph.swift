@@ -357,6 +357,11 @@ public enum GraphPageRank {
     /// passes instead of a hash probe per edge.
     static func buildPackedLinks(_ keys: inout [UInt64], _ n: Int) -> LinkPartition<Int> {
         radixSort(&keys)
+        var maxDst: UInt64 = 0
+        for k in keys { maxDst = max(maxDst, k & 0xffff_ffff) }
+        if maxDst < UInt64(max(1 << 22, 2 * keys.count)) {
+            return buildDenseLinks(keys, Int(maxDst), n)
+        }
         var out = LinkPartition<Int>()
         // Per vertex partition: (destination, edge ordinal there), packed.
         var byDst = [[UInt64]](repeating: [], count: n)
@@ -394,6 +399,43 @@ public enum GraphPageRank {
             byDst[q] = []
             return t
         }
+        return out
+    }
+
+    /// `buildPackedLinks` when destinations are small numbers (below
+    /// 2^22, or twice the edge count): each is numbered through a direct
+    /// array of at most 8 bytes per edge instead of a second sort.
+    static func buildDenseLinks(_ keys: [UInt64], _ maxDst: Int, _ n: Int) -> LinkPartition<Int> {
+        var out = LinkPartition<Int>()
+        var slotOf = [Int32](repeating: -1, count: maxDst + 1)
+        var targets = [LinkPartition<Int>.Targets](repeating: .init(), count: n)
+        for q in 0..<n {
+            targets[q].edgeSrc.reserveCapacity(keys.count / n + 16)
+            targets[q].edgeDst.reserveCapacity(keys.count / n + 16)
+        }
+        var previous: UInt64 = ~0
+        slotOf.withUnsafeMutableBufferPointer { slotOf in
+            for k in keys where k != previous {
+                previous = k
+                let src = Int(k >> 32), dst = Int(k & 0xffff_ffff)
+                if out.srcs.last != src {
+                    out.srcs.append(src)
+                    out.outDegree.append(0)
+                }
+                let s = out.srcs.count - 1
+                out.outDegree[s] += 1
+                let q = vertexPartition(dst, n)
+                var d = slotOf[dst]
+                if d < 0 {
+                    d = Int32(targets[q].dsts.count)
+                    slotOf[dst] = d
+                    targets[q].dsts.append(dst)
+                }
+                targets[q].edgeSrc.append(Int32(s))
+                targets[q].edgeDst.append(d)
+            }
+        }
+        out.targets = targets
         return out
     }
 
@@ -477,7 +519,7 @@ public enum GraphPageRank {
 
 /// LSD radix sort of 64-bit keys, a byte a pass; a byte that every key
 /// shares is skipped (small vertex numbers sort in few passes).
-func radixSort(_ a: inout [UInt64]) {
+public func radixSort(_ a: inout [UInt64]) {
     let n = a.count
     if n < 2 { return }
     var counts = [Int](repeating: 0, count: 8 * 256)

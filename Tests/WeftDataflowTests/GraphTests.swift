@@ -175,4 +175,15 @@ final class GraphTests: XCTestCase {
         XCTAssertEqual(edges.map { "\($0.0)>\($0.1)" }.sorted(), ["1>2", "10>11", "3>4", "8>9"].sorted())
         XCTAssertEqual(bad.value, 4)
     }
+
+    /// The lineage shows the persisted links and vertices and one shuffle
+    /// per set-up step and per iteration.
+    func testLineageShowsTheGraphPlan() {
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2))
+        let text = GraphPageRank.run(edges: sc.parallelize([(1, 2)], partitions: 2), iterations: 2, damping: 0.85).toDebugString()
+        XCTAssertTrue(text.contains("links(CSR, distinct edges)") && text.contains("persisted memory"), text)
+        XCTAssertTrue(text.contains("vertices(slots, routing)"), text)
+        XCTAssertTrue(text.contains("shuffle 4 into 2 partitions: stage boundary"), "two set-up shuffles and two iterations: \(text)")
+        XCTAssertFalse(text.contains("shuffle 5"), text)
+    }
 }
