@@ -136,8 +136,41 @@ struct JobCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "job",
         abstract: "Run built-in dataflow jobs over committed table snapshots.",
-        subcommands: [List.self, Run.self, Explain.self]
+        subcommands: [List.self, Run.self, Explain.self, GC.self]
     )
+
+    struct GC: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "gc",
+            abstract: "Delete reliable blocks nobody will read: those of jobs whose process on this host has exited (killed mid-run), and with --older-than, any older block set.")
+        @OptionGroup var global: GlobalOptions
+        @Option(help: "Also delete block sets written more than this many seconds ago, whoever wrote them.") var olderThan: Int?
+        @Flag(help: "List the block sets; delete nothing.") var list = false
+        func run() async throws {
+            let g = global, olderThan = self.olderThan, listOnly = self.list
+            if let o = olderThan, o < 0 { throw ValidationError("--older-than must be at least 0 seconds") }
+            try await withCluster(g) { c in
+                func describe(_ i: ReliableBlocks.SetInfo) -> String {
+                    let owner = i.owner.map { o in "\(o)\(ReliableBlocks.ownerIsAlive(o).map { $0 ? " (running)" : " (exited)" } ?? "")" } ?? "unknown owner"
+                    return "\(i.set)\t\(i.partitions.count) partitions\t\(i.bytes) bytes\t\(owner)"
+                }
+                if listOnly {
+                    for i in try await ReliableBlocks.list(c) {
+                        print(g.json ? jsonLine(["set": i.set, "partitions": i.partitions.count, "bytes": i.bytes, "owner": i.owner ?? ""]) : describe(i))
+                    }
+                    return
+                }
+                let (deleted, kept) = try await ReliableBlocks.collectGarbage(c, olderThanMillis: olderThan.map { Int64($0) * 1000 })
+                if g.json {
+                    print(jsonLine(["deleted_sets": deleted.count, "deleted_partitions": deleted.reduce(0) { $0 + $1.partitions.count },
+                                    "deleted_bytes": deleted.reduce(0) { $0 + $1.bytes }, "kept_sets": kept.count]))
+                } else {
+                    for i in deleted { print("deleted\t" + describe(i)) }
+                    print("deleted \(deleted.count) block sets (\(deleted.reduce(0) { $0 + $1.partitions.count }) partitions, \(deleted.reduce(0) { $0 + $1.bytes }) bytes); kept \(kept.count)")
+                }
+            }
+        }
+    }
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "The built-in jobs.")

@@ -471,6 +471,9 @@ public final class DataflowContext: @unchecked Sendable {
     /// Test hook: a task attempt that this returns true for fails.
     public var failTask: (@Sendable (TaskId, Int) -> Bool)?
 
+    /// Reliably persisted RDDs, for `releaseReliableBlocks`.
+    let reliableRegistry = ReliableRegistry()
+
     /// Names this context's reliable blocks apart from every other run's.
     public let runId = String(UInt64.random(in: 1...UInt64.max), radix: 36)
 
@@ -724,9 +727,32 @@ public final class DataflowContext: @unchecked Sendable {
 protocol ReliableMarker {
     var reliableDescription: String? { get }
     var reliablyComplete: Bool { get }
+    /// Deletes the RDD's reliable blocks (nothing if it has none).
+    func releaseReliable() throws
+}
+
+/// The reliable block sets a context has written to (their states, not
+/// the RDDs, which may be gone), so a job can delete its blocks when it ends.
+final class ReliableRegistry: @unchecked Sendable {
+    private let lock = NSLock()
+    private var sets: [(ReliableState, Int)] = []
+    func add(_ r: ReliableState, partitions: Int) { lock.withLock { sets.append((r, partitions)) } }
+    func takeAll() -> [(ReliableState, Int)] { lock.withLock { defer { sets = [] }; return sets } }
+}
+
+extension DataflowContext {
+    /// Deletes every reliable block this context wrote: a job's blocks
+    /// exist to survive a lost node while it runs, not after.
+    public func releaseReliableBlocks() throws {
+        for (r, n) in reliableRegistry.takeAll() { try r.deleteAll(n) }
+    }
 }
 
 extension RDD: ReliableMarker {
+    func releaseReliable() throws {
+        if reliable != nil { try unpersist() }
+    }
+
     var reliablyComplete: Bool { reliable?.allStored(numPartitions) ?? false }
 
     var reliableDescription: String? {

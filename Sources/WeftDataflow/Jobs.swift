@@ -342,6 +342,10 @@ public enum BuiltinJobs {
         }
         let malformed = sc.accumulator("malformed")
         let rdd = try plan(name, params, sc: sc, client: client, malformed: malformed)
+        // The job's reliable blocks (logmining's messages) go when it ends,
+        // whether it succeeded or not; a killed job's are left for
+        // `weft job gc` (ReliableBlocks.collectGarbage).
+        defer { try? sc.releaseReliableBlocks() }
         var result = JobResult()
         result.snapshotTs = ts
         let rows = try rdd.collect()

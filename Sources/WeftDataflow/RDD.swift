@@ -119,10 +119,19 @@ open class RDD<T>: AnyRDD {
     @discardableResult
     public final func cache() -> Self { persist(.memory) }
 
+    /// Drops the cached partitions, and deletes the RDD's reliable blocks
+    /// from the store (each partition's replicas and directory entry in one
+    /// transaction); a checkpointed RDD gets its lineage back. Throws only
+    /// if the store cannot be reached to delete blocks.
     @discardableResult
-    public final func unpersist() -> Self {
+    public final func unpersist() throws -> Self {
         storageLevel = .none
         context.blocks.drop(rdd: id)
+        if let r = reliable {
+            try r.deleteAll(numPartitions)
+            reliable = nil
+            checkpointed = false
+        }
         return self
     }
 

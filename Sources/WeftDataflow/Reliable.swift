@@ -100,7 +100,7 @@ public enum ReliableBlocks {
         let targets = (0..<k).map { (first + $0) % n }
         let chunks = stride(from: 0, to: max(block.count, 1), by: chunkBytesMax).map { Array(block[$0..<min(block.count, $0 + chunkBytesMax)]) }
         let t = try await client.begin()
-        var entry = "chunks=\(chunks.count) bytes=\(block.count)"
+        var entry = "owner=\(ownerTag) at=\(Int64(Date().timeIntervalSince1970 * 1000)) chunks=\(chunks.count) bytes=\(block.count)"
         for (j, target) in targets.enumerated() {
             var keys: [String] = []
             for (c, chunk) in chunks.enumerated() {
@@ -112,6 +112,100 @@ public enum ReliableBlocks {
         }
         try t.put(directoryKey(set, partition), Array(entry.utf8))
         try await t.commit()
+    }
+
+    /// Who writes blocks from this process (`host:pid`), recorded in each
+    /// directory entry so `collectGarbage` can tell a dead writer's blocks.
+    public static let ownerTag: String = {
+        var name = [CChar](repeating: 0, count: 256)
+        gethostname(&name, name.count - 1)
+        return "\(String(cString: name)):\(getpid())"
+    }()
+
+    /// Deletes one partition's block: every replica's chunks and the
+    /// directory entry, in one transaction (all of them go, or none).
+    /// False if there was no block.
+    @discardableResult
+    public static func delete(_ client: WeftClient, set: String, partition: Int) async throws -> Bool {
+        let t = try await client.begin()
+        guard let dir = try await t.get(directoryKey(set, partition)) else { return false }
+        for f in String(decoding: dir, as: UTF8.self).split(separator: " ") where f.hasPrefix("replica=") {
+            for k in f.split(separator: ":", maxSplits: 1)[1].split(separator: ",") { try t.delete(Array(k.utf8)) }
+        }
+        try t.delete(directoryKey(set, partition))
+        _ = try await t.commit()
+        return true
+    }
+
+    /// A block set as its directory entries describe it.
+    public struct SetInfo: Sendable {
+        public let set: String
+        public var partitions: [Int] = []
+        public var bytes = 0
+        /// `host:pid` of the writer; nil for entries written before owners were recorded.
+        public var owner: String?
+        /// When the newest partition was written (ms since 1970); nil if unknown.
+        public var writtenMillis: Int64?
+    }
+
+    /// Every block set in the store, from the directory entries of every
+    /// participant (paged, at one timestamp).
+    public static func list(_ client: WeftClient) async throws -> [SetInfo] {
+        let ts = try await client.now()
+        let prefix = Array("d/".utf8)
+        var sets: [String: SetInfo] = [:]
+        for p in 0..<client.participantCount {
+            var from: Bytes? = nil
+            while true {
+                let (rows, more) = try await client.scanParticipant(p, prefix: prefix, from: from, limit: 1000, at: ts)
+                for r in rows {
+                    let key = String(decoding: r.key.dropFirst(2), as: UTF8.self)
+                    guard let slash = key.lastIndex(of: "/"), let part = Int(key[key.index(after: slash)...]) else { continue }
+                    let name = String(key[..<slash])
+                    var info = sets[name] ?? SetInfo(set: name)
+                    info.partitions.append(part)
+                    for f in String(decoding: r.value, as: UTF8.self).split(separator: " ") {
+                        if f.hasPrefix("owner=") { info.owner = String(f.dropFirst(6)) }
+                        if f.hasPrefix("at="), let at = Int64(f.dropFirst(3)) { info.writtenMillis = max(info.writtenMillis ?? 0, at) }
+                        if f.hasPrefix("bytes="), let b = Int(f.dropFirst(6)) { info.bytes += b }
+                    }
+                    sets[name] = info
+                }
+                guard more, let last = rows.last else { break }
+                from = last.key + [0]
+            }
+        }
+        return sets.values.map { var i = $0; i.partitions.sort(); return i }.sorted { $0.set < $1.set }
+    }
+
+    /// True if `owner` (`host:pid`) is a process running on this host;
+    /// nil if it is on another host (this host cannot tell).
+    public static func ownerIsAlive(_ owner: String) -> Bool? {
+        guard let colon = owner.lastIndex(of: ":"), let pid = Int32(owner[owner.index(after: colon)...]) else { return nil }
+        let host = String(owner[..<colon])
+        guard host == ownerTag[..<ownerTag.lastIndex(of: ":")!] else { return nil }
+        return kill(pid, 0) == 0 || errno != ESRCH
+    }
+
+    /// Deletes block sets nobody will read again: those whose writer is a
+    /// process of this host that has exited (a job killed mid-run), and,
+    /// with `olderThanMillis`, any set older than that (whoever wrote it,
+    /// and sets with no recorded owner). Each partition goes in its own
+    /// transaction. Returns what was deleted and what was kept.
+    public static func collectGarbage(_ client: WeftClient, olderThanMillis: Int64? = nil) async throws -> (deleted: [SetInfo], kept: [SetInfo]) {
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        var deleted: [SetInfo] = [], kept: [SetInfo] = []
+        for info in try await list(client) {
+            let dead = info.owner.flatMap(ownerIsAlive) == false
+            let old = olderThanMillis.map { limit in (info.writtenMillis ?? 0) < now - limit } ?? false
+            if dead || old {
+                for p in info.partitions { try await delete(client, set: info.set, partition: p) }
+                deleted.append(info)
+            } else {
+                kept.append(info)
+            }
+        }
+        return (deleted, kept)
     }
 
     /// Reads a partition's block from the first replica that answers, has
@@ -150,9 +244,11 @@ extension RDD {
     /// memory is read back from a surviving replica instead of recomputed.
     @discardableResult
     public func persistReliable(replicas: Int, codec: BlockCodec<T>, client: WeftClient) -> Self {
-        reliable = ReliableState(replicas: replicas, client: client, set: "\(context.runId)-\(id)",
-                                 encode: { ReliableBlocks.encodeBlock($0 as! [T], codec) },
-                                 decode: { try ReliableBlocks.decodeBlock($0, codec) })
+        let state = ReliableState(replicas: replicas, client: client, set: "\(context.runId)-\(id)",
+                                  encode: { ReliableBlocks.encodeBlock($0 as! [T], codec) },
+                                  decode: { try ReliableBlocks.decodeBlock($0, codec) })
+        reliable = state
+        context.reliableRegistry.add(state, partitions: numPartitions)
         return persist(.memory)
     }
 
@@ -207,6 +303,18 @@ final class ReliableState: @unchecked Sendable {
     }
 
     func allStored(_ n: Int) -> Bool { lock.withLock { stored.count == n } }
+
+    /// Deletes the blocks of every partition written (or tried) so far.
+    func deleteAll(_ n: Int) throws {
+        let (client, set) = (self.client, self.set)
+        try blocking {
+            for p in 0..<n { try await ReliableBlocks.delete(client, set: set, partition: p) }
+        }
+        lock.withLock {
+            stored = []
+            unreadable = []
+        }
+    }
 
     /// A partition none of whose replicas is readable: the RDD is no longer
     /// complete, so the scheduler plans its parents' stages again.

@@ -116,6 +116,93 @@ final class ReliableTests: XCTestCase {
         XCTAssertEqual(third.recomputedPartitions, 0)
     }
 
+    /// Keys of reliable blocks in the store: chunks (`b/`) and directory entries (`d/`).
+    func blockKeys(_ c: WeftClient) async throws -> (chunks: Int, entries: Int) {
+        (try await c.scan(prefix: Array("b/".utf8), limit: 10_000).rows.count,
+         try await c.scan(prefix: Array("d/".utf8), limit: 10_000).rows.count)
+    }
+
+    /// unpersist deletes every replica's chunks and the directory entries;
+    /// the RDD is then computed from lineage again, with the same result.
+    func testUnpersistDeletesEveryReplicaAndEntry() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        let words = (0..<3000).map { "w\($0 % 41)" }
+        let box = try await onDriverThread { () -> UncheckedBox<(DataflowContext, RDD<(String, Int)>)> in
+            let sc = DataflowContext()
+            let counts = sc.parallelize(words, partitions: 5).map { ($0, 1) }.reduceByKey(+)
+                .persistReliable(replicas: 2, codec: .stringInt, client: c)
+            _ = try counts.collect()
+            return UncheckedBox((sc, counts))
+        }
+        let before = try await blockKeys(c)
+        XCTAssertEqual(before.entries, 5)
+        XCTAssertGreaterThanOrEqual(before.chunks, 10, "2 replicas of 5 partitions")
+        let after = try await onDriverThread { () -> [String] in
+            try box.value.1.unpersist()
+            return try box.value.1.collect().map { "\($0.0)=\($0.1)" }
+        }
+        let left = try await blockKeys(c)
+        XCTAssertEqual(left.chunks, 0)
+        XCTAssertEqual(left.entries, 0)
+        XCTAssertEqual(after.count, 41)
+        XCTAssertFalse(box.value.1.toDebugString().contains("reliable"))
+    }
+
+    /// A job deletes its reliable blocks when it ends. Blocks whose writer
+    /// has exited are collected; a live writer's are kept unless older than
+    /// `olderThanMillis`.
+    func testJobsDeleteTheirBlocksAndGarbageCollectionTakesDeadWriters() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        try await TableStore.write(c, "logs", rows: (0..<50).map { (Array(String(format: "%04d", $0).utf8), Array("ERROR\t\($0)\tdisk \($0)".utf8)) },
+                                   format: "lines", overwrite: false)
+        var p = JobParameters(input: "logs")
+        p.words = ["disk"]
+        let params = p
+        let r = try await onDriverThread { try BuiltinJobs.run("logmining", params, sc: DataflowContext(), client: c) }
+        XCTAssertEqual(r.outputRows, 1)
+        let afterJob = try await blockKeys(c)
+        XCTAssertEqual(afterJob.entries, 0, "the job deleted its persisted messages")
+        XCTAssertEqual(afterJob.chunks, 0)
+
+        // One set by this (live) process, one by a process that has exited.
+        let block = ReliableBlocks.encodeBlock(["a", "b"], BlockCodec.string)
+        try await ReliableBlocks.write(c, set: "live", partition: 0, block: block, replicas: 2)
+        for part in 0..<3 { try await ReliableBlocks.write(c, set: "dead", partition: part, block: block, replicas: 2) }
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: "/bin/true")
+        try child.run()
+        child.waitUntilExit()
+        let deadPid = child.processIdentifier
+        for part in 0..<3 {
+            let key = Array("d/dead/\(part)".utf8)
+            let entry = String(decoding: try await c.get(key).value!, as: UTF8.self)
+            _ = try await c.put(key, Array(entry.replacingOccurrences(of: "owner=\(ReliableBlocks.ownerTag)", with: "owner=\(ReliableBlocks.ownerTag.split(separator: ":")[0]):\(deadPid)").utf8))
+        }
+        let sets = try await ReliableBlocks.list(c)
+        XCTAssertEqual(sets.map(\.set), ["dead", "live"])
+        XCTAssertEqual(sets[0].partitions, [0, 1, 2])
+        XCTAssertEqual(ReliableBlocks.ownerIsAlive(sets[0].owner!), false)
+        XCTAssertEqual(ReliableBlocks.ownerIsAlive(sets[1].owner!), true)
+
+        let (deleted, kept) = try await ReliableBlocks.collectGarbage(c)
+        XCTAssertEqual(deleted.map(\.set), ["dead"])
+        XCTAssertEqual(kept.map(\.set), ["live"])
+        let oneLeft = try await blockKeys(c)
+        XCTAssertEqual(oneLeft.entries, 1)
+        let live = try await ReliableBlocks.read(c, set: "live", partition: 0)
+        XCTAssertNotNil(live, "the live writer's block is intact")
+        // Old enough, even a live writer's set goes.
+        let (old, _) = try await ReliableBlocks.collectGarbage(c, olderThanMillis: 0)
+        XCTAssertEqual(old.map(\.set), ["live"])
+        let none = try await blockKeys(c)
+        XCTAssertEqual(none.chunks, 0)
+        XCTAssertEqual(none.entries, 0)
+    }
+
     func testEachBlockHasReplicasOnDistinctParticipantsAndSurvivesLosingOne() async throws {
         let cluster = try EmbeddedCluster(dataDir: dir)
         defer { cluster.close() }
