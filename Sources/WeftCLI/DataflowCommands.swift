@@ -9,7 +9,7 @@ struct TableCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "table",
         abstract: "Load, list, scan and drop tables (committed, immutable snapshots for jobs).",
-        subcommands: [Load.self, List.self, Scan.self, Drop.self]
+        subcommands: [Load.self, List.self, Scan.self, Drop.self, GC.self]
     )
 
     enum Format: String, ExpressibleByArgument { case lines, kv }
@@ -100,6 +100,38 @@ struct TableCommand: AsyncParsableCommand {
         }
     }
 
+    struct GC: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "gc",
+            abstract: "Delete rows no table names: those of loads whose process on this host has exited (killed mid-load) and of replaced or dropped generations left half-deleted; with --older-than, any such generation older than that.")
+        @OptionGroup var global: GlobalOptions
+        @Option(help: "Also collect generations marked more than this many seconds ago, whoever wrote them.") var olderThan: Int?
+        @Flag(help: "List the unfinished generations; delete nothing.") var list = false
+        func run() async throws {
+            let g = global, olderThan = self.olderThan, listOnly = self.list
+            if let o = olderThan, o < 0 { throw ValidationError("--older-than must be at least 0 seconds") }
+            try await withCluster(g) { c in
+                func describe(_ p: TableStore.Pending) -> String {
+                    let owner = p.owner.map { o in "\(o)\(WriterTag.isAlive(o).map { $0 ? " (running)" : " (exited)" } ?? "")" } ?? "unknown owner"
+                    return "\(p.table)@\(p.generation)\t\(p.state)\t\(owner)"
+                }
+                if listOnly {
+                    for p in try await TableStore.pending(c) {
+                        print(g.json ? jsonLine(["table": p.table, "generation": p.generation, "state": p.state, "owner": p.owner ?? ""]) : describe(p))
+                    }
+                    return
+                }
+                let (deleted, kept) = try await TableStore.collectGarbage(c, olderThanMillis: olderThan.map { Int64($0) * 1000 })
+                if g.json {
+                    print(jsonLine(["deleted_generations": deleted.count, "kept_generations": kept.count]))
+                } else {
+                    for p in deleted { print("deleted\t" + describe(p)) }
+                    print("deleted the rows of \(deleted.count) generations; kept \(kept.count) (writers still running)")
+                }
+            }
+        }
+    }
+
     struct Drop: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Drop a table in one transaction.")
         @OptionGroup var global: GlobalOptions
@@ -151,7 +183,7 @@ struct JobCommand: AsyncParsableCommand {
             if let o = olderThan, o < 0 { throw ValidationError("--older-than must be at least 0 seconds") }
             try await withCluster(g) { c in
                 func describe(_ i: ReliableBlocks.SetInfo) -> String {
-                    let owner = i.owner.map { o in "\(o)\(ReliableBlocks.ownerIsAlive(o).map { $0 ? " (running)" : " (exited)" } ?? "")" } ?? "unknown owner"
+                    let owner = i.owner.map { o in "\(o)\(WriterTag.isAlive(o).map { $0 ? " (running)" : " (exited)" } ?? "")" } ?? "unknown owner"
                     return "\(i.set)\t\(i.partitions.count) partitions\t\(i.bytes) bytes\t\(owner)"
                 }
                 if listOnly {

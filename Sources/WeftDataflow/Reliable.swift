@@ -100,7 +100,7 @@ public enum ReliableBlocks {
         let targets = (0..<k).map { (first + $0) % n }
         let chunks = stride(from: 0, to: max(block.count, 1), by: chunkBytesMax).map { Array(block[$0..<min(block.count, $0 + chunkBytesMax)]) }
         let t = try await client.begin()
-        var entry = "owner=\(ownerTag) at=\(Int64(Date().timeIntervalSince1970 * 1000)) chunks=\(chunks.count) bytes=\(block.count)"
+        var entry = "owner=\(WriterTag.current) at=\(Int64(Date().timeIntervalSince1970 * 1000)) chunks=\(chunks.count) bytes=\(block.count)"
         for (j, target) in targets.enumerated() {
             var keys: [String] = []
             for (c, chunk) in chunks.enumerated() {
@@ -113,14 +113,6 @@ public enum ReliableBlocks {
         try t.put(directoryKey(set, partition), Array(entry.utf8))
         try await t.commit()
     }
-
-    /// Who writes blocks from this process (`host:pid`), recorded in each
-    /// directory entry so `collectGarbage` can tell a dead writer's blocks.
-    public static let ownerTag: String = {
-        var name = [CChar](repeating: 0, count: 256)
-        gethostname(&name, name.count - 1)
-        return "\(String(cString: name)):\(getpid())"
-    }()
 
     /// Deletes one partition's block: every replica's chunks and the
     /// directory entry, in one transaction (all of them go, or none).
@@ -178,15 +170,6 @@ public enum ReliableBlocks {
         return sets.values.map { var i = $0; i.partitions.sort(); return i }.sorted { $0.set < $1.set }
     }
 
-    /// True if `owner` (`host:pid`) is a process running on this host;
-    /// nil if it is on another host (this host cannot tell).
-    public static func ownerIsAlive(_ owner: String) -> Bool? {
-        guard let colon = owner.lastIndex(of: ":"), let pid = Int32(owner[owner.index(after: colon)...]) else { return nil }
-        let host = String(owner[..<colon])
-        guard host == ownerTag[..<ownerTag.lastIndex(of: ":")!] else { return nil }
-        return kill(pid, 0) == 0 || errno != ESRCH
-    }
-
     /// Deletes block sets nobody will read again: those whose writer is a
     /// process of this host that has exited (a job killed mid-run), and,
     /// with `olderThanMillis`, any set older than that (whoever wrote it,
@@ -196,7 +179,7 @@ public enum ReliableBlocks {
         let now = Int64(Date().timeIntervalSince1970 * 1000)
         var deleted: [SetInfo] = [], kept: [SetInfo] = []
         for info in try await list(client) {
-            let dead = info.owner.flatMap(ownerIsAlive) == false
+            let dead = info.owner.flatMap(WriterTag.isAlive) == false
             let old = olderThanMillis.map { limit in (info.writtenMillis ?? 0) < now - limit } ?? false
             if dead || old {
                 for p in info.partitions { try await delete(client, set: info.set, partition: p) }
@@ -259,6 +242,25 @@ extension RDD {
         persistReliable(replicas: replicas, codec: codec, client: client)
         reliable?.cutLineage = true
         return self
+    }
+}
+
+/// Who writes from this process, `host:pid`: recorded with reliable
+/// blocks and unfinished table loads, so garbage collection can tell a
+/// writer that has exited (killed mid-run) from one still at work.
+public enum WriterTag {
+    public static let current: String = {
+        var name = [CChar](repeating: 0, count: 256)
+        gethostname(&name, name.count - 1)
+        return "\(String(cString: name)):\(getpid())"
+    }()
+
+    /// True if `tag` is a process running on this host; nil if it is on
+    /// another host (this host cannot tell). A reused pid counts as alive.
+    public static func isAlive(_ tag: String) -> Bool? {
+        guard let colon = tag.lastIndex(of: ":"), let pid = Int32(tag[tag.index(after: colon)...]) else { return nil }
+        guard tag[..<colon] == current[..<current.lastIndex(of: ":")!] else { return nil }
+        return kill(pid, 0) == 0 || errno != ESRCH
     }
 }
 

@@ -45,6 +45,16 @@ public enum TableStore {
         Array((generation.isEmpty ? "t/\(table)/" : "t/\(table)@\(generation)/").utf8)
     }
     public static func catalogKey(_ table: String) -> Bytes { Array("c/\(table)".utf8) }
+    /// Marks a generation whose rows may be in the store without a catalog
+    /// entry naming them: a batched load under way, or a replaced or
+    /// dropped generation whose rows are being deleted. Written in the same
+    /// transaction as the first batch (or the catalog change), deleted once
+    /// the rows are visible or gone; `collectGarbage` finishes the job of a
+    /// writer that died.
+    static func pendingKey(_ table: String, _ generation: String) -> Bytes { Array("p/\(table)@\(generation)".utf8) }
+    static func pendingValue(_ what: String) -> Bytes {
+        Array("owner=\(WriterTag.current) at=\(Int64(Date().timeIntervalSince1970 * 1000)) \(what)".utf8)
+    }
 
     public static func checkName(_ name: String) throws {
         let ok = !name.isEmpty && name.count <= 200 && name.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) || $0 == "_" || $0 == "-" || $0 == "." }
@@ -110,8 +120,9 @@ public enum TableStore {
             start = end
         }
         if batches.isEmpty { batches = [0..<0] }
-        for b in batches.dropLast() {
+        for (n, b) in batches.dropLast().enumerated() {
             let t = try await client.begin()
+            if n == 0 { try t.put(pendingKey(name, gen), pendingValue("loading")) }
             for i in b { try t.put(prefix + rows[i].0, rows[i].1) }
             try await t.commit()
             progress?(b.upperBound, rows.count)
@@ -123,9 +134,11 @@ public enum TableStore {
         }
         for i in batches.last! { try t.put(prefix + rows[i].0, rows[i].1) }
         try t.put(catalogKey(name), Array("rows=\(rows.count) format=\(format) gen=\(gen)".utf8))
+        if batches.count > 1 { try t.delete(pendingKey(name, gen)) }
+        if let old { try t.put(pendingKey(name, old.generation), pendingValue("replaced")) }
         let ts = try await t.commit()
         progress?(rows.count, rows.count)
-        if let old { try await deleteRows(client, prefix: old.rowPrefix) }
+        if let old { try await retire(client, name, old.generation) }
         return ts
     }
 
@@ -151,8 +164,62 @@ public enum TableStore {
         guard let i = try await info(client, name) else { throw WeftError(.notFound, "unknown table \(name)") }
         let t = try await client.begin()
         try t.delete(catalogKey(name))
+        try t.put(pendingKey(name, i.generation), pendingValue("dropped"))
         try await t.commit()
-        try await deleteRows(client, prefix: i.rowPrefix)
+        try await retire(client, name, i.generation)
+    }
+
+    /// Deletes a generation's rows, then its pending marker.
+    static func retire(_ client: WeftClient, _ name: String, _ generation: String) async throws {
+        try await deleteRows(client, prefix: rowPrefix(name, generation: generation))
+        _ = try await client.delete(pendingKey(name, generation))
+    }
+
+    /// A generation that may have rows no catalog entry names.
+    public struct Pending: Sendable {
+        public let table: String
+        public let generation: String
+        /// `loading`, `replaced` or `dropped`.
+        public var state = ""
+        public var owner: String?
+        public var writtenMillis: Int64?
+    }
+
+    public static func pending(_ client: WeftClient) async throws -> [Pending] {
+        let (rows, _) = try await client.scan(prefix: Array("p/".utf8), limit: Limits.scanLimitMax)
+        return rows.compactMap { r in
+            let key = String(decoding: r.key.dropFirst(2), as: UTF8.self)
+            guard let at = key.lastIndex(of: "@") else { return nil }
+            var p = Pending(table: String(key[..<at]), generation: String(key[key.index(after: at)...]))
+            for f in String(decoding: r.value, as: UTF8.self).split(separator: " ") {
+                if f.hasPrefix("owner=") { p.owner = String(f.dropFirst(6)) } else if f.hasPrefix("at=") { p.writtenMillis = Int64(f.dropFirst(3)) } else { p.state = String(f) }
+            }
+            return p
+        }
+    }
+
+    /// Deletes the rows of generations whose writer died: a batched load
+    /// killed before its catalog flip, or a replaced or dropped generation
+    /// whose rows were not all deleted. A generation counts as abandoned
+    /// when its writer was a process of this host that has exited or, with
+    /// `olderThanMillis`, when it was marked longer ago than that. The
+    /// generation a table's catalog entry names is never deleted.
+    public static func collectGarbage(_ client: WeftClient, olderThanMillis: Int64? = nil) async throws -> (deleted: [Pending], kept: [Pending]) {
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        var deleted: [Pending] = [], kept: [Pending] = []
+        for p in try await pending(client) {
+            let dead = p.owner.flatMap(WriterTag.isAlive) == false
+            let old = olderThanMillis.map { (p.writtenMillis ?? 0) < now - $0 } ?? false
+            guard dead || old else { kept.append(p); continue }
+            if try await info(client, p.table)?.generation == p.generation {
+                // Its load finished after all (a marker left behind): keep the rows.
+                _ = try await client.delete(pendingKey(p.table, p.generation))
+            } else {
+                try await retire(client, p.table, p.generation)
+            }
+            deleted.append(p)
+        }
+        return (deleted, kept)
     }
 }
 

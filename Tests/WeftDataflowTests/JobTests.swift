@@ -126,6 +126,48 @@ final class JobTests: XCTestCase {
         XCTAssertNil(gone)
         let left = try await c.scan(prefix: Array("t/big".utf8), limit: 10).rows.count
         XCTAssertEqual(left, 0, "the rows went with it")
+        let markers = try await c.scan(prefix: Array("p/".utf8), limit: 10).rows.count
+        XCTAssertEqual(markers, 0, "no generation is left marked pending after a load, an overwrite and a drop")
+    }
+
+    /// A batched load killed before its catalog flip leaves rows no table
+    /// names, under a pending marker that names its writer: `table gc`
+    /// deletes them once that writer has exited, and keeps a live
+    /// writer's (and the current generation's rows) untouched.
+    func testGarbageCollectionDeletesRowsOfDeadLoads() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        try await load(c, "kept", ["a", "b"])
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: "/bin/true")
+        try child.run()
+        child.waitUntilExit()
+        let host = WriterTag.current.split(separator: ":")[0]
+        // What a killed load leaves: its first batches and the marker.
+        let t = try await c.begin()
+        try t.put(Array("p/kept@deadgen".utf8), Array("owner=\(host):\(child.processIdentifier) at=1 loading".utf8))
+        for i in 0..<120 { try t.put(TableStore.rowPrefix("kept", generation: "deadgen") + Array(String(format: "%012d", i).utf8), Array("x".utf8)) }
+        try t.put(Array("p/other@livegen".utf8), Array("owner=\(WriterTag.current) at=\(Int64(Date().timeIntervalSince1970 * 1000)) loading".utf8))
+        try t.put(TableStore.rowPrefix("other", generation: "livegen") + Array("000000000001".utf8), Array("y".utf8))
+        _ = try await t.commit()
+
+        let listed = try await TableStore.pending(c)
+        XCTAssertEqual(Set(listed.map { "\($0.table)@\($0.generation) \($0.state)" }), ["kept@deadgen loading", "other@livegen loading"])
+        let (deleted, kept) = try await TableStore.collectGarbage(c)
+        XCTAssertEqual(deleted.map(\.generation), ["deadgen"])
+        XCTAssertEqual(kept.map(\.generation), ["livegen"])
+        let deadRows = try await c.scan(prefix: TableStore.rowPrefix("kept", generation: "deadgen"), limit: 1000).rows.count
+        XCTAssertEqual(deadRows, 0)
+        let liveRows = try await c.scan(prefix: TableStore.rowPrefix("other", generation: "livegen"), limit: 1000).rows.count
+        XCTAssertEqual(liveRows, 1, "a running writer's rows stay")
+        let table = try await tableRows(c, "kept")
+        XCTAssertEqual(table.map { String(decoding: $0.1, as: UTF8.self) }, ["a", "b"], "the table itself is untouched")
+        // Older than 0 ms: the live writer's generation goes too.
+        let (old, _) = try await TableStore.collectGarbage(c, olderThanMillis: 0)
+        XCTAssertEqual(old.map(\.generation), ["livegen"])
+        let markers = try await c.scan(prefix: Array("p/".utf8), limit: 10).rows.count
+        XCTAssertEqual(markers, 0)
     }
 
     func testUnknownTableAndJobAreClearErrors() async throws {

@@ -180,13 +180,13 @@ final class ReliableTests: XCTestCase {
         for part in 0..<3 {
             let key = Array("d/dead/\(part)".utf8)
             let entry = String(decoding: try await c.get(key).value!, as: UTF8.self)
-            _ = try await c.put(key, Array(entry.replacingOccurrences(of: "owner=\(ReliableBlocks.ownerTag)", with: "owner=\(ReliableBlocks.ownerTag.split(separator: ":")[0]):\(deadPid)").utf8))
+            _ = try await c.put(key, Array(entry.replacingOccurrences(of: "owner=\(WriterTag.current)", with: "owner=\(WriterTag.current.split(separator: ":")[0]):\(deadPid)").utf8))
         }
         let sets = try await ReliableBlocks.list(c)
         XCTAssertEqual(sets.map(\.set), ["dead", "live"])
         XCTAssertEqual(sets[0].partitions, [0, 1, 2])
-        XCTAssertEqual(ReliableBlocks.ownerIsAlive(sets[0].owner!), false)
-        XCTAssertEqual(ReliableBlocks.ownerIsAlive(sets[1].owner!), true)
+        XCTAssertEqual(WriterTag.isAlive(sets[0].owner!), false)
+        XCTAssertEqual(WriterTag.isAlive(sets[1].owner!), true)
 
         let (deleted, kept) = try await ReliableBlocks.collectGarbage(c)
         XCTAssertEqual(deleted.map(\.set), ["dead"])
