@@ -172,15 +172,18 @@ public enum ReliableBlocks {
 
     /// Deletes block sets nobody will read again: those whose writer is a
     /// process of this host that has exited (a job killed mid-run), and,
-    /// with `olderThanMillis`, any set older than that (whoever wrote it,
-    /// and sets with no recorded owner). Each partition goes in its own
+    /// with `olderThanMillis`, any set older than that whose writer is not
+    /// seen running here (another host's, or one with no recorded owner).
+    /// Each partition goes in its own
     /// transaction. Returns what was deleted and what was kept.
     public static func collectGarbage(_ client: WeftClient, olderThanMillis: Int64? = nil) async throws -> (deleted: [SetInfo], kept: [SetInfo]) {
         let now = Int64(Date().timeIntervalSince1970 * 1000)
         var deleted: [SetInfo] = [], kept: [SetInfo] = []
         for info in try await list(client) {
-            let dead = info.owner.flatMap(WriterTag.isAlive) == false
-            let old = olderThanMillis.map { limit in (info.writtenMillis ?? 0) < now - limit } ?? false
+            let alive = info.owner.flatMap(WriterTag.isAlive)
+            // Age never overrules a writer seen running on this host.
+            let dead = alive == false
+            let old = alive != true && (olderThanMillis.map { limit in (info.writtenMillis ?? 0) < now - limit } ?? false)
             if dead || old {
                 for p in info.partitions { try await delete(client, set: info.set, partition: p) }
                 deleted.append(info)

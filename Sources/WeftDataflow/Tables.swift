@@ -133,8 +133,16 @@ public enum TableStore {
             throw WeftError(.invalidArgument, "table \(name) already exists; pass --overwrite to replace it atomically")
         }
         for i in batches.last! { try t.put(prefix + rows[i].0, rows[i].1) }
+        if batches.count > 1 {
+            // Its earlier batches must all still be there: a `table gc`
+            // (with --older-than, for a writer it could not see) may have
+            // taken them.
+            guard try await t.get(pendingKey(name, gen)) != nil else {
+                throw WeftError(.conflict, "loading table \(name): the earlier batches were collected by `weft table gc` meanwhile; load it again")
+            }
+            try t.delete(pendingKey(name, gen))
+        }
         try t.put(catalogKey(name), Array("rows=\(rows.count) format=\(format) gen=\(gen)".utf8))
-        if batches.count > 1 { try t.delete(pendingKey(name, gen)) }
         if let old { try t.put(pendingKey(name, old.generation), pendingValue("replaced")) }
         let ts = try await t.commit()
         progress?(rows.count, rows.count)
@@ -202,14 +210,18 @@ public enum TableStore {
     /// killed before its catalog flip, or a replaced or dropped generation
     /// whose rows were not all deleted. A generation counts as abandoned
     /// when its writer was a process of this host that has exited or, with
-    /// `olderThanMillis`, when it was marked longer ago than that. The
-    /// generation a table's catalog entry names is never deleted.
+    /// `olderThanMillis`, when it was marked longer ago than that and its
+    /// writer is not seen running here (another host's, or unknown). The
+    /// generation a table's catalog entry names is never deleted, and a
+    /// load whose marker was collected refuses to flip.
     public static func collectGarbage(_ client: WeftClient, olderThanMillis: Int64? = nil) async throws -> (deleted: [Pending], kept: [Pending]) {
         let now = Int64(Date().timeIntervalSince1970 * 1000)
         var deleted: [Pending] = [], kept: [Pending] = []
         for p in try await pending(client) {
-            let dead = p.owner.flatMap(WriterTag.isAlive) == false
-            let old = olderThanMillis.map { (p.writtenMillis ?? 0) < now - $0 } ?? false
+            let alive = p.owner.flatMap(WriterTag.isAlive)
+            // Age never overrules a writer seen running on this host.
+            let dead = alive == false
+            let old = alive != true && (olderThanMillis.map { (p.writtenMillis ?? 0) < now - $0 } ?? false)
             guard dead || old else { kept.append(p); continue }
             if try await info(client, p.table)?.generation == p.generation {
                 // Its load finished after all (a marker left behind): keep the rows.

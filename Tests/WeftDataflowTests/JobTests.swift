@@ -163,7 +163,11 @@ final class JobTests: XCTestCase {
         XCTAssertEqual(liveRows, 1, "a running writer's rows stay")
         let table = try await tableRows(c, "kept")
         XCTAssertEqual(table.map { String(decoding: $0.1, as: UTF8.self) }, ["a", "b"], "the table itself is untouched")
-        // Older than 0 ms: the live writer's generation goes too.
+        // Age never overrules a writer seen running here (its load would
+        // lose rows); another host's writer is collected by age.
+        let (none0, _) = try await TableStore.collectGarbage(c, olderThanMillis: 0)
+        XCTAssertEqual(none0.map(\.generation), [])
+        _ = try await c.put(Array("p/other@livegen".utf8), Array("owner=elsewhere:1 at=1 loading".utf8))
         let (old, _) = try await TableStore.collectGarbage(c, olderThanMillis: 0)
         XCTAssertEqual(old.map(\.generation), ["livegen"])
         let markers = try await c.scan(prefix: Array("p/".utf8), limit: 10).rows.count

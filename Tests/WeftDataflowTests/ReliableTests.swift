@@ -195,7 +195,15 @@ final class ReliableTests: XCTestCase {
         XCTAssertEqual(oneLeft.entries, 1)
         let live = try await ReliableBlocks.read(c, set: "live", partition: 0)
         XCTAssertNotNil(live, "the live writer's block is intact")
-        // Old enough, even a live writer's set goes.
+        // Age never overrules a writer seen running here...
+        let (none0, _) = try await ReliableBlocks.collectGarbage(c, olderThanMillis: 0)
+        XCTAssertEqual(none0.map(\.set), [])
+        // ...but a writer on another host is collected by age only.
+        let key = Array("d/live/0".utf8)
+        let entry = String(decoding: try await c.get(key).value!, as: UTF8.self)
+        _ = try await c.put(key, Array(entry.replacingOccurrences(of: "owner=\(WriterTag.current)", with: "owner=elsewhere:1").utf8))
+        let (young, _) = try await ReliableBlocks.collectGarbage(c, olderThanMillis: 3_600_000)
+        XCTAssertEqual(young.map(\.set), [], "written a moment ago")
         let (old, _) = try await ReliableBlocks.collectGarbage(c, olderThanMillis: 0)
         XCTAssertEqual(old.map(\.set), ["live"])
         let none = try await blockKeys(c)
