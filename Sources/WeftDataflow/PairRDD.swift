@@ -214,6 +214,14 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
         let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
         mapTask = Self.makeMapTask(parent, id, partitioner.numPartitions, partitionOf, aggregator, mapSideCombine, codec)
         readBucket = Self.makeReader(parent.context, codec)
+        manager = parent.context.shuffles
+    }
+
+    /// When no RDD can read this shuffle any more, its outputs (memory and
+    /// spill files) go: Spark's ContextCleaner, by reference counting.
+    weak var manager: ShuffleManager?
+    deinit {
+        manager?.drop(shuffle: shuffleId)
     }
 
     func runMapTask(_ p: Int, _ ctx: TaskContext) throws -> ShuffleOutput { try mapTask(p, ctx) }

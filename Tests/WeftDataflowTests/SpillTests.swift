@@ -92,6 +92,24 @@ final class SpillTests: XCTestCase {
         XCTAssertEqual(got.map { "\($0.0) \($0.1.0) \($0.1.1)" }.sorted(), rows.map { "\($0.0) \($0.1.0) \($0.1.1)" }.sorted())
     }
 
+    /// A shuffle's outputs, in memory and in spill files, go when the last
+    /// RDD that can read it is released; a live RDD's stay for reuse.
+    func testShuffleOutputsGoWithTheirLastRDD() throws {
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 32 << 10)
+        let kept = sc.parallelize((0..<5000).map { ($0 % 300, $0) }, partitions: 4).reduceByKey(+)
+        XCTAssertEqual(try kept.count(), 300)
+        func filesInSpillDir() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: sc.spillDirectory.path).count) ?? 0 }
+        do {
+            let dropped = sc.parallelize((0..<20_000).map { ("k\($0 % 2000)", $0) }, partitions: 4).groupByKey()
+            XCTAssertEqual(try dropped.count(), 2000)
+            XCTAssertEqual(sc.shuffles.outputs.count, 2)
+            XCTAssertGreaterThan(filesInSpillDir(), 0, "the groupByKey spilled")
+        }
+        XCTAssertEqual(sc.shuffles.outputs.count, 1, "the released RDD's shuffle is gone")
+        XCTAssertEqual(try kept.count(), 300)
+        XCTAssertEqual(sc.lastJobMetrics.stages, 1, "the live RDD's shuffle output was reused")
+    }
+
     func testGroupByKeyWithAGiantKeySpillsAndKeepsEveryValue() throws {
         let ws = words(40_000, seed: 9)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 32 << 10)
