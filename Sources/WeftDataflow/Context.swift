@@ -735,16 +735,38 @@ protocol ReliableMarker {
 /// the RDDs, which may be gone), so a job can delete its blocks when it ends.
 final class ReliableRegistry: @unchecked Sendable {
     private let lock = NSLock()
-    private var sets: [(ReliableState, Int)] = []
-    func add(_ r: ReliableState, partitions: Int) { lock.withLock { sets.append((r, partitions)) } }
-    func takeAll() -> [(ReliableState, Int)] { lock.withLock { defer { sets = [] }; return sets } }
+    private var sets: [(id: Int, state: ReliableState, partitions: Int)] = []
+    private var next = 0
+    func add(_ r: ReliableState, partitions: Int) { lock.withLock { sets.append((next, r, partitions)); next += 1 } }
+    /// A position: `take(since:)` returns only sets registered after it.
+    func mark() -> Int { lock.withLock { next } }
+    func take(since mark: Int) -> [(id: Int, state: ReliableState, partitions: Int)] {
+        lock.withLock {
+            let taken = sets.filter { $0.id >= mark }
+            sets.removeAll { $0.id >= mark }
+            return taken
+        }
+    }
+    func putBack(_ s: (id: Int, state: ReliableState, partitions: Int)) { lock.withLock { sets.append(s) } }
 }
 
 extension DataflowContext {
-    /// Deletes every reliable block this context wrote: a job's blocks
-    /// exist to survive a lost node while it runs, not after.
-    public func releaseReliableBlocks() throws {
-        for (r, n) in reliableRegistry.takeAll() { try r.deleteAll(n) }
+    /// A position in the context's reliable block sets, for
+    /// `releaseReliableBlocks(since:)`.
+    public func reliableMark() -> Int { reliableRegistry.mark() }
+
+    /// Deletes the reliable blocks of the sets registered since `mark` (a
+    /// job's: they exist to survive a lost node while it runs, not after).
+    /// A set that cannot be deleted stays registered; the first error is thrown.
+    public func releaseReliableBlocks(since mark: Int = 0) throws {
+        var failure: Error?
+        for s in reliableRegistry.take(since: mark) {
+            do { try s.state.deleteAll(s.partitions) } catch {
+                reliableRegistry.putBack(s)
+                failure = failure ?? error
+            }
+        }
+        if let failure { throw failure }
     }
 }
 

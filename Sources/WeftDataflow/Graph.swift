@@ -366,9 +366,9 @@ public enum GraphPageRank {
         // Per vertex partition: (destination, edge ordinal there), packed.
         var byDst = [[UInt64]](repeating: [], count: n)
         var edgeSrc = [[Int32]](repeating: [], count: n)
-        var previous: UInt64 = ~0
-        for k in keys where k != previous {
-            previous = k
+        var previous: UInt64 = 0, first = true
+        for k in keys where first || k != previous {
+            (previous, first) = (k, false)
             let src = Int(k >> 32), dst = Int(k & 0xffff_ffff)
             if out.srcs.last != src {
                 out.srcs.append(src)
@@ -413,10 +413,10 @@ public enum GraphPageRank {
             targets[q].edgeSrc.reserveCapacity(keys.count / n + 16)
             targets[q].edgeDst.reserveCapacity(keys.count / n + 16)
         }
-        var previous: UInt64 = ~0
+        var previous: UInt64 = 0, first = true
         slotOf.withUnsafeMutableBufferPointer { slotOf in
-            for k in keys where k != previous {
-                previous = k
+            for k in keys where first || k != previous {
+                (previous, first) = (k, false)
                 let src = Int(k >> 32), dst = Int(k & 0xffff_ffff)
                 if out.srcs.last != src {
                     out.srcs.append(src)

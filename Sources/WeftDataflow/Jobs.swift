@@ -274,7 +274,8 @@ public enum BuiltinJobs {
     /// graph); any other line is counted in `malformed`.
     public static func integerEdges(_ lines: RDD<String>, malformed: Accumulator? = nil) -> RDD<(Int, Int)> {
         LineParserRDD(parent: lines, name: "edges(src dst)") { line, ctx, emit in
-            // Two fields of 1 to 18 digits, separated by spaces or tabs.
+            // Two fields of 1 to 18 digits, separated by whitespace (a CR
+            // of CRLF lines included); blank lines are skipped.
             var v = (0, 0), digits = (0, 0), field = 0
             for byte in line {
                 switch byte {
@@ -282,11 +283,12 @@ public enum BuiltinJobs {
                     if field == 0 { v.0 = v.0 &* 10 &+ Int(byte &- 48); digits.0 += 1 }
                     else if field == 1 { v.1 = v.1 &* 10 &+ Int(byte &- 48); digits.1 += 1 }
                     else { digits.1 = 99 }
-                case 32, 9:
+                case 32, 9, 11, 12, 13:
                     if field == 0 && digits.0 > 0 { field = 1 } else if field == 1 && digits.1 > 0 { field = 2 }
                 default: digits.1 = 99
                 }
             }
+            if digits.0 == 0 && digits.1 == 0 { return }   // a blank line (as pagerank over text skips them)
             if digits.0 > 0, digits.0 <= 18, digits.1 > 0, digits.1 <= 18 { try emit(v) } else { malformed?.add(1, in: ctx) }
         }
     }
@@ -341,11 +343,12 @@ public enum BuiltinJobs {
             }
         }
         let malformed = sc.accumulator("malformed")
+        // The job's reliable blocks (logmining's messages; only those made
+        // for this job) go when it ends, whether it succeeded or not; a
+        // killed job's are left for `weft job gc` (ReliableBlocks.collectGarbage).
+        let reliableMark = sc.reliableMark()
+        defer { try? sc.releaseReliableBlocks(since: reliableMark) }
         let rdd = try plan(name, params, sc: sc, client: client, malformed: malformed)
-        // The job's reliable blocks (logmining's messages) go when it ends,
-        // whether it succeeded or not; a killed job's are left for
-        // `weft job gc` (ReliableBlocks.collectGarbage).
-        defer { try? sc.releaseReliableBlocks() }
         var result = JobResult()
         result.snapshotTs = ts
         let rows = try rdd.collect()

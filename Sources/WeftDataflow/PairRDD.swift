@@ -119,7 +119,11 @@ struct ShuffleWriter<K, C> {
     /// map task only crumbs of memory to spill from.
     mutating func reserve(rows: Int, extraBytes: Int = 0) -> Bool {
         let n = rows * rowBytes + extraBytes
-        if sc.memory.tryAcquire(n) || (sc.shuffles.demote(n, sparing: shuffle) && sc.memory.tryAcquire(n)) {
+        // Demote until the memory is ours or nothing older is left in
+        // memory: another task may take what one demotion freed.
+        var ok = sc.memory.tryAcquire(n)
+        while !ok && sc.shuffles.demote(n, sparing: shuffle) { ok = sc.memory.tryAcquire(n) }
+        if ok {
             held += n
             return true
         }

@@ -571,6 +571,7 @@ final class LineParserRDD<U>: RDD<U> {
         super.init(parent.context, partitions: parent.numPartitions, dependencies: [.narrow(parent, { [$0] })], name: name)
     }
     override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [U] {
+        // (`iterator` has counted this computation.)
         var out: [U] = []
         try run(partition, ctx) { out.append($0) }
         return out
@@ -580,10 +581,10 @@ final class LineParserRDD<U>: RDD<U> {
             for x in try iterator(partition, ctx) { try body(x) }
             return
         }
+        context.noteComputed(rdd: id, partition: partition)
         try run(partition, ctx, body)
     }
     private func run(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
-        context.noteComputed(rdd: id, partition: partition)
         if let file = parent as? TextFileRDD, !file.materializes {
             try file.forEachLine(partition) { try parse($0, ctx, body) }
         } else {
@@ -624,7 +625,12 @@ func forEachWhitespaceToken(_ buf: UnsafeBufferPointer<UInt8>, _ body: (String) 
                 ws = b == 32 || (b >= 9 && b <= 13) || (b >= 28 && b <= 31)
             } else {
                 width = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : 2
-                if i + width <= n, let s = String(decoding: UnsafeBufferPointer(rebasing: buf[i..<i + width]), as: UTF8.self).unicodeScalars.first {
+                // Only real continuation bytes belong to the character
+                // (raw file bytes may be invalid UTF-8).
+                var k = 1
+                while k < width && i + k < n && buf[i + k] & 0xC0 == 0x80 { k += 1 }
+                if k < width { width = 1 }
+                if width > 1, let s = String(decoding: UnsafeBufferPointer(rebasing: buf[i..<i + width]), as: UTF8.self).unicodeScalars.first {
                     ws = s.properties.isWhitespace
                 }
             }

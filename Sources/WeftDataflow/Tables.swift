@@ -138,6 +138,7 @@ public enum TableStore {
             // (with --older-than, for a writer it could not see) may have
             // taken them.
             guard try await t.get(pendingKey(name, gen)) != nil else {
+                try? await deleteRows(client, prefix: prefix)
                 throw WeftError(.conflict, "loading table \(name): the earlier batches were collected by `weft table gc` meanwhile; load it again")
             }
             try t.delete(pendingKey(name, gen))
@@ -169,8 +170,11 @@ public enum TableStore {
     /// Drops a table: the catalog entry goes in one transaction (the table
     /// is gone for every later snapshot), then its rows in batches.
     public static func drop(_ client: WeftClient, _ name: String) async throws {
-        guard let i = try await info(client, name) else { throw WeftError(.notFound, "unknown table \(name)") }
+        // The catalog entry is read inside the transaction that deletes it:
+        // a concurrent replace makes this commit conflict, not orphan rows.
         let t = try await client.begin()
+        guard let entry = try await t.get(catalogKey(name)) else { throw WeftError(.notFound, "unknown table \(name)") }
+        let i = parseInfo(name: name, entry, 0)
         try t.delete(catalogKey(name))
         try t.put(pendingKey(name, i.generation), pendingValue("dropped"))
         try await t.commit()
@@ -194,7 +198,18 @@ public enum TableStore {
     }
 
     public static func pending(_ client: WeftClient) async throws -> [Pending] {
-        let (rows, _) = try await client.scan(prefix: Array("p/".utf8), limit: Limits.scanLimitMax)
+        // Paged per participant: any number of markers.
+        let ts = try await client.now()
+        var rows: [(key: Bytes, value: Bytes)] = []
+        for part in 0..<client.participantCount {
+            var from: Bytes? = nil
+            while true {
+                let (page, more) = try await client.scanParticipant(part, prefix: Array("p/".utf8), from: from, limit: 1000, at: ts)
+                rows += page.map { (key: $0.key, value: $0.value) }
+                guard more, let last = page.last else { break }
+                from = last.key + [0]
+            }
+        }
         return rows.compactMap { r in
             let key = String(decoding: r.key.dropFirst(2), as: UTF8.self)
             guard let at = key.lastIndex(of: "@") else { return nil }
@@ -223,11 +238,18 @@ public enum TableStore {
             let dead = alive == false
             let old = alive != true && (olderThanMillis.map { (p.writtenMillis ?? 0) < now - $0 } ?? false)
             guard dead || old else { kept.append(p); continue }
-            if try await info(client, p.table)?.generation == p.generation {
-                // Its load finished after all (a marker left behind): keep the rows.
-                _ = try await client.delete(pendingKey(p.table, p.generation))
-            } else {
-                try await retire(client, p.table, p.generation)
+            // First, in one transaction: is the generation the table's now?
+            // Remove the marker either way. A load's flip reads the same
+            // marker, so the two transactions cannot both commit: either
+            // the load published the table (and the rows stay), or its flip
+            // will find no marker and refuse.
+            let t = try await client.begin()
+            let current = try await t.get(catalogKey(p.table)).map { parseInfo(name: p.table, $0, 0).generation }
+            guard try await t.get(pendingKey(p.table, p.generation)) != nil else { continue }
+            try t.delete(pendingKey(p.table, p.generation))
+            _ = try await t.commit()
+            if current != p.generation {
+                try await deleteRows(client, prefix: rowPrefix(p.table, generation: p.generation))
             }
             deleted.append(p)
         }

@@ -167,13 +167,31 @@ final class GraphTests: XCTestCase {
     func testIntegerEdgesFromAFileCountMalformedLines() throws {
         let path = NSTemporaryDirectory() + "weft-graph-\(UInt64.random(in: 0...UInt64.max)).txt"
         defer { try? FileManager.default.removeItem(atPath: path) }
-        let text = "1 2\n3\t4\n\n5 6 7\nx 1\n  8   9  \n1234567890123456789 1\n10 11"
+        let text = "1 2\n3\t4\n\n5 6 7\nx 1\n  8   9  \n1234567890123456789 1\n12 13\r\n10 11"
         try text.write(toFile: path, atomically: true, encoding: .utf8)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2))
         let bad = sc.accumulator("malformed")
         let edges = try BuiltinJobs.integerEdges(sc.textFile(path, partitions: 3), malformed: bad).collect()
-        XCTAssertEqual(edges.map { "\($0.0)>\($0.1)" }.sorted(), ["1>2", "10>11", "3>4", "8>9"].sorted())
-        XCTAssertEqual(bad.value, 4)
+        XCTAssertEqual(edges.map { "\($0.0)>\($0.1)" }.sorted(), ["1>2", "10>11", "12>13", "3>4", "8>9"].sorted())
+        XCTAssertEqual(bad.value, 3, "three fields, a letter, 19 digits; the blank line is skipped, CRLF is fine")
+    }
+
+    /// Raw bytes that are not UTF-8 (Latin-1) do not swallow the next
+    /// characters: a lead byte takes only real continuation bytes.
+    func testTokensOfInvalidUTF8() {
+        let bytes: [UInt8] = Array("caf".utf8) + [0xE9] + Array(" au\u{3000}lait".utf8)
+        var tokens: [String] = []
+        bytes.withUnsafeBufferPointer { forEachWhitespaceToken($0) { tokens.append($0) } }
+        XCTAssertEqual(tokens, ["caf\u{FFFD}", "au", "lait"], "an ideographic space still separates")
+    }
+
+    /// The packed edge 2^32-1 -> 2^32-1, alone in its partition.
+    func testTheLargestPackedEdge() throws {
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2))
+        let v = Int(UInt32.max)
+        let got = try GraphPageRank.run(edges: sc.parallelize([(v, v), (v, v)], partitions: 1), iterations: 2, damping: 0.85, partitions: 1).collect()
+        XCTAssertEqual(got.map(\.0), [v])
+        XCTAssertEqual(got[0].1, 1.0, accuracy: 1e-12)
     }
 
     /// The lineage shows the persisted links and vertices and one shuffle
