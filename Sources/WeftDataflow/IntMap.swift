@@ -4,7 +4,26 @@
 /// seeded SipHash. Entries live in two dense arrays in insertion order; the
 /// probe table holds each slot's key and entry index side by side, so a
 /// probe that misses the cache misses it once.
-struct IntMap<Value> {
+/// `StringMap`'s seed: per process, so no input can be built in advance
+/// to collide (the reason `Dictionary` seeds its hash).
+private let stringHashSeed: UInt64 = UInt64.random(in: 1...UInt64.max) | 1
+
+/// What the shuffle's combine and merge loops need of a key map.
+protocol CombineMap {
+    associatedtype Key
+    associatedtype Value
+    /// Where an absent key goes, as found by `probe`.
+    associatedtype Probe
+    init(capacity: Int)
+    var count: Int { get }
+    var keys: [Key] { get }
+    var values: [Value] { get set }
+    /// The entry index of `k` (or -1) and where to insert it if absent.
+    func probe(_ k: Key) -> (entry: Int, at: Probe)
+    @discardableResult mutating func insert(_ k: Key, _ v: Value, at: Probe) -> Int
+}
+
+struct IntMap<Value>: CombineMap {
     struct Slot {
         var key: Int
         /// Entry index + 1; 0 is an empty slot.
@@ -44,6 +63,12 @@ struct IntMap<Value> {
         }
     }
 
+    @inline(__always)
+    func probe(_ k: Int) -> (entry: Int, at: Int) {
+        let (e, s) = find(k)
+        return (e, s)
+    }
+
     /// Adds `k` (absent, `slot` from `find`) and returns its entry index.
     @discardableResult
     mutating func insert(_ k: Int, _ v: Value, at slot: Int) -> Int {
@@ -63,6 +88,152 @@ struct IntMap<Value> {
             var s = home(k)
             while slots[s].entry != 0 { s = (s + 1) & mask }
             slots[s] = Slot(key: k, entry: Int32(truncatingIfNeeded: i + 1))
+        }
+    }
+}
+
+/// The same for `String` keys: a fast hash of the key's UTF-8 bytes (a
+/// multiply-fold over 8-byte words, seeded once per process) instead of
+/// `Dictionary`'s SipHash. A slot is 8 bytes (32 bits of the hash and the
+/// entry index), so the probe table of 100k words fits in the L2 cache and
+/// growing never re-hashes a string.
+struct StringMap<Value>: CombineMap {
+    struct Slot {
+        var hash: UInt32
+        /// Entry index + 1; 0 is an empty slot.
+        var entry: Int32
+    }
+    private var slots: [Slot]
+    private var shift: UInt32
+    private(set) var keys: [String] = []
+    var values: [Value] = []
+
+    init(capacity: Int = 64) {
+        var size = 16
+        while size < capacity * 2 { size <<= 1 }
+        slots = [Slot](repeating: Slot(hash: 0, entry: 0), count: size)
+        shift = 32 - UInt32(size.trailingZeroBitCount)
+    }
+
+    var count: Int { keys.count }
+
+    private static var seed: UInt64 { stringHashSeed }
+
+    /// Equal strings (`==`, which is canonical equivalence) get equal
+    /// hashes. ASCII keys, the common case, hash their bytes. A key that
+    /// is ASCII but for the three scalars whose normal form is ASCII
+    /// (U+037E, U+1FEF, U+212A; checked over all of Unicode) hashes as
+    /// that ASCII string. Any other key's normal form has a non-ASCII
+    /// scalar, so it can equal no ASCII key: it takes `String`'s own hash.
+    @inline(__always)
+    static func hash(_ k: String) -> UInt32 {
+        let fast = k.utf8.withContiguousStorageIfAvailable { hash(ascii: UnsafeRawBufferPointer($0)) }
+            ?? { var copy = k; return copy.withUTF8 { hash(ascii: UnsafeRawBufferPointer($0)) } }()
+        return fast ?? hash(nonASCII: k)
+    }
+
+    @inline(never)
+    static func hash(nonASCII k: String) -> UInt32 {
+        var mapped: [UInt8] = []
+        for s in k.unicodeScalars {
+            switch s.value {
+            case 0..<0x80: mapped.append(UInt8(s.value))
+            case 0x37E: mapped.append(0x3B)    // GREEK QUESTION MARK is ";"
+            case 0x1FEF: mapped.append(0x60)   // GREEK VARIA is "`"
+            case 0x212A: mapped.append(0x4B)   // KELVIN SIGN is "K"
+            default: return UInt32(truncatingIfNeeded: k.hashValue)
+            }
+        }
+        return mapped.withUnsafeBytes { hash(ascii: $0)! }
+    }
+
+    /// A hash of `bytes`, or nil if they are not all ASCII.
+    @inline(__always)
+    static func hash(ascii bytes: UnsafeRawBufferPointer) -> UInt32? {
+        @inline(__always) func mix(_ a: UInt64, _ b: UInt64) -> UInt64 {
+            let m = a.multipliedFullWidth(by: b)
+            return m.high ^ m.low
+        }
+        let n = bytes.count
+        var h = seed ^ UInt64(n) &* 0x9E37_79B9_7F4A_7C15
+        guard let p = bytes.baseAddress else { return UInt32(truncatingIfNeeded: mix(h, 0xA076_1D64_78BD_642F)) }
+        // Every byte is in some word loaded below, so `high` sees them all.
+        var a: UInt64 = 0, b: UInt64 = 0, high: UInt64 = 0
+        if n >= 8 {
+            var i = 0
+            while i + 16 < n {
+                let (x, y) = (p.loadUnaligned(fromByteOffset: i, as: UInt64.self), p.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self))
+                high |= x | y
+                h = mix(x ^ 0xE703_7ED1_A0B4_28DB, y ^ h)
+                i += 16
+            }
+            // The last 8 to 16 bytes, as two (possibly overlapping) words.
+            a = p.loadUnaligned(fromByteOffset: n >= 16 ? n - 16 : 0, as: UInt64.self)
+            b = p.loadUnaligned(fromByteOffset: n - 8, as: UInt64.self)
+        } else if n >= 4 {
+            a = UInt64(p.loadUnaligned(as: UInt32.self))
+            b = UInt64(p.loadUnaligned(fromByteOffset: n - 4, as: UInt32.self))
+        } else if n > 0 {
+            a = UInt64(p.load(as: UInt8.self)) << 16 | UInt64(p.load(fromByteOffset: n >> 1, as: UInt8.self)) << 8 | UInt64(p.load(fromByteOffset: n - 1, as: UInt8.self))
+            b = a << 8
+        }
+        high |= a | b
+        if high & 0x8080_8080_8080_8080 != 0 { return nil }
+        h = mix(a ^ 0xA076_1D64_78BD_642F, b ^ h)
+        return UInt32(truncatingIfNeeded: mix(h ^ 0xE703_7ED1_A0B4_28DB, 0x8EBC_6AF0_9C88_C6E3 ^ UInt64(n)))
+    }
+
+    @inline(__always)
+    private func home(_ h: UInt32) -> Int { Int(h >> shift) }
+
+    /// The entry index of `k`, or -1 with the slot where it would go; and
+    /// the key's hash, for `insert`.
+    @inline(__always)
+    func find(_ k: String) -> (entry: Int, slot: Int, hash: UInt32) {
+        let h = Self.hash(k)
+        return slots.withUnsafeBufferPointer { slots in
+            keys.withUnsafeBufferPointer { keys in
+                let mask = slots.count - 1
+                var s = home(h)
+                while true {
+                    let slot = slots[s]
+                    if slot.entry == 0 { return (-1, s, h) }
+                    if slot.hash == h && keys[Int(slot.entry) - 1] == k { return (Int(slot.entry) - 1, s, h) }
+                    s = (s + 1) & mask
+                }
+            }
+        }
+    }
+
+    @inline(__always)
+    func probe(_ k: String) -> (entry: Int, at: (slot: Int, hash: UInt32)) {
+        let (e, s, h) = find(k)
+        return (e, (s, h))
+    }
+
+    @discardableResult @inline(__always)
+    mutating func insert(_ k: String, _ v: Value, at p: (slot: Int, hash: UInt32)) -> Int { insert(k, v, at: p.slot, hash: p.hash) }
+
+    /// Adds `k` (absent; `slot` and `hash` from `find`) and returns its entry index.
+    @discardableResult
+    mutating func insert(_ k: String, _ v: Value, at slot: Int, hash: UInt32) -> Int {
+        keys.append(k)
+        values.append(v)
+        slots[slot] = Slot(hash: hash, entry: Int32(truncatingIfNeeded: keys.count))
+        if keys.count * 2 > slots.count { grow() }
+        return keys.count - 1
+    }
+
+    private mutating func grow() {
+        let size = slots.count * 2
+        let old = slots
+        slots = [Slot](repeating: Slot(hash: 0, entry: 0), count: size)
+        shift -= 1
+        let mask = size - 1
+        for slot in old where slot.entry != 0 {
+            var s = home(slot.hash)
+            while slots[s].entry != 0 { s = (s + 1) & mask }
+            slots[s] = slot
         }
     }
 }

@@ -235,39 +235,12 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
         let sc = parent.context
         let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
         if let agg = aggregator, combine, K.self == Int.self {
-            // The same map-side combine over `IntMap` (no SipHash, no
-            // Dictionary); K is Int here, so the bit casts are identities.
-            return { p, ctx in
-                var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
-                var m = IntMap<C>()
-                var sinceReserve = 0
-                var rows = 0
-                func split(_ m: IntMap<C>) -> [[(K, C)]] {
-                    var out = [[(K, C)]](repeating: [], count: n)
-                    for i in 0..<m.count {
-                        let k = unsafeBitCast(m.keys[i], to: K.self)
-                        out[partitionOf(k)].append((k, m.values[i]))
-                    }
-                    return out
-                }
-                try parent.push(p, ctx) { kv in
-                    rows += 1
-                    let key = unsafeBitCast(kv.0, to: Int.self)
-                    let (e, slot) = m.find(key)
-                    if e >= 0 {
-                        agg.mergeValue(&m.values[e], kv.1)
-                        return
-                    }
-                    m.insert(key, agg.createCombiner(kv.1), at: slot)
-                    sinceReserve += 1
-                    if sinceReserve == 1024 {
-                        sinceReserve = 0
-                        if !w.reserve(rows: 1024), try w.spill(split(m)) { m = IntMap() }
-                    }
-                }
-                if !w.reserve(rows: sinceReserve), try w.spill(split(m)) { m = IntMap() }
-                return w.finish(split(m), rows: rows)
-            }
+            // The same map-side combine over `IntMap` or `StringMap` (no
+            // SipHash, no Dictionary); the bit casts are identities.
+            return combiningMapTask(IntMap<C>.self, parent, id, n, partitionOf, agg, codec)
+        }
+        if let agg = aggregator, combine, K.self == String.self {
+            return combiningMapTask(StringMap<C>.self, parent, id, n, partitionOf, agg, codec)
         }
         if let agg = aggregator, combine {
             return { p, ctx in
@@ -325,6 +298,42 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
         }
     }
 
+    static func combiningMapTask<M: CombineMap>(_: M.Type, _ parent: RDD<(K, V)>, _ id: Int, _ n: Int, _ partitionOf: @escaping (K) -> Int,
+                                                _ agg: Aggregator<V, C>, _ codec: BlockCodec<(K, C)>?) -> (Int, TaskContext) throws -> ShuffleOutput where M.Value == C {
+        let sc = parent.context
+        let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
+        return { p, ctx in
+            var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
+            var m = M(capacity: 64)
+            var sinceReserve = 0
+            var rows = 0
+            func split(_ m: M) -> [[(K, C)]] {
+                var out = [[(K, C)]](repeating: [], count: n)
+                for i in 0..<m.count {
+                    let k = unsafeBitCast(m.keys[i], to: K.self)
+                    out[partitionOf(k)].append((k, m.values[i]))
+                }
+                return out
+            }
+            try parent.push(p, ctx) { kv in
+                rows += 1
+                let (e, at) = m.probe(unsafeBitCast(kv.0, to: M.Key.self))
+                if e >= 0 {
+                    agg.mergeValue(&m.values[e], kv.1)
+                    return
+                }
+                m.insert(unsafeBitCast(kv.0, to: M.Key.self), agg.createCombiner(kv.1), at: at)
+                sinceReserve += 1
+                if sinceReserve == 1024 {
+                    sinceReserve = 0
+                    if !w.reserve(rows: 1024), try w.spill(split(m)) { m = M(capacity: 64) }
+                }
+            }
+            if !w.reserve(rows: sinceReserve), try w.spill(split(m)) { m = M(capacity: 64) }
+            return w.finish(split(m), rows: rows)
+        }
+    }
+
     static func makeReader(_ sc: DataflowContext, _ codec: BlockCodec<(K, C)>?) -> (ShuffleOutput, Int) throws -> [(K, C)] {
         return { out, b in
             var rows = out.memory.isEmpty ? [] : out.memory[b] as! [(K, C)]
@@ -372,22 +381,8 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
 
     static func makeReduce(_ dep: ShuffleDependency<K, V, C>) -> (Int) throws -> [(K, C)] {
         let maps = dep.parent.numPartitions
-        if let agg = dep.aggregator, K.self == Int.self {
-            return { partition in
-                var merged = IntMap<C>()
-                for m in 0..<maps {
-                    for (k, c) in try dep.fetch(map: m, bucket: partition) {
-                        let key = unsafeBitCast(k, to: Int.self)
-                        let (e, slot) = merged.find(key)
-                        if e >= 0 { agg.mergeCombiners(&merged.values[e], c) } else { merged.insert(key, c, at: slot) }
-                    }
-                }
-                var out: [(K, C)] = []
-                out.reserveCapacity(merged.count)
-                for i in 0..<merged.count { out.append((unsafeBitCast(merged.keys[i], to: K.self), merged.values[i])) }
-                return out
-            }
-        }
+        if let agg = dep.aggregator, K.self == Int.self { return mergingReduce(IntMap<C>.self, dep, agg) }
+        if let agg = dep.aggregator, K.self == String.self { return mergingReduce(StringMap<C>.self, dep, agg) }
         if let agg = dep.aggregator {
             return { partition in
                 var merged: [K: C] = [:]
@@ -402,6 +397,23 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
         return { partition in
             var out: [(K, C)] = []
             for m in 0..<maps { out += try dep.fetch(map: m, bucket: partition) }
+            return out
+        }
+    }
+    static func mergingReduce<M: CombineMap>(_: M.Type, _ dep: ShuffleDependency<K, V, C>, _ agg: Aggregator<V, C>) -> (Int) throws -> [(K, C)] where M.Value == C {
+        let maps = dep.parent.numPartitions
+        return { partition in
+            var merged = M(capacity: 64)
+            for m in 0..<maps {
+                for (k, c) in try dep.fetch(map: m, bucket: partition) {
+                    let key = unsafeBitCast(k, to: M.Key.self)
+                    let (e, at) = merged.probe(key)
+                    if e >= 0 { agg.mergeCombiners(&merged.values[e], c) } else { merged.insert(key, c, at: at) }
+                }
+            }
+            var out: [(K, C)] = []
+            out.reserveCapacity(merged.count)
+            for i in 0..<merged.count { out.append((unsafeBitCast(merged.keys[i], to: K.self), merged.values[i])) }
             return out
         }
     }

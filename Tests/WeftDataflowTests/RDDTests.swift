@@ -218,6 +218,33 @@ final class RDDTests: XCTestCase {
         XCTAssertEqual(m.find(Int.min).entry, ref[Int.min] == nil ? -1 : m.find(Int.min).entry)
     }
 
+    /// The String-keyed shuffle table against a Dictionary: every length
+    /// from 0 to 40 bytes, non-ASCII keys, and keys that are equal (`==`)
+    /// with different bytes, which must land on one entry.
+    func testStringMapMatchesDictionary() {
+        var rng = SplitMix(seed: 5)
+        let alphabet: [String] = ["a", "b", "K", ";", "`", "\u{212A}", "\u{37E}", "\u{1FEF}", "é", "e\u{301}", "日", " ", "z"]
+        var m = StringMap<Int>()
+        var ref: [String: Int] = [:]
+        for i in 0..<60_000 {
+            let k: String
+            if i % 3 == 0 {
+                k = String((0..<Int(rng.next() % 41)).map { _ in Character(UnicodeScalar(UInt8(97 + rng.next() % 3))) })
+            } else {
+                k = (0..<Int(rng.next() % 6)).map { _ in alphabet[Int(rng.next() % UInt64(alphabet.count))] }.joined()
+            }
+            let (e, at) = m.probe(k)
+            if e >= 0 { m.values[e] += 1 } else { m.insert(k, 1, at: at) }
+            ref[k, default: 0] += 1
+        }
+        XCTAssertEqual(m.count, ref.count)
+        for i in 0..<m.count { XCTAssertEqual(m.values[i], ref[m.keys[i]], m.keys[i]) }
+        XCTAssertEqual(StringMap<Int>.hash("\u{212A}"), StringMap<Int>.hash("K"))
+        XCTAssertEqual(StringMap<Int>.hash("x\u{37E}"), StringMap<Int>.hash("x;"))
+        XCTAssertEqual(StringMap<Int>.hash("café"), StringMap<Int>.hash("cafe\u{301}"))
+        XCTAssertNotEqual(StringMap<Int>.hash("abcdefghijklmnopq"), StringMap<Int>.hash("abcdefghijklmnopr"))
+    }
+
     /// Int keys take the IntMap paths of join, reduceByKey and the map-side
     /// combine: the same answers as plain loops, repeated keys included.
     func testIntKeyedShufflesMatchReference() throws {
