@@ -467,33 +467,10 @@ final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
         let (depA, readA) = Self.stream(a, partitioner)
         let (depB, readB) = Self.stream(b, partitioner)
         if K.self == Int.self {
-            // The same join over an `IntMap` of chain heads.
-            join = { p, ctx, emit in
-                var first = IntMap<Int>()
-                var next: [Int] = []
-                var values: [W] = []
-                try readB(p, ctx) { k, w in
-                    let key = unsafeBitCast(k, to: Int.self)
-                    let (e, slot) = first.find(key)
-                    if e >= 0 {
-                        next.append(first.values[e])
-                        first.values[e] = values.count
-                    } else {
-                        next.append(-1)
-                        first.insert(key, values.count, at: slot)
-                    }
-                    values.append(w)
-                }
-                if values.isEmpty { return }
-                try readA(p, ctx) { k, v in
-                    let (e, _) = first.find(unsafeBitCast(k, to: Int.self))
-                    var i = e >= 0 ? first.values[e] : -1
-                    while i >= 0 {
-                        try emit((k, (v, values[i])))
-                        i = next[i]
-                    }
-                }
-            }
+            // The same join over an `IntMap` or `StringMap` of chain heads.
+            join = Self.hashJoin(IntMap<Int>.self, readA, readB)
+        } else if K.self == String.self {
+            join = Self.hashJoin(StringMap<Int>.self, readA, readB)
         } else {
             join = { p, ctx, emit in
                 var first: [K: Int] = [:]
@@ -530,6 +507,37 @@ final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
         }
         context.noteComputed(rdd: id, partition: partition)
         try join(partition, ctx, body)
+    }
+
+    static func hashJoin<M: CombineMap>(_: M.Type, _ readA: @escaping (Int, TaskContext, (K, V) throws -> Void) throws -> Void,
+                                        _ readB: @escaping (Int, TaskContext, (K, W) throws -> Void) throws -> Void)
+        -> (Int, TaskContext, ((K, (V, W))) throws -> Void) throws -> Void where M.Value == Int {
+        return { p, ctx, emit in
+            var first = M(capacity: 64)
+            var next: [Int] = []
+            var values: [W] = []
+            try readB(p, ctx) { k, w in
+                let key = unsafeBitCast(k, to: M.Key.self)
+                let (e, at) = first.probe(key)
+                if e >= 0 {
+                    next.append(first.values[e])
+                    first.values[e] = values.count
+                } else {
+                    next.append(-1)
+                    first.insert(key, values.count, at: at)
+                }
+                values.append(w)
+            }
+            if values.isEmpty { return }
+            try readA(p, ctx) { k, v in
+                let (e, _) = first.probe(unsafeBitCast(k, to: M.Key.self))
+                var i = e >= 0 ? first.values[e] : -1
+                while i >= 0 {
+                    try emit((k, (v, values[i])))
+                    i = next[i]
+                }
+            }
+        }
     }
 
     /// One parent's dependency, and a reader that hands its rows of
