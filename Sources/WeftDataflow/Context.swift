@@ -541,6 +541,17 @@ public final class DataflowContext: @unchecked Sendable {
     /// Runs `f` over the given partitions of `rdd` (all by default) and
     /// returns the results in partition order.
     public func runJob<T, U>(_ rdd: RDD<T>, partitions: [Int]? = nil, _ f: @escaping ([T]) throws -> U) throws -> [U] {
+        try runJob(rdd, partitions: partitions, task: { p, ctx in try f(try rdd.iterator(p, ctx)) })
+    }
+
+    /// A job whose result tasks see each partition's rows one at a time
+    /// (`each { row in ... }`) rather than as an array, so an action that
+    /// folds (count, reduce, foreach) never holds a whole partition.
+    public func runJob<T, U>(_ rdd: RDD<T>, partitions: [Int]? = nil, streaming f: @escaping (_ each: (_ body: (T) throws -> Void) throws -> Void) throws -> U) throws -> [U] {
+        try runJob(rdd, partitions: partitions, task: { p, ctx in try f { body in try rdd.push(p, ctx, body) } })
+    }
+
+    func runJob<T, U>(_ rdd: RDD<T>, partitions: [Int]?, task: @escaping (Int, TaskContext) throws -> U) throws -> [U] {
         let job = lock.withLock { () -> Int in
             nextJob += 1
             jobMetrics = JobMetrics()
@@ -566,9 +577,7 @@ public final class DataflowContext: @unchecked Sendable {
                     }
                 }
                 stageIndex += 1
-                let results = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: plan.count + 1, partitions: parts) { p, ctx in
-                    try f(try rdd.iterator(p, ctx))
-                }
+                let results = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: plan.count + 1, partitions: parts, task)
                 return results.map { $0 as! U }
             } catch let e as FetchFailed {
                 // Lost shuffle output: resubmit the parent stage for what is missing.

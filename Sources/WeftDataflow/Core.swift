@@ -108,6 +108,8 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     /// Bytes written to spill files (shuffle data and cache blocks).
     public var bytesSpilled = 0
     public var spillFiles = 0
+    /// Of `spillFiles`, reduce-side merge tables written out as sorted runs.
+    public var mergeSpillFiles = 0
     /// Memory held past the bound because the data has no codec to spill with.
     public var unspillableBytes = 0
     public var description: String {
@@ -127,6 +129,7 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
         diskBlockReads += o.diskBlockReads
         bytesSpilled += o.bytesSpilled
         spillFiles += o.spillFiles
+        mergeSpillFiles += o.mergeSpillFiles
         unspillableBytes += o.unspillableBytes
     }
 }

@@ -51,6 +51,17 @@ public struct Aggregator<V, C> {
     public let createCombiner: (V) -> C
     public let mergeValue: (inout C, V) -> Void
     public let mergeCombiners: (inout C, C) -> Void
+    /// Bytes a combiner holds outside itself (a group's array), for the
+    /// memory bound; nil when combiners do not grow as they merge.
+    public let combinerBytes: ((C) -> Int)?
+
+    public init(createCombiner: @escaping (V) -> C, mergeValue: @escaping (inout C, V) -> Void,
+                mergeCombiners: @escaping (inout C, C) -> Void, combinerBytes: ((C) -> Int)? = nil) {
+        self.createCombiner = createCombiner
+        self.mergeValue = mergeValue
+        self.mergeCombiners = mergeCombiners
+        self.combinerBytes = combinerBytes
+    }
 }
 
 /// A shuffle dependency seen without its types, for the scheduler.
@@ -205,6 +216,9 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
     /// concrete so that their hashing and merging are specialized.
     let mapTask: (Int, TaskContext) throws -> ShuffleOutput
     let readBucket: (ShuffleOutput, Int) throws -> [(K, C)]
+    /// The codec of every writer and the reader (and the reduce side's
+    /// spilled merge tables).
+    let codec: BlockCodec<(K, C)>?
 
     init(parent: RDD<(K, V)>, partitioner: Partitioner, partitionOf: @escaping (K) -> Int, aggregator: Aggregator<V, C>?, mapSideCombine: Bool) {
         let id = parent.context.newShuffleId()
@@ -216,6 +230,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
         // One codec for every writer and the reader: a tuple codec learns
         // its layout from the rows it is given, and the reader must know it.
         let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
+        self.codec = codec
         mapTask = Self.makeMapTask(parent, id, partitioner.numPartitions, partitionOf, aggregator, mapSideCombine, codec)
         readBucket = Self.makeReader(parent.context, codec)
         manager = parent.context.shuffles
@@ -243,6 +258,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
             return combiningMapTask(StringMap<C>.self, parent, id, n, partitionOf, agg, codec)
         }
         if let agg = aggregator, combine {
+            let grows = agg.combinerBytes != nil
             return { p, ctx in
                 // Map-side combine: one combiner per key, hashed once per row;
                 // the bucket of a key is computed once per distinct key.
@@ -259,9 +275,10 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                     rows += 1
                     if let i = m.index(forKey: kv.0) {
                         agg.mergeValue(&m.values[i], kv.1)
-                        return
+                        if !grows { return }
+                    } else {
+                        m[kv.0] = agg.createCombiner(kv.1)
                     }
-                    m[kv.0] = agg.createCombiner(kv.1)
                     sinceReserve += 1
                     if sinceReserve == 1024 {
                         sinceReserve = 0
@@ -302,6 +319,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                                                 _ agg: Aggregator<V, C>, _ codec: BlockCodec<(K, C)>?) -> (Int, TaskContext) throws -> ShuffleOutput where M.Value == C {
         let sc = parent.context
         let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
+        let grows = agg.combinerBytes != nil
         return { p, ctx in
             var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
             var m = M(capacity: 64)
@@ -320,9 +338,11 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                 let (e, at) = m.probe(unsafeBitCast(kv.0, to: M.Key.self))
                 if e >= 0 {
                     agg.mergeValue(&m.values[e], kv.1)
-                    return
+                    // A growing combiner (a group) counts each value as a row.
+                    if !grows { return }
+                } else {
+                    m.insert(unsafeBitCast(kv.0, to: M.Key.self), agg.createCombiner(kv.1), at: at)
                 }
-                m.insert(unsafeBitCast(kv.0, to: M.Key.self), agg.createCombiner(kv.1), at: at)
                 sinceReserve += 1
                 if sinceReserve == 1024 {
                     sinceReserve = 0
@@ -366,7 +386,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
 /// and merges combiners per key (or keeps pairs as they are, for partitionBy).
 final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
     let dep: ShuffleDependency<K, V, C>
-    let reduce: (Int) throws -> [(K, C)]
+    let reduce: (Int, ((K, C)) throws -> Void) throws -> Void
 
     init(_ dep: ShuffleDependency<K, V, C>, name: String) {
         self.dep = dep
@@ -377,44 +397,46 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
 
     override func preferredLocation(_ partition: Int) -> String? { nil }
 
-    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, C)] { try reduce(partition) }
-
-    static func makeReduce(_ dep: ShuffleDependency<K, V, C>) -> (Int) throws -> [(K, C)] {
-        let maps = dep.parent.numPartitions
-        if let agg = dep.aggregator, K.self == Int.self { return mergingReduce(IntMap<C>.self, dep, agg) }
-        if let agg = dep.aggregator, K.self == String.self { return mergingReduce(StringMap<C>.self, dep, agg) }
-        if let agg = dep.aggregator {
-            return { partition in
-                var merged: [K: C] = [:]
-                for m in 0..<maps {
-                    for (k, c) in try dep.fetch(map: m, bucket: partition) {
-                        if let i = merged.index(forKey: k) { agg.mergeCombiners(&merged.values[i], c) } else { merged[k] = c }
-                    }
-                }
-                return Array(merged)
-            }
-        }
-        return { partition in
-            var out: [(K, C)] = []
-            for m in 0..<maps { out += try dep.fetch(map: m, bucket: partition) }
-            return out
-        }
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, C)] {
+        var out: [(K, C)] = []
+        try reduce(partition) { out.append($0) }
+        return out
     }
-    static func mergingReduce<M: CombineMap>(_: M.Type, _ dep: ShuffleDependency<K, V, C>, _ agg: Aggregator<V, C>) -> (Int) throws -> [(K, C)] where M.Value == C {
-        let maps = dep.parent.numPartitions
-        return { partition in
-            var merged = M(capacity: 64)
-            for m in 0..<maps {
-                for (k, c) in try dep.fetch(map: m, bucket: partition) {
-                    let key = unsafeBitCast(k, to: M.Key.self)
-                    let (e, at) = merged.probe(key)
-                    if e >= 0 { agg.mergeCombiners(&merged.values[e], c) } else { merged.insert(key, c, at: at) }
-                }
+
+    /// Streams the merged rows: a consumer that does not keep them (a
+    /// map task, a count, a save) never holds the whole partition.
+    override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, C)) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        context.noteComputed(rdd: id, partition: partition)
+        try reduce(partition, body)
+    }
+
+    static func makeReduce(_ dep: ShuffleDependency<K, V, C>) -> (Int, ((K, C)) throws -> Void) throws -> Void {
+        guard let agg = dep.aggregator else {
+            let maps = dep.parent.numPartitions
+            return { partition, emit in
+                for m in 0..<maps { for kc in try dep.fetch(map: m, bucket: partition) { try emit(kc) } }
             }
-            var out: [(K, C)] = []
-            out.reserveCapacity(merged.count)
-            for i in 0..<merged.count { out.append((unsafeBitCast(merged.keys[i], to: K.self), merged.values[i])) }
-            return out
+        }
+        if K.self == Int.self { return mergingReduce(IntMap<C>.self, dep, agg) }
+        if K.self == String.self { return mergingReduce(StringMap<C>.self, dep, agg) }
+        return mergingReduce(HashedMap<K, C>.self, dep, agg)
+    }
+
+    static func mergingReduce<M: CombineMap>(_: M.Type, _ dep: ShuffleDependency<K, V, C>, _ agg: Aggregator<V, C>) -> (Int, ((K, C)) throws -> Void) throws -> Void where M.Value == C {
+        let maps = dep.parent.numPartitions
+        let sc = dep.parent.context
+        return { partition, emit in
+            var merged = ExternalMerger<K, C, M>(sc: sc, codec: dep.codec, tag: "shuffle-\(dep.shuffleId)-reduce-\(partition)",
+                                                 mergeCombiners: agg.mergeCombiners, combinerBytes: agg.combinerBytes)
+            defer { merged.release() }
+            for m in 0..<maps {
+                for (k, c) in try dep.fetch(map: m, bucket: partition) { try merged.insert(k, c) }
+            }
+            try merged.finish(emit)
         }
     }
 }
@@ -446,7 +468,8 @@ final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
         if let pp = r.partitioner, pp.isSame(as: part) {
             return (.narrow(r, { [$0] }), { p, ctx, emit in try r.push(p, ctx) { emit($0.0, [$0.1]) } })
         }
-        let agg = Aggregator<X, [X]>(createCombiner: { [$0] }, mergeValue: { $0.append($1) }, mergeCombiners: { $0.append(contentsOf: $1) })
+        let agg = Aggregator<X, [X]>(createCombiner: { [$0] }, mergeValue: { $0.append($1) }, mergeCombiners: { $0.append(contentsOf: $1) },
+                                     combinerBytes: { $0.count * MemoryLayout<X>.stride })
         let d = ShuffleDependency<K, X, [X]>(parent: r, partitioner: part, partitionOf: { part.partition($0) }, aggregator: agg, mapSideCombine: true)
         let maps = r.numPartitions
         return (.shuffle(d), { p, _, emit in
@@ -603,7 +626,8 @@ extension RDD {
     /// Groups values by key (no map-side combine, as in Spark). Values are
     /// appended in place, so a giant key costs linear time.
     public func groupByKey<K: Hashable, V>(_ partitions: Int? = nil) -> RDD<(K, [V])> where T == (K, V) {
-        combine(Aggregator(createCombiner: { [$0] }, mergeValue: { $0.append($1) }, mergeCombiners: { $0.append(contentsOf: $1) }),
+        combine(Aggregator(createCombiner: { [$0] }, mergeValue: { $0.append($1) }, mergeCombiners: { $0.append(contentsOf: $1) },
+                           combinerBytes: { $0.count * MemoryLayout<V>.stride }),
                 partitions: partitions, mapSideCombine: false).setName("groupByKey")
     }
 

@@ -237,27 +237,37 @@ open class RDD<T>: AnyRDD {
 
     public final func collect() throws -> [T] { try context.runJob(self) { $0 }.flatMap { $0 } }
 
-    public final func count() throws -> Int { try context.runJob(self) { $0.count }.reduce(0, +) }
+    public final func count() throws -> Int {
+        try context.runJob(self, streaming: { each in
+            var n = 0
+            try each { _ in n += 1 }
+            return n
+        }).reduce(0, +)
+    }
 
-    public final func foreach(_ f: @escaping (T) throws -> Void) throws { _ = try context.runJob(self) { try $0.forEach(f) } }
+    public final func foreach(_ f: @escaping (T) throws -> Void) throws { _ = try context.runJob(self, streaming: { each in try each(f) }) }
 
     public final func reduce(_ f: @escaping (T, T) throws -> T) throws -> T {
-        let partials = try context.runJob(self) { xs -> T? in
-            guard var acc = xs.first else { return nil }
-            for x in xs.dropFirst() { acc = try f(acc, x) }
+        let partials = try context.runJob(self, streaming: { each -> T? in
+            var acc: T?
+            try each { x in acc = try acc.map { try f($0, x) } ?? x }
             return acc
-        }.compactMap { $0 }
+        }).compactMap { $0 }
         guard var acc = partials.first else { throw WeftError(.invalidArgument, "reduce of an empty RDD") }
         for p in partials.dropFirst() { acc = try f(acc, p) }
         return acc
     }
 
     public final func fold(_ zero: T, _ f: @escaping (T, T) throws -> T) throws -> T {
-        try context.runJob(self) { try $0.reduce(zero, f) }.reduce(zero, f)
+        try aggregate(zero, f, f)
     }
 
     public final func aggregate<U>(_ zero: U, _ seqOp: @escaping (U, T) throws -> U, _ combOp: @escaping (U, U) throws -> U) throws -> U {
-        try context.runJob(self) { try $0.reduce(zero, seqOp) }.reduce(zero, combOp)
+        try context.runJob(self, streaming: { each in
+            var acc = zero
+            try each { acc = try seqOp(acc, $0) }
+            return acc
+        }).reduce(zero, combOp)
     }
 
     /// The first `n` rows in partition order, scanning as few partitions as it can.
@@ -283,7 +293,19 @@ open class RDD<T>: AnyRDD {
     }
 
     public final func takeOrdered(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
-        let partials = try context.runJob(self) { Array($0.sorted(by: less).prefix(n)) }
+        // Each task keeps at most about 2n rows: past that it sorts and
+        // keeps the first n.
+        let partials = try context.runJob(self, streaming: { each -> [T] in
+            var kept: [T] = []
+            try each { x in
+                kept.append(x)
+                if kept.count >= 2 * n + 1024 {
+                    kept.sort(by: less)
+                    kept.removeLast(kept.count - n)
+                }
+            }
+            return Array(kept.sorted(by: less).prefix(n))
+        })
         return Array(partials.flatMap { $0 }.sorted(by: less).prefix(n))
     }
 

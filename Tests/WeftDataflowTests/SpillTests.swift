@@ -121,6 +121,49 @@ final class SpillTests: XCTestCase {
         XCTAssertGreaterThan(sc.lastJobMetrics.bytesSpilled, 0)
     }
 
+    /// Many distinct keys per reduce partition under a small bound: the
+    /// reduce side's merge tables go to disk as sorted runs and are merged
+    /// back, for Int, String and other keys, and for keys whose hashes
+    /// collide (merged by ==). Counting streams the merged rows.
+    func testReduceSideMergeTablesSpillAndMergeBack() throws {
+        let bound = 256 << 10
+        var rng = SplitMix(seed: 17)
+        let ints = (0..<50_000).map { _ in (Int(rng.next() % 25_000) - 12_500, Int(rng.next() % 100)) }
+        var ref: [Int: Int] = [:]
+        for (k, v) in ints { ref[k, default: 0] += v }
+
+        func check<K: Hashable>(_ name: String, _ key: @escaping (Int) -> K) throws {
+            let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: bound)
+            let sums = sc.parallelize(ints, partitions: 4).map { (key($0.0), $0.1) }.reduceByKey(partitions: 2, +)
+            let got = try sums.collect()
+            XCTAssertEqual(got.count, ref.count, name)
+            let byKey = Dictionary(uniqueKeysWithValues: got)
+            for (k, v) in ref { XCTAssertEqual(byKey[key(k)], v, "\(name) \(k)") }
+            XCTAssertGreaterThan(sc.lastJobMetrics.mergeSpillFiles, 0, "\(name): the merge tables must have spilled")
+            XCTAssertLessThanOrEqual(sc.peakPoolBytes, bound, name)
+            XCTAssertEqual(try sums.count(), ref.count, name)
+            XCTAssertEqual(try sums.map(\.1).reduce(+), ref.values.reduce(0, +), name)
+        }
+        try check("Int") { $0 }
+        try check("String") { "key-\($0)" }
+        try check("UInt64") { UInt64(bitPattern: Int64($0)) }
+        try check("colliding") { CollidingKey(v: $0) }
+    }
+
+    /// groupByKey's arrays count against the bound as they grow, on both
+    /// sides of the shuffle.
+    func testGroupsCountAgainstTheBoundAsTheyGrow() throws {
+        let bound = 128 << 10
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: bound)
+        // Few keys, many values each: no new keys, only growing groups.
+        let pairs = (0..<200_000).map { ($0 % 40, $0) }
+        let groups = try sc.parallelize(pairs, partitions: 4).groupByKey(2).collect()
+        XCTAssertEqual(groups.count, 40)
+        for (k, vs) in groups { XCTAssertEqual(vs.sorted(), Array(stride(from: k, to: 200_000, by: 40))) }
+        XCTAssertGreaterThan(sc.lastJobMetrics.mergeSpillFiles, 0)
+        XCTAssertLessThanOrEqual(sc.peakPoolBytes, bound)
+    }
+
     func testLostSpillFilesResubmitTheMapStage() throws {
         let ws = words(30_000, seed: 3)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 16 << 10)
@@ -212,4 +255,13 @@ final class SpillTests: XCTestCase {
         XCTAssertFalse(BlockCodec<(Int, Opaque)>.automatic()!.accepts((1, Opaque(n: 2))), "a component without a codec")
         XCTAssertFalse(BlockCodec<Opaque>.automatic()!.accepts(Opaque(n: 1)), "not a tuple")
     }
+}
+
+/// A key whose hashes collide often: the spilled merge must still keep
+/// keys apart by `==`.
+struct CollidingKey: Hashable, SpillCodable {
+    let v: Int
+    func hash(into h: inout Hasher) { h.combine(v % 4093) }
+    func encode(to w: inout ByteWriter) { v.encode(to: &w) }
+    static func decode(from r: inout ByteReader) throws(DecodeError) -> CollidingKey { CollidingKey(v: try Int.decode(from: &r)) }
 }

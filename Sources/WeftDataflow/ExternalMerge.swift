@@ -1,0 +1,194 @@
+import Foundation
+import WeftCore
+
+/// `CombineMap` over any `Hashable` key, for keys that are neither `Int`
+/// nor `String`: a `Dictionary` from key to entry index.
+struct HashedMap<Key: Hashable, Value>: CombineMap {
+    private var index: [Key: Int]
+    private(set) var keys: [Key] = []
+    var values: [Value] = []
+
+    init(capacity: Int = 64) { index = Dictionary(minimumCapacity: capacity) }
+
+    var count: Int { keys.count }
+
+    @inline(__always)
+    func probe(_ k: Key) -> (entry: Int, at: Void) { (index[k] ?? -1, ()) }
+
+    @discardableResult
+    mutating func insert(_ k: Key, _ v: Value, at: Void) -> Int {
+        index[k] = keys.count
+        keys.append(k)
+        values.append(v)
+        return keys.count - 1
+    }
+}
+
+/// The reduce side's merge table, bounded by the context's memory pool:
+/// Spark's ExternalAppendOnlyMap. Combiners are merged in a `CombineMap`;
+/// when the pool refuses the table more memory, the table is written out
+/// as a run sorted by key hash, in batches, and emptied. At the end the
+/// runs and what is left in memory are merged batch by batch, keys of
+/// equal hash gathered and merged by `==`, so memory holds one batch per
+/// run rather than the whole partition. Without a codec (types that
+/// cannot be written) the table stays in memory, counted as unspillable.
+struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
+    let sc: DataflowContext
+    let codec: BlockCodec<(K, C)>?
+    let mergeCombiners: (inout C, C) -> Void
+    /// Bytes a combiner holds beyond its inline size (a group's array),
+    /// counted as it grows; nil when combiners do not grow.
+    let combinerBytes: ((C) -> Int)?
+    let tag: String
+    let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
+
+    /// Rows per batch in a run: what the final merge holds of each run.
+    static var batchRows: Int { 1024 }
+    /// Growth between two requests to the memory pool.
+    static var reserveStep: Int { 256 << 10 }
+
+    private var map = M(capacity: 64)
+    private var held = 0
+    private var pending = 0
+    private var runs: [SpillRun] = []
+    private var unusable = false
+
+    init(sc: DataflowContext, codec: BlockCodec<(K, C)>?, tag: String, mergeCombiners: @escaping (inout C, C) -> Void, combinerBytes: ((C) -> Int)?) {
+        self.sc = sc
+        self.codec = codec
+        self.tag = tag
+        self.mergeCombiners = mergeCombiners
+        self.combinerBytes = combinerBytes
+    }
+
+    var spilledRuns: Int { runs.count }
+
+    mutating func insert(_ k: K, _ c: C) throws {
+        let key = unsafeBitCast(k, to: M.Key.self)
+        let (e, at) = map.probe(key)
+        if e >= 0 {
+            mergeCombiners(&map.values[e], c)
+            if let size = combinerBytes { pending += size(c) }
+        } else {
+            map.insert(key, c, at: at)
+            pending += rowBytes + (combinerBytes?(c) ?? 0)
+        }
+        if pending >= Self.reserveStep { try reserveOrSpill() }
+    }
+
+    private mutating func reserveOrSpill() throws {
+        let n = pending
+        pending = 0
+        var ok = sc.memory.tryAcquire(n)
+        while !ok && sc.shuffles.demote(n, sparing: -1) { ok = sc.memory.tryAcquire(n) }
+        if ok {
+            held += n
+            return
+        }
+        if let codec, !unusable, map.count > 0 {
+            if codec.accepts((unsafeBitCast(map.keys[0], to: K.self), map.values[0])) {
+                try spill(codec)
+                return
+            }
+            unusable = true
+        }
+        // Nothing to spill with: hold it anyway, and say so.
+        sc.memory.force(n)
+        held += n
+        sc.metric { $0.unspillableBytes += n }
+    }
+
+    /// The table's entries in key-hash order.
+    private func sortedByHash() -> [(hash: Int, entry: Int)] {
+        var order = (0..<map.count).map { (unsafeBitCast(map.keys[$0], to: K.self).hashValue, $0) }
+        order.sort { $0.0 < $1.0 }
+        return order
+    }
+
+    private mutating func spill(_ codec: BlockCodec<(K, C)>) throws {
+        let order = sortedByHash()
+        var w = ByteWriter(capacity: 1 << 16)
+        var offsets = [0]
+        var i = 0
+        while i < order.count {
+            let batch = order[i..<Swift.min(i + Self.batchRows, order.count)]
+            SpillFormat.encode(batch.lazy.map { [map] in (unsafeBitCast(map.keys[$0.entry], to: K.self), map.values[$0.entry]) }, count: batch.count, codec, into: &w)
+            offsets.append(w.bytes.count)
+            i += Self.batchRows
+        }
+        let file = try sc.spillDirectory.write(w.bytes, tag: tag)
+        runs.append(SpillRun(file: file, offsets: offsets))
+        map = M(capacity: 64)
+        sc.memory.release(held)
+        held = 0
+        sc.metric {
+            $0.bytesSpilled += w.bytes.count
+            $0.spillFiles += 1
+            $0.mergeSpillFiles += 1
+        }
+    }
+
+    /// Hands every key with its merged combiner to `emit`, then frees the
+    /// table's memory and removes its runs (also when `emit` throws).
+    mutating func finish(_ emit: ((K, C)) throws -> Void) throws {
+        defer { release() }
+        guard let codec, !runs.isEmpty else {
+            for i in 0..<map.count { try emit((unsafeBitCast(map.keys[i], to: K.self), map.values[i])) }
+            return
+        }
+        // Sources in hash order: each run, and the table in memory.
+        var sources: [MergeSource] = runs.map { MergeSource(run: $0) }
+        let order = sortedByHash()
+        var memory = MergeSource(run: nil)
+        memory.rows = order.map { (unsafeBitCast(map.keys[$0.entry], to: K.self), map.values[$0.entry]) }
+        memory.hashes = order.map(\.hash)
+        sources.append(memory)
+        for s in sources.indices { try sources[s].fill(sc, codec) }
+        var group: [(K, C)] = []
+        while true {
+            var h: Int?
+            for s in sources where s.pos < s.rows.count { h = Swift.min(h ?? Int.max, s.hashes[s.pos]) }
+            guard let hash = h else { break }
+            group.removeAll(keepingCapacity: true)
+            for s in sources.indices {
+                while sources[s].pos < sources[s].rows.count && sources[s].hashes[sources[s].pos] == hash {
+                    let (k, c) = sources[s].rows[sources[s].pos]
+                    if let g = group.firstIndex(where: { $0.0 == k }) { mergeCombiners(&group[g].1, c) } else { group.append((k, c)) }
+                    sources[s].pos += 1
+                    if sources[s].pos == sources[s].rows.count { try sources[s].fill(sc, codec) }
+                }
+            }
+            for kc in group { try emit(kc) }
+        }
+    }
+
+    /// Frees the memory and spill files; the merger is empty after.
+    mutating func release() {
+        sc.memory.release(held)
+        held = 0
+        map = M(capacity: 64)
+        for r in runs { sc.spillDirectory.remove(r.file) }
+        runs = []
+    }
+
+    /// One run (or the in-memory table) being merged: its current batch.
+    private struct MergeSource {
+        let run: SpillRun?
+        var batch = 0
+        var rows: [(K, C)] = []
+        var hashes: [Int] = []
+        var pos = 0
+
+        init(run: SpillRun?) { self.run = run }
+
+        /// Loads the next batch once the current one is used up.
+        mutating func fill(_ sc: DataflowContext, _ codec: BlockCodec<(K, C)>) throws {
+            guard pos == rows.count, let run, batch + 1 < run.offsets.count else { return }
+            let bytes = try sc.spillDirectory.readRange(run.file, from: run.offsets[batch], to: run.offsets[batch + 1])
+            batch += 1
+            rows = try SpillFormat.decodeAll(bytes[...], codec)
+            hashes = rows.map { $0.0.hashValue }
+            pos = 0
+        }
+    }
+}
