@@ -64,14 +64,11 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
     var spilledRuns: Int { runs.count }
 
     mutating func insert(_ k: K, _ c: C) throws {
-        let key = unsafeBitCast(k, to: M.Key.self)
-        let (e, at) = map.probe(key)
-        if e >= 0 {
-            mergeCombiners(&map.values[e], c)
-            if let size = combinerBytes { pending += size(c) }
-        } else {
-            map.insert(key, c, at: at)
+        let merge = mergeCombiners
+        if map.upsert(unsafeBitCast(k, to: M.Key.self), { c }, { merge(&$0, c) }) {
             pending += rowBytes + (combinerBytes?(c) ?? 0)
+        } else if let size = combinerBytes {
+            pending += size(c)
         }
         if pending >= Self.reserveStep { try reserveOrSpill() }
     }

@@ -6,7 +6,7 @@
 /// probe that misses the cache misses it once.
 /// `StringMap`'s seed: per process, so no input can be built in advance
 /// to collide (the reason `Dictionary` seeds its hash).
-private let stringHashSeed: UInt64 = UInt64.random(in: 1...UInt64.max) | 1
+let stringHashSeed: UInt64 = UInt64.random(in: 1...UInt64.max) | 1
 
 /// What the shuffle's combine and merge loops need of a key map.
 protocol CombineMap {
@@ -21,6 +21,22 @@ protocol CombineMap {
     /// The entry index of `k` (or -1) and where to insert it if absent.
     func probe(_ k: Key) -> (entry: Int, at: Probe)
     @discardableResult mutating func insert(_ k: Key, _ v: Value, at: Probe) -> Int
+}
+
+extension CombineMap {
+    /// Merges into `k`'s value, or adds `k` with a new value; true if added.
+    /// Mutating, so that a map captured by a closure is used in place, not
+    /// copied (and its arrays retained) for each row.
+    @inline(__always)
+    mutating func upsert(_ k: Key, _ create: () -> Value, _ merge: (inout Value) -> Void) -> Bool {
+        let (e, at) = probe(k)
+        if e >= 0 {
+            merge(&values[e])
+            return false
+        }
+        insert(k, create(), at: at)
+        return true
+    }
 }
 
 struct IntMap<Value>: CombineMap {
@@ -94,11 +110,12 @@ struct IntMap<Value>: CombineMap {
 
 /// The same for `String` keys: a fast hash of the key's UTF-8 bytes (a
 /// multiply-fold over 8-byte words, seeded once per process) instead of
-/// `Dictionary`'s SipHash. A slot is 8 bytes (32 bits of the hash and the
-/// entry index), so the probe table of 100k words fits in the L2 cache and
-/// growing never re-hashes a string.
+/// `Dictionary`'s SipHash. A slot holds the key itself beside 32 bits of
+/// its hash and the entry index, so a probe that misses the cache misses
+/// it once; growing never re-hashes a string. At most 3/4 full.
 struct StringMap<Value>: CombineMap {
     struct Slot {
+        var key: String
         var hash: UInt32
         /// Entry index + 1; 0 is an empty slot.
         var entry: Int32
@@ -110,14 +127,16 @@ struct StringMap<Value>: CombineMap {
 
     init(capacity: Int = 64) {
         var size = 16
-        while size < capacity * 2 { size <<= 1 }
-        slots = [Slot](repeating: Slot(hash: 0, entry: 0), count: size)
+        while size * 3 < capacity * 4 { size <<= 1 }
+        slots = [Slot](repeating: Slot(key: "", hash: 0, entry: 0), count: size)
         shift = 32 - UInt32(size.trailingZeroBitCount)
     }
 
     var count: Int { keys.count }
 
-    private static var seed: UInt64 { stringHashSeed }
+    /// The process's seed, read once per map (a global is read through a
+    /// once-check each time).
+    private let seed = stringHashSeed
 
     /// Equal strings (`==`, which is canonical equivalence) get equal
     /// hashes. ASCII keys, the common case, hash their bytes. A key that
@@ -126,14 +145,14 @@ struct StringMap<Value>: CombineMap {
     /// that ASCII string. Any other key's normal form has a non-ASCII
     /// scalar, so it can equal no ASCII key: it takes `String`'s own hash.
     @inline(__always)
-    static func hash(_ k: String) -> UInt32 {
-        let fast = k.utf8.withContiguousStorageIfAvailable { hash(ascii: UnsafeRawBufferPointer($0)) }
-            ?? { var copy = k; return copy.withUTF8 { hash(ascii: UnsafeRawBufferPointer($0)) } }()
-        return fast ?? hash(nonASCII: k)
+    static func hash(_ k: String, seed: UInt64 = stringHashSeed) -> UInt32 {
+        let fast = k.utf8.withContiguousStorageIfAvailable { hash(ascii: UnsafeRawBufferPointer($0), seed: seed) }
+            ?? { var copy = k; return copy.withUTF8 { hash(ascii: UnsafeRawBufferPointer($0), seed: seed) } }()
+        return fast ?? hash(nonASCII: k, seed: seed)
     }
 
     @inline(never)
-    static func hash(nonASCII k: String) -> UInt32 {
+    static func hash(nonASCII k: String, seed: UInt64) -> UInt32 {
         var mapped: [UInt8] = []
         for s in k.unicodeScalars {
             switch s.value {
@@ -144,12 +163,12 @@ struct StringMap<Value>: CombineMap {
             default: return UInt32(truncatingIfNeeded: k.hashValue)
             }
         }
-        return mapped.withUnsafeBytes { hash(ascii: $0)! }
+        return mapped.withUnsafeBytes { hash(ascii: $0, seed: seed)! }
     }
 
     /// A hash of `bytes`, or nil if they are not all ASCII.
     @inline(__always)
-    static func hash(ascii bytes: UnsafeRawBufferPointer) -> UInt32? {
+    static func hash(ascii bytes: UnsafeRawBufferPointer, seed: UInt64) -> UInt32? {
         @inline(__always) func mix(_ a: UInt64, _ b: UInt64) -> UInt64 {
             let m = a.multipliedFullWidth(by: b)
             return m.high ^ m.low
@@ -190,17 +209,14 @@ struct StringMap<Value>: CombineMap {
     /// the key's hash, for `insert`.
     @inline(__always)
     func find(_ k: String) -> (entry: Int, slot: Int, hash: UInt32) {
-        let h = Self.hash(k)
+        let h = Self.hash(k, seed: seed)
         return slots.withUnsafeBufferPointer { slots in
-            keys.withUnsafeBufferPointer { keys in
-                let mask = slots.count - 1
-                var s = home(h)
-                while true {
-                    let slot = slots[s]
-                    if slot.entry == 0 { return (-1, s, h) }
-                    if slot.hash == h && keys[Int(slot.entry) - 1] == k { return (Int(slot.entry) - 1, s, h) }
-                    s = (s + 1) & mask
-                }
+            let mask = slots.count - 1
+            var s = home(h)
+            while true {
+                if slots[s].entry == 0 { return (-1, s, h) }
+                if slots[s].hash == h && slots[s].key == k { return (Int(slots[s].entry) - 1, s, h) }
+                s = (s + 1) & mask
             }
         }
     }
@@ -219,15 +235,15 @@ struct StringMap<Value>: CombineMap {
     mutating func insert(_ k: String, _ v: Value, at slot: Int, hash: UInt32) -> Int {
         keys.append(k)
         values.append(v)
-        slots[slot] = Slot(hash: hash, entry: Int32(truncatingIfNeeded: keys.count))
-        if keys.count * 2 > slots.count { grow() }
+        slots[slot] = Slot(key: k, hash: hash, entry: Int32(truncatingIfNeeded: keys.count))
+        if keys.count * 4 > slots.count * 3 { grow() }
         return keys.count - 1
     }
 
     private mutating func grow() {
         let size = slots.count * 2
         let old = slots
-        slots = [Slot](repeating: Slot(hash: 0, entry: 0), count: size)
+        slots = [Slot](repeating: Slot(key: "", hash: 0, entry: 0), count: size)
         shift -= 1
         let mask = size - 1
         for slot in old where slot.entry != 0 {

@@ -335,14 +335,9 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
             }
             try parent.push(p, ctx) { kv in
                 rows += 1
-                let (e, at) = m.probe(unsafeBitCast(kv.0, to: M.Key.self))
-                if e >= 0 {
-                    agg.mergeValue(&m.values[e], kv.1)
-                    // A growing combiner (a group) counts each value as a row.
-                    if !grows { return }
-                } else {
-                    m.insert(unsafeBitCast(kv.0, to: M.Key.self), agg.createCombiner(kv.1), at: at)
-                }
+                let added = m.upsert(unsafeBitCast(kv.0, to: M.Key.self), { agg.createCombiner(kv.1) }, { agg.mergeValue(&$0, kv.1) })
+                // A growing combiner (a group) counts each value as a row.
+                if !added && !grows { return }
                 sinceReserve += 1
                 if sinceReserve == 1024 {
                     sinceReserve = 0
@@ -540,15 +535,10 @@ final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
             var next: [Int] = []
             var values: [W] = []
             try readB(p, ctx) { k, w in
-                let key = unsafeBitCast(k, to: M.Key.self)
-                let (e, at) = first.probe(key)
-                if e >= 0 {
-                    next.append(first.values[e])
-                    first.values[e] = values.count
-                } else {
-                    next.append(-1)
-                    first.insert(key, values.count, at: at)
-                }
+                let i = values.count
+                var previous = -1
+                _ = first.upsert(unsafeBitCast(k, to: M.Key.self), { i }, { previous = $0; $0 = i })
+                next.append(previous)
                 values.append(w)
             }
             if values.isEmpty { return }

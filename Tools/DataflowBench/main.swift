@@ -8,7 +8,7 @@ import WeftDataflow
 //   weft-dataflow-bench [--wordcount-mb 200] [--vertices 1000000] [--edges 10000000]
 //                       [--iterations 10] [--repeat 3] [--bound-mb 64]
 //                       [--skip-wordcount] [--skip-pagerank] [--dir DIR]
-//                       [--profile-threads N]   (PageRank on the engine only, for perf)
+//                       [--profile-threads N]   (the engine only on N threads, or the loop only for 0; for perf)
 // Each timing is the best of --repeat runs (the machine is shared and noisy).
 
 /// Unbuffered output: a long run shows each result as soon as it is known.
@@ -74,7 +74,7 @@ func report(_ name: String, _ baseline: Double, _ two: Double, _ one: Double, _ 
 
 // Workloads are plain functions, not top-level code: top-level code runs on
 // the main actor, and closures written there must not run on executor threads.
-func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int) throws {
+func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int, profileThreads: Int?) throws {
     let path = dir + "/zipf-\(wordcountMB)mb.txt"
     if (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0 < wordcountMB << 20 {
         let t0 = now()
@@ -127,8 +127,6 @@ func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int) t
         }
         return (now() - t0, (peakMiB(), counts.values.reduce(0, +), counts.count))
     }
-    let (baseline, (peakBase, baseTotal, baseDistinct)) = best(repeats, loop)
-
     func engine(_ threads: Int, bound: Int = DataflowContext.memoryBytesMaxDefault) throws -> (Double, (Double, Int, Int, JobMetrics)) {
         resetPeak()
         let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: bound)
@@ -136,6 +134,17 @@ func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int) t
         let wc = try BuiltinJobs.wordCount(sc.textFile(path)).mapPartitions { xs in [(xs.count, xs.reduce(0) { $0 + $1.1 })] }.collect()
         return (now() - t, (peakMiB(), wc.reduce(0) { $0 + $1.0 }, wc.reduce(0) { $0 + $1.1 }, sc.lastJobMetrics))
     }
+    if let t = profileThreads {
+        // For a profiler: the engine alone on `t` threads (or the loop, for
+        // 0), then stop.
+        if t == 0 {
+            out(String(format: "wordcount loop alone: %.2f s", loop().0))
+        } else {
+            out(String(format: "wordcount engine alone, %d threads: %.2f s", t, try engine(t).0))
+        }
+        return
+    }
+    let (baseline, (peakBase, baseTotal, baseDistinct)) = best(repeats, loop)
     let (two, (peak2, d2, n2, _)) = try best(repeats) { try engine(2) }
     let (one, (_, d1, n1, _)) = try best(repeats) { try engine(1) }
     let (bounded, (peakB, dB, nB, mB)) = try engine(2, bound: boundMB << 20)
@@ -258,5 +267,5 @@ func best<R>(_ repeats: Int, _ body: () throws -> (Double, R)) rethrows -> (Doub
     return out
 }
 
-if !skipWordcount { try wordcountBench(dir: dir, wordcountMB: wordcountMB, repeats: repeats, boundMB: boundMB) }
+if !skipWordcount { try wordcountBench(dir: dir, wordcountMB: wordcountMB, repeats: repeats, boundMB: boundMB, profileThreads: profileThreads) }
 if !skipPagerank { try pagerankBench(dir: dir, vertices: vertices, edgeCount: edgeCount, iterations: iterations, repeats: repeats, profileThreads: profileThreads) }
