@@ -440,22 +440,65 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
 /// partitioned like the result is read through a narrow dependency (no
 /// shuffle); any other parent is shuffled (grouped, without map-side combine).
 final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
-    let group: (Int, TaskContext) throws -> [(K, ([V], [W]))]
 
     init(_ a: RDD<(K, V)>, _ b: RDD<(K, W)>, partitioner: HashPartitioner) {
         let (depA, readA) = Self.side(a, partitioner)
         let (depB, readB) = Self.side(b, partitioner)
-        group = { p, ctx in
-            var groups: [K: ([V], [W])] = [:]
-            try readA(p, ctx) { k, vs in groups[k, default: ([], [])].0.append(contentsOf: vs) }
-            try readB(p, ctx) { k, ws in groups[k, default: ([], [])].1.append(contentsOf: ws) }
-            return Array(groups)
+        if K.self == Int.self {
+            group = Self.grouping(IntMap<([V], [W])>.self, a.context, readA, readB)
+        } else if K.self == String.self {
+            group = Self.grouping(StringMap<([V], [W])>.self, a.context, readA, readB)
+        } else {
+            group = Self.grouping(HashedMap<K, ([V], [W])>.self, a.context, readA, readB)
         }
         super.init(a.context, partitions: partitioner.numPartitions, dependencies: [depA, depB], name: "cogroup")
         self.partitioner = partitioner
     }
 
-    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, ([V], [W]))] { try group(partition, ctx) }
+    let group: (Int, TaskContext, ((K, ([V], [W]))) throws -> Void) throws -> Void
+
+    /// Both sides' groups merged in one `ExternalMerger`: bounded by the
+    /// memory pool like a reduce-side merge, spilled as sorted runs.
+    static func grouping<M: CombineMap>(_: M.Type, _ sc: DataflowContext,
+                                        _ readA: @escaping (Int, TaskContext, (K, [V]) -> Void) throws -> Void,
+                                        _ readB: @escaping (Int, TaskContext, (K, [W]) -> Void) throws -> Void)
+        -> (Int, TaskContext, ((K, ([V], [W]))) throws -> Void) throws -> Void where M.Value == ([V], [W]) {
+        let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec.pair(BlockCodec<[V]>.automatic(), BlockCodec<[W]>.automatic()))
+        let (strideV, strideW) = (MemoryLayout<V>.stride, MemoryLayout<W>.stride)
+        return { p, ctx, emit in
+            var merged = ExternalMerger<K, ([V], [W]), M>(
+                sc: sc, codec: codec, tag: "cogroup-\(p)",
+                mergeCombiners: { $0.0.append(contentsOf: $1.0); $0.1.append(contentsOf: $1.1) },
+                combinerBytes: { $0.0.count * strideV + $0.1.count * strideW })
+            defer { merged.release() }
+            // The callbacks cannot throw; the first spill error is kept.
+            var failure: Error?
+            try readA(p, ctx) { k, vs in
+                do { try merged.insert(k, (vs, [])) } catch { failure = failure ?? error }
+            }
+            if let failure { throw failure }
+            try readB(p, ctx) { k, ws in
+                do { try merged.insert(k, ([], ws)) } catch { failure = failure ?? error }
+            }
+            if let failure { throw failure }
+            try merged.finish(emit)
+        }
+    }
+
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, ([V], [W]))] {
+        var out: [(K, ([V], [W]))] = []
+        try group(partition, ctx) { out.append($0) }
+        return out
+    }
+
+    override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, ([V], [W]))) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        context.noteComputed(rdd: id, partition: partition)
+        try group(partition, ctx, body)
+    }
 
     /// One parent's dependency, and a reader that hands its values of
     /// partition p to a callback, grouped by key where it can.

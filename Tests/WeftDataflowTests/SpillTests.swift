@@ -164,6 +164,30 @@ final class SpillTests: XCTestCase {
         XCTAssertLessThanOrEqual(sc.peakPoolBytes, bound)
     }
 
+    /// cogroup (and the outer joins built on it) groups both sides in the
+    /// same bounded merge: many keys under a small bound spill and come
+    /// back with every value of both sides.
+    func testCogroupSpillsItsGroupsAndKeepsEveryValue() throws {
+        let bound = 128 << 10
+        var rng = SplitMix(seed: 29)
+        let a = (0..<30_000).map { _ in ("k\(rng.next() % 12_000)", Int(rng.next() % 1000)) }
+        let b = (0..<20_000).map { _ in ("k\(rng.next() % 15_000)", Int(rng.next() % 1000)) }
+        var ref: [String: ([Int], [Int])] = [:]
+        for (k, v) in a { ref[k, default: ([], [])].0.append(v) }
+        for (k, w) in b { ref[k, default: ([], [])].1.append(w) }
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: bound)
+        let groups = try sc.parallelize(a, partitions: 3).cogroup(sc.parallelize(b, partitions: 2), partitions: 2).collect()
+        XCTAssertEqual(groups.count, ref.count)
+        for (k, (vs, ws)) in groups {
+            XCTAssertEqual(vs.sorted(), ref[k]!.0.sorted(), k)
+            XCTAssertEqual(ws.sorted(), ref[k]!.1.sorted(), k)
+        }
+        XCTAssertGreaterThan(sc.lastJobMetrics.mergeSpillFiles, 0)
+        XCTAssertLessThanOrEqual(sc.peakPoolBytes, bound)
+        let outer = try sc.parallelize(a, partitions: 3).fullOuterJoin(sc.parallelize(b, partitions: 2)).count()
+        XCTAssertEqual(outer, ref.values.reduce(0) { $0 + Swift.max($1.0.count, 1) * Swift.max($1.1.count, 1) })
+    }
+
     func testLostSpillFilesResubmitTheMapStage() throws {
         let ws = words(30_000, seed: 3)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 16 << 10)
