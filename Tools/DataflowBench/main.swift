@@ -154,8 +154,8 @@ func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int, p
     }
     out("wordcount over \(wordcountMB) MiB: \(baseDistinct) distinct words, \(baseTotal) words (engine and loop agree)")
     report("wordcount", baseline, two, one, peak2, peakBase)
-    out(String(format: "wordcount with a %d MiB memory bound, 2 threads: %.2f s, peak %.0f MiB, %d bytes spilled in %d files, same result",
-                 boundMB, bounded, peakB, mB.bytesSpilled, mB.spillFiles))
+    out(String(format: "wordcount with a %d MiB memory bound, 2 threads: %.2f s, peak %.0f MiB, %d bytes spilled in %d files (%d of them reduce-side merge runs), same result",
+                 boundMB, bounded, peakB, mB.bytesSpilled, mB.spillFiles, mB.mergeSpillFiles))
 }
 
 // MARK: PageRank over a generated graph
