@@ -73,6 +73,16 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         if pending >= Self.reserveStep { try reserveOrSpill() }
     }
 
+    /// Merges one value (not a combiner) into its key's combiner.
+    mutating func insert<V>(_ k: K, _ v: V, _ agg: Aggregator<V, C>) throws {
+        if map.upsert(unsafeBitCast(k, to: M.Key.self), { agg.createCombiner(v) }, { agg.mergeValue(&$0, v) }) {
+            pending += rowBytes
+        } else if agg.combinerBytes != nil {
+            pending += MemoryLayout<V>.stride
+        }
+        if pending >= Self.reserveStep { try reserveOrSpill() }
+    }
+
     private mutating func reserveOrSpill() throws {
         let n = pending
         pending = 0
@@ -139,6 +149,7 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         var memory = MergeSource(run: nil)
         memory.rows = order.map { (unsafeBitCast(map.keys[$0.entry], to: K.self), map.values[$0.entry]) }
         memory.hashes = order.map(\.hash)
+        map = M(capacity: 64)   // its rows now live in `memory`
         sources.append(memory)
         for s in sources.indices { try sources[s].fill(sc, codec) }
         var group: [(K, C)] = []

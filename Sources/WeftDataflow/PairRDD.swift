@@ -394,6 +394,11 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
 
     override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, C)] {
         var out: [(K, C)] = []
+        if dep.aggregator == nil {
+            // Nothing to merge: the buckets, appended whole.
+            for m in 0..<dep.parent.numPartitions { out += try dep.fetch(map: m, bucket: partition) }
+            return out
+        }
         try reduce(partition) { out.append($0) }
         return out
     }
@@ -433,6 +438,49 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
             }
             try merged.finish(emit)
         }
+    }
+}
+
+/// A combine within each partition of a parent already partitioned by
+/// key (no shuffle), in the same bounded `ExternalMerger` as a reduce.
+final class CombinedRDD<K: Hashable, V, C>: RDD<(K, C)> {
+    let combine: (Int, TaskContext, ((K, C)) throws -> Void) throws -> Void
+
+    init(parent: RDD<(K, V)>, aggregator agg: Aggregator<V, C>) {
+        let sc = parent.context
+        let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec<C>.automatic())
+        func combining<M: CombineMap>(_: M.Type) -> (Int, TaskContext, ((K, C)) throws -> Void) throws -> Void where M.Value == C {
+            return { p, ctx, emit in
+                var merged = ExternalMerger<K, C, M>(sc: sc, codec: codec, tag: "combine-\(p)", mergeCombiners: agg.mergeCombiners, combinerBytes: agg.combinerBytes)
+                defer { merged.release() }
+                try parent.push(p, ctx) { kv in try merged.insert(kv.0, kv.1, agg) }
+                try merged.finish(emit)
+            }
+        }
+        if K.self == Int.self {
+            combine = combining(IntMap<C>.self)
+        } else if K.self == String.self {
+            combine = combining(StringMap<C>.self)
+        } else {
+            combine = combining(HashedMap<K, C>.self)
+        }
+        super.init(parent.context, partitions: parent.numPartitions, dependencies: [.narrow(parent, { [$0] })], name: "combineByKey")
+        partitioner = parent.partitioner
+    }
+
+    override func compute(_ partition: Int, _ ctx: TaskContext) throws -> [(K, C)] {
+        var out: [(K, C)] = []
+        try combine(partition, ctx) { out.append($0) }
+        return out
+    }
+
+    override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, C)) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        context.noteComputed(rdd: id, partition: partition)
+        try combine(partition, ctx, body)
     }
 }
 
@@ -629,13 +677,7 @@ extension RDD {
         let part = HashPartitioner(partitions ?? context.defaultParallelism(self))
         if let p = partitioner, p.isSame(as: part) {
             // Already partitioned by key: combine within each partition, no shuffle.
-            return mapPartitions(preservesPartitioning: true) { xs in
-                var m: [K: C] = [:]
-                for (k, v) in xs {
-                    if let i = m.index(forKey: k) { agg.mergeValue(&m.values[i], v) } else { m[k] = agg.createCombiner(v) }
-                }
-                return Array(m)
-            }.setName("combineByKey")
+            return CombinedRDD(parent: self, aggregator: agg)
         }
         let dep = ShuffleDependency<K, V, C>(parent: self, partitioner: part, partitionOf: { part.partition($0) }, aggregator: agg, mapSideCombine: mapSideCombine)
         return ShuffledRDD(dep, name: "combineByKey")

@@ -188,6 +188,30 @@ final class SpillTests: XCTestCase {
         XCTAssertEqual(outer, ref.values.reduce(0) { $0 + Swift.max($1.0.count, 1) * Swift.max($1.1.count, 1) })
     }
 
+    /// A combine over an RDD already partitioned by key needs no shuffle,
+    /// and its table is bounded like a reduce's.
+    func testCombineWithoutAShuffleIsBoundedToo() throws {
+        let bound = 128 << 10
+        var rng = SplitMix(seed: 31)
+        let pairs = (0..<40_000).map { _ in ("k\(rng.next() % 20_000)", Int(rng.next() % 100)) }
+        var sums: [String: Int] = [:], groups: [String: [Int]] = [:]
+        for (k, v) in pairs {
+            sums[k, default: 0] += v
+            groups[k, default: []].append(v)
+        }
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: bound)
+        let byKey = sc.parallelize(pairs, partitions: 3).partitionBy(HashPartitioner(2)).persist(.disk)
+        _ = try byKey.count()
+        let reduced = byKey.reduceByKey(partitions: 2, +)
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: try reduced.collect()), sums)
+        XCTAssertEqual(sc.lastJobMetrics.stages, 1, "no shuffle: the parent is partitioned like the result")
+        XCTAssertGreaterThan(sc.lastJobMetrics.mergeSpillFiles, 0)
+        let grouped = try byKey.groupByKey(2).collect()
+        XCTAssertEqual(grouped.count, groups.count)
+        for (k, vs) in grouped { XCTAssertEqual(vs.sorted(), groups[k]!.sorted(), k) }
+        XCTAssertLessThanOrEqual(sc.peakPoolBytes, bound)
+    }
+
     func testLostSpillFilesResubmitTheMapStage() throws {
         let ws = words(30_000, seed: 3)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 16 << 10)
