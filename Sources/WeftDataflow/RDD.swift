@@ -278,7 +278,20 @@ open class RDD<T>: AnyRDD {
         while out.count < n && next < numPartitions {
             let parts = Array(next..<Swift.min(numPartitions, next + batch))
             let need = n - out.count
-            for chunk in try context.runJob(self, partitions: parts, { Array($0.prefix(need)) }) {
+            // Each task stops reading once it has `need` rows: a fused
+            // chain (a text file, a merge) is not computed to its end.
+            let chunks = try context.runJob(self, partitions: parts, streaming: { each -> [T] in
+                var kept: [T] = []
+                if need == 0 { return kept }
+                do {
+                    try each { x in
+                        kept.append(x)
+                        if kept.count >= need { throw EnoughRows() }
+                    }
+                } catch is EnoughRows {}
+                return kept
+            })
+            for chunk in chunks {
                 out += chunk.prefix(n - out.count)
             }
             next += parts.count
@@ -346,6 +359,9 @@ extension RDD where T: Comparable {
     public func max() throws -> T { try reduce { Swift.max($0, $1) } }
     public func min() throws -> T { try reduce { Swift.min($0, $1) } }
 }
+
+/// Thrown inside a streaming task to stop reading (`take`).
+struct EnoughRows: Error {}
 
 /// SplitMix64: small, seedable, and the same on every run.
 struct SplitMix {

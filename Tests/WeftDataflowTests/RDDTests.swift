@@ -73,6 +73,20 @@ final class RDDTests: XCTestCase {
         XCTAssertEqual(acc.value, 500)
     }
 
+    /// take reads only what it needs: a fused chain stops after n rows
+    /// instead of computing its partition to the end.
+    func testTakeStopsReadingOnceItHasEnough() throws {
+        let seen = Once.Counter()
+        let r = sc.parallelize(Array(0..<10_000), partitions: 2).map { x -> Int in
+            seen.add()
+            return x * 2
+        }
+        XCTAssertEqual(try r.take(3), [0, 2, 4])
+        XCTAssertEqual(seen.value, 3, "only the rows take returned were computed")
+        XCTAssertEqual(try r.take(5_002).suffix(2), [10_000, 10_002], "across partitions, in order")
+        XCTAssertEqual(try r.filter { $0 % 1_000 == 0 }.take(4), [0, 1_000, 2_000, 3_000])
+    }
+
     func testKeyedTransformationsMatchReference() throws {
         let r = rdd(pairs)
         var sums: [String: Int] = [:], groups: [String: [Int]] = [:], maxes: [String: Int] = [:]
