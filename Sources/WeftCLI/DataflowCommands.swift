@@ -250,16 +250,29 @@ struct JobCommand: AsyncParsableCommand {
         @OptionGroup var job: JobOptions
         @Option(help: "Output table.") var output: String?
         @Flag(help: "Replace an existing output table atomically.") var overwrite = false
+        @Option(help: "Executor threads (default: every core).") var threads = ProcessInfo.processInfo.activeProcessorCount
+        @Option(help: "The engine's memory bound in MiB; past it, shuffle data and caches spill to disk. (default: 512)")
+        var memoryMb = DataflowContext.memoryBytesMaxDefault >> 20
+
+        func validate() throws {
+            if threads < 1 || threads > DataflowContext.executorThreadsMax {
+                throw ValidationError("--threads must be 1...\(DataflowContext.executorThreadsMax)")
+            }
+            if memoryMb < 1 || memoryMb > DataflowContext.memoryBytesMaxLimit >> 20 {
+                throw ValidationError("--memory-mb must be 1...\(DataflowContext.memoryBytesMaxLimit >> 20)")
+            }
+        }
 
         func run() async throws {
             let g = global
+            let (threads, memory) = (threads, memoryMb << 20)
             var params = job.parameters
             params.output = output
             params.overwrite = overwrite
             let name = job.name
             let p = params
             let result = try await withSession(g) { client, embedded -> JobResult in
-                let sc = DataflowContext()
+                let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: memory)
                 let tty = isatty(1) == 1
                 sc.onProgress = { pr in
                     if pr.tasksDone == pr.tasks || tty {
@@ -277,7 +290,8 @@ struct JobCommand: AsyncParsableCommand {
                                         "stages": result.metrics.stages, "tasks": result.metrics.tasks, "task_retries": result.metrics.taskRetries,
                                         "recomputed_partitions": result.metrics.recomputedPartitions,
                                         "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas,
-                                        "bytes_spilled": result.metrics.bytesSpilled]
+                                        "bytes_spilled": result.metrics.bytesSpilled, "spill_files": result.metrics.spillFiles,
+                                        "threads": threads, "memory_bytes_max": memory]
                 if let out = p.output, let ts = result.committedTs {
                     o["output"] = out
                     o["committed_ts"] = ts
@@ -287,6 +301,9 @@ struct JobCommand: AsyncParsableCommand {
                 print("\(name) over \(p.input) at ts=\(result.snapshotTs): \(result.outputRows) output rows")
                 for s in result.summary { print("  \(s)") }
                 print("  \(result.metrics.stages) stages, \(result.metrics.tasks) tasks, \(result.metrics.recomputedPartitions) partitions recomputed, \(result.metrics.partitionsReadFromReplicas) read from replicas")
+                if result.metrics.spillFiles > 0 {
+                    print("  \(result.metrics.bytesSpilled) bytes spilled in \(result.metrics.spillFiles) files (memory bound \(memory >> 20) MiB)")
+                }
                 if let out = p.output, let ts = result.committedTs { print("  output table \(out) committed at ts=\(ts)") }
             }
         }

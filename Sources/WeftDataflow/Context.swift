@@ -479,6 +479,10 @@ public final class DataflowContext: @unchecked Sendable {
 
     /// The default memory bound of a context.
     public static let memoryBytesMaxDefault = 512 << 20
+    /// The largest memory bound a context takes (1 TiB).
+    public static let memoryBytesMaxLimit = 1 << 40
+    /// The most executor threads `weft job run --threads` takes.
+    public static let executorThreadsMax = 256
 
     public init(executor: Executor = LocalExecutor(), memoryBytesMax: Int = DataflowContext.memoryBytesMaxDefault) {
         self.executor = executor

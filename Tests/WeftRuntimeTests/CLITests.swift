@@ -58,6 +58,19 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(try weft("job", "run", "wordcount", "--input", "pairs", "--output", "wc", "--overwrite").status, 0)
         XCTAssertEqual(try weft("table", "scan", "wc").stdout, "1\t1\n2\t1\nx\t1\ny\t1\n", "a kv table reads as key<TAB>value lines")
 
+        // One thread and a 1 MiB bound: the same counts.
+        let small = try weft("job", "run", "wordcount", "--input", "words", "--threads", "1", "--memory-mb", "1", "--json")
+        XCTAssertEqual(small.status, 0, small.stderr)
+        let so = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(small.stdout.utf8)) as? [String: Any])
+        XCTAssertEqual(so["output_rows"] as? Int, 3)
+        XCTAssertEqual(so["threads"] as? Int, 1)
+        XCTAssertEqual(so["memory_bytes_max"] as? Int, 1 << 20)
+        let badThreads = try weft("job", "run", "wordcount", "--input", "words", "--threads", "0")
+        XCTAssertNotEqual(badThreads.status, 0)
+        XCTAssertTrue(badThreads.stderr.contains("--threads must be 1...256"), badThreads.stderr)
+        let badMemory = try weft("job", "run", "wordcount", "--input", "words", "--memory-mb", "0")
+        XCTAssertTrue(badMemory.stderr.contains("--memory-mb must be"), badMemory.stderr)
+
         let unknownJob = try weft("job", "run", "frobnicate", "--input", "words")
         XCTAssertNotEqual(unknownJob.status, 0)
         XCTAssertTrue(unknownJob.stderr.contains("unknown job 'frobnicate'"), unknownJob.stderr)
