@@ -175,9 +175,12 @@ struct StringMap<Value>: CombineMap {
         }
         let n = bytes.count
         var h = seed ^ UInt64(n) &* 0x9E37_79B9_7F4A_7C15
-        guard let p = bytes.baseAddress else { return UInt32(truncatingIfNeeded: mix(h, 0xA076_1D64_78BD_642F)) }
         // Every byte is in some word loaded below, so `high` sees them all.
+        // (No bytes, whatever the pointer: a = b = 0.)
         var a: UInt64 = 0, b: UInt64 = 0, high: UInt64 = 0
+        guard let p = bytes.baseAddress, n > 0 else {
+            return UInt32(truncatingIfNeeded: mix(mix(0xA076_1D64_78BD_642F, h) ^ 0xE703_7ED1_A0B4_28DB, 0x8EBC_6AF0_9C88_C6E3))
+        }
         if n >= 8 {
             var i = 0
             while i + 16 < n {
@@ -192,7 +195,7 @@ struct StringMap<Value>: CombineMap {
         } else if n >= 4 {
             a = UInt64(p.loadUnaligned(as: UInt32.self))
             b = UInt64(p.loadUnaligned(fromByteOffset: n - 4, as: UInt32.self))
-        } else if n > 0 {
+        } else {
             a = UInt64(p.load(as: UInt8.self)) << 16 | UInt64(p.load(fromByteOffset: n >> 1, as: UInt8.self)) << 8 | UInt64(p.load(fromByteOffset: n - 1, as: UInt8.self))
             b = a << 8
         }

@@ -308,11 +308,12 @@ open class RDD<T>: AnyRDD {
     public final func takeOrdered(_ n: Int, by less: @escaping (T, T) -> Bool) throws -> [T] {
         // Each task keeps at most about 2n rows: past that it sorts and
         // keeps the first n.
+        let keepMax = n > (Int.max - 1024) / 2 ? Int.max : 2 * n + 1024
         let partials = try context.runJob(self, streaming: { each -> [T] in
             var kept: [T] = []
             try each { x in
                 kept.append(x)
-                if kept.count >= 2 * n + 1024 {
+                if kept.count >= keepMax {
                     kept.sort(by: less)
                     kept.removeLast(kept.count - n)
                 }

@@ -85,6 +85,8 @@ final class RDDTests: XCTestCase {
         XCTAssertEqual(seen.value, 3, "only the rows take returned were computed")
         XCTAssertEqual(try r.take(5_002).suffix(2), [10_000, 10_002], "across partitions, in order")
         XCTAssertEqual(try r.filter { $0 % 1_000 == 0 }.take(4), [0, 1_000, 2_000, 3_000])
+        XCTAssertEqual(try r.takeOrdered(Int.max).count, 10_000, "no overflow in the bound on kept rows")
+        XCTAssertEqual(try r.top(3), [19_998, 19_996, 19_994])
     }
 
     func testKeyedTransformationsMatchReference() throws {
