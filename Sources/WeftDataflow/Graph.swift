@@ -224,7 +224,7 @@ public enum GraphPageRank {
     @_specialize(where V == Int)
     @_specialize(where V == String)
     public static func run<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double, partitions: Int? = nil) -> RDD<(V, Double)> {
-        let n = max(1, partitions ?? min(edges.numPartitions, max(1, edges.context.executor.parallelism)))
+        let n = max(1, partitions ?? min(edges.numPartitions, max(2, edges.context.executor.parallelism)))
         let links = self.links(edges, n)
         let vertices = self.vertices(links, n)
         var ranks: RDD<RankBlock> = links.mapPartitions(preservesPartitioning: true) { ls in
