@@ -168,14 +168,16 @@ struct MessageBlock: MemorySized, SpillCodable {
 // MARK: Indexing vertices
 
 /// Dense indices for vertex values in first-seen order: `IntMap` for Int
-/// vertices, a Dictionary otherwise.
+/// vertices, `StringMap` for String vertices, a Dictionary otherwise.
 struct VertexIndexer<V: Hashable> {
     private var ints: IntMap<UInt8>
+    private var strings: StringMap<UInt8>
     private var dict: [V: Int32] = [:]
     private(set) var ids: [V] = []
     init(capacity: Int = 64) {
         ints = IntMap(capacity: V.self == Int.self ? capacity : 1)
-        if V.self != Int.self { dict.reserveCapacity(capacity) }
+        strings = StringMap(capacity: V.self == String.self ? capacity : 1)
+        if V.self != Int.self && V.self != String.self { dict.reserveCapacity(capacity) }
     }
     var count: Int { ids.count }
 
@@ -187,6 +189,13 @@ struct VertexIndexer<V: Hashable> {
             if e >= 0 { return Int32(truncatingIfNeeded: e) }
             ids.append(v)
             return Int32(truncatingIfNeeded: ints.insert(k, 0, at: slot))
+        }
+        if V.self == String.self {
+            let k = unsafeBitCast(v, to: String.self)
+            let (e, at) = strings.probe(k)
+            if e >= 0 { return Int32(truncatingIfNeeded: e) }
+            ids.append(v)
+            return Int32(truncatingIfNeeded: strings.insert(k, 0, at: at))
         }
         if let i = dict[v] { return i }
         let i = Int32(truncatingIfNeeded: ids.count)
