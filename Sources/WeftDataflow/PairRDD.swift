@@ -406,12 +406,7 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
     /// Streams the merged rows: a consumer that does not keep them (a
     /// map task, a count, a save) never holds the whole partition.
     override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, C)) throws -> Void) throws {
-        if materializes {
-            for x in try iterator(partition, ctx) { try body(x) }
-            return
-        }
-        context.noteComputed(rdd: id, partition: partition)
-        try reduce(partition, body)
+        try pushStreaming(partition, ctx, body) { try reduce(partition, $0) }
     }
 
     static func makeReduce(_ dep: ShuffleDependency<K, V, C>) -> (Int, ((K, C)) throws -> Void) throws -> Void {
@@ -475,12 +470,7 @@ final class CombinedRDD<K: Hashable, V, C>: RDD<(K, C)> {
     }
 
     override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, C)) throws -> Void) throws {
-        if materializes {
-            for x in try iterator(partition, ctx) { try body(x) }
-            return
-        }
-        context.noteComputed(rdd: id, partition: partition)
-        try combine(partition, ctx, body)
+        try pushStreaming(partition, ctx, body) { try combine(partition, ctx, $0) }
     }
 }
 
@@ -540,12 +530,7 @@ final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
     }
 
     override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, ([V], [W]))) throws -> Void) throws {
-        if materializes {
-            for x in try iterator(partition, ctx) { try body(x) }
-            return
-        }
-        context.noteComputed(rdd: id, partition: partition)
-        try group(partition, ctx, body)
+        try pushStreaming(partition, ctx, body) { try group(partition, ctx, $0) }
     }
 
     /// One parent's dependency, and a reader that hands its values of
@@ -610,12 +595,7 @@ final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
     }
 
     override func push(_ partition: Int, _ ctx: TaskContext, _ body: ((K, (V, W))) throws -> Void) throws {
-        if materializes {
-            for x in try iterator(partition, ctx) { try body(x) }
-            return
-        }
-        context.noteComputed(rdd: id, partition: partition)
-        try join(partition, ctx, body)
+        try pushStreaming(partition, ctx, body) { try join(partition, ctx, $0) }
     }
 
     static func hashJoin<M: CombineMap>(_: M.Type, _ readA: @escaping (Int, TaskContext, (K, V) throws -> Void) throws -> Void,

@@ -85,6 +85,20 @@ open class RDD<T>: AnyRDD {
         for x in try iterator(partition, ctx) { try body(x) }
     }
 
+    /// `push` for an RDD that computes a partition as a stream: through
+    /// `iterator` when the partition is (or will be) kept, else straight
+    /// from `stream`, fused with the consumer.
+    final func pushStreaming(_ partition: Int, _ ctx: TaskContext, _ body: (T) throws -> Void,
+                             _ stream: ((T) throws -> Void) throws -> Void) throws {
+        if materializes {
+            for x in try iterator(partition, ctx) { try body(x) }
+            return
+        }
+        context.noteComputed(rdd: id, partition: partition)
+        // `body` goes to `stream` and nowhere else; it does not outlive the call.
+        try withoutActuallyEscaping(body) { try stream($0) }
+    }
+
     /// True when `push` must go through `iterator` (the partition is or
     /// will be kept somewhere) rather than recompute in a fused pipeline.
     final var materializes: Bool { storageLevel != .none || reliable != nil || checkpointed }
@@ -420,12 +434,7 @@ final class ElementwiseRDD<T, U>: RDD<U> {
         return out
     }
     override func push(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
-        if materializes {
-            for x in try iterator(partition, ctx) { try body(x) }
-            return
-        }
-        context.noteComputed(rdd: id, partition: partition)
-        try parent.push(partition, ctx) { x in try f(x, body) }
+        try pushStreaming(partition, ctx, body) { emit in try parent.push(partition, ctx) { x in try f(x, emit) } }
     }
 }
 
@@ -616,12 +625,7 @@ final class LineParserRDD<U>: RDD<U> {
         return out
     }
     override func push(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
-        if materializes {
-            for x in try iterator(partition, ctx) { try body(x) }
-            return
-        }
-        context.noteComputed(rdd: id, partition: partition)
-        try run(partition, ctx, body)
+        try pushStreaming(partition, ctx, body) { try run(partition, ctx, $0) }
     }
     private func run(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
         if let file = parent as? TextFileRDD, !file.materializes {
