@@ -250,8 +250,9 @@ struct JobCommand: AsyncParsableCommand {
         @OptionGroup var job: JobOptions
         @Option(help: "Output table.") var output: String?
         @Flag(help: "Replace an existing output table atomically.") var overwrite = false
-        @Option(help: "Executor threads (default: every core).") var threads = ProcessInfo.processInfo.activeProcessorCount
-        @Option(help: "The engine's memory bound in MiB; past it, shuffle data and caches spill to disk. (default: 512)")
+        @Option(help: "Executor threads (default: every core, at most 256).")
+        var threads = min(ProcessInfo.processInfo.activeProcessorCount, DataflowContext.executorThreadsMax)
+        @Option(help: "The engine's memory bound in MiB; past it, shuffle data, merge tables and caches spill to disk.")
         var memoryMb = DataflowContext.memoryBytesMaxDefault >> 20
 
         func validate() throws {

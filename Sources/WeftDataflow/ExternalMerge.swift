@@ -42,10 +42,15 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
     let tag: String
     let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
 
-    /// Rows per batch in a run: what the final merge holds of each run.
+    /// A batch of a run ends at this many rows or `batchBytes` estimated
+    /// bytes, whichever comes first: what the final merge holds of each run.
     static var batchRows: Int { 1024 }
-    /// Growth between two requests to the memory pool.
-    static var reserveStep: Int { 256 << 10 }
+    static var batchBytes: Int { 64 << 10 }
+    /// Growth between two requests to the memory pool: 256 KiB, or a
+    /// sixteenth of a smaller pool (at least 4 KiB).
+    let reserveStep: Int
+    /// The shuffle being read, whose outputs are not demoted to make room.
+    let sparing: Int
 
     private var map = M(capacity: 64)
     private var held = 0
@@ -53,8 +58,11 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
     private var runs: [SpillRun] = []
     private var unusable = false
 
-    init(sc: DataflowContext, codec: BlockCodec<(K, C)>?, tag: String, mergeCombiners: @escaping (inout C, C) -> Void, combinerBytes: ((C) -> Int)?) {
+    init(sc: DataflowContext, codec: BlockCodec<(K, C)>?, tag: String, mergeCombiners: @escaping (inout C, C) -> Void,
+         combinerBytes: ((C) -> Int)?, sparing: Int = -1) {
         self.sc = sc
+        self.sparing = sparing
+        reserveStep = Swift.max(4 << 10, Swift.min(256 << 10, sc.memory.capacity / 16))
         self.codec = codec
         self.tag = tag
         self.mergeCombiners = mergeCombiners
@@ -70,7 +78,7 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         } else if let size = combinerBytes {
             pending += size(c)
         }
-        if pending >= Self.reserveStep { try reserveOrSpill() }
+        if pending >= reserveStep { try reserveOrSpill() }
     }
 
     /// Merges one value (not a combiner) into its key's combiner.
@@ -80,14 +88,14 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         } else if agg.combinerBytes != nil {
             pending += MemoryLayout<V>.stride
         }
-        if pending >= Self.reserveStep { try reserveOrSpill() }
+        if pending >= reserveStep { try reserveOrSpill() }
     }
 
     private mutating func reserveOrSpill() throws {
         let n = pending
         pending = 0
         var ok = sc.memory.tryAcquire(n)
-        while !ok && sc.shuffles.demote(n, sparing: -1) { ok = sc.memory.tryAcquire(n) }
+        while !ok && sc.shuffles.demote(n, sparing: sparing) { ok = sc.memory.tryAcquire(n) }
         if ok {
             held += n
             return
@@ -118,10 +126,17 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         var offsets = [0]
         var i = 0
         while i < order.count {
-            let batch = order[i..<Swift.min(i + Self.batchRows, order.count)]
+            // Up to batchRows rows or batchBytes estimated bytes (a group
+            // counts its array), at least one row.
+            var end = i, bytes = 0
+            while end < order.count && end - i < Self.batchRows && (end == i || bytes < Self.batchBytes) {
+                bytes += rowBytes + (combinerBytes?(map.values[order[end].entry]) ?? 0)
+                end += 1
+            }
+            let batch = order[i..<end]
             SpillFormat.encode(batch.lazy.map { [map] in (unsafeBitCast(map.keys[$0.entry], to: K.self), map.values[$0.entry]) }, count: batch.count, codec, into: &w)
             offsets.append(w.bytes.count)
-            i += Self.batchRows
+            i = end
         }
         let file = try sc.spillDirectory.write(w.bytes, tag: tag)
         runs.append(SpillRun(file: file, offsets: offsets))

@@ -178,6 +178,14 @@ struct ShuffleWriter<K, C> {
         return true
     }
 
+    /// For a task that failed: frees its memory and removes its runs.
+    mutating func abort() {
+        sc.memory.release(held)
+        held = 0
+        for r in runs { sc.spillDirectory.remove(r.file) }
+        runs = []
+    }
+
     func finish(_ data: [[(K, C)]], rows: Int) -> ShuffleOutput {
         let empty = data.allSatisfy(\.isEmpty)
         var demote: (() throws -> ShuffleOutput?)?
@@ -263,6 +271,9 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                 // Map-side combine: one combiner per key, hashed once per row;
                 // the bucket of a key is computed once per distinct key.
                 var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
+                // A task that fails gives back its memory and removes its runs.
+                var finished = false
+                defer { if !finished { w.abort() } }
                 var m: [K: C] = [:]
                 var sinceReserve = 0
                 var rows = 0
@@ -286,11 +297,15 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                     }
                 }
                 if !w.reserve(rows: sinceReserve), try w.spill(split(m)) { m = [:] }
+                finished = true
                 return w.finish(split(m), rows: rows)
             }
         }
         return { p, ctx in
             var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
+            // A task that fails gives back its memory and removes its runs.
+            var finished = false
+            defer { if !finished { w.abort() } }
             var buckets = [[(K, C)]](repeating: [], count: n)
             var sinceReserve = 0
             var rows = 0
@@ -311,6 +326,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                 }
             }
             if !w.reserve(rows: sinceReserve, extraBytes: extra), try w.spill(buckets) { buckets = [[(K, C)]](repeating: [], count: n) }
+            finished = true
             return w.finish(buckets, rows: rows)
         }
     }
@@ -322,6 +338,9 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
         let grows = agg.combinerBytes != nil
         return { p, ctx in
             var w = ShuffleWriter<K, C>(sc: sc, shuffle: id, map: p, buckets: n, rowBytes: rowBytes, codec: codec)
+            // A task that fails gives back its memory and removes its runs.
+            var finished = false
+            defer { if !finished { w.abort() } }
             var m = M(capacity: 64)
             var sinceReserve = 0
             var rows = 0
@@ -345,6 +364,7 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
                 }
             }
             if !w.reserve(rows: sinceReserve), try w.spill(split(m)) { m = M(capacity: 64) }
+            finished = true
             return w.finish(split(m), rows: rows)
         }
     }
@@ -413,7 +433,10 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
         guard let agg = dep.aggregator else {
             let maps = dep.parent.numPartitions
             return { partition, emit in
-                for m in 0..<maps { for kc in try dep.fetch(map: m, bucket: partition) { try emit(kc) } }
+                // Every bucket first: a lost map output (FetchFailed) then
+                // fails the task before it has handed on a single row.
+                let buckets = try (0..<maps).map { try dep.fetch(map: $0, bucket: partition) }
+                for b in buckets { for kc in b { try emit(kc) } }
             }
         }
         if K.self == Int.self { return mergingReduce(IntMap<C>.self, dep, agg) }
@@ -426,7 +449,7 @@ final class ShuffledRDD<K: Hashable, V, C>: RDD<(K, C)> {
         let sc = dep.parent.context
         return { partition, emit in
             var merged = ExternalMerger<K, C, M>(sc: sc, codec: dep.codec, tag: "shuffle-\(dep.shuffleId)-reduce-\(partition)",
-                                                 mergeCombiners: agg.mergeCombiners, combinerBytes: agg.combinerBytes)
+                                                 mergeCombiners: agg.mergeCombiners, combinerBytes: agg.combinerBytes, sparing: dep.shuffleId)
             defer { merged.release() }
             for m in 0..<maps {
                 for (k, c) in try dep.fetch(map: m, bucket: partition) { try merged.insert(k, c) }
@@ -498,8 +521,8 @@ final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
     /// Both sides' groups merged in one `ExternalMerger`: bounded by the
     /// memory pool like a reduce-side merge, spilled as sorted runs.
     static func grouping<M: CombineMap>(_: M.Type, _ sc: DataflowContext,
-                                        _ readA: @escaping (Int, TaskContext, (K, [V]) -> Void) throws -> Void,
-                                        _ readB: @escaping (Int, TaskContext, (K, [W]) -> Void) throws -> Void)
+                                        _ readA: @escaping (Int, TaskContext, (K, [V]) throws -> Void) throws -> Void,
+                                        _ readB: @escaping (Int, TaskContext, (K, [W]) throws -> Void) throws -> Void)
         -> (Int, TaskContext, ((K, ([V], [W]))) throws -> Void) throws -> Void where M.Value == ([V], [W]) {
         let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec.pair(BlockCodec<[V]>.automatic(), BlockCodec<[W]>.automatic()))
         let (strideV, strideW) = (MemoryLayout<V>.stride, MemoryLayout<W>.stride)
@@ -509,16 +532,8 @@ final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
                 mergeCombiners: { $0.0.append(contentsOf: $1.0); $0.1.append(contentsOf: $1.1) },
                 combinerBytes: { $0.0.count * strideV + $0.1.count * strideW })
             defer { merged.release() }
-            // The callbacks cannot throw; the first spill error is kept.
-            var failure: Error?
-            try readA(p, ctx) { k, vs in
-                do { try merged.insert(k, (vs, [])) } catch { failure = failure ?? error }
-            }
-            if let failure { throw failure }
-            try readB(p, ctx) { k, ws in
-                do { try merged.insert(k, ([], ws)) } catch { failure = failure ?? error }
-            }
-            if let failure { throw failure }
+            try readA(p, ctx) { k, vs in try merged.insert(k, (vs, [])) }
+            try readB(p, ctx) { k, ws in try merged.insert(k, ([], ws)) }
             try merged.finish(emit)
         }
     }
@@ -535,16 +550,16 @@ final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
 
     /// One parent's dependency, and a reader that hands its values of
     /// partition p to a callback, grouped by key where it can.
-    static func side<X>(_ r: RDD<(K, X)>, _ part: HashPartitioner) -> (Dependency, (Int, TaskContext, (K, [X]) -> Void) throws -> Void) {
+    static func side<X>(_ r: RDD<(K, X)>, _ part: HashPartitioner) -> (Dependency, (Int, TaskContext, (K, [X]) throws -> Void) throws -> Void) {
         if let pp = r.partitioner, pp.isSame(as: part) {
-            return (.narrow(r, { [$0] }), { p, ctx, emit in try r.push(p, ctx) { emit($0.0, [$0.1]) } })
+            return (.narrow(r, { [$0] }), { p, ctx, emit in try r.push(p, ctx) { try emit($0.0, [$0.1]) } })
         }
         let agg = Aggregator<X, [X]>(createCombiner: { [$0] }, mergeValue: { $0.append($1) }, mergeCombiners: { $0.append(contentsOf: $1) },
                                      combinerBytes: { $0.count * MemoryLayout<X>.stride })
         let d = ShuffleDependency<K, X, [X]>(parent: r, partitioner: part, partitionOf: { part.partition($0) }, aggregator: agg, mapSideCombine: true)
         let maps = r.numPartitions
         return (.shuffle(d), { p, _, emit in
-            for m in 0..<maps { for (k, xs) in try d.fetch(map: m, bucket: p) { emit(k, xs) } }
+            for m in 0..<maps { for (k, xs) in try d.fetch(map: m, bucket: p) { try emit(k, xs) } }
         })
     }
 }

@@ -212,6 +212,31 @@ final class SpillTests: XCTestCase {
         XCTAssertLessThanOrEqual(sc.peakPoolBytes, bound)
     }
 
+    /// A task that fails after it spilled gives back its memory and
+    /// removes its files: map tasks (their writer) and reduce tasks (their
+    /// merge table) alike. Once the job's RDDs are gone, the pool is empty
+    /// and no spill file is left.
+    func testFailedTasksGiveBackTheirMemoryAndFiles() throws {
+        struct Boom: Error {}
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 128 << 10)
+        func files() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: sc.spillDirectory.path).count) ?? 0 }
+        do {
+            // Map side: every attempt fails after 30,000 rows, well past its first spill.
+            let failing = sc.parallelize(Array(0..<80_000), partitions: 2).map { x -> (Int, Int) in
+                if x % 40_000 == 30_000 { throw Boom() }
+                return (x, 1)
+            }.reduceByKey(partitions: 2, +)
+            XCTAssertThrowsError(try failing.count())
+            XCTAssertGreaterThan(sc.lastJobMetrics.spillFiles, 0, "the failed attempts had spilled")
+            // Reduce side: the merge fails in the consumer after its tables spilled.
+            let sums = sc.parallelize(Array(0..<60_000), partitions: 2).map { ($0, 1) }.reduceByKey(partitions: 2, +)
+            XCTAssertThrowsError(try sums.foreach { kv in if kv.0 == 59_999 { throw Boom() } })
+            XCTAssertGreaterThan(sc.lastJobMetrics.mergeSpillFiles, 0, "the merge had spilled")
+        }
+        XCTAssertEqual(sc.memory.inUse, 0, "every byte went back to the pool")
+        XCTAssertEqual(files(), 0, "no spill file is left")
+    }
+
     func testLostSpillFilesResubmitTheMapStage() throws {
         let ws = words(30_000, seed: 3)
         let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: 16 << 10)
