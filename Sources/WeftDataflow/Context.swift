@@ -551,7 +551,7 @@ public final class DataflowContext: @unchecked Sendable {
     /// A job whose result tasks see each partition's rows one at a time
     /// (`each { row in ... }`) rather than as an array, so an action that
     /// folds (count, reduce, foreach) never holds a whole partition.
-    public func runJob<T, U>(_ rdd: RDD<T>, partitions: [Int]? = nil, streaming f: @escaping (_ each: (_ body: (T) throws -> Void) throws -> Void) throws -> U) throws -> [U] {
+    public func runStreamingJob<T, U>(_ rdd: RDD<T>, partitions: [Int]? = nil, _ f: @escaping (_ each: (_ body: (T) throws -> Void) throws -> Void) throws -> U) throws -> [U] {
         try runJob(rdd, partitions: partitions, task: { p, ctx in try f { body in try rdd.push(p, ctx, body) } })
     }
 

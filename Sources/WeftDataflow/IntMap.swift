@@ -1,9 +1,3 @@
-/// A hash map from `Int` keys for the shuffle's hot loops (map-side
-/// combine, reduce-side merge, join tables): open addressing with linear
-/// probing and a multiplicative (Fibonacci) hash instead of `Dictionary`'s
-/// seeded SipHash. Entries live in two dense arrays in insertion order; the
-/// probe table holds each slot's key and entry index side by side, so a
-/// probe that misses the cache misses it once.
 /// `StringMap`'s seed: per process, so no input can be built in advance
 /// to collide (the reason `Dictionary` seeds its hash).
 let stringHashSeed: UInt64 = UInt64.random(in: 1...UInt64.max) | 1
@@ -39,6 +33,12 @@ extension CombineMap {
     }
 }
 
+/// A hash map from `Int` keys for the shuffle's hot loops (map-side
+/// combine, reduce-side merge, join tables): open addressing with linear
+/// probing and a multiplicative (Fibonacci) hash instead of `Dictionary`'s
+/// seeded SipHash. Entries live in two dense arrays in insertion order; the
+/// probe table holds each slot's key and entry index side by side, so a
+/// probe that misses the cache misses it once.
 struct IntMap<Value>: CombineMap {
     struct Slot {
         var key: Int

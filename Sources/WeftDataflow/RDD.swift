@@ -252,17 +252,17 @@ open class RDD<T>: AnyRDD {
     public final func collect() throws -> [T] { try context.runJob(self) { $0 }.flatMap { $0 } }
 
     public final func count() throws -> Int {
-        try context.runJob(self, streaming: { each in
+        try context.runStreamingJob(self, { each in
             var n = 0
             try each { _ in n += 1 }
             return n
         }).reduce(0, +)
     }
 
-    public final func foreach(_ f: @escaping (T) throws -> Void) throws { _ = try context.runJob(self, streaming: { each in try each(f) }) }
+    public final func foreach(_ f: @escaping (T) throws -> Void) throws { _ = try context.runStreamingJob(self, { each in try each(f) }) }
 
     public final func reduce(_ f: @escaping (T, T) throws -> T) throws -> T {
-        let partials = try context.runJob(self, streaming: { each -> T? in
+        let partials = try context.runStreamingJob(self, { each -> T? in
             var acc: T?
             try each { x in acc = try acc.map { try f($0, x) } ?? x }
             return acc
@@ -277,7 +277,7 @@ open class RDD<T>: AnyRDD {
     }
 
     public final func aggregate<U>(_ zero: U, _ seqOp: @escaping (U, T) throws -> U, _ combOp: @escaping (U, U) throws -> U) throws -> U {
-        try context.runJob(self, streaming: { each in
+        try context.runStreamingJob(self, { each in
             var acc = zero
             try each { acc = try seqOp(acc, $0) }
             return acc
@@ -294,7 +294,7 @@ open class RDD<T>: AnyRDD {
             let need = n - out.count
             // Each task stops reading once it has `need` rows: a fused
             // chain (a text file, a merge) is not computed to its end.
-            let chunks = try context.runJob(self, partitions: parts, streaming: { each -> [T] in
+            let chunks = try context.runStreamingJob(self, partitions: parts, { each -> [T] in
                 var kept: [T] = []
                 if need == 0 { return kept }
                 do {
@@ -323,7 +323,7 @@ open class RDD<T>: AnyRDD {
         // Each task keeps at most about 2n rows: past that it sorts and
         // keeps the first n.
         let keepMax = n > (Int.max - 1024) / 2 ? Int.max : 2 * n + 1024
-        let partials = try context.runJob(self, streaming: { each -> [T] in
+        let partials = try context.runStreamingJob(self, { each -> [T] in
             var kept: [T] = []
             try each { x in
                 kept.append(x)
