@@ -292,7 +292,8 @@ struct JobCommand: AsyncParsableCommand {
                                         "recomputed_partitions": result.metrics.recomputedPartitions,
                                         "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas,
                                         "bytes_spilled": result.metrics.bytesSpilled, "spill_files": result.metrics.spillFiles,
-                                        "threads": threads, "memory_bytes_max": memory]
+                                        "threads": threads, "memory_bytes_max": memory,
+                                        "stage_times": result.metrics.stageTimes.map { ["stage": $0.name, "tasks": $0.tasks, "seconds": $0.seconds] as [String: Any] }]
                 if let out = p.output, let ts = result.committedTs {
                     o["output"] = out
                     o["committed_ts"] = ts

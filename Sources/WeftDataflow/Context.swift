@@ -581,7 +581,8 @@ public final class DataflowContext: @unchecked Sendable {
                     }
                 }
                 stageIndex += 1
-                let results = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: plan.count + 1, partitions: parts, task)
+                let results = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: plan.count + 1, partitions: parts,
+                                           name: "result of \(rdd.name) [rdd \(rdd.id)]", task)
                 return results.map { $0 as! U }
             } catch let e as FetchFailed {
                 // Lost shuffle output: resubmit the parent stage for what is missing.
@@ -637,7 +638,8 @@ public final class DataflowContext: @unchecked Sendable {
         stageIndex += 1
         let missing = (0..<dep.parentRDD.numPartitions).filter { !shuffles.has(dep.shuffleId, map: $0) }
         if missing.isEmpty { return false }
-        _ = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: stages, partitions: missing, publish: { p, out in
+        _ = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: stages, partitions: missing,
+                         name: "shuffle \(dep.shuffleId) of \(dep.parentRDD.name) [rdd \(dep.parentRDD.id)]", publish: { p, out in
             self.shuffles.put(dep.shuffleId, map: p, out as! ShuffleOutput)
         }) { p, ctx in
             try dep.runMapTask(p, ctx)
@@ -648,8 +650,13 @@ public final class DataflowContext: @unchecked Sendable {
     /// Runs one task per partition on the executor, retrying a failed task up
     /// to `maxTaskFailures` times. Accumulator updates of an attempt count
     /// only if it succeeds. A FetchFailed goes straight up to the job.
-    func runTasks(job: Int, stage: Int, stageIndex: Int, stages: Int, partitions: [Int], publish: ((Int, Any) -> Void)? = nil,
+    func runTasks(job: Int, stage: Int, stageIndex: Int, stages: Int, partitions: [Int], name: String, publish: ((Int, Any) -> Void)? = nil,
                   _ body: @escaping (Int, TaskContext) throws -> Any) throws -> [Any] {
+        let started = DispatchTime.now().uptimeNanoseconds
+        defer {
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
+            metric { $0.stageTimes.append(StageTime(name: name, tasks: partitions.count, seconds: seconds)) }
+        }
         let results = ResultSlots(partitions.count)
         let done = Counter()
         metric {

@@ -86,6 +86,15 @@ public final class Broadcast<T>: @unchecked Sendable {
     init(_ v: T) { value = v }
 }
 
+/// One stage run: a shuffle map stage is named after the shuffle and the
+/// RDD it reads, a result stage after the RDD the action runs on.
+public struct StageTime: Sendable, CustomStringConvertible {
+    public let name: String
+    public let tasks: Int
+    public let seconds: Double
+    public var description: String { String(format: "%@: %d tasks, %.3f s", name, tasks, seconds) }
+}
+
 /// Counters a job reports.
 public struct JobMetrics: Sendable, CustomStringConvertible {
     public var stages = 0
@@ -112,6 +121,8 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     public var mergeSpillFiles = 0
     /// Memory held past the bound because the data has no codec to spill with.
     public var unspillableBytes = 0
+    /// Each stage run, in order: what it computed, its tasks and its wall time.
+    public var stageTimes: [StageTime] = []
     public var description: String {
         "\(stages) stages, \(tasks) tasks, \(taskRetries) retries, \(stageResubmissions) stage resubmissions, \(executorsLost) executors lost, \(recomputedPartitions) partitions recomputed, \(partitionsReadFromReplicas) read from replicas, \(cacheHits) cache hits (\(diskBlockReads) from disk), \(bytesSpilled) bytes spilled in \(spillFiles) files"
     }
@@ -131,5 +142,6 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
         spillFiles += o.spillFiles
         mergeSpillFiles += o.mergeSpillFiles
         unspillableBytes += o.unspillableBytes
+        stageTimes += o.stageTimes
     }
 }

@@ -112,21 +112,35 @@ extension EdgeBlock: SpillCodable where V: SpillCodable {
 }
 
 /// One partition's out-links, deduplicated, in local indices. Source i is
-/// slot i of the partition's vertices; its edges to vertex partition q
-/// point into `targets[q].dsts`, the distinct destinations it has there.
+/// slot i of the partition's vertices. `dsts[q]` are the distinct
+/// destinations it links to in vertex partition q (ascending, for integer
+/// vertices on the packed paths); the edges to q are
+/// `edgeStart[q]..<edgeStart[q + 1]` of `edgeSrc` (source slot) and
+/// `edgeDst` (index into `dsts[q]`), grouped by source.
 struct LinkPartition<V>: MemorySized {
-    struct Targets {
-        var dsts: [V] = []
-        var edgeSrc: [Int32] = []
-        var edgeDst: [Int32] = []
-    }
     var srcs: [V] = []
     var outDegree: [Int32] = []
-    var targets: [Targets] = []
-    var edges: Int { targets.reduce(0) { $0 + $1.edgeSrc.count } }
+    var dsts: [[V]] = []
+    var edgeStart: [Int] = []
+    var edgeSrc: [Int32] = []
+    var edgeDst: [Int32] = []
+    var edges: Int { edgeSrc.count }
     var memoryBytes: Int {
-        srcs.count * (MemoryLayout<V>.stride + 4) + targets.reduce(0) { $0 + $1.dsts.count * MemoryLayout<V>.stride + $1.edgeSrc.count * 8 }
+        srcs.count * (MemoryLayout<V>.stride + 4) + dsts.reduce(0) { $0 + $1.count * MemoryLayout<V>.stride } + edgeSrc.count * 8
     }
+
+    /// Per-q edge lists (source slot, destination index) made flat.
+    init(srcs: [V], outDegree: [Int32], dsts: [[V]], edgeSrc: [[Int32]], edgeDst: [[Int32]]) {
+        self.srcs = srcs
+        self.outDegree = outDegree
+        self.dsts = dsts
+        edgeStart = [0]
+        for q in edgeSrc.indices { edgeStart.append(edgeStart[q] + edgeSrc[q].count) }
+        self.edgeSrc = Array(edgeSrc.joined())
+        self.edgeDst = Array(edgeDst.joined())
+    }
+
+    init() {}
 }
 
 /// One partition's vertices: slot -> vertex, and for each link partition p,
@@ -335,9 +349,7 @@ public enum GraphPageRank {
         eDst = []
         // Drop repeated edges: a destination already seen for this source.
         var lastSource = dstIndex.map { [Int32](repeating: -1, count: $0.count) }
-        var out = LinkPartition<V>()
-        out.srcs = srcIndex.ids
-        out.outDegree = [Int32](repeating: 0, count: sources)
+        var outDegree = [Int32](repeating: 0, count: sources)
         var edgeSrc = [[Int32]](repeating: [], count: n), edgeDst = [[Int32]](repeating: [], count: n)
         for q in 0..<n {
             edgeSrc[q].reserveCapacity(total / n + 16)
@@ -354,10 +366,9 @@ public enum GraphPageRank {
                 edgeSrc[q].append(Int32(s))
                 edgeDst[q].append(Int32(d))
             }
-            out.outDegree[s] = degree
+            outDegree[s] = degree
         }
-        out.targets = (0..<n).map { LinkPartition<V>.Targets(dsts: dstIndex[$0].ids, edgeSrc: edgeSrc[$0], edgeDst: edgeDst[$0]) }
-        return out
+        return LinkPartition(srcs: srcIndex.ids, outDegree: outDegree, dsts: dstIndex.map(\.ids), edgeSrc: edgeSrc, edgeDst: edgeDst)
     }
 
     /// `buildLinks` for integer vertices in [0, 2^32), the common case:
@@ -371,7 +382,7 @@ public enum GraphPageRank {
         if maxDst < UInt64(max(1 << 22, 2 * keys.count)) {
             return buildDenseLinks(keys, Int(maxDst), n)
         }
-        var out = LinkPartition<Int>()
+        var srcs: [Int] = [], outDegree: [Int32] = []
         // Per vertex partition: (destination, edge ordinal there), packed.
         var byDst = [[UInt64]](repeating: [], count: n)
         var edgeSrc = [[Int32]](repeating: [], count: n)
@@ -379,92 +390,168 @@ public enum GraphPageRank {
         for k in keys where first || k != previous {
             (previous, first) = (k, false)
             let src = Int(k >> 32), dst = Int(k & 0xffff_ffff)
-            if out.srcs.last != src {
-                out.srcs.append(src)
-                out.outDegree.append(0)
+            if srcs.last != src {
+                srcs.append(src)
+                outDegree.append(0)
             }
-            let s = out.srcs.count - 1
-            out.outDegree[s] += 1
+            outDegree[srcs.count - 1] += 1
             let q = vertexPartition(dst, n)
             byDst[q].append(UInt64(dst) << 32 | UInt64(edgeSrc[q].count))
-            edgeSrc[q].append(Int32(s))
+            edgeSrc[q].append(Int32(srcs.count - 1))
         }
         keys = []
-        out.targets = (0..<n).map { q in
+        var dsts = [[Int]](repeating: [], count: n), edgeDst = [[Int32]](repeating: [], count: n)
+        for q in 0..<n {
             radixSort(&byDst[q])
-            var t = LinkPartition<Int>.Targets()
-            t.edgeSrc = edgeSrc[q]
-            t.edgeDst = [Int32](repeating: 0, count: byDst[q].count)
+            edgeDst[q] = [Int32](repeating: 0, count: byDst[q].count)
             var last: UInt64 = ~0
-            t.edgeDst.withUnsafeMutableBufferPointer { edgeDst in
+            edgeDst[q].withUnsafeMutableBufferPointer { edgeDst in
                 for x in byDst[q] {
                     if x >> 32 != last {
                         last = x >> 32
-                        t.dsts.append(Int(last))
+                        dsts[q].append(Int(last))
                     }
-                    edgeDst[Int(x & 0xffff_ffff)] = Int32(t.dsts.count - 1)
+                    edgeDst[Int(x & 0xffff_ffff)] = Int32(dsts[q].count - 1)
                 }
             }
             byDst[q] = []
-            return t
         }
-        return out
+        return LinkPartition(srcs: srcs, outDegree: outDegree, dsts: dsts, edgeSrc: edgeSrc, edgeDst: edgeDst)
     }
 
     /// `buildPackedLinks` when destinations are small numbers (below
-    /// 2^22, or twice the edge count): each is numbered through a direct
-    /// array of at most 8 bytes per edge instead of a second sort.
+    /// 2^22, or twice the edge count). Two passes over the sorted edges:
+    /// the first counts sources and edges per vertex partition and marks
+    /// each destination in a bitmap per vertex partition; the second writes
+    /// the edges, numbering each destination by its rank in that bitmap
+    /// (so `dsts[q]` is ascending). The bitmaps take one bit per possible
+    /// destination, small enough to stay in cache, where a table of slots
+    /// indexed by destination would miss it on every edge.
     static func buildDenseLinks(_ keys: [UInt64], _ maxDst: Int, _ n: Int) -> LinkPartition<Int> {
-        var out = LinkPartition<Int>()
-        var slotOf = [Int32](repeating: -1, count: maxDst + 1)
-        var targets = [LinkPartition<Int>.Targets](repeating: .init(), count: n)
-        for q in 0..<n {
-            targets[q].edgeSrc.reserveCapacity(keys.count / n + 16)
-            targets[q].edgeDst.reserveCapacity(keys.count / n + 16)
-        }
-        var previous: UInt64 = 0, first = true
-        slotOf.withUnsafeMutableBufferPointer { slotOf in
-            for k in keys where first || k != previous {
-                (previous, first) = (k, false)
-                let src = Int(k >> 32), dst = Int(k & 0xffff_ffff)
-                if out.srcs.last != src {
-                    out.srcs.append(src)
-                    out.outDegree.append(0)
+        let words = maxDst >> 6 + 1
+        var bits = [UInt64](repeating: 0, count: n * words)
+        var perPartition = [Int](repeating: 0, count: n)
+        var sources = 0
+        keys.withUnsafeBufferPointer { keys in
+            bits.withUnsafeMutableBufferPointer { bits in
+                for i in keys.indices where i == 0 || keys[i] != keys[i - 1] {
+                    let k = keys[i]
+                    if i == 0 || k >> 32 != keys[i - 1] >> 32 { sources += 1 }
+                    let dst = Int(k & 0xffff_ffff), q = vertexPartition(dst, n)
+                    perPartition[q] += 1
+                    bits[q * words + dst >> 6] |= 1 << UInt64(dst & 63)
                 }
-                let s = out.srcs.count - 1
-                out.outDegree[s] += 1
-                let q = vertexPartition(dst, n)
-                var d = slotOf[dst]
-                if d < 0 {
-                    d = Int32(targets[q].dsts.count)
-                    slotOf[dst] = d
-                    targets[q].dsts.append(dst)
-                }
-                targets[q].edgeSrc.append(Int32(s))
-                targets[q].edgeDst.append(d)
             }
         }
-        out.targets = targets
+        // Ranks: set bits before each word, and the destinations in order.
+        var below = [Int32](repeating: 0, count: n * words)
+        var dsts = [[Int]](repeating: [], count: n)
+        for q in 0..<n {
+            var count: Int32 = 0
+            for w in 0..<words {
+                below[q * words + w] = count
+                var word = bits[q * words + w]
+                count += Int32(word.nonzeroBitCount)
+                while word != 0 {
+                    dsts[q].append(w << 6 | word.trailingZeroBitCount)
+                    word &= word - 1
+                }
+            }
+        }
+        var edgeStart = [0]
+        for q in 0..<n { edgeStart.append(edgeStart[q] + perPartition[q]) }
+        let total = edgeStart[n]
+        var srcs = [Int](repeating: 0, count: sources), outDegree = [Int32](repeating: 0, count: sources)
+        var edgeSrc = [Int32](repeating: 0, count: total), edgeDst = [Int32](repeating: 0, count: total)
+        var fill = Array(edgeStart.dropLast())
+        keys.withUnsafeBufferPointer { keys in
+            bits.withUnsafeBufferPointer { bits in
+                below.withUnsafeBufferPointer { below in
+                    srcs.withUnsafeMutableBufferPointer { srcs in
+                        outDegree.withUnsafeMutableBufferPointer { outDegree in
+                            edgeSrc.withUnsafeMutableBufferPointer { edgeSrc in
+                                edgeDst.withUnsafeMutableBufferPointer { edgeDst in
+                                    fill.withUnsafeMutableBufferPointer { fill in
+                                        var s = -1
+                                        for i in keys.indices where i == 0 || keys[i] != keys[i - 1] {
+                                            let k = keys[i]
+                                            if i == 0 || k >> 32 != keys[i - 1] >> 32 {
+                                                s += 1
+                                                srcs[s] = Int(k >> 32)
+                                            }
+                                            outDegree[s] += 1
+                                            let dst = Int(k & 0xffff_ffff), q = vertexPartition(dst, n)
+                                            let w = q * words + dst >> 6
+                                            let rank = below[w] + Int32((bits[w] & ((1 << UInt64(dst & 63)) &- 1)).nonzeroBitCount)
+                                            edgeSrc[fill[q]] = Int32(s)
+                                            edgeDst[fill[q]] = rank
+                                            fill[q] += 1
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        var out = LinkPartition<Int>()
+        (out.srcs, out.outDegree, out.dsts) = (srcs, outDegree, dsts)
+        (out.edgeStart, out.edgeSrc, out.edgeDst) = (edgeStart, edgeSrc, edgeDst)
         return out
     }
 
     /// Each partition's vertices: its sources, then the destinations the
     /// link partitions send it, with the slots each link partition's
-    /// messages land in.
+    /// messages land in. Incoming lists are taken in link partition order,
+    /// so a recomputed partition numbers its vertices as before.
     static func vertices<V: Hashable>(_ links: RDD<LinkPartition<V>>, _ n: Int) -> RDD<VertexPartition<V>> {
         let lists: RDD<(Int, (Int, [V]))> = links.mapPartitionsWithIndex { p, ls, _ in
             guard let l = ls.first else { return [] }
-            return l.targets.enumerated().compactMap { q, t in t.dsts.isEmpty ? nil : (q, (p, t.dsts)) }
+            return l.dsts.enumerated().compactMap { q, dsts in dsts.isEmpty ? nil : (q, (p, dsts)) }
         }.setName("destinationsByPartition")
         let routed: RDD<(Int, (Int, [V]))> = lists.partitionByIndex(n)
         return links.zipPartitions(routed, preservesPartitioning: true) { _, ls, incoming, _ in
             guard let l = ls.first else { return [] }
+            let incoming = incoming.map(\.1).sorted { $0.0 < $1.0 }
+            if V.self == Int.self, let v = denseVertices(unsafeBitCast(l.srcs, to: [Int].self), unsafeBitCast(incoming, to: [(Int, [Int])].self), n) {
+                return [unsafeBitCast(v, to: VertexPartition<V>.self)]
+            }
             var index = VertexIndexer<V>(capacity: l.srcs.count * 2 + 16)
             for s in l.srcs { _ = index.index(s) }
             var inSlots = [[Int32]](repeating: [], count: n)
-            for (_, (p, dsts)) in incoming { inSlots[p] = dsts.map { index.index($0) } }
+            for (p, dsts) in incoming { inSlots[p] = dsts.map { index.index($0) } }
             return [VertexPartition(ids: index.ids, srcCount: l.srcs.count, inSlots: inSlots)]
         }.persist().setName("vertices(slots, routing)")
+    }
+
+    /// `vertices` for integer vertices in [0, max(2^22, 4 * entries)): a
+    /// direct table from vertex to slot instead of a hash index. The lists
+    /// of the packed paths are ascending, so the table is walked in order.
+    static func denseVertices(_ srcs: [Int], _ incoming: [(Int, [Int])], _ n: Int) -> VertexPartition<Int>? {
+        var lo = 0, hi = -1, entries = srcs.count
+        for v in srcs { (lo, hi) = (min(lo, v), max(hi, v)) }
+        for (_, dsts) in incoming {
+            entries += dsts.count
+            for v in dsts { (lo, hi) = (min(lo, v), max(hi, v)) }
+        }
+        guard lo >= 0, hi < max(1 << 22, 4 * entries) else { return nil }
+        var slotOf = [Int32](repeating: -1, count: hi + 1)
+        var ids = srcs
+        var inSlots = [[Int32]](repeating: [], count: n)
+        slotOf.withUnsafeMutableBufferPointer { slotOf in
+            for (i, v) in srcs.enumerated() { slotOf[v] = Int32(i) }
+            for (p, dsts) in incoming {
+                inSlots[p] = dsts.map { v in
+                    if slotOf[v] < 0 {
+                        slotOf[v] = Int32(ids.count)
+                        ids.append(v)
+                    }
+                    return slotOf[v]
+                }
+            }
+        }
+        return VertexPartition(ids: ids, srcCount: srcs.count, inSlots: inSlots)
     }
 
     /// One iteration: each source sends rank/outdegree along its links,
@@ -480,19 +567,23 @@ public enum GraphPageRank {
                 sends[s] = true
             }
             var out: [(Int, MessageBlock)] = []
-            for (q, t) in l.targets.enumerated() where !t.dsts.isEmpty {
-                var sum = [Double](repeating: 0, count: t.dsts.count)
-                var got = [Bool](repeating: false, count: t.dsts.count)
+            for q in l.dsts.indices where !l.dsts[q].isEmpty {
+                var sum = [Double](repeating: 0, count: l.dsts[q].count)
+                var got = [Bool](repeating: false, count: l.dsts[q].count)
                 share.withUnsafeBufferPointer { share in
                     sends.withUnsafeBufferPointer { sends in
-                        sum.withUnsafeMutableBufferPointer { sum in
-                            got.withUnsafeMutableBufferPointer { got in
-                                for k in 0..<t.edgeSrc.count {
-                                    let s = Int(t.edgeSrc[k])
-                                    if sends[s] {
-                                        let d = Int(t.edgeDst[k])
-                                        sum[d] += share[s]
-                                        got[d] = true
+                        l.edgeSrc.withUnsafeBufferPointer { edgeSrc in
+                            l.edgeDst.withUnsafeBufferPointer { edgeDst in
+                                sum.withUnsafeMutableBufferPointer { sum in
+                                    got.withUnsafeMutableBufferPointer { got in
+                                        for k in l.edgeStart[q]..<l.edgeStart[q + 1] {
+                                            let s = Int(edgeSrc[k])
+                                            if sends[s] {
+                                                let d = Int(edgeDst[k])
+                                                sum[d] += share[s]
+                                                got[d] = true
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -510,7 +601,7 @@ public enum GraphPageRank {
             var has = [Bool](repeating: false, count: v.ids.count)
             acc.withUnsafeMutableBufferPointer { acc in
                 has.withUnsafeMutableBufferPointer { has in
-                    for (_, m) in msgs {
+                    for (_, m) in msgs.sorted(by: { $0.1.from < $1.1.from }) {
                         let slots = v.inSlots[m.from]
                         for k in 0..<m.sum.count where m.got[k] {
                             let i = Int(slots[k])

@@ -75,6 +75,29 @@ final class GraphTests: XCTestCase {
         assertClose(try GraphPageRank.run(edges: sc.parallelize(strings, partitions: 6), iterations: 5, damping: 0.7).collect(), wantS, "String vertices")
     }
 
+    /// The three ways integer links are built: destinations small enough
+    /// for bitmaps (the dense path, sources as large as 2^32 - 1 included),
+    /// destinations spread up to 2^32 (the sparse packed path), and both in
+    /// one graph, whose partitions then take different paths.
+    func testDenseAndSparseIntegerVerticesGiveTheSameRanks() throws {
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2))
+        let base = randomEdges(11, vertices: 900, edges: 6000)
+        let top = Int(UInt32.max)
+        let cases: [(String, [(Int, Int)])] = [
+            ("dense, with the largest source", base + [(top, 3), (top, 5), (top, 3), (3, top - 1)]),
+            ("sparse", base.map { ($0.0 * 4_000_037, $0.1 * 4_000_037) }),
+            // Far destinations only from sources of partition 0 (of 3).
+            ("mixed", base + base.filter { vertexPartition($0.0, 3) == 0 }.prefix(300).map { ($0.0, $0.1 * 4_000_037 + 1) }),
+        ]
+        for (what, es) in cases {
+            let want = reference(es, iterations: 5, damping: 0.85)
+            for parts in [1, 3] {
+                let got = try GraphPageRank.run(edges: sc.parallelize(es, partitions: 4), iterations: 5, damping: 0.85, partitions: parts).collect()
+                assertClose(got, want, "\(what), \(parts) partitions")
+            }
+        }
+    }
+
     func testEmptyAndTinyGraphs() throws {
         let sc = DataflowContext(executor: LocalExecutor(threads: 2))
         XCTAssertEqual(try GraphPageRank.run(edges: sc.parallelize([(Int, Int)](), partitions: 3), iterations: 3, damping: 0.85).count(), 0)

@@ -127,9 +127,10 @@ func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int, p
         }
         return (now() - t0, (peakMiB(), counts.values.reduce(0, +), counts.count))
     }
-    func engine(_ threads: Int, bound: Int = DataflowContext.memoryBytesMaxDefault) throws -> (Double, (Double, Int, Int, JobMetrics)) {
+    func engine(_ threads: Int, bound: Int = DataflowContext.memoryBytesMaxDefault, stages: Bool = false) throws -> (Double, (Double, Int, Int, JobMetrics)) {
         resetPeak()
         let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: bound)
+        defer { if stages { for s in sc.lastJobMetrics.stageTimes { out("  " + s.description) } } }
         let t = now()
         let wc = try BuiltinJobs.wordCount(sc.textFile(path)).mapPartitions { xs in [(xs.count, xs.reduce(0) { $0 + $1.1 })] }.collect()
         return (now() - t, (peakMiB(), wc.reduce(0) { $0 + $1.0 }, wc.reduce(0) { $0 + $1.1 }, sc.lastJobMetrics))
@@ -140,7 +141,7 @@ func wordcountBench(dir: String, wordcountMB: Int, repeats: Int, boundMB: Int, p
         if t == 0 {
             out(String(format: "wordcount loop alone: %.2f s", loop().0))
         } else {
-            out(String(format: "wordcount engine alone, %d threads: %.2f s", t, try engine(t).0))
+            out(String(format: "wordcount engine alone, %d threads: %.2f s", t, try engine(t, stages: true).0))
         }
         return
     }
@@ -185,9 +186,11 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int, 
     // Two loops: one sorting the edges with the standard library's sort,
     // one with the engine's radix sort (the stricter baseline: both sides
     // then sort alike).
-    func loop(radix: Bool) -> (Double, (Double, Int, (offset: Int, element: Double))) {
+    func loop(radix: Bool, phases: Bool = false) -> (Double, (Double, Int, (offset: Int, element: Double))) {
         resetPeak()
         let t0 = now()
+        var marks: [(String, Double)] = []
+        func mark(_ name: String) { if phases { marks.append((name, now())) } }
         let data = FileManager.default.contents(atPath: path)!
         var pairs: [UInt64] = []
         pairs.reserveCapacity(edgeCount)
@@ -204,7 +207,9 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int, 
                 }
             }
         }
+        mark("read and parse")
         if radix { radixSort(&pairs) } else { pairs.sort() }
+        mark("sort")
         var unique: [UInt64] = []
         unique.reserveCapacity(pairs.count)
         for p in pairs where unique.last != p { unique.append(p) }
@@ -214,6 +219,7 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int, 
         for i in 0..<vertices { offsets[i + 1] += offsets[i] }
         var ranks = [Double](repeating: -1, count: vertices)
         for v in 0..<vertices where offsets[v + 1] > offsets[v] { ranks[v] = 1 }
+        mark("distinct edges, CSR")
         var contrib = [Double](repeating: 0, count: vertices)
         var received = [Bool](repeating: false, count: vertices)
         for _ in 0..<iterations {
@@ -225,12 +231,18 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int, 
             for v in 0..<vertices { ranks[v] = received[v] ? 0.15 + 0.85 * contrib[v] : -1 }
         }
         let elapsed = now() - t0
+        mark("iterations")
+        if phases {
+            var last = t0
+            out(marks.map { m in defer { last = m.1 }; return String(format: "%@ %.2f s", m.0 as NSString, m.1 - last) }.joined(separator: ", "))
+        }
         return (elapsed, (peakMiB(), ranks.filter { $0 >= 0 }.count, ranks.enumerated().max { $0.element < $1.element }!))
     }
 
-    func engine(_ threads: Int) throws -> (Double, (Double, Int, (Int, Double))) {
+    func engine(_ threads: Int, stages: Bool = false) throws -> (Double, (Double, Int, (Int, Double))) {
         resetPeak()
         let sc = DataflowContext(executor: LocalExecutor(threads: threads))
+        defer { if stages { for s in sc.lastJobMetrics.stageTimes { out("  " + s.description) } } }
         let t = now()
         let edges = BuiltinJobs.integerEdges(try sc.textFile(path))
         let out = try BuiltinJobs.pageRank(edges: edges, iterations: iterations, damping: 0.85).collect()
@@ -238,8 +250,14 @@ func pagerankBench(dir: String, vertices: Int, edgeCount: Int, iterations: Int, 
         return (now() - t, (peakMiB(), out.count, (top.0, top.1)))
     }
     if let t = profileThreads {
-        // For a profiler: the engine alone on `t` threads, then stop.
-        let (time, (_, n, _)) = try engine(t)
+        // For a profiler: the engine alone on `t` threads (or the radix
+        // loop with its phases, for 0), then stop.
+        if t == 0 {
+            let (time, (_, n, _)) = loop(radix: true, phases: true)
+            out(String(format: "pagerank loop alone: %.2f s, %d ranked", time, n))
+            return
+        }
+        let (time, (_, n, _)) = try engine(t, stages: true)
         out(String(format: "pagerank engine alone, %d threads: %.2f s, %d ranked", t, time, n))
         return
     }
