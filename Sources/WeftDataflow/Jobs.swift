@@ -276,20 +276,22 @@ public enum BuiltinJobs {
         LineParserRDD(parent: lines, name: "edges(src dst)") { line, ctx, emit in
             // Two fields of 1 to 18 digits, separated by whitespace (a CR
             // of CRLF lines included); blank lines are skipped.
-            var v = (0, 0), digits = (0, 0), field = 0
-            for byte in line {
-                switch byte {
-                case 48...57:
-                    if field == 0 { v.0 = v.0 &* 10 &+ Int(byte &- 48); digits.0 += 1 }
-                    else if field == 1 { v.1 = v.1 &* 10 &+ Int(byte &- 48); digits.1 += 1 }
-                    else { digits.1 = 99 }
-                case 32, 9, 11, 12, 13:
-                    if field == 0 && digits.0 > 0 { field = 1 } else if field == 1 && digits.1 > 0 { field = 2 }
-                default: digits.1 = 99
-                }
-            }
-            if digits.0 == 0 && digits.1 == 0 { return }   // a blank line (as pagerank over text skips them)
-            if digits.0 > 0, digits.0 <= 18, digits.1 > 0, digits.1 <= 18 { try emit(v) } else { malformed?.add(1, in: ctx) }
+            let n = line.count
+            @inline(__always) func isSpace(_ b: UInt8) -> Bool { b == 32 || (b >= 9 && b <= 13) }
+            var i = 0
+            while i < n && isSpace(line[i]) { i += 1 }
+            if i == n { return }   // a blank line (as pagerank over text skips them)
+            var v = (0, 0)
+            var from = i
+            while i < n, case let d = line[i] &- 48, d < 10 { v.0 = v.0 &* 10 &+ Int(d); i += 1 }
+            let digits0 = i - from
+            let gap = i
+            while i < n && isSpace(line[i]) { i += 1 }
+            from = i
+            while i < n, case let d = line[i] &- 48, d < 10 { v.1 = v.1 &* 10 &+ Int(d); i += 1 }
+            let digits1 = i - from
+            while i < n && isSpace(line[i]) { i += 1 }
+            if i == n, gap < from, digits0 > 0, digits0 <= 18, digits1 > 0, digits1 <= 18 { try emit(v) } else { malformed?.add(1, in: ctx) }
         }
     }
 

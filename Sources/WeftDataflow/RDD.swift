@@ -578,11 +578,12 @@ final class TextFileRDD: RDD<String> {
                     atFirstByte = false
                 }
                 while i < buf.count {
-                    guard let nl = UnsafeRawBufferPointer(rebasing: buf[i...]).firstIndex(of: 10).map({ $0 + i }) else {
+                    guard let found = memchr(buf.baseAddress! + i, 10, buf.count - i) else {
                         if lineStart >= 0 { pending.append(contentsOf: buf[i...]) }
                         i = buf.count
                         break
                     }
+                    let nl = buf.baseAddress!.distance(to: UnsafeRawPointer(found))
                     if lineStart >= 0 {
                         if pending.isEmpty {
                             try body(UnsafeRawBufferPointer(rebasing: buf[i..<nl]))

@@ -150,9 +150,27 @@ final class GraphTests: XCTestCase {
         for n in [0, 1, 2, 1000, 70_000] {
             var xs = (0..<n).map { i in i % 3 == 0 ? rng.next() : rng.next() % 5000 }
             let want = xs.sorted()
+            // In chunks of uneven sizes, some empty.
+            var chunks: [[UInt64]] = [[]]
+            for x in xs {
+                if rng.next() % 97 == 0 { chunks.append([]) }
+                chunks[chunks.count - 1].append(x)
+            }
+            chunks.append([])
+            XCTAssertEqual(radixSorted(chunks), want, "\(chunks.count) chunks, n = \(n)")
             radixSort(&xs)
             XCTAssertEqual(xs, want, "n = \(n)")
         }
+        // Keys that differ in one bit only (one pass), or not at all (none).
+        var high = (0..<5000).map { _ in rng.next() % 2 == 0 ? UInt64(7) : 7 | 1 << 63 }
+        let wantHigh = high.sorted()
+        XCTAssertEqual(radixSorted([Array(high[..<100]), Array(high[100...])]), wantHigh)
+        radixSort(&high)
+        XCTAssertEqual(high, wantHigh)
+        var same = [UInt64](repeating: 42, count: 300)
+        radixSort(&same)
+        XCTAssertEqual(same, [UInt64](repeating: 42, count: 300))
+        XCTAssertEqual(radixSorted([[42], [42, 42]]), [42, 42, 42])
     }
 
     func testBlockCodecsRoundTrip() throws {
