@@ -65,6 +65,11 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(so["output_rows"] as? Int, 3)
         XCTAssertEqual(so["threads"] as? Int, 1)
         XCTAssertEqual(so["memory_bytes_max"] as? Int, 1 << 20)
+        // One entry per stage run: word count is a map stage and a result stage.
+        let stageTimes = try XCTUnwrap(so["stage_times"] as? [[String: Any]])
+        XCTAssertEqual(stageTimes.count, so["stages"] as? Int)
+        XCTAssertEqual(stageTimes.compactMap { $0["stage"] as? String }.filter { $0.hasPrefix("shuffle ") }.count, 1, "\(stageTimes)")
+        XCTAssertTrue(stageTimes.allSatisfy { ($0["seconds"] as? Double ?? -1) >= 0 && ($0["tasks"] as? Int ?? 0) > 0 }, "\(stageTimes)")
         let badThreads = try weft("job", "run", "wordcount", "--input", "words", "--threads", "0")
         XCTAssertNotEqual(badThreads.status, 0)
         XCTAssertTrue(badThreads.stderr.contains("--threads must be 1...256"), badThreads.stderr)
