@@ -117,8 +117,12 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     /// Bytes written to spill files (shuffle data and cache blocks).
     public var bytesSpilled = 0
     public var spillFiles = 0
-    /// Of `spillFiles`, reduce-side merge tables written out as sorted runs.
+    /// Of `spillFiles`, reduce-side merge tables written out as sorted runs
+    /// (and runs merged from other runs).
     public var mergeSpillFiles = 0
+    /// Merges of runs into one run, done because a merge had more runs
+    /// than its fan-in (`ExternalMerger.fanIn`).
+    public var mergePasses = 0
     /// Memory held past the bound because the data has no codec to spill with.
     public var unspillableBytes = 0
     /// Each stage run, in order: what it computed, its tasks and its wall time.
@@ -141,6 +145,7 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
         bytesSpilled += o.bytesSpilled
         spillFiles += o.spillFiles
         mergeSpillFiles += o.mergeSpillFiles
+        mergePasses += o.mergePasses
         unspillableBytes += o.unspillableBytes
         stageTimes += o.stageTimes
     }

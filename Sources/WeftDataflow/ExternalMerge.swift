@@ -150,13 +150,28 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         }
     }
 
+    /// Most sources one merge reads at once, each through one batch: a
+    /// quarter of the pool in batches, between 2 and 64.
+    var fanIn: Int { Swift.max(2, Swift.min(64, sc.memory.capacity / (4 * Self.batchBytes))) }
+
     /// Hands every key with its merged combiner to `emit`, then frees the
     /// table's memory and removes its runs (also when `emit` throws).
+    /// With more runs than one merge may read, the oldest are first merged
+    /// into one run, `fanIn` at a time, until the runs and the table fit.
     mutating func finish(_ emit: ((K, C)) throws -> Void) throws {
         defer { release() }
         guard let codec, !runs.isEmpty else {
             for i in 0..<map.count { try emit((unsafeBitCast(map.keys[i], to: K.self), map.values[i])) }
             return
+        }
+        while runs.count + 1 > fanIn {
+            // Merging g runs leaves g - 1 fewer: no more than needed. Taken
+            // oldest first, merged runs go last, so merges form a tree.
+            let group = Array(runs.prefix(Swift.min(fanIn, runs.count + 2 - fanIn)))
+            let merged = try mergeRuns(group, codec)
+            runs.removeFirst(group.count)
+            runs.append(merged)
+            for r in group { sc.spillDirectory.remove(r.file) }
         }
         // Sources in hash order: each run, and the table in memory.
         var sources: [MergeSource] = runs.map { MergeSource(run: $0) }
@@ -166,22 +181,77 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         memory.hashes = order.map(\.hash)
         map = M(capacity: 64)   // its rows now live in `memory`
         sources.append(memory)
-        for s in sources.indices { try sources[s].fill(sc, codec) }
+        try merge(&sources, codec) { _, k, c in try emit((k, c)) }
+    }
+
+    /// Merges runs into one new run, written batch by batch.
+    private func mergeRuns(_ group: [SpillRun], _ codec: BlockCodec<(K, C)>) throws -> SpillRun {
+        var sources = group.map { MergeSource(run: $0) }
+        let out = try SpillFileWriter(sc.spillDirectory.newFile(tag: tag))
+        var offsets = [0]
+        var batch: [(K, C)] = []
+        var bytes = 0
+        func flush() throws {
+            if batch.isEmpty { return }
+            var w = ByteWriter(capacity: bytes + 64)
+            SpillFormat.encode(batch, count: batch.count, codec, into: &w)
+            try out.append(w.bytes)
+            offsets.append(out.size)
+            batch.removeAll(keepingCapacity: true)
+            bytes = 0
+        }
+        do {
+            try merge(&sources, codec) { _, k, c in
+                batch.append((k, c))
+                bytes += rowBytes + (combinerBytes?(c) ?? 0)
+                if batch.count >= Self.batchRows || bytes >= Self.batchBytes { try flush() }
+            }
+            try flush()
+            out.close()
+        } catch {
+            out.close()
+            sc.spillDirectory.remove(out.file)
+            throw error
+        }
+        let size = out.size
+        sc.metric {
+            $0.bytesSpilled += size
+            $0.spillFiles += 1
+            $0.mergeSpillFiles += 1
+            $0.mergePasses += 1
+        }
+        return SpillRun(file: out.file, offsets: offsets)
+    }
+
+    /// Merges sources that are each in hash order: a heap picks the least
+    /// hash, the rows of that hash are gathered from every source holding
+    /// it and merged by `==`, and each key goes to `emit` with its hash.
+    /// It holds one batch per source, at most `fanIn` batches (a quarter
+    /// of the pool, or 128 KiB for pools under 512 KiB), not counted in the
+    /// pool.
+    private func merge(_ sources: inout [MergeSource], _ codec: BlockCodec<(K, C)>, _ emit: (Int, K, C) throws -> Void) throws {
+        var heap = MergeHeap()
+        for s in sources.indices {
+            try sources[s].fill(sc, codec)
+            if sources[s].pos < sources[s].rows.count { heap.push(sources[s].hashes[sources[s].pos], s) }
+        }
         var group: [(K, C)] = []
-        while true {
-            var h: Int?
-            for s in sources where s.pos < s.rows.count { h = Swift.min(h ?? Int.max, s.hashes[s.pos]) }
-            guard let hash = h else { break }
+        var holding: [Int] = []
+        while let (hash, first) = heap.pop() {
+            holding.removeAll(keepingCapacity: true)
+            holding.append(first)
+            while let top = heap.top, top.hash == hash { holding.append(heap.pop()!.source) }
             group.removeAll(keepingCapacity: true)
-            for s in sources.indices {
+            for s in holding {
                 while sources[s].pos < sources[s].rows.count && sources[s].hashes[sources[s].pos] == hash {
                     let (k, c) = sources[s].rows[sources[s].pos]
                     if let g = group.firstIndex(where: { $0.0 == k }) { mergeCombiners(&group[g].1, c) } else { group.append((k, c)) }
                     sources[s].pos += 1
                     if sources[s].pos == sources[s].rows.count { try sources[s].fill(sc, codec) }
                 }
+                if sources[s].pos < sources[s].rows.count { heap.push(sources[s].hashes[sources[s].pos], s) }
             }
-            for kc in group { try emit(kc) }
+            for (k, c) in group { try emit(hash, k, c) }
         }
     }
 
@@ -213,5 +283,46 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
             hashes = rows.map { $0.0.hashValue }
             pos = 0
         }
+    }
+}
+
+/// A binary min-heap of (hash, source), for the k-way merge of runs.
+struct MergeHeap {
+    private var items: [(hash: Int, source: Int)] = []
+
+    var top: (hash: Int, source: Int)? { items.first }
+
+    private static func less(_ a: (hash: Int, source: Int), _ b: (hash: Int, source: Int)) -> Bool {
+        a.hash < b.hash || (a.hash == b.hash && a.source < b.source)
+    }
+
+    mutating func push(_ hash: Int, _ source: Int) {
+        items.append((hash, source))
+        var i = items.count - 1
+        while i > 0 {
+            let parent = (i - 1) / 2
+            guard Self.less(items[i], items[parent]) else { break }
+            items.swapAt(i, parent)
+            i = parent
+        }
+    }
+
+    mutating func pop() -> (hash: Int, source: Int)? {
+        guard let first = items.first else { return nil }
+        let last = items.removeLast()
+        if !items.isEmpty {
+            items[0] = last
+            var i = 0
+            while true {
+                let l = 2 * i + 1, r = l + 1
+                var m = i
+                if l < items.count && Self.less(items[l], items[m]) { m = l }
+                if r < items.count && Self.less(items[r], items[m]) { m = r }
+                if m == i { break }
+                items.swapAt(i, m)
+                i = m
+            }
+        }
+        return first
     }
 }

@@ -251,9 +251,9 @@ final class SpillDirectory: @unchecked Sendable {
         }
     }
 
-    /// Writes `bytes` to a new file and returns its path.
-    func write(_ bytes: Bytes, tag: String) throws -> String {
-        let file = try lock.withLock { () throws -> String in
+    /// The path of a new spill file (not created yet).
+    func newFile(tag: String) throws -> String {
+        try lock.withLock { () throws -> String in
             if !created {
                 try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
                 created = true
@@ -261,6 +261,11 @@ final class SpillDirectory: @unchecked Sendable {
             next += 1
             return path + "/\(tag)-\(next)"
         }
+    }
+
+    /// Writes `bytes` to a new file and returns its path.
+    func write(_ bytes: Bytes, tag: String) throws -> String {
+        let file = try newFile(tag: tag)
         do {
             do {
                 try Data(bytes).write(to: URL(fileURLWithPath: file))
@@ -293,6 +298,40 @@ final class SpillDirectory: @unchecked Sendable {
     func remove(_ file: String) { try? FileManager.default.removeItem(atPath: file) }
 
     deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// A spill file written piece by piece, for output larger than memory
+/// should hold at once (a merge of runs).
+final class SpillFileWriter {
+    let file: String
+    private var fd: Int32
+    private(set) var size = 0
+
+    init(_ file: String) throws {
+        self.file = file
+        fd = open(file, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw WeftError(.storage, "cannot create spill file \(file): \(String(cString: strerror(errno)))") }
+    }
+
+    func append(_ bytes: Bytes) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, bytes.count - done) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                throw WeftError(.storage, "cannot spill \(bytes.count) bytes to \(file): \(String(cString: strerror(errno))) (is the disk full?)")
+            }
+            done += n
+        }
+        size += bytes.count
+    }
+
+    func close() {
+        if fd >= 0 { _ = Glibc.close(fd) }
+        fd = -1
+    }
+
+    deinit { close() }
 }
 
 /// Encodes items with a codec into one buffer; `decodeAll` reads them back.

@@ -150,6 +150,40 @@ final class SpillTests: XCTestCase {
         try check("colliding") { CollidingKey(v: $0) }
     }
 
+    /// More runs than one merge may read (a 256 KiB pool merges 2 at a
+    /// time): runs are merged into runs first, and every sum is right.
+    func testManyRunsAreMergedInPassesWithinTheFanIn() throws {
+        let bound = 256 << 10
+        var rng = SplitMix(seed: 41)
+        let pairs = (0..<60_000).map { _ in ("w\(rng.next() % 20_000)", 1) }
+        var ref: [String: Int] = [:]
+        for (k, v) in pairs { ref[k, default: 0] += v }
+        let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: bound)
+        let counts = try sc.parallelize(pairs, partitions: 4).reduceByKey(partitions: 1, +).collect()
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: counts), ref)
+        let m = sc.lastJobMetrics
+        XCTAssertGreaterThan(m.mergeSpillFiles, 2, "more runs than the fan-in")
+        XCTAssertGreaterThan(m.mergePasses, 0, "runs were merged into runs")
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: sc.spillDirectory.path)) ?? []
+        XCTAssertEqual(left.filter { $0.contains("-reduce-") }, [], "merged and final runs are removed")
+    }
+
+    func testMergeHeapPopsInOrder() {
+        var heap = MergeHeap()
+        var rng = SplitMix(seed: 3)
+        var want: [(Int, Int)] = []
+        for s in 0..<500 {
+            let h = Int(rng.next() % 50)
+            heap.push(h, s)
+            want.append((h, s))
+        }
+        want.sort { $0.0 < $1.0 || ($0.0 == $1.0 && $0.1 < $1.1) }
+        var got: [(Int, Int)] = []
+        while let x = heap.pop() { got.append((x.hash, x.source)) }
+        XCTAssertEqual(got.map(\.0), want.map(\.0))
+        XCTAssertEqual(got.map(\.1), want.map(\.1))
+    }
+
     /// groupByKey's arrays count against the bound as they grow, on both
     /// sides of the shuffle.
     func testGroupsCountAgainstTheBoundAsTheyGrow() throws {
