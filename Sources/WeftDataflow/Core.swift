@@ -123,6 +123,9 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     /// Merges of runs into one run, done because a merge had more runs
     /// than its fan-in (`ExternalMerger.fanIn`).
     public var mergePasses = 0
+    /// Join partitions whose hash table the memory pool refused, joined
+    /// through a bounded merge instead.
+    public var spilledJoins = 0
     /// Memory held past the bound because the data has no codec to spill with.
     public var unspillableBytes = 0
     /// Each stage run, in order: what it computed, its tasks and its wall time.
@@ -146,6 +149,7 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
         spillFiles += o.spillFiles
         mergeSpillFiles += o.mergeSpillFiles
         mergePasses += o.mergePasses
+        spilledJoins += o.spilledJoins
         unspillableBytes += o.unspillableBytes
         stageTimes += o.stageTimes
     }

@@ -568,36 +568,24 @@ final class CoGroupedRDD<K: Hashable, V, W>: RDD<(K, ([V], [W]))> {
 /// into a hash table (flat, chained: no array per key), and the left side
 /// streams through it row by row. A parent already partitioned like the
 /// result is read through a narrow dependency; any other is shuffled
-/// first, without combining (as in Spark's join).
+/// first, without combining (as in Spark's join). The table takes its rows'
+/// bytes from the memory pool; if the pool refuses, the partition is
+/// joined through a bounded merge instead (`SpillingJoin`, a cogroup that
+/// spills), like a sort-merge join in place of a hash join that does not fit.
 final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
     let join: (Int, TaskContext, ((K, (V, W))) throws -> Void) throws -> Void
 
     init(_ a: RDD<(K, V)>, _ b: RDD<(K, W)>, partitioner: HashPartitioner) {
         let (depA, readA) = Self.stream(a, partitioner)
         let (depB, readB) = Self.stream(b, partitioner)
+        let sc = a.context
         if K.self == Int.self {
-            // The same join over an `IntMap` or `StringMap` of chain heads.
-            join = Self.hashJoin(IntMap<Int>.self, readA, readB)
+            // The same join over an `IntMap`, `StringMap` or `Dictionary` of chain heads.
+            join = Self.hashJoin(IntMap<Int>.self, sc, readA, readB) { SpillingJoin<K, V, W, IntMap<([V], [W])>>(sc, partition: $0) }
         } else if K.self == String.self {
-            join = Self.hashJoin(StringMap<Int>.self, readA, readB)
+            join = Self.hashJoin(StringMap<Int>.self, sc, readA, readB) { SpillingJoin<K, V, W, StringMap<([V], [W])>>(sc, partition: $0) }
         } else {
-            join = { p, ctx, emit in
-                var first: [K: Int] = [:]
-                var next: [Int] = []
-                var values: [W] = []
-                try readB(p, ctx) { k, w in
-                    next.append(first.updateValue(values.count, forKey: k) ?? -1)
-                    values.append(w)
-                }
-                if values.isEmpty { return }
-                try readA(p, ctx) { k, v in
-                    var i = first[k] ?? -1
-                    while i >= 0 {
-                        try emit((k, (v, values[i])))
-                        i = next[i]
-                    }
-                }
-            }
+            join = Self.hashJoin(HashedMap<K, Int>.self, sc, readA, readB) { SpillingJoin<K, V, W, HashedMap<K, ([V], [W])>>(sc, partition: $0) }
         }
         super.init(a.context, partitions: partitioner.numPartitions, dependencies: [depA, depB], name: "join")
         self.partitioner = partitioner
@@ -613,19 +601,54 @@ final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
         try pushStreaming(partition, ctx, body) { try join(partition, ctx, $0) }
     }
 
-    static func hashJoin<M: CombineMap>(_: M.Type, _ readA: @escaping (Int, TaskContext, (K, V) throws -> Void) throws -> Void,
-                                        _ readB: @escaping (Int, TaskContext, (K, W) throws -> Void) throws -> Void)
+    static func hashJoin<M: CombineMap>(_: M.Type, _ sc: DataflowContext,
+                                        _ readA: @escaping (Int, TaskContext, (K, V) throws -> Void) throws -> Void,
+                                        _ readB: @escaping (Int, TaskContext, (K, W) throws -> Void) throws -> Void,
+                                        spilling: @escaping (Int) -> JoinFallback<K, V, W>)
         -> (Int, TaskContext, ((K, (V, W))) throws -> Void) throws -> Void where M.Value == Int {
+        // A row of the table: its key and value, its chain link, and its
+        // share of the table's slots.
+        let rowBytes = MemoryLayout<K>.stride + MemoryLayout<W>.stride + 8 + 32
         return { p, ctx, emit in
             var first = M(capacity: 64)
             var next: [Int] = []
             var values: [W] = []
+            var reservation = PoolReservation(sc)
+            var fallback: JoinFallback<K, V, W>?
+            defer {
+                reservation.release()
+                fallback?.release()
+            }
             try readB(p, ctx) { k, w in
+                if let f = fallback {
+                    try f.build(k, w)
+                    return
+                }
                 let i = values.count
                 var previous = -1
                 _ = first.upsert(unsafeBitCast(k, to: M.Key.self), { i }, { previous = $0; $0 = i })
                 next.append(previous)
                 values.append(w)
+                if reservation.add(rowBytes) { return }
+                // The pool says no: move what is built into a merge that
+                // can spill, and join this partition there.
+                let f = spilling(p)
+                fallback = f
+                for e in 0..<first.count {
+                    let key = unsafeBitCast(first.keys[e], to: K.self)
+                    var j = first.values[e]
+                    while j >= 0 {
+                        try f.build(key, values[j])
+                        j = next[j]
+                    }
+                }
+                (first, next, values) = (M(capacity: 64), [], [])
+                reservation.release()
+            }
+            if let f = fallback {
+                try readA(p, ctx) { k, v in try f.probe(k, v) }
+                try f.finish(emit)
+                return
             }
             if values.isEmpty { return }
             try readA(p, ctx) { k, v in
@@ -651,6 +674,72 @@ final class HashJoinedRDD<K: Hashable, V, W>: RDD<(K, (V, W))> {
             for m in 0..<maps { for (k, x) in try d.fetch(map: m, bucket: p) { try emit(k, x) } }
         })
     }
+}
+
+/// Memory taken from the pool in steps as a structure grows (the step of
+/// `ExternalMerger`): `add` says false once the pool refuses, after
+/// demoting other shuffles' outputs to disk.
+struct PoolReservation {
+    let sc: DataflowContext
+    let step: Int
+    private(set) var held = 0
+    private var pending = 0
+
+    init(_ sc: DataflowContext) {
+        self.sc = sc
+        step = Swift.max(4 << 10, Swift.min(256 << 10, sc.memory.capacity / 16))
+    }
+
+    mutating func add(_ n: Int) -> Bool {
+        pending += n
+        if pending < step { return true }
+        let m = pending
+        pending = 0
+        var ok = sc.memory.tryAcquire(m)
+        while !ok && sc.shuffles.demote(m, sparing: -1) { ok = sc.memory.tryAcquire(m) }
+        if ok { held += m }
+        return ok
+    }
+
+    mutating func release() {
+        sc.memory.release(held)
+        held = 0
+        pending = 0
+    }
+}
+
+/// Where a join goes when its hash table does not fit: rows of both sides
+/// in, joined pairs out (`SpillingJoin`).
+class JoinFallback<K, V, W> {
+    func build(_ k: K, _ w: W) throws { fatalError("abstract") }
+    func probe(_ k: K, _ v: V) throws { fatalError("abstract") }
+    func finish(_ emit: ((K, (V, W))) throws -> Void) throws { fatalError("abstract") }
+    func release() {}
+}
+
+/// One partition of an inner join through an `ExternalMerger`: both sides
+/// grouped by key in a merge bounded by the pool (spilled as sorted runs),
+/// then each key's pairs emitted.
+final class SpillingJoin<K: Hashable, V, W, M: CombineMap>: JoinFallback<K, V, W> where M.Value == ([V], [W]) {
+    private var merged: ExternalMerger<K, ([V], [W]), M>
+
+    init(_ sc: DataflowContext, partition: Int) {
+        let codec = BlockCodec.pair(BlockCodec<K>.automatic(), BlockCodec.pair(BlockCodec<[V]>.automatic(), BlockCodec<[W]>.automatic()))
+        let (strideV, strideW) = (MemoryLayout<V>.stride, MemoryLayout<W>.stride)
+        merged = ExternalMerger(sc: sc, codec: codec, tag: "join-\(partition)",
+                                mergeCombiners: { $0.0.append(contentsOf: $1.0); $0.1.append(contentsOf: $1.1) },
+                                combinerBytes: { $0.0.count * strideV + $0.1.count * strideW })
+        sc.metric { $0.spilledJoins += 1 }
+    }
+
+    override func build(_ k: K, _ w: W) throws { try merged.insert(k, ([], [w])) }
+    override func probe(_ k: K, _ v: V) throws { try merged.insert(k, ([v], [])) }
+    override func finish(_ emit: ((K, (V, W))) throws -> Void) throws {
+        try merged.finish { k, group in
+            for v in group.0 { for w in group.1 { try emit((k, (v, w))) } }
+        }
+    }
+    override func release() { merged.release() }
 }
 
 // MARK: Pair functions

@@ -168,6 +168,37 @@ final class SpillTests: XCTestCase {
         XCTAssertEqual(left.filter { $0.contains("-reduce-") }, [], "merged and final runs are removed")
     }
 
+    /// An inner join whose hash table the pool refuses is joined through a
+    /// bounded merge instead: every pair, as with room, for Int, String and
+    /// colliding keys (the Dictionary path).
+    func testJoinsWhoseTableDoesNotFitSpillAndKeepEveryPair() throws {
+        var rng = SplitMix(seed: 53)
+        let a = (0..<12_000).map { _ in (Int(rng.next() % 3000), Int(rng.next() % 1000)) }
+        let b = (0..<12_000).map { _ in (Int(rng.next() % 3000), Int(rng.next() % 1000)) }
+        var byKey: [Int: [Int]] = [:]
+        for (k, w) in b { byKey[k, default: []].append(w) }
+        var want: [String] = []
+        for (k, v) in a { for w in byKey[k] ?? [] { want.append("\(k) \(v) \(w)") } }
+        want.sort()
+
+        func check<K: Hashable>(_ name: String, _ key: @escaping (Int) -> K, _ back: @escaping (K) -> Int) throws {
+            for (bound, spills) in [(512 << 20, false), (128 << 10, true)] {
+                let sc = DataflowContext(executor: LocalExecutor(threads: 2), memoryBytesMax: bound)
+                let left = sc.parallelize(a, partitions: 3).map { (key($0.0), $0.1) }
+                let right = sc.parallelize(b, partitions: 3).map { (key($0.0), $0.1) }
+                let got = try left.join(right, partitions: 2).collect().map { "\(back($0.0)) \($0.1.0) \($0.1.1)" }.sorted()
+                XCTAssertEqual(got.count, want.count, "\(name), bound \(bound)")
+                XCTAssertTrue(got == want, "\(name), bound \(bound): the pairs differ")
+                let m = sc.lastJobMetrics
+                XCTAssertEqual(m.spilledJoins > 0, spills, "\(name), bound \(bound): \(m.spilledJoins) spilled joins")
+                if spills { XCTAssertGreaterThan(m.mergeSpillFiles, 0, "\(name): the merge wrote runs") }
+            }
+        }
+        try check("Int", { $0 }, { $0 })
+        try check("String", { "key-\($0)" }, { Int($0.dropFirst(4))! })
+        try check("colliding", { CollidingKey(v: $0) }, { $0.v })
+    }
+
     func testMergeHeapPopsInOrder() {
         var heap = MergeHeap()
         var rng = SplitMix(seed: 3)
