@@ -361,7 +361,7 @@ public struct ParticipantMachine: Sendable {
     }
 
     mutating func apply(txn: TxnId, commitTs: Timestamp, writes: [WriteOp]) {
-        for w in writes { store.apply(key: w.key, value: w.value, ts: commitTs) }
+        store.apply(writes, ts: commitTs)
         if !writes.isEmpty {
             commitRefs[commitTs] = writes.count
             out.records.append(.committed(txn: txn, commitTs: commitTs, writes: writes))

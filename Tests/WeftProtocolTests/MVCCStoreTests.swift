@@ -218,6 +218,42 @@ final class MachineScriptTests: XCTestCase {
 }
 
 final class BulkLoadTests: XCTestCase {
+    /// Commits of every size, one key at a time or as a batch (a batch past
+    /// the merge bound goes in as a bulk load), with deletes and keys put
+    /// again after a delete: reads and scans match applying each write alone.
+    func testLargeCommitsApplyLikeSingleWrites() {
+        var rng = SeededRandom(seed: 11)
+        var batched = MVCCStore(), single = MVCCStore()
+        var ts: Timestamp = 1
+        var bulkCommits = 0
+        for _ in 0..<60 {
+            ts += 1
+            let n = rng.chance(0.3) ? rng.int(300...3_000) : rng.int(1...40)
+            if n >= batched.mergeBound { bulkCommits += 1 }
+            var seen = Set<Bytes>()
+            var writes: [WriteOp] = []
+            for _ in 0..<n {
+                let key = Array("k\(rng.int(0...20_000))".utf8)
+                guard seen.insert(key).inserted else { continue }
+                writes.append(WriteOp(key: key, value: rng.chance(0.2) ? nil : Array("v\(ts)".utf8)))
+            }
+            batched.apply(writes, ts: ts)
+            for w in writes { single.apply(key: w.key, value: w.value, ts: ts) }
+        }
+        XCTAssertGreaterThan(bulkCommits, 5, "some commits went in as bulk loads")
+        for at in [ts / 3, ts / 2, ts] {
+            var a: [Bytes] = [], b: [Bytes] = []
+            batched.scan(from: [], at: at) { k, v, _ in a.append(k + [0] + v); return true }
+            single.scan(from: [], at: at) { k, v, _ in b.append(k + [0] + v); return true }
+            XCTAssertEqual(a, b, "at \(at)")
+            XCTAssertFalse(a.isEmpty)
+        }
+        var from: [Bytes] = []
+        batched.scan(from: Array("k5".utf8), at: ts) { k, _, _ in from.append(k); return from.count < 100 }
+        XCTAssertEqual(from, from.sorted { compareBytes($0, $1) < 0 })
+        XCTAssertTrue(from.allSatisfy { compareBytes($0, Array("k5".utf8)) >= 0 })
+    }
+
     func testBulkLoadOrdersKeysLikeIncrementalApply() {
         var rng = SeededRandom(seed: 3)
         var bulk = MVCCStore(), plain = MVCCStore()
