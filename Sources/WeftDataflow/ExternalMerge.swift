@@ -43,9 +43,11 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
     let rowBytes = MemoryLayout<K>.stride + MemoryLayout<C>.stride + 32
 
     /// A batch of a run ends at this many rows or `batchBytes` estimated
-    /// bytes, whichever comes first: what the final merge holds of each run.
+    /// bytes, whichever comes first: what a merge holds of each run.
     static var batchRows: Int { 1024 }
-    static var batchBytes: Int { 64 << 10 }
+    /// A thousandth of the pool, between 4 and 64 KiB: small pools get
+    /// small batches, so a merge can still read many runs at once.
+    var batchBytes: Int { Swift.max(4 << 10, Swift.min(64 << 10, sc.memory.capacity / 1024)) }
     /// Growth between two requests to the memory pool: 256 KiB, or a
     /// sixteenth of a smaller pool (at least 4 KiB).
     let reserveStep: Int
@@ -129,7 +131,7 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
             // Up to batchRows rows or batchBytes estimated bytes (a group
             // counts its array), at least one row.
             var end = i, bytes = 0
-            while end < order.count && end - i < Self.batchRows && (end == i || bytes < Self.batchBytes) {
+            while end < order.count && end - i < Self.batchRows && (end == i || bytes < batchBytes) {
                 bytes += rowBytes + (combinerBytes?(map.values[order[end].entry]) ?? 0)
                 end += 1
             }
@@ -151,8 +153,9 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
     }
 
     /// Most sources one merge reads at once, each through one batch: a
-    /// quarter of the pool in batches, between 2 and 64.
-    var fanIn: Int { Swift.max(2, Swift.min(64, sc.memory.capacity / (4 * Self.batchBytes))) }
+    /// quarter of the pool in batches, between 2 and 256 (256 for the
+    /// default 512 MiB pool, 128 for 2 MiB, 4 for 64 KiB).
+    var fanIn: Int { Swift.max(2, Swift.min(256, sc.memory.capacity / (4 * batchBytes))) }
 
     /// Hands every key with its merged combiner to `emit`, then frees the
     /// table's memory and removes its runs (also when `emit` throws).
@@ -204,7 +207,7 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
             try merge(&sources, codec) { _, k, c in
                 batch.append((k, c))
                 bytes += rowBytes + (combinerBytes?(c) ?? 0)
-                if batch.count >= Self.batchRows || bytes >= Self.batchBytes { try flush() }
+                if batch.count >= Self.batchRows || bytes >= batchBytes { try flush() }
             }
             try flush()
             out.close()
@@ -227,7 +230,7 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
     /// hash, the rows of that hash are gathered from every source holding
     /// it and merged by `==`, and each key goes to `emit` with its hash.
     /// It holds one batch per source, at most `fanIn` batches (a quarter
-    /// of the pool, or 128 KiB for pools under 512 KiB), not counted in the
+    /// of the pool, or 8 KiB for the smallest pools), not counted in the
     /// pool.
     private func merge(_ sources: inout [MergeSource], _ codec: BlockCodec<(K, C)>, _ emit: (Int, K, C) throws -> Void) throws {
         var heap = MergeHeap()
@@ -271,13 +274,19 @@ struct ExternalMerger<K: Hashable, C, M: CombineMap> where M.Value == C {
         var rows: [(K, C)] = []
         var hashes: [Int] = []
         var pos = 0
+        /// The run's file, open while it is read.
+        var reader: SpillFileReader?
 
         init(run: SpillRun?) { self.run = run }
 
         /// Loads the next batch once the current one is used up.
         mutating func fill(_ sc: DataflowContext, _ codec: BlockCodec<(K, C)>) throws {
-            guard pos == rows.count, let run, batch + 1 < run.offsets.count else { return }
-            let bytes = try sc.spillDirectory.readRange(run.file, from: run.offsets[batch], to: run.offsets[batch + 1])
+            guard pos == rows.count, let run, batch + 1 < run.offsets.count else {
+                if pos == rows.count { reader = nil }
+                return
+            }
+            if reader == nil { reader = try SpillFileReader(run.file) }
+            let bytes = try reader!.read(from: run.offsets[batch], to: run.offsets[batch + 1])
             batch += 1
             rows = try SpillFormat.decodeAll(bytes[...], codec)
             hashes = rows.map { $0.0.hashValue }

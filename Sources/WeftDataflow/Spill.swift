@@ -334,6 +334,35 @@ final class SpillFileWriter {
     deinit { close() }
 }
 
+/// A spill file read range by range through one open descriptor (a merge
+/// reads each run a batch at a time).
+final class SpillFileReader {
+    let file: String
+    private let fd: Int32
+
+    init(_ file: String) throws {
+        self.file = file
+        fd = open(file, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw WeftError(.storage, "spill file \(file) is missing") }
+    }
+
+    /// Bytes [from, to) of the file.
+    func read(from: Int, to: Int) throws -> Bytes {
+        let count = to - from
+        var bytes = Bytes(repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(from + done)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw WeftError(.corrupted, "spill file \(file) is shorter than its index says") }
+            done += n
+        }
+        return bytes
+    }
+
+    deinit { _ = close(fd) }
+}
+
 /// Encodes items with a codec into one buffer; `decodeAll` reads them back.
 enum SpillFormat {
     static func encode<T, S: Sequence>(_ items: S, count: Int, _ codec: BlockCodec<T>, into w: inout ByteWriter) where S.Element == T {

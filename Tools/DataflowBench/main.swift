@@ -179,7 +179,7 @@ func wordcountEngine(_ threads: Int, bound: Int = DataflowContext.memoryBytesMax
     let time = now() - t
     let m = sc.lastJobMetrics
     if stages { for s in m.stageTimes { out("  " + s.description) } }
-    result(time, [wc.reduce(0) { $0 + $1.1 }, wc.reduce(0) { $0 + $1.0 }, m.bytesSpilled, m.spillFiles, m.mergeSpillFiles])
+    result(time, [wc.reduce(0) { $0 + $1.1 }, wc.reduce(0) { $0 + $1.0 }, m.bytesSpilled, m.spillFiles, m.mergeSpillFiles, m.mergePasses])
 }
 
 func wordcountBench() {
@@ -191,8 +191,8 @@ func wordcountBench() {
     }
     out("wordcount over \(wordcountMB) MiB: \(loop[3]) distinct words, \(loop[2]) words (engine and loop agree)")
     report("wordcount", Double(loop[0])!, Double(two[0])!, Double(one[0])!, Double(two[1])!, Double(loop[1])!)
-    out(String(format: "wordcount with a %d MiB memory bound, 2 threads: %.2f s, peak %.0f MiB, %@ bytes spilled in %@ files (%@ of them reduce-side merge runs), same result",
-               boundMB, Double(bounded[0])!, Double(bounded[1])!, bounded[4], bounded[5], bounded[6]))
+    out(String(format: "wordcount with a %d MiB memory bound, 2 threads: %.2f s, peak %.0f MiB, %@ bytes spilled in %@ files (%@ of them reduce-side merge runs, %@ from merging runs), same result",
+               boundMB, Double(bounded[0])!, Double(bounded[1])!, bounded[4], bounded[5], bounded[6], bounded[7]))
 }
 
 // MARK: PageRank over a generated graph
