@@ -14,6 +14,16 @@ public typealias ParticipantId = Int
 /// shorter prefix first), which is the order `scan` returns.
 public typealias Bytes = [UInt8]
 
+/// Bytes as a dictionary key, hashed in one pass over the buffer: an
+/// `[UInt8]` key feeds the hasher one element at a time, which made lock
+/// tables and write buffers of big transactions hash-bound.
+public struct ByteKey: Hashable, Sendable {
+    public let bytes: Bytes
+    @inline(__always) public init(_ bytes: Bytes) { self.bytes = bytes }
+    @inline(__always) public func hash(into h: inout Hasher) { bytes.withUnsafeBytes { h.combine(bytes: $0) } }
+    @inline(__always) public static func == (a: ByteKey, b: ByteKey) -> Bool { a.bytes == b.bytes }
+}
+
 /// Every bound in the system, in one place, with units last in the name.
 /// `docs/architecture.md` lists them for users.
 public enum Limits {

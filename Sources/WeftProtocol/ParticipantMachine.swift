@@ -44,10 +44,10 @@ public struct ParticipantMachine: Sendable {
     public let id: ParticipantId
     public private(set) var store = MVCCStore()
     /// Write locks: key -> holder.
-    var locks: [Bytes: TxnId] = [:]
+    var locks: [ByteKey: TxnId] = [:]
     public private(set) var prepared: [TxnId: PreparedTxn] = [:]
     /// Highest timestamp each key was read at (snapshot reads and validated reads).
-    var readCache: [Bytes: Timestamp] = [:]
+    var readCache: [ByteKey: Timestamp] = [:]
     /// A lower bound for every key's read timestamp: raised by scans, by
     /// collapsing the read cache, and unknown (nil) after a restart until
     /// the coordinator reports its clock.
@@ -96,7 +96,7 @@ public struct ParticipantMachine: Sendable {
         // Re-take the locks of in-doubt transactions before serving anything.
         for p in recovery.prepared {
             prepared[p.txn] = p
-            for w in p.writes { locks[w.key] = p.txn }
+            for w in p.writes { locks[ByteKey(w.key)] = p.txn }
         }
         if readFloor == nil { out.messages.append(Envelope(from: me, to: .coordinator, .clockQuery(from: id))) }
         for p in recovery.prepared {
@@ -226,7 +226,7 @@ public struct ParticipantMachine: Sendable {
 
     mutating func onRead(from: NodeAddress, req: UInt64, key: Bytes, ts: Timestamp, original: Message) {
         if let e = checkReadTs(ts) { return send(from, .failed(req: req, error: e)) }
-        if let holder = locks[key], let p = prepared[holder], p.commitTs <= ts {
+        if let holder = locks[ByteKey(key)], let p = prepared[holder], p.commitTs <= ts {
             return park(holder, from, original)
         }
         let (value, version) = store.read(key, at: ts)
@@ -236,7 +236,7 @@ public struct ParticipantMachine: Sendable {
 
     mutating func onScan(from: NodeAddress, req: UInt64, start: Bytes, end: Bytes?, limit: Int, ts: Timestamp, original: Message) {
         if let e = checkReadTs(ts) { return send(from, .failed(req: req, error: e)) }
-        for (key, holder) in locks where compareBytes(key, start) >= 0 && (end.map { compareBytes(key, $0) < 0 } ?? true) {
+        for (key, holder) in locks where compareBytes(key.bytes, start) >= 0 && (end.map { compareBytes(key.bytes, $0) < 0 } ?? true) {
             if let p = prepared[holder], p.commitTs <= ts { return park(holder, from, original) }
         }
         var rows: [ScanRow] = []
@@ -257,12 +257,12 @@ public struct ParticipantMachine: Sendable {
     }
 
     mutating func noteRead(_ key: Bytes, _ ts: Timestamp) {
-        if ts <= (readCache[key] ?? 0) || ts <= readFloor { return }
+        if ts <= (readCache[ByteKey(key)] ?? 0) || ts <= readFloor { return }
         if readCache.count >= Limits.readCacheEntriesMax {
             readFloor = max(readFloor, readCache.values.max() ?? 0)
             readCache.removeAll(keepingCapacity: true)
         }
-        readCache[key] = ts
+        readCache[ByteKey(key)] = ts
     }
 
     mutating func park(_ holder: TxnId, _ from: NodeAddress, _ message: Message) {
@@ -279,15 +279,15 @@ public struct ParticipantMachine: Sendable {
         let floor = readFloor
         if commitTs <= startTs { return WeftError(.invalidArgument, "commit timestamp \(commitTs) is not after start \(startTs)") }
         for k in part.reads {
-            if let h = locks[k], h != txn { return conflict(k, "it is locked by transaction \(h)") }
+            if let h = locks[ByteKey(k)], h != txn { return conflict(k, "it is locked by transaction \(h)") }
             if store.latestTs(k) > startTs { return conflict(k, "it changed after the transaction read it") }
         }
         for w in part.writes {
-            if let h = locks[w.key], h != txn { return conflict(w.key, "it is locked by transaction \(h)") }
+            if let h = locks[ByteKey(w.key)], h != txn { return conflict(w.key, "it is locked by transaction \(h)") }
             // A key that was also read is covered by the read check above; a
             // blind write only has to land after every existing version.
             if store.latestTs(w.key) >= commitTs { return conflict(w.key, "a newer version was committed first") }
-            if max(readCache[w.key] ?? 0, floor) >= commitTs {
+            if max(readCache[ByteKey(w.key)] ?? 0, floor) >= commitTs {
                 return conflict(w.key, "it was read at a later timestamp than this commit")
             }
         }
@@ -313,7 +313,7 @@ public struct ParticipantMachine: Sendable {
         if part.isReadOnly { return send(.coordinator, .vote(txn: txn, from: id, vote: .readOnly)) }
         let p = PreparedTxn(txn: txn, startTs: startTs, commitTs: commitTs, participants: participants, writes: part.writes, preparedAtMillis: nowMillis)
         prepared[txn] = p
-        for w in part.writes { locks[w.key] = txn }
+        for w in part.writes { locks[ByteKey(w.key)] = txn }
         lastQueryMillis[txn] = nowMillis
         out.records.append(.prepared(p))
         send(.coordinator, .vote(txn: txn, from: id, vote: .yes))
@@ -347,7 +347,7 @@ public struct ParticipantMachine: Sendable {
             return
         }
         lastQueryMillis[txn] = nil
-        for w in p.writes where locks[w.key] == txn { locks[w.key] = nil }
+        for w in p.writes where locks[ByteKey(w.key)] == txn { locks[ByteKey(w.key)] = nil }
         if commit {
             apply(txn: txn, commitTs: p.commitTs, writes: p.writes)
             rememberCommitted(txn, p.commitTs)

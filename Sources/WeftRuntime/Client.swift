@@ -287,7 +287,7 @@ public final class Transaction: @unchecked Sendable {
     public let startTs: Timestamp
     let client: WeftClient
     var reads: Set<Bytes> = []
-    var writes: [Bytes: Bytes?] = [:]
+    var writes: [ByteKey: Bytes?] = [:]
     var order: [Bytes] = []
     var bytes = 0
     public private(set) var finished = false
@@ -304,7 +304,7 @@ public final class Transaction: @unchecked Sendable {
     public func get(_ key: Bytes) async throws -> Bytes? {
         try WeftError.checkKey(key)
         try checkOpen()
-        if let w = writes[key] { return w }
+        if let w = writes[ByteKey(key)] { return w }
         let (value, _) = try await client.read(key, at: startTs)
         reads.insert(key)
         return value
@@ -323,16 +323,16 @@ public final class Transaction: @unchecked Sendable {
 
     func buffer(_ key: Bytes, _ value: Bytes?) throws {
         try checkOpen()
-        let old = writes[key].map { key.count + ($0?.count ?? 0) } ?? 0
+        let old = writes[ByteKey(key)].map { key.count + ($0?.count ?? 0) } ?? 0
         let new = key.count + (value?.count ?? 0)
-        if writes[key] == nil && writes.count >= Limits.txnWritesMax {
+        if writes[ByteKey(key)] == nil && writes.count >= Limits.txnWritesMax {
             throw WeftError(.txnTooLarge, "transaction writes more than \(Limits.txnWritesMax) keys (Limits.txnWritesMax)")
         }
         if bytes - old + new > Limits.txnBytesMax {
             throw WeftError(.txnTooLarge, "transaction writes more than \(Limits.txnBytesMax) bytes (Limits.txnBytesMax)")
         }
         bytes += new - old
-        if writes.updateValue(value, forKey: key) == nil { order.append(key) }
+        if writes.updateValue(value, forKey: ByteKey(key)) == nil { order.append(key) }
     }
 
     func checkOpen() throws {
@@ -347,7 +347,7 @@ public final class Transaction: @unchecked Sendable {
         finished = true
         var parts: [ParticipantId: TxnPart] = [:]
         for k in reads.sorted(by: { compareBytes($0, $1) < 0 }) { parts[client.owner(of: k), default: TxnPart()].reads.append(k) }
-        for k in order { parts[client.owner(of: k), default: TxnPart()].writes.append(WriteOp(key: k, value: writes[k]!)) }
+        for k in order { parts[client.owner(of: k), default: TxnPart()].writes.append(WriteOp(key: k, value: writes[ByteKey(k)]!)) }
         // Snapshot reads are consistent at startTs by themselves: a read-only
         // transaction is serializable there and needs no validation round.
         if writes.isEmpty { return startTs }
