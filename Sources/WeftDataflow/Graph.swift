@@ -390,7 +390,9 @@ public enum GraphPageRank {
     static func buildPackedLinks(_ keys: inout [UInt64], _ n: Int) -> LinkPartition<Int> {
         var maxDst: UInt64 = 0
         for k in keys { maxDst = max(maxDst, k & 0xffff_ffff) }
-        if maxDst < UInt64(max(1 << 22, 2 * keys.count)) {
+        // Bitmaps (n of them, a bit per possible destination) no bigger
+        // than the keys themselves, or 512 KiB.
+        if maxDst < UInt64(max(1 << 22, 2 * keys.count)), n * (Int(maxDst) >> 6 + 1) <= max(1 << 16, keys.count) {
             return buildDenseLinks(keys, Int(maxDst), n)
         }
         var srcs: [Int] = [], outDegree: [Int32] = []
@@ -640,9 +642,9 @@ struct RadixPlan {
     var shifts: [UInt64] = []
     var counts: [Int] = []
 
-    init(_ chunks: [UnsafeBufferPointer<UInt64>]) {
+    init(_ chunks: [[UInt64]]) {
         var all: UInt64 = ~0, any: UInt64 = 0
-        for c in chunks { for x in c { all &= x; any |= x } }
+        for chunk in chunks { chunk.withUnsafeBufferPointer { c in for x in c { all &= x; any |= x } } }
         let varying = all ^ any
         var b = 0
         while b < 64, varying >> UInt64(b) != 0 {
@@ -653,9 +655,11 @@ struct RadixPlan {
         let mask = UInt64(1 << radixBits - 1)
         counts = [Int](repeating: 0, count: shifts.count << radixBits)
         counts.withUnsafeMutableBufferPointer { counts in
-            for c in chunks {
-                for x in c {
-                    for (j, shift) in shifts.enumerated() { counts[j << radixBits | Int((x >> shift) & mask)] += 1 }
+            for chunk in chunks {
+                chunk.withUnsafeBufferPointer { c in
+                    for x in c {
+                        for (j, shift) in shifts.enumerated() { counts[j << radixBits | Int((x >> shift) & mask)] += 1 }
+                    }
                 }
             }
         }
@@ -663,7 +667,7 @@ struct RadixPlan {
 
     /// One stable pass on digit `j`: every key of `sources`, in order, to
     /// its place in `to`.
-    func scatter(_ j: Int, _ sources: [UnsafeBufferPointer<UInt64>], to: UnsafeMutableBufferPointer<UInt64>) {
+    func scatter(_ j: Int, _ sources: [[UInt64]], to: UnsafeMutableBufferPointer<UInt64>) {
         var offsets = [Int](repeating: 0, count: 1 << radixBits)
         var sum = 0
         for v in 0..<(1 << radixBits) {
@@ -672,11 +676,13 @@ struct RadixPlan {
         }
         let shift = shifts[j], mask = UInt64(1 << radixBits - 1)
         offsets.withUnsafeMutableBufferPointer { off in
-            for src in sources {
-                for x in src {
-                    let v = Int((x >> shift) & mask)
-                    to[off[v]] = x
-                    off[v] += 1
+            for source in sources {
+                source.withUnsafeBufferPointer { src in
+                    for x in src {
+                        let v = Int((x >> shift) & mask)
+                        to[off[v]] = x
+                        off[v] += 1
+                    }
                 }
             }
         }
@@ -688,11 +694,12 @@ struct RadixPlan {
 public func radixSort(_ a: inout [UInt64]) {
     let n = a.count
     if n < 2 { return }
-    let plan = a.withUnsafeBufferPointer { RadixPlan([$0]) }
+    let plan = RadixPlan([a])
     if plan.shifts.isEmpty { return }
     var buffer = [UInt64](unsafeUninitializedCapacity: n) { _, count in count = n }
     for j in plan.shifts.indices {
-        a.withUnsafeBufferPointer { src in buffer.withUnsafeMutableBufferPointer { plan.scatter(j, [src], to: $0) } }
+        let source = [a]
+        buffer.withUnsafeMutableBufferPointer { plan.scatter(j, source, to: $0) }
         swap(&a, &buffer)
     }
 }
@@ -702,18 +709,15 @@ public func radixSort(_ a: inout [UInt64]) {
 /// them into one array first.
 func radixSorted(_ chunks: [[UInt64]]) -> [UInt64] {
     let n = chunks.reduce(0) { $0 + $1.count }
-    func sources<R>(_ i: Int, _ acc: [UnsafeBufferPointer<UInt64>], _ body: ([UnsafeBufferPointer<UInt64>]) -> R) -> R {
-        if i == chunks.count { return body(acc) }
-        return chunks[i].withUnsafeBufferPointer { sources(i + 1, acc + [$0], body) }
-    }
-    let plan = sources(0, [], RadixPlan.init)
+    let plan = RadixPlan(chunks)
     if n < 2 || plan.shifts.isEmpty { return Array(chunks.joined()) }
     var a = [UInt64](unsafeUninitializedCapacity: n) { _, count in count = n }
-    a.withUnsafeMutableBufferPointer { to in sources(0, []) { plan.scatter(0, $0, to: to) } }
+    a.withUnsafeMutableBufferPointer { plan.scatter(0, chunks, to: $0) }
     if plan.shifts.count == 1 { return a }
     var buffer = [UInt64](unsafeUninitializedCapacity: n) { _, count in count = n }
     for j in plan.shifts.indices.dropFirst() {
-        a.withUnsafeBufferPointer { src in buffer.withUnsafeMutableBufferPointer { plan.scatter(j, [src], to: $0) } }
+        let source = [a]
+        buffer.withUnsafeMutableBufferPointer { plan.scatter(j, source, to: $0) }
         swap(&a, &buffer)
     }
     return a

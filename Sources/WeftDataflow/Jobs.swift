@@ -277,7 +277,9 @@ public enum BuiltinJobs {
             // Two fields of 1 to 18 digits, separated by whitespace (a CR
             // of CRLF lines included); blank lines are skipped.
             let n = line.count
-            @inline(__always) func isSpace(_ b: UInt8) -> Bool { b == 32 || (b >= 9 && b <= 13) }
+            // Space, tab, vertical tab, form feed, CR: not a newline, which
+            // a row that did not come from a file's lines may hold.
+            @inline(__always) func isSpace(_ b: UInt8) -> Bool { b == 32 || b == 9 || b == 11 || b == 12 || b == 13 }
             var i = 0
             while i < n && isSpace(line[i]) { i += 1 }
             if i == n { return }   // a blank line (as pagerank over text skips them)

@@ -319,7 +319,8 @@ final class SpillFileWriter {
             let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, bytes.count - done) }
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
-                throw WeftError(.storage, "cannot spill \(bytes.count) bytes to \(file): \(String(cString: strerror(errno))) (is the disk full?)")
+                let why = n == 0 ? "nothing written" : String(cString: strerror(errno))
+                throw WeftError(.storage, "cannot spill \(bytes.count) bytes to \(file): \(why) (is the disk full?)")
             }
             done += n
         }
@@ -343,7 +344,7 @@ final class SpillFileReader {
     init(_ file: String) throws {
         self.file = file
         fd = open(file, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw WeftError(.storage, "spill file \(file) is missing") }
+        guard fd >= 0 else { throw WeftError(.storage, "cannot open spill file \(file): \(String(cString: strerror(errno)))") }
     }
 
     /// Bytes [from, to) of the file.

@@ -215,6 +215,12 @@ final class GraphTests: XCTestCase {
         let edges = try BuiltinJobs.integerEdges(sc.textFile(path, partitions: 3), malformed: bad).collect()
         XCTAssertEqual(edges.map { "\($0.0)>\($0.1)" }.sorted(), ["1>2", "10>11", "12>13", "3>4", "8>9"].sorted())
         XCTAssertEqual(bad.value, 3, "three fields, a letter, 19 digits; the blank line is skipped, CRLF is fine")
+        // Rows that are not a file's lines may hold a newline: it is not
+        // whitespace, so such a row is malformed, not an edge.
+        let bad2 = sc.accumulator("malformed rows")
+        let fromRows = try BuiltinJobs.integerEdges(sc.parallelize(["1 2\n", "\n", "3 4", " \t"], partitions: 2), malformed: bad2).collect()
+        XCTAssertEqual(fromRows.map { "\($0.0)>\($0.1)" }, ["3>4"])
+        XCTAssertEqual(bad2.value, 2)
     }
 
     /// Raw bytes that are not UTF-8 (Latin-1) do not swallow the next
