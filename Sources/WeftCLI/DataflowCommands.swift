@@ -22,47 +22,30 @@ struct TableCommand: AsyncParsableCommand {
         @Option(help: "lines: every line a row keyed by its line number; kv: key<TAB>value lines.") var format: Format = .lines
         @Flag(help: "Replace an existing table atomically.") var overwrite = false
 
+        @Option(help: "Participants that hold each block (1...\(Limits.tableReplicasMax)); a reader whose replica is missing or corrupt uses another.")
+        var replicas = 1
+
         func run() async throws {
-            let g = global, name = self.name, format = self.format, overwrite = self.overwrite
+            let g = global, name = self.name, format = self.format, overwrite = self.overwrite, file = self.file, replicas = self.replicas
             do { try TableStore.checkName(name) } catch let e as WeftError { fail(e, json: g.json) }
-            guard let data = FileManager.default.contents(atPath: file) else { fail(WeftError(.notFound, "cannot read \(file)"), json: g.json) }
-            var lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
-            if lines.last == "" { lines.removeLast() }
-            var rows: [(Bytes, Bytes)] = []
-            switch format {
-            case .lines:
-                rows = lines.enumerated().map { (Array(String(format: "%012d", $0.offset + 1).utf8), Array($0.element.utf8)) }
-            case .kv:
-                var seen: [String: Int] = [:]
-                var bad: [Int] = []
-                for (i, l) in lines.enumerated() {
-                    guard let tab = l.firstIndex(of: "\t") else {
-                        if !l.isEmpty { bad.append(i + 1) }
-                        continue
-                    }
-                    let k = String(l[..<tab])
-                    if let first = seen[k] { fail(WeftError(.invalidArgument, "\(file):\(i + 1): key '\(k)' repeats the key of line \(first); nothing was loaded"), json: g.json) }
-                    seen[k] = i + 1
-                    rows.append((Array(k.utf8), Array(l[l.index(after: tab)...].utf8)))
-                }
-                if !bad.isEmpty {
-                    fail(WeftError(.invalidArgument, "\(file): \(bad.count) lines have no TAB (lines \(bad.prefix(10).map(String.init).joined(separator: ", "))\(bad.count > 10 ? ", ..." : "")); nothing was loaded"), json: g.json)
-                }
-            }
-            let n = rows.count
-            let boxed = rows.map { Pair(k: $0.0, v: $0.1) }
-            // Big files load in batches; the table appears only when the last commits.
+            // The file streams through in chunks; blocks are written as they are cut.
             let tty = isatty(2) == 1
-            let progress: @Sendable (Int, Int) -> Void = { done, total in
-                guard total > TableStore.loadBatchRowsMax else { return }
-                let width = 30, filled = total == 0 ? width : done * width / total
-                let line = "loading \(name) [" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(done)/\(total) rows"
-                FileHandle.standardError.write(Data((tty ? "\r" + line + (done == total ? "\n" : "") : line + "\n").utf8))
+            let started = Date()
+            var lastDraw = Date.distantPast
+            let progress: (Int, Int, Int) -> Void = { done, total, rows in
+                guard total > 16 << 20 || (tty && Date().timeIntervalSince(started) > 1) else { return }
+                let now = Date()
+                guard done >= total || now.timeIntervalSince(lastDraw) >= (tty ? 0.1 : 2) else { return }
+                lastDraw = now
+                let width = 30, filled = total == 0 ? width : min(width, done * width / total)
+                let line = "loading \(name) [" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(done >> 20)/\(total >> 20) MiB, \(rows) rows"
+                FileHandle.standardError.write(Data((tty ? "\r" + line + (done >= total ? "\n" : "") : line + "\n").utf8))
             }
-            let ts = try await withCluster(g) { c in
-                try await TableStore.write(c, name, rows: boxed.map { ($0.k, $0.v) }, format: format.rawValue, overwrite: overwrite, progress: progress)
+            let r = try await withCluster(g) { c in
+                try await TableStore.load(c, name, path: file, format: format.rawValue, overwrite: overwrite, replicas: replicas, progress: progress)
             }
-            print(g.json ? jsonLine(["table": name, "rows": n, "committed_ts": ts]) : "loaded \(n) rows into table \(name) (committed at ts=\(ts))")
+            print(g.json ? jsonLine(["table": name, "rows": r.rows, "bytes": r.bytes, "replicas": replicas, "committed_ts": r.ts])
+                         : "loaded \(r.rows) rows (\(r.bytes) bytes) into table \(name) (committed at ts=\(r.ts))")
         }
     }
 
@@ -73,8 +56,10 @@ struct TableCommand: AsyncParsableCommand {
             let g = global
             let infos = try await withCluster(g) { c in try await TableStore.list(c) }
             for i in infos {
-                print(g.json ? jsonLine(["table": i.name, "rows": i.rows, "format": i.format, "committed_ts": i.committedTs])
-                      : "\(i.name)\t\(i.rows) rows\t\(i.format)\tcommitted at ts=\(i.committedTs)")
+                print(g.json ? jsonLine(["table": i.name, "rows": i.rows, "format": i.format, "committed_ts": i.committedTs,
+                                         "layout": i.blocks ? "blocks" : "rows", "partitions": i.partitions, "blocks": i.blockCount,
+                                         "bytes": i.bytes, "replicas": i.replicas])
+                      : "\(i.name)\t\(i.rows) rows\t\(i.format)\t" + (i.blocks ? "\(i.blockCount) blocks, \(i.bytes) bytes, \(i.replicas) replica\(i.replicas == 1 ? "" : "s")\t" : "per-row layout\t") + "committed at ts=\(i.committedTs)")
             }
             if infos.isEmpty && !g.json { print("no tables") }
         }
@@ -86,15 +71,18 @@ struct TableCommand: AsyncParsableCommand {
         @Argument var name: String
         @Option var limit = 100
         @Option(help: "Snapshot timestamp (default: now).") var at: UInt64?
+        @Flag(help: "Show keys and values as hex.") var hex = false
         func run() async throws {
             let g = global, name = self.name, limit = self.limit, at = self.at
-            let rows = try await withCluster(g) { c -> [ScanRow] in
-                guard let info = try await TableStore.info(c, name, at: at) else { throw WeftError(.notFound, "unknown table \(name)") }
-                return try await c.scan(prefix: info.rowPrefix, limit: limit, at: at).rows
+            if limit < 0 { throw ValidationError("--limit must be at least 0") }
+            let rows = try await withCluster(g) { c -> [ScanRowBox] in
+                var ts = at ?? 0
+                if at == nil { ts = try await c.now() }
+                guard let info = try await TableStore.info(c, name, at: ts) else { throw WeftError(.notFound, "unknown table \(name)") }
+                return try await TableStore.scan(c, info, at: ts, limit: limit).map { ScanRowBox(key: $0.key, value: $0.value) }
             }
-            let skip = rows.first.map { r in r.key.firstIndex(of: UInt8(ascii: "/")).flatMap { i in r.key[(i + 1)...].firstIndex(of: UInt8(ascii: "/")) }.map { $0 + 1 } ?? 0 } ?? 0
             for r in rows {
-                let k = text(Array(r.key.dropFirst(skip))), v = text(r.value)
+                let k = hex ? encodeHex(r.key) : text(r.key), v = hex ? encodeHex(r.value) : text(r.value)
                 print(g.json ? jsonLine(["key": k, "value": v]) : "\(k)\t\(v)")
             }
         }
@@ -159,9 +147,9 @@ func runLeased(_ name: String, _ p: JobParameters, sc: DataflowContext, client: 
                                unpin: { _ in if let l = lease.value { _ = try? blocking { await l.release() } } })
 }
 
-struct Pair: Sendable {
-    var k: Bytes
-    var v: Bytes
+struct ScanRowBox: Sendable {
+    var key: Bytes
+    var value: Bytes
 }
 
 struct JobCommand: AsyncParsableCommand {

@@ -205,3 +205,43 @@ public func stableHash<C: Sequence>(_ bytes: C) -> UInt64 where C.Element == UIn
     }
     return h
 }
+
+/// A fast 64-bit checksum of a block's bytes: four independent lanes
+/// of multiply-fold over 8-byte words, then the tail byte by byte, mixed
+/// with the length. It detects flipped, lost and reordered bytes with high
+/// probability; it is not a cryptographic hash. Stable across processes
+/// and runs (no seed).
+public func blockChecksum(_ buf: UnsafeRawBufferPointer) -> UInt64 {
+    let k0: UInt64 = 0x9E37_79B9_7F4A_7C15, k1: UInt64 = 0xC2B2_AE3D_27D4_EB4F
+    var a: UInt64 = 0x243F_6A88_85A3_08D3, b: UInt64 = 0x1319_8A2E_0370_7344
+    var c: UInt64 = 0xA409_3822_299F_31D0, d: UInt64 = 0x082E_FA98_EC4E_6C89
+    let n = buf.count
+    var i = 0
+    if let base = buf.baseAddress {
+        while i + 32 <= n {
+            a = (a ^ base.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* k0
+            b = (b ^ base.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)) &* k0
+            c = (c ^ base.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)) &* k0
+            d = (d ^ base.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)) &* k0
+            a ^= a >> 29; b ^= b >> 29; c ^= c >> 29; d ^= d >> 29
+            i += 32
+        }
+    }
+    var h = (a &* k1) ^ (b &* k1).rotateLeft(17) ^ (c &* k1).rotateLeft(31) ^ (d &* k1).rotateLeft(47) ^ UInt64(n)
+    while i < n {
+        h = (h ^ UInt64(buf[i])) &* 0x100_0000_01b3
+        i += 1
+    }
+    h ^= h >> 33
+    h = h &* k1
+    h ^= h >> 29
+    return h
+}
+
+public func blockChecksum(_ bytes: Bytes) -> UInt64 {
+    bytes.withUnsafeBytes { blockChecksum($0) }
+}
+
+extension UInt64 {
+    @inline(__always) func rotateLeft(_ s: UInt64) -> UInt64 { (self << s) | (self >> (64 - s)) }
+}

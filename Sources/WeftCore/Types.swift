@@ -37,6 +37,21 @@ public enum Limits {
     public static let txnBytesMax = 64 << 20
     /// Most keys a single `scan` returns.
     public static let scanLimitMax = 1_000_000
+    /// Largest stored block of a table or of a reliably persisted
+    /// partition, header included: one value in the store.
+    public static let tableBlockBytesMax = valueBytesMax
+    /// Longest row (line, or key plus value) a table load accepts: a row
+    /// never spans two blocks. A longer line is refused by its line number
+    /// before it is buffered whole.
+    public static let tableRowBytesMax = tableBlockBytesMax - 4096
+    /// Blocks a table load (or a job's output) has in flight at once, each
+    /// its own transaction: bounds the loader's memory to about this many
+    /// blocks.
+    public static let tableLoadBlocksInFlightMax = 16
+    /// Replicas of a table's blocks (`table load --replicas K`), at most.
+    public static let tableReplicasMax = 8
+    /// Blocks of one table partition handed to one task.
+    public static let tableBlocksPerTaskMax = 8
     /// How far ahead of a participant's clock a read timestamp may be, in ms.
     public static let futureReadSlackMillis: UInt64 = 60_000
     /// Most inbox messages a node steps in one round, so one group commit

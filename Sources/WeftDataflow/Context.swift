@@ -430,10 +430,13 @@ final class WorkerPool: @unchecked Sendable {
 /// Thrown inside the scheduler when the executor running a stage is lost.
 struct ExecutorLost: Error {}
 
-final class Counter: @unchecked Sendable {
+public final class Counter: @unchecked Sendable {
     let lock = NSLock()
     var n = 0
+    public init() {}
     func increment() -> Int { lock.withLock { n += 1; return n } }
+    public func add(_ k: Int) { lock.withLock { n += k } }
+    public var value: Int { lock.withLock { n } }
 }
 
 /// Progress of a running job, for progress bars.
@@ -520,9 +523,11 @@ public final class DataflowContext: @unchecked Sendable {
     /// file (from the first line that starts in it), so a partition can be
     /// read again identically and no task holds the whole file.
     public func textFile(_ path: String, partitions: Int? = nil) throws -> RDD<String> {
-        guard let attrs = try? FileManager.default.attributesOfItem(atPath: path), let size = attrs[.size] as? Int else {
-            throw WeftError(.notFound, "cannot read \(path)")
-        }
+        // stat follows symlinks (the size of the file, not of the link).
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw WeftError(.notFound, "cannot read \(path): \(String(cString: strerror(errno)))") }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw WeftError(.invalidArgument, "\(path) is not a regular file") }
+        let size = Int(st.st_size)
         let n = partitions ?? Swift.max(executor.parallelism * 4, size / (32 << 20) + 1)
         return TextFileRDD(self, path: path, size: size, partitions: Swift.max(1, n))
     }

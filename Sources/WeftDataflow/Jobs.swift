@@ -113,9 +113,7 @@ public enum BuiltinJobs {
     /// `kv` table's rows as `key<TAB>value` lines (so a table loaded with
     /// `--format kv`, or a job's output, can feed join, sort and the rest).
     static func textLines(_ rows: RDD<(Bytes, Bytes)>) -> RDD<String> {
-        if (rows as? TableRDD)?.format == "kv" {
-            return rows.map { String(decoding: $0.0, as: UTF8.self) + "\t" + String(decoding: $0.1, as: UTF8.self) }
-        }
+        if let table = rows as? TableRDD { return TableLinesRDD(table) }
         return rows.values().map { String(decoding: $0, as: UTF8.self) }
     }
 

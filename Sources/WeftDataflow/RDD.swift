@@ -517,7 +517,7 @@ final class CartesianRDD<T, U>: RDD<(T, U)> {
 
 /// Lines of a file by byte ranges: a partition owns the lines that start
 /// inside its range [start, end).
-final class TextFileRDD: RDD<String> {
+final class TextFileRDD: RDD<String>, LineSource {
     let path: String
     let size: Int
 
@@ -553,6 +553,12 @@ final class TextFileRDD: RDD<String> {
         let fd = open(path, O_RDONLY)
         guard fd >= 0 else { throw WeftError(.notFound, "cannot read \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
+        // Partitions were cut by the size seen when the RDD was made: a
+        // file that changed since would be read short or twice.
+        var st = stat()
+        guard fstat(fd, &st) == 0, Int(st.st_size) == size else {
+            throw WeftError(.invalidArgument, "\(path) changed size since the job started (was \(size) bytes); its lines cannot be read consistently")
+        }
         // A line belongs to this partition if it starts at an offset in
         // [start, end). Read one byte before `start` to know whether a line
         // starts there, and go past `end` to finish the last line.
@@ -629,8 +635,8 @@ final class LineParserRDD<U>: RDD<U> {
         try pushStreaming(partition, ctx, body) { try run(partition, ctx, $0) }
     }
     private func run(_ partition: Int, _ ctx: TaskContext, _ body: (U) throws -> Void) throws {
-        if let file = parent as? TextFileRDD, !file.materializes {
-            try file.forEachLine(partition) { try parse($0, ctx, body) }
+        if let source = parent as? LineSource, !source.materializes {
+            try source.forEachLine(partition) { try parse($0, ctx, body) }
         } else {
             try parent.push(partition, ctx) { line in
                 var line = line

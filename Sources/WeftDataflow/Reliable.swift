@@ -36,28 +36,18 @@ extension BlockCodec where T == (String, Double) {
     }
 }
 
-/// Reliable blocks in the store. A partition's block is written, with a
-/// checksum, to `replicas` participants and its directory entry, all in ONE
-/// transaction (two-phase commit across those participants): after the
-/// commit every replica and the entry exist, before it none does.
-///
-/// Keys: replica `j`, chunk `c` of partition `p` of block set `u` is
-/// `b/<u>/<p>/<j>/<c>/<salt>`, where `salt` is chosen so the key hashes to
-/// the j-th replica's participant; the directory entry is `d/<u>/<p>`.
+/// Reliably persisted partitions, stored as blocks (`Blocks`): the same
+/// keys, checksums, replica placement and fallback as a table's. A
+/// partition's encoded rows are cut into pieces of at most
+/// `Limits.tableBlockBytesMax` bytes, each piece a block, and every
+/// replica of every piece is written with the partition's directory entry
+/// `d/<set>/<p>` in ONE transaction (two-phase commit across the
+/// participants): after the commit every replica and the entry exist,
+/// before it none does.
 public enum ReliableBlocks {
-    /// Bytes per stored chunk (values are limited to Limits.valueBytesMax).
-    public static let chunkBytesMax = Limits.valueBytesMax - 64
+    /// Payload bytes per stored piece.
+    public static let chunkBytesMax = Limits.tableBlockBytesMax - Blocks.headerBytes
     static let magic: [UInt8] = Array("WBLK".utf8)
-
-    /// A key with `prefix` that the store places on participant `target`.
-    static func placedKey(_ prefix: String, on target: ParticipantId, of count: Int) -> Bytes {
-        var salt = 0
-        while true {
-            let k = Array("\(prefix)/\(salt)".utf8)
-            if WeftProtocol.Partitioner.participant(for: k, count: count) == target { return k }
-            salt += 1
-        }
-    }
 
     static func directoryKey(_ set: String, _ p: Int) -> Bytes { Array("d/\(set)/\(p)".utf8) }
 
@@ -92,37 +82,44 @@ public enum ReliableBlocks {
         }
     }
 
-    /// Writes one partition's block to `replicas` participants in one transaction.
+    /// Writes one partition's encoded rows to `replicas` participants in one transaction.
     public static func write(_ client: WeftClient, set: String, partition: Int, block: Bytes, replicas: Int) async throws {
         let n = client.participantCount
         let k = max(1, min(replicas, n))
-        let first = WeftProtocol.Partitioner.participant(for: Array("\(set)/\(partition)".utf8), count: n)
-        let targets = (0..<k).map { (first + $0) % n }
-        let chunks = stride(from: 0, to: max(block.count, 1), by: chunkBytesMax).map { Array(block[$0..<min(block.count, $0 + chunkBytesMax)]) }
+        let pieces = stride(from: 0, to: max(block.count, 1), by: chunkBytesMax).map { block[$0..<min(block.count, $0 + chunkBytesMax)] }
         let t = try await client.begin()
-        var entry = "owner=\(WriterTag.current) at=\(Int64(Date().timeIntervalSince1970 * 1000)) chunks=\(chunks.count) bytes=\(block.count)"
-        for (j, target) in targets.enumerated() {
-            var keys: [String] = []
-            for (c, chunk) in chunks.enumerated() {
-                let key = placedKey("b/\(set)/\(partition)/\(j)/\(c)", on: target, of: n)
-                try t.put(key, chunk)
-                keys.append(String(decoding: key, as: UTF8.self))
-            }
-            entry += " replica=\(target):" + keys.joined(separator: ",")
+        for (i, piece) in pieces.enumerated() {
+            var b = Blocks.Builder(kind: .piece, capacity: piece.count + Blocks.headerBytes)
+            b.appendPiece(piece)
+            try Blocks.put(t, set, partition: partition, index: i, block: b.seal(), replicas: k, participants: n)
         }
+        let entry = "owner=\(WriterTag.current) at=\(Int64(Date().timeIntervalSince1970 * 1000)) blocks=\(pieces.count) bytes=\(block.count) replicas=\(k)"
         try t.put(directoryKey(set, partition), Array(entry.utf8))
         try await t.commit()
     }
 
-    /// Deletes one partition's block: every replica's chunks and the
+    struct Entry {
+        var blocks = 0
+        var replicas = 1
+        init(_ v: Bytes) {
+            for f in String(decoding: v, as: UTF8.self).split(separator: " ") {
+                if f.hasPrefix("blocks="), let b = Int(f.dropFirst(7)) { blocks = b }
+                if f.hasPrefix("replicas="), let r = Int(f.dropFirst(9)) { replicas = r }
+            }
+        }
+    }
+
+    /// Deletes one partition's blocks: every replica of every piece and the
     /// directory entry, in one transaction (all of them go, or none).
     /// False if there was no block.
     @discardableResult
     public static func delete(_ client: WeftClient, set: String, partition: Int) async throws -> Bool {
+        let n = client.participantCount
         let t = try await client.begin()
         guard let dir = try await t.get(directoryKey(set, partition)) else { return false }
-        for f in String(decoding: dir, as: UTF8.self).split(separator: " ") where f.hasPrefix("replica=") {
-            for k in f.split(separator: ":", maxSplits: 1)[1].split(separator: ",") { try t.delete(Array(k.utf8)) }
+        let e = Entry(dir)
+        for i in 0..<e.blocks {
+            for j in 0..<max(1, min(e.replicas, n)) { try t.delete(Blocks.key(set, partition: partition, index: i, replica: j, participants: n)) }
         }
         try t.delete(directoryKey(set, partition))
         _ = try await t.commit()
@@ -194,32 +191,24 @@ public enum ReliableBlocks {
         return (deleted, kept)
     }
 
-    /// Reads a partition's block from the first replica that answers, has
-    /// a block header and passes `accept` (the caller decodes there, which
-    /// checks the checksum); a replica that is missing, unreachable or
-    /// corrupted is skipped for the next. nil if the block was never
-    /// written; the last replica's error if none is readable.
+    /// Reads a partition's encoded rows: each piece from the first
+    /// replica that is present and passes its checksum (`Blocks.read`),
+    /// then `accept` (the caller decodes there, which checks the rows'
+    /// own checksum). nil if the partition was never written; an error
+    /// naming the piece if no replica of it is readable.
     public static func read(_ client: WeftClient, set: String, partition: Int,
                             accept: (Bytes) throws -> Void = { _ in }) async throws -> Bytes? {
         guard let dir = try await client.get(directoryKey(set, partition)).value else { return nil }
-        let fields = String(decoding: dir, as: UTF8.self).split(separator: " ")
-        var lastError: Error = WeftError(.notFound, "block \(set)/\(partition) has no replica")
-        for f in fields where f.hasPrefix("replica=") {
-            let keys = f.split(separator: ":", maxSplits: 1)[1].split(separator: ",")
-            do {
-                var bytes = Bytes()
-                for k in keys {
-                    guard let chunk = try await client.get(Array(k.utf8)).value else { throw WeftError(.notFound, "replica chunk \(k) is missing") }
-                    bytes += chunk
-                }
-                guard bytes.count >= 13, Array(bytes[0..<4]) == magic else { throw WeftError(.corrupted, "replica \(f.prefix(20)) is not a block") }
-                try accept(bytes)
-                return bytes
-            } catch {
-                lastError = error
-            }
+        let e = Entry(dir)
+        var bytes = Bytes()
+        for i in 0..<e.blocks {
+            let piece = try await Blocks.read(client, set, partition: partition, index: i, replicas: e.replicas, at: nil,
+                                              what: "block \(i) of partition \(partition) of \(set)")
+            bytes += piece[Blocks.headerBytes...]
         }
-        throw lastError
+        guard bytes.count >= 13, Array(bytes[0..<4]) == magic else { throw WeftError(.corrupted, "partition \(partition) of \(set) is not an encoded partition") }
+        try accept(bytes)
+        return bytes
     }
 }
 
