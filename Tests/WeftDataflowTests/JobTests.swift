@@ -85,33 +85,38 @@ final class JobTests: XCTestCase {
         let after = try await tableRows(c, "wc")
         XCTAssertFalse(after.contains { $0.0 == "w1" }, "the new table has none of the old rows")
         XCTAssertTrue(after.contains { $0.0 == "v1" })
-        let (everything, _) = try await c.scan(prefix: Array("t/wc".utf8), limit: 10_000)
-        XCTAssertEqual(everything.count, after.count, "the old generation's rows were deleted")
+        let info = try await TableStore.info(c, "wc")
+        let (everything, _) = try await c.scan(prefix: Array("b/t:wc@".utf8), limit: 10_000)
+        XCTAssertEqual(everything.count, try XCTUnwrap(info).blockCount, "the old generation's blocks were deleted")
     }
 
     /// The rows of a table's current generation, keys without the prefix.
     func tableRows(_ c: WeftClient, _ name: String) async throws -> [(String, Bytes)] {
-        let info = try await TableStore.info(c, name)
-        let prefix = try XCTUnwrap(info).rowPrefix
-        return try await c.scan(prefix: prefix, limit: 10_000).rows.map { (String(decoding: $0.key.dropFirst(prefix.count), as: UTF8.self), $0.value) }
+        let infoMaybe = try await TableStore.info(c, name)
+        let info = try XCTUnwrap(infoMaybe)
+        return try await TableStore.scan(c, info, at: c.now(), limit: 10_000).map { (String(decoding: $0.key, as: UTF8.self), $0.value) }
     }
 
     func testBigTablesLoadInBatchesAndAppearAtOnce() async throws {
         let cluster = try EmbeddedCluster(dataDir: dir)
         defer { cluster.close() }
         let c = cluster.client()
-        // More rows than one batch: several transactions, one visible table.
-        let n = TableStore.loadBatchRowsMax * 2 + 123
+        // More rows than one block: several transactions, one visible table.
+        let n = 250_000
         let rows = (0..<n).map { (Array(String(format: "%012d", $0).utf8), Array("line \($0)".utf8)) }
         let before = try await c.now()
         let seen = ProgressLog()
         try await TableStore.write(c, "big", rows: rows, format: "lines", overwrite: false, progress: { done, _ in seen.add(done) })
-        XCTAssertEqual(seen.values, [TableStore.loadBatchRowsMax, TableStore.loadBatchRowsMax * 2, n])
+        XCTAssertGreaterThan(seen.values.count, 2, "a progress report per block")
+        XCTAssertEqual(seen.values, seen.values.sorted())
+        XCTAssertEqual(seen.values.last, n)
         let atBefore = try await TableStore.info(c, "big", at: before)
         XCTAssertNil(atBefore, "invisible before the last batch")
         let maybeInfo = try await TableStore.info(c, "big")
         let info = try XCTUnwrap(maybeInfo)
         XCTAssertEqual(info.rows, n)
+        XCTAssertGreaterThan(info.blockCount, 2)
+        XCTAssertTrue(info.blocks)
         let sc = DataflowContext()
         let count = try await onDriverThread { try sc.table("big", client: c).count() }
         XCTAssertEqual(count, n)
@@ -124,8 +129,8 @@ final class JobTests: XCTestCase {
         try await TableStore.drop(c, "big")
         let gone = try await TableStore.info(c, "big")
         XCTAssertNil(gone)
-        let left = try await c.scan(prefix: Array("t/big".utf8), limit: 10).rows.count
-        XCTAssertEqual(left, 0, "the rows went with it")
+        let left = try await c.scan(prefix: Array("b/t:big@".utf8), limit: 10).rows.count
+        XCTAssertEqual(left, 0, "the blocks went with it")
         let markers = try await c.scan(prefix: Array("p/".utf8), limit: 10).rows.count
         XCTAssertEqual(markers, 0, "no generation is left marked pending after a load, an overwrite and a drop")
     }
@@ -148,6 +153,9 @@ final class JobTests: XCTestCase {
         let t = try await c.begin()
         try t.put(Array("p/kept@deadgen".utf8), Array("owner=\(host):\(child.processIdentifier) at=1 loading".utf8))
         for i in 0..<120 { try t.put(TableStore.rowPrefix("kept", generation: "deadgen") + Array(String(format: "%012d", i).utf8), Array("x".utf8)) }
+        var b = Blocks.Builder(kind: .lines, firstLine: 1)
+        b.appendPiece(ArraySlice([1, 120]))
+        for i in 0..<5 { try Blocks.put(t, TableStore.blockSet("kept", "deadgen"), partition: i % 3, index: i / 3, block: b.seal(), replicas: 2, participants: 3) }
         try t.put(Array("p/other@livegen".utf8), Array("owner=\(WriterTag.current) at=\(Int64(Date().timeIntervalSince1970 * 1000)) loading".utf8))
         try t.put(TableStore.rowPrefix("other", generation: "livegen") + Array("000000000001".utf8), Array("y".utf8))
         _ = try await t.commit()
@@ -159,6 +167,8 @@ final class JobTests: XCTestCase {
         XCTAssertEqual(kept.map(\.generation), ["livegen"])
         let deadRows = try await c.scan(prefix: TableStore.rowPrefix("kept", generation: "deadgen"), limit: 1000).rows.count
         XCTAssertEqual(deadRows, 0)
+        let deadBlocks = try await c.scan(prefix: Blocks.setPrefix(TableStore.blockSet("kept", "deadgen")), limit: 1000).rows.count
+        XCTAssertEqual(deadBlocks, 0, "the dead load's blocks, every replica, are gone")
         let liveRows = try await c.scan(prefix: TableStore.rowPrefix("other", generation: "livegen"), limit: 1000).rows.count
         XCTAssertEqual(liveRows, 1, "a running writer's rows stay")
         let table = try await tableRows(c, "kept")

@@ -83,9 +83,10 @@ final class ReliableTests: XCTestCase {
         }
         let set = try XCTUnwrap(box.value.reliable).set
         func replicaKeys(_ p: Int) async throws -> [[String]] {
-            let entry = String(decoding: try await c.get(ReliableBlocks.directoryKey(set, p)).value!, as: UTF8.self)
-            return entry.split(separator: " ").filter { $0.hasPrefix("replica=") }.map { f in
-                f.split(separator: ":", maxSplits: 1)[1].split(separator: ",").map(String.init)
+            let entry = ReliableBlocks.Entry(try await c.get(ReliableBlocks.directoryKey(set, p)).value!)
+            XCTAssertEqual(entry.replicas, 2)
+            return (0..<entry.replicas).map { j in
+                (0..<entry.blocks).map { String(decoding: Blocks.key(set, partition: p, index: $0, replica: j, participants: 3), as: UTF8.self) }
             }
         }
         // Partition 0: flip the last byte of its first replica. Partition 1: both replicas.
@@ -116,9 +117,9 @@ final class ReliableTests: XCTestCase {
         XCTAssertEqual(third.recomputedPartitions, 0)
     }
 
-    /// Keys of reliable blocks in the store: chunks (`b/`) and directory entries (`d/`).
+    /// Keys of reliable blocks in the store: pieces (`b/`, tables' blocks aside) and directory entries (`d/`).
     func blockKeys(_ c: WeftClient) async throws -> (chunks: Int, entries: Int) {
-        (try await c.scan(prefix: Array("b/".utf8), limit: 10_000).rows.count,
+        (try await c.scan(prefix: Array("b/".utf8), limit: 10_000).rows.filter { !$0.key.starts(with: Array("b/t:".utf8)) }.count,
          try await c.scan(prefix: Array("d/".utf8), limit: 10_000).rows.count)
     }
 
@@ -217,14 +218,14 @@ final class ReliableTests: XCTestCase {
         let c = cluster.client()
         let block = ReliableBlocks.encodeBlock(["a", "b", "c"], BlockCodec.string)
         try await ReliableBlocks.write(c, set: "t1", partition: 0, block: block, replicas: 2)
-        let entry = String(decoding: try await c.get(Array("d/t1/0".utf8)).value!, as: UTF8.self)
-        let replicas = entry.split(separator: " ").filter { $0.hasPrefix("replica=") }
-        XCTAssertEqual(replicas.count, 2)
-        let owners = Set(replicas.map { $0.dropFirst("replica=".count).split(separator: ":")[0] })
-        XCTAssertEqual(owners.count, 2, "replicas on two participants: \(entry)")
+        let entry = ReliableBlocks.Entry(try await c.get(Array("d/t1/0".utf8)).value!)
+        XCTAssertEqual(entry.replicas, 2)
+        XCTAssertEqual(entry.blocks, 1)
+        let keys = (0..<2).map { Blocks.key("t1", partition: 0, index: 0, replica: $0, participants: 3) }
+        for k in keys { let got = try await c.get(k).value; XCTAssertNotNil(got) }
+        XCTAssertEqual(Set(keys.map { c.owner(of: $0) }).count, 2, "replicas on two participants")
         // Lose the first replica: the reader falls back to the second.
-        let firstKey = String(replicas[0].split(separator: ":", maxSplits: 1)[1].split(separator: ",")[0])
-        try await c.delete(Array(firstKey.utf8))
+        try await c.delete(keys[0])
         let read = try await ReliableBlocks.read(c, set: "t1", partition: 0)
         XCTAssertEqual(try ReliableBlocks.decodeBlock(read!, BlockCodec.string), ["a", "b", "c"])
         // A corrupted block is refused by its checksum.
