@@ -11,7 +11,7 @@ struct Weft: AsyncParsableCommand {
         discussion: """
         Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (conflict), 4 key not found, 5 outcome unknown.
         """,
-        subcommands: [Demo.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
+        subcommands: [Demo.self, ServerCommand.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
     )
 }
 
@@ -148,7 +148,15 @@ func withCluster<T>(_ g: GlobalOptions, _ body: (WeftClient) async throws -> T) 
 }
 
 /// Like `withCluster`, also handing over the embedded cluster (nil in
-/// cluster mode) for what only embedded mode offers, such as snapshot pins.
+/// cluster mode and through a server) for what only embedded mode offers.
+///
+/// Without `--cluster`: a data directory held by a running `weft server`
+/// is reached through that server (the store is never loaded here, and
+/// never `locked`); a server file left by a server that died is reported
+/// in one line and removed, and the directory is opened here, one-shot,
+/// as with no server at all. A one-shot command waits up to
+/// `Limits.dataDirLockWaitMillis` for another one-shot command's lock,
+/// and switches to a server that starts meanwhile.
 func withSession<T>(_ g: GlobalOptions, _ body: (WeftClient, EmbeddedCluster?) async throws -> T) async throws -> T {
     let client: WeftClient
     let close: () -> Void
@@ -159,12 +167,18 @@ func withSession<T>(_ g: GlobalOptions, _ body: (WeftClient, EmbeddedCluster?) a
             client = remote.client
             close = { remote.close() }
         } else {
-            let cluster = try EmbeddedCluster(dataDir: g.resolvedDataDir, participants: g.participants)
-            embedded = cluster
-            client = cluster.client()
-            close = {
-                client.close()
-                cluster.close()
+            switch try openDataDirectory(g) {
+            case .server(let remote):
+                client = remote.client
+                close = { remote.close() }
+            case .embedded(let cluster):
+                embedded = cluster
+                let c = cluster.client()
+                client = c
+                close = {
+                    c.close()
+                    cluster.close()
+                }
             }
         }
     } catch {
@@ -178,6 +192,39 @@ func withSession<T>(_ g: GlobalOptions, _ body: (WeftClient, EmbeddedCluster?) a
         close()
         if let e = error as? WeftError { fail(e, json: g.json) }
         throw error
+    }
+}
+
+enum DataDirectorySession {
+    case server(ServerClient)
+    case embedded(EmbeddedCluster)
+}
+
+func openDataDirectory(_ g: GlobalOptions) throws(WeftError) -> DataDirectorySession {
+    let dir = g.resolvedDataDir
+    let deadline = wallMillis() + UInt64(Limits.dataDirLockWaitMillis)
+    var noticed = false
+    while true {
+        switch ServerFile.probe(dir) {
+        case .running(let f):
+            if let p = g.participants, p != f.participants {
+                throw WeftError(.invalidArgument, "data directory \(dir) was created with \(f.participants) participants, not \(p)")
+            }
+            return .server(ServerClient(f))
+        case .stale(let f):
+            if !noticed {
+                printErr("weft: the server recorded in \(ServerFile.path(dir)) (pid \(f.pid), \(f.endpoint)) is gone; opening the data directory directly")
+                noticed = true
+            }
+            if ServerFile.read(dir) == f { ServerFile.remove(dir) }
+        case .none:
+            break
+        }
+        do {
+            return .embedded(try EmbeddedCluster(dataDir: dir, participants: g.participants))
+        } catch where error.code == .locked && wallMillis() < deadline {
+            usleep(50_000)
+        }
     }
 }
 

@@ -50,6 +50,11 @@ public enum Limits {
     public static let tableLoadBlocksInFlightMax = 16
     /// Replicas of a table's blocks (`table load --replicas K`), at most.
     public static let tableReplicasMax = 8
+    /// How long a one-shot command waits for another one-shot command's
+    /// lock on a data directory before it fails with `locked`, in ms.
+    public static let dataDirLockWaitMillis = 10_000
+    /// How long `weft server start` waits for its server to serve, in ms.
+    public static let serverStartMillisMax = 120_000
     /// Blocks of one table partition handed to one task.
     public static let tableBlocksPerTaskMax = 8
     /// How far ahead of a participant's clock a read timestamp may be, in ms.

@@ -9,7 +9,9 @@ public final class DataDirectoryLock: @unchecked Sendable {
     public let path: String
     let fd: Int32
 
-    public init(directory: String) throws(WeftError) {
+    /// Takes the lock, waiting up to `waitMillis` for another holder to
+    /// let go (0: fail at once).
+    public init(directory: String, waitMillis: Int = 0) throws(WeftError) {
         path = directory + "/LOCK"
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -18,10 +20,12 @@ public final class DataDirectoryLock: @unchecked Sendable {
         }
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         if fd < 0 { throw Self.openError(directory, errno: errno) }
+        let deadline = wallMillis() + UInt64(max(0, waitMillis))
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 && wallMillis() < deadline { usleep(20_000) }
         if flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
             close(fd)
-            throw WeftError(.locked, "data directory \(directory) is in use by another process (\(holder.isEmpty ? "holder unknown" : holder)); stop it or use another --data-dir")
+            throw WeftError(.locked, "data directory \(directory) is in use by another process (\(holder.isEmpty ? "holder unknown" : holder))\(waitMillis > 0 ? " after waiting \(waitMillis) ms" : ""); stop it, use another --data-dir, or run `weft server start` so that commands share the directory")
         }
         self.fd = fd
         let me = "pid \(getpid()): \(CommandLine.arguments.joined(separator: " "))\n"
@@ -83,5 +87,84 @@ public struct DataDirectoryLayout: Sendable {
             throw DataDirectoryLock.openError(root, errno: EACCES)
         }
         return DataDirectoryLayout(root: root, participants: n)
+    }
+}
+
+/// `DIR/SERVER`: where the `weft server` holding a data directory listens.
+/// Written once the server serves, removed when it stops; a server killed
+/// with `kill -9` leaves it behind, and the lock tells that it is stale
+/// (the kernel dropped the server's `flock`).
+///
+/// ```
+/// pid=4242
+/// address=127.0.0.1:39115
+/// id=5c1d0e2a9b7f4e31
+/// participants=3
+/// started=1765098000000
+/// ```
+public struct ServerFile: Sendable, Equatable {
+    public var pid: Int32
+    public var endpoint: Endpoint
+    /// The cluster id its HELLO expects.
+    public var id: String
+    public var participants: Int
+    public var startedMillis: UInt64
+
+    public static func path(_ dir: String) -> String { dir + "/SERVER" }
+
+    public init(pid: Int32, endpoint: Endpoint, id: String, participants: Int, startedMillis: UInt64) {
+        self.pid = pid
+        self.endpoint = endpoint
+        self.id = id
+        self.participants = participants
+        self.startedMillis = startedMillis
+    }
+
+    public static func read(_ dir: String) -> ServerFile? {
+        guard let text = try? String(contentsOfFile: path(dir), encoding: .utf8) else { return nil }
+        var f: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let kv = line.split(separator: "=", maxSplits: 1)
+            if kv.count == 2 { f[String(kv[0])] = String(kv[1]) }
+        }
+        guard let pid = f["pid"].flatMap({ Int32($0) }), let a = f["address"], let colon = a.lastIndex(of: ":"),
+              let port = Int(a[a.index(after: colon)...]), let id = f["id"], let n = f["participants"].flatMap({ Int($0) }), n > 0 else { return nil }
+        return ServerFile(pid: pid, endpoint: Endpoint(host: String(a[..<colon]), port: port), id: id, participants: n,
+                          startedMillis: f["started"].flatMap { UInt64($0) } ?? 0)
+    }
+
+    public func write(_ dir: String) throws(WeftError) {
+        let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n"
+        do { try text.write(toFile: Self.path(dir), atomically: true, encoding: .utf8) } catch {
+            throw WeftError(.storage, "cannot write \(Self.path(dir)): \(error.localizedDescription)")
+        }
+    }
+
+    public static func remove(_ dir: String) { try? FileManager.default.removeItem(atPath: path(dir)) }
+
+    public enum Probe: Sendable, Equatable {
+        /// No server file: open the directory directly.
+        case none
+        /// A server holds the directory and listens here.
+        case running(ServerFile)
+        /// The file names a server that no longer holds the directory.
+        case stale(ServerFile)
+    }
+
+    /// Is a server serving `dir`? The file alone proves nothing: the
+    /// directory's lock must be held (a live server holds it for its whole
+    /// life; the kernel drops it when the server dies, even by SIGKILL).
+    public static func probe(_ dir: String) -> Probe {
+        guard let f = read(dir) else { return .none }
+        let fd = open(dir + "/LOCK", O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return .stale(f) }
+        defer { close(fd) }
+        if flock(fd, LOCK_EX | LOCK_NB) == 0 {
+            flock(fd, LOCK_UN)
+            return .stale(f)
+        }
+        // Held: by the server, unless it died and a one-shot command holds it now.
+        let alive = kill(f.pid, 0) == 0 || errno == EPERM
+        return alive ? .running(f) : .stale(f)
     }
 }

@@ -21,8 +21,8 @@ public final class EmbeddedCluster: @unchecked Sendable {
 
     /// Opens (or creates) the data directory, recovers every node from its
     /// LMDB environment, and starts the nodes.
-    public init(dataDir: String, participants count: Int? = nil, options: StorageOptions = .init()) throws(WeftError) {
-        let lock = try DataDirectoryLock(directory: dataDir)
+    public init(dataDir: String, participants count: Int? = nil, options: StorageOptions = .init(), lockWaitMillis: Int = 0) throws(WeftError) {
+        let lock = try DataDirectoryLock(directory: dataDir, waitMillis: lockWaitMillis)
         self.lock = lock
         layout = try DataDirectoryLayout.resolve(root: dataDir, participants: count, create: true)
         coordinatorStorage = try CoordinatorStorage(directory: layout.coordinator, options: options)

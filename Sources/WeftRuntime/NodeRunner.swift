@@ -256,13 +256,24 @@ public final class Router: Transport, @unchecked Sendable {
         lock.unlock()
     }
 
+    /// Where envelopes for clients not in this process go (`weft server`:
+    /// the listener that remote clients are connected to).
+    public var remoteClients: Transport? {
+        get { lock.withLock { remote } }
+        set { lock.withLock { remote = newValue } }
+    }
+    var remote: Transport?
+
     public func send(_ env: Envelope) {
         lock.lock()
         let sink = sinks[env.to]
         let failure = failures[env.to]
+        let remote = self.remote
         lock.unlock()
         if let sink {
             sink.enqueue(env)
+        } else if case .client = env.to, let remote {
+            remote.send(env)
         } else {
             undeliverable(env, failure ?? WeftError(.unavailable, "\(env.to) is not running"))
         }

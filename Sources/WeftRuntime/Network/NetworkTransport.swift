@@ -91,7 +91,10 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
         case (nil, _):
             reject(context, "first frame must be HELLO")
         case let (remote?, .envelope(env)):
-            guard env.from == remote else { return reject(context, "\(remote) sent an envelope claiming to be from \(env.from)") }
+            // Behind a gateway (`weft server`) every node answers on the one connection.
+            let viaGateway: Bool
+            if transport.gateway, outbound != nil, case .client = env.from { viaGateway = false } else { viaGateway = transport.gateway && outbound != nil }
+            guard env.from == remote || viaGateway else { return reject(context, "\(remote) sent an envelope claiming to be from \(env.from)") }
             transport.receive(env)
         case (_, .ping(let req)):
             write(context.channel, .pong(req: req, info: transport.healthInfo()))
@@ -167,10 +170,16 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         var retryAtMillis: UInt64 = 0
     }
 
-    public init(me: NodeAddress, clusterId: String, directory: [NodeAddress: Endpoint], threads: Int = 1) {
+    /// A client of `weft server`: every node is behind the one address in
+    /// `directory`, reached over ONE connection (the server answers HELLO
+    /// as the coordinator).
+    let gateway: Bool
+
+    public init(me: NodeAddress, clusterId: String, directory: [NodeAddress: Endpoint], threads: Int = 1, gateway: Bool = false) {
         self.me = me
         self.clusterId = clusterId
         self.directory = directory
+        self.gateway = gateway
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         self.ownsGroup = true
         self.logPrefix = "weft \(me)"
@@ -203,6 +212,9 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             throw WeftError(.unavailable, "cannot listen on \(endpoint): \(text)")
         }
     }
+
+    /// The port the listener is bound to (the one the OS chose for port 0).
+    public var boundPort: Int? { lock.withLock { server?.localAddress?.port } }
 
     public func close() {
         lock.lock()
@@ -245,7 +257,8 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             undeliverable(env, WeftError(.invalidArgument, "no address for \(env.to) in the cluster file"))
             return
         }
-        var peer = peers[env.to] ?? Peer()
+        let key = peerKey(env.to)
+        var peer = peers[key] ?? Peer()
         if let ch = peer.channel, !peer.connecting {
             lock.unlock()
             writeFrame(ch, .envelope(env))
@@ -265,9 +278,15 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         peer.queue.append(env)
         let start = !peer.connecting
         peer.connecting = true
-        peers[env.to] = peer
+        peers[key] = peer
         lock.unlock()
-        if start { connect(env.to, endpoint) }
+        if start { connect(key, endpoint) }
+    }
+
+    /// The connection an envelope for `to` rides: its own, or the gateway's.
+    func peerKey(_ to: NodeAddress) -> NodeAddress {
+        if gateway, case .client = to { return to }
+        return gateway ? .coordinator : to
     }
 
     /// Envelopes bound for connected peers and clients are encoded into one
@@ -283,7 +302,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             if sinks[env.to] == nil {
                 if case .client(let id) = env.to {
                     channel = clientChannels[id]
-                } else if let peer = peers[env.to], !peer.connecting {
+                } else if let peer = peers[peerKey(env.to)], !peer.connecting {
                     channel = peer.channel
                 }
             }
@@ -383,8 +402,12 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         if wasConnecting, let endpoint = directory[to] {
             for env in queued { undeliverable(env, unreachable(to, endpoint, "connection closed during handshake, or no HELLO within \(Limits.handshakeMillisMax) ms")) }
         }
-        // A client whose node went away fails its waiting requests at once.
-        for case let c as WeftClient in local { c.failRequests(to: to, WeftError(.unavailable, "lost the connection to \(to) at \(directory[to].map { "\($0)" } ?? "?")")) }
+        // A client whose node went away fails its waiting requests at once
+        // (behind a gateway, every node went with it).
+        let gone = gateway ? Array(directory.keys) : [to]
+        for case let c as WeftClient in local {
+            for t in gone { c.failRequests(to: t, WeftError(.unavailable, "lost the connection to \(t) at \(directory[t].map { "\($0)" } ?? "?")")) }
+        }
     }
 
     func registerClientChannel(_ id: UInt64, _ ch: Channel) { lock.withLock { clientChannels[id] = ch } }

@@ -1,0 +1,166 @@
+import ArgumentParser
+import Foundation
+import WeftCore
+import WeftRuntime
+
+/// `weft server start|stop|status`: one long-lived process per data
+/// directory, so commands do not each load the store.
+struct ServerCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "server",
+        abstract: "Run a server that holds a data directory in memory; commands on that directory go through it.",
+        subcommands: [Start.self, Stop.self, Status.self]
+    )
+
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Start a server for the data directory (in the background, logging to DIR/server.log, unless --foreground).")
+        @OptionGroup var global: GlobalOptions
+        @Option(help: "Address to listen on, HOST:PORT (port 0: any free port).") var listen = "127.0.0.1:0"
+        @Flag(help: "Run in this process until SIGTERM or SIGINT.") var foreground = false
+
+        func validate() throws {
+            if global.cluster != nil { throw ValidationError("weft server serves a data directory, not a cluster (--cluster)") }
+            guard parseEndpoint(listen) != nil else { throw ValidationError("--listen must be HOST:PORT, not \(listen)") }
+        }
+
+        func run() throws {
+            let g = global
+            let dir = URL(fileURLWithPath: g.resolvedDataDir).standardizedFileURL.path
+            let endpoint = parseEndpoint(listen)!
+            if case .running(let f) = ServerFile.probe(dir) {
+                fail(WeftError(.locked, "data directory \(dir) is already served by weft server pid \(f.pid) at \(f.endpoint)"), json: g.json)
+            }
+            if foreground { runForeground(dir, endpoint, g) }
+            do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
+                fail(WeftError(.readOnly, "cannot create data directory \(dir): \(error.localizedDescription)"), json: g.json)
+            }
+            let log = dir + "/server.log"
+            if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+            guard let out = FileHandle(forWritingAtPath: log) else { fail(WeftError(.storage, "cannot write \(log)"), json: g.json) }
+            out.seekToEndOfFile()
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+            p.arguments = ["server", "start", "--foreground", "--data-dir", dir, "--listen", listen] + (g.participants.map { ["--participants", String($0)] } ?? [])
+            p.standardOutput = out
+            p.standardError = out
+            p.standardInput = FileHandle.nullDevice
+            do { try p.run() } catch { fail(WeftError(.unavailable, "cannot launch the server: \(error.localizedDescription)"), json: g.json) }
+            let deadline = wallMillis() + UInt64(Limits.serverStartMillisMax)
+            while true {
+                if case .running(let f) = ServerFile.probe(dir), f.pid == p.processIdentifier, NetworkTransport.ping(f.endpoint, timeoutMillis: 500) != nil {
+                    print(g.json ? jsonLine(["pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir, "participants": f.participants, "log": log])
+                                 : "weft server pid \(f.pid) serving \(dir) at \(f.endpoint) (log: \(log))")
+                    return
+                }
+                if !p.isRunning {
+                    let tail = (try? String(contentsOfFile: log, encoding: .utf8))?.split(separator: "\n").suffix(3).joined(separator: "\n") ?? ""
+                    fail(WeftError(.unavailable, "the server exited with status \(p.terminationStatus):\n\(tail)"), json: g.json)
+                }
+                if wallMillis() > deadline {
+                    fail(WeftError(.timeout, "the server (pid \(p.processIdentifier)) did not serve within \(Limits.serverStartMillisMax) ms (Limits.serverStartMillisMax); see \(log)"), json: g.json)
+                }
+                usleep(20_000)
+            }
+        }
+
+        func runForeground(_ dir: String, _ endpoint: Endpoint, _ g: GlobalOptions) -> Never {
+            let server: WeftServer
+            do {
+                server = try WeftServer(dataDir: dir, listen: endpoint, participants: g.participants, lockWaitMillis: Limits.dataDirLockWaitMillis)
+            } catch {
+                fail(error, json: g.json)
+            }
+            sayNow("weft server pid \(getpid()) serving \(dir) at \(server.file.endpoint) (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
+            let done = DispatchSemaphore(value: 0)
+            let received = SignalBox()
+            var sources: [DispatchSourceSignal] = []
+            for s in [SIGTERM, SIGINT] {
+                signal(s, SIG_IGN)
+                let src = DispatchSource.makeSignalSource(signal: s, queue: .global())
+                src.setEventHandler {
+                    received.value = s
+                    done.signal()
+                }
+                src.resume()
+                sources.append(src)
+            }
+            // A node whose storage failed (disk or map full) stops; its
+            // memory may be ahead of its disk, so the server exits and a
+            // restart recovers from the disk.
+            while done.wait(timeout: .now() + 1) == .timedOut {
+                if let e = server.cluster.firstFailure {
+                    printErr("weft server: error: \(e.message); exiting, start it again to recover from disk")
+                    server.stop()
+                    Glibc.exit(70)
+                }
+            }
+            server.stop()
+            sayNow("weft server pid \(getpid()) stopped (signal \(received.value))")
+            _ = sources
+            Glibc.exit(0)
+        }
+    }
+
+    struct Stop: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop the data directory's server gracefully (SIGTERM; SIGKILL after 30 s).")
+        @OptionGroup var global: GlobalOptions
+
+        func run() throws {
+            let g = global
+            let dir = g.resolvedDataDir
+            switch ServerFile.probe(dir) {
+            case .none:
+                fail(WeftError(.unavailable, "no server is running for \(dir)"), json: g.json)
+            case .stale(let f):
+                ServerFile.remove(dir)
+                fail(WeftError(.unavailable, "no server is running for \(dir) (removed the file left by pid \(f.pid), which is gone)"), json: g.json)
+            case .running(let f):
+                kill(f.pid, SIGTERM)
+                let deadline = wallMillis() + 30_000
+                while case .running = ServerFile.probe(dir), processAlive(f.pid) {
+                    if wallMillis() > deadline {
+                        kill(f.pid, SIGKILL)
+                        printErr("weft: the server did not stop within 30 s; killed it (its data is recovered at the next start)")
+                        break
+                    }
+                    usleep(20_000)
+                }
+                while processAlive(f.pid) && wallMillis() < deadline + 5_000 { usleep(20_000) }
+                print(g.json ? jsonLine(["stopped": Int(f.pid), "data_dir": dir]) : "stopped weft server pid \(f.pid) (\(dir))")
+            }
+        }
+    }
+
+    struct Status: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Is a server serving the data directory, where, and since when. Exit 0 if it serves, 1 if not.")
+        @OptionGroup var global: GlobalOptions
+
+        func run() throws {
+            let g = global
+            let dir = g.resolvedDataDir
+            guard case .running(let f) = ServerFile.probe(dir) else {
+                print(g.json ? jsonLine(["running": false, "data_dir": dir]) : "no server is running for \(dir)")
+                throw ExitCode(1)
+            }
+            let health = NetworkTransport.ping(f.endpoint).flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            let state = health?["state"] as? String ?? "not answering"
+            let uptime = health?["uptime_ms"] as? Int
+            if g.json {
+                var o: [String: Any] = ["running": true, "pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir,
+                                        "participants": f.participants, "state": state]
+                if let uptime { o["uptime_ms"] = uptime }
+                print(jsonLine(o))
+            } else {
+                print("weft server pid \(f.pid) at \(f.endpoint): \(state)" + (uptime.map { ", up \($0 / 1000) s" } ?? "") + ", \(f.participants) participants, data directory \(dir)")
+            }
+            if health == nil { throw ExitCode(1) }
+        }
+    }
+}
+
+func parseEndpoint(_ s: String) -> Endpoint? {
+    guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (0...65535).contains(port) else { return nil }
+    let host = String(s[..<colon])
+    return host.isEmpty ? nil : Endpoint(host: host, port: port)
+}

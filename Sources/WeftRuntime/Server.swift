@@ -1,0 +1,98 @@
+import Foundation
+import WeftCore
+import WeftProtocol
+
+/// `weft server`: embedded mode kept running behind a TCP listener. One
+/// process opens the data directory (its coordinator and participants,
+/// recovered once) and keeps it in memory; every CLI command on that
+/// directory becomes a thin client speaking the cluster wire protocol.
+///
+/// Remote clients' envelopes arrive on the listener and are handed to the
+/// in-process `Router`; the nodes' replies to a client that is not in this
+/// process go back through the listener (`Router.remoteClients`). Where it
+/// listens is written to `DIR/SERVER` (see `ServerFile`) once it serves.
+public final class WeftServer: @unchecked Sendable {
+    public let cluster: EmbeddedCluster
+    let transport: NetworkTransport
+    public let file: ServerFile
+    public let dataDir: String
+    /// Milliseconds from the start of `init` until the directory was open (recovery).
+    public let openMillis: UInt64
+
+    public init(dataDir: String, listen: Endpoint, participants: Int? = nil, lockWaitMillis: Int = 0) throws(WeftError) {
+        let started = wallMillis()
+        if case .running(let f) = ServerFile.probe(dataDir) {
+            throw WeftError(.locked, "data directory \(dataDir) is already served by weft server pid \(f.pid) at \(f.endpoint); stop it with `weft server stop --data-dir \(dataDir)`")
+        }
+        self.dataDir = dataDir
+        cluster = try EmbeddedCluster(dataDir: dataDir, participants: participants, lockWaitMillis: lockWaitMillis)
+        openMillis = wallMillis() - started
+        let id = String(UInt64.random(in: 1...UInt64.max), radix: 16)
+        transport = NetworkTransport(me: .coordinator, clusterId: id, directory: [:])
+        let forward = ForwardSink(cluster.router)
+        transport.register(.coordinator, forward)
+        for p in 0..<cluster.layout.participants { transport.register(.participant(p), forward) }
+        cluster.router.remoteClients = transport
+        do {
+            try transport.listen(listen)
+        } catch {
+            transport.close()
+            cluster.close()
+            throw error
+        }
+        file = ServerFile(pid: getpid(), endpoint: Endpoint(host: listen.host, port: transport.boundPort ?? listen.port), id: id,
+                          participants: cluster.layout.participants, startedMillis: started)
+        let (participantCount, dir) = (cluster.layout.participants, dataDir)
+        let cluster = self.cluster
+        transport.healthInfo = {
+            var o: [String: Any] = ["role": "server", "pid": Int(getpid()), "participants": participantCount, "data_dir": dir, "started_ms": Int(started)]
+            o["state"] = cluster.firstFailure == nil ? "serving" : "failed"
+            o["uptime_ms"] = Int(wallMillis() - started)
+            let data = (try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8)
+            return String(decoding: data, as: UTF8.self)
+        }
+        do {
+            try file.write(dataDir)
+        } catch {
+            stop()
+            throw error
+        }
+    }
+
+    /// Stops listening, removes `DIR/SERVER`, and closes the directory
+    /// after each node's current round.
+    public func stop() {
+        transport.close()
+        if ServerFile.read(dataDir)?.pid == getpid() { ServerFile.remove(dataDir) }
+        cluster.close()
+    }
+}
+
+/// Hands envelopes that arrived over TCP to the in-process router.
+final class ForwardSink: MessageSink, @unchecked Sendable {
+    let router: Router
+    init(_ router: Router) { self.router = router }
+    func enqueue(_ env: Envelope) { router.send(env) }
+}
+
+/// A client of a running `weft server`: one connection to its address,
+/// through which every node is reached.
+public final class ServerClient: @unchecked Sendable {
+    public let server: ServerFile
+    let transport: NetworkTransport
+    public let client: WeftClient
+
+    public init(_ server: ServerFile) {
+        self.server = server
+        let id = UInt64.random(in: 1...UInt64.max)
+        var directory: [NodeAddress: Endpoint] = [.coordinator: server.endpoint]
+        for p in 0..<server.participants { directory[.participant(p)] = server.endpoint }
+        transport = NetworkTransport(me: .client(id), clusterId: server.id, directory: directory, gateway: true)
+        client = WeftClient(id: id, router: transport, participantCount: server.participants)
+    }
+
+    public func close() {
+        client.close()
+        transport.close()
+    }
+}
