@@ -4,7 +4,7 @@
 SWIFT ?= swift
 SIM_SEEDS ?= 2000
 
-.PHONY: demo test deps build release sim bench clean
+.PHONY: demo test deps build release sim bench bench-server clean
 
 deps:
 	@if [ ! -f /usr/include/lmdb.h ]; then \
@@ -38,6 +38,12 @@ bench: deps
 	$(SWIFT) build -c release --product weft
 	$(SWIFT) build -c release --product weft-bench
 	./.build/release/weft-bench
+
+# The product through the CLI and `weft server`, end to end (docs/benchmarks.md).
+bench-server: deps
+	$(SWIFT) build -c release --product weft
+	$(SWIFT) build -c release --product weft-dataflow-bench
+	python3 Tools/server-bench.py
 
 clean:
 	rm -rf .build

@@ -114,7 +114,7 @@ struct TableCommand: AsyncParsableCommand {
                     print(jsonLine(["deleted_generations": deleted.count, "kept_generations": kept.count]))
                 } else {
                     for p in deleted { print("deleted\t" + describe(p)) }
-                    print("deleted the rows of \(deleted.count) generations; kept \(kept.count) (writers still running)")
+                    print("deleted the blocks of \(deleted.count) generations; kept \(kept.count) (writers still running)")
                 }
             }
         }

@@ -127,8 +127,35 @@ struct Demo: AsyncParsableCommand {
         for line in explain.split(separator: "\n") { say("     \(line)") }
         client.close()
         cluster.close()
-        say("\nDone. Try: weft kv get alice --data-dir \(dir)")
+
+        say("\n7. weft server: one process holds the directory; each command is a thin client of it")
+        let selfPath = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        for args in [["server", "start"], ["kv", "get", "alice"], ["table", "list"], ["job", "run", "wordcount", "--input", "corpus"],
+                     ["server", "status"], ["server", "stop"]] {
+            let (status, text, millis) = runSelf(selfPath, args + ["--data-dir", dir])
+            say("   $ weft \(args.joined(separator: " "))   (\(millis) ms, exit \(status))")
+            for line in text.split(separator: "\n") where !line.hasPrefix("[stage") { say("     \(line)") }
+            if status != 0 { fail(WeftError(.unavailable, "the demo's `weft \(args.joined(separator: " "))` failed"), json: false) }
+        }
+        say("\nDone. Try: weft server start --data-dir \(dir)")
+        say("      weft kv get alice --data-dir \(dir)")
         say("      weft table scan corpus_counts --data-dir \(dir)")
+    }
+
+    /// Runs this binary with `args`; exit status, output, milliseconds.
+    func runSelf(_ me: String, _ args: [String]) -> (Int32, String, UInt64) {
+        let t0 = wallMillis()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: me)
+        p.arguments = args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        p.standardInput = FileHandle.nullDevice
+        do { try p.run() } catch { return (127, "cannot run \(me): \(error)", 0) }
+        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return (p.terminationStatus, text, wallMillis() - t0)
     }
 
     func open(_ dir: String) throws -> EmbeddedCluster {

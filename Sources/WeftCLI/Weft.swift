@@ -202,7 +202,9 @@ enum DataDirectorySession {
 
 func openDataDirectory(_ g: GlobalOptions) throws(WeftError) -> DataDirectorySession {
     let dir = g.resolvedDataDir
-    let deadline = wallMillis() + UInt64(Limits.dataDirLockWaitMillis)
+    // WEFT_LOCK_WAIT_MS overrides the wait (tests, scripts that prefer to fail fast).
+    let wait = ProcessInfo.processInfo.environment["WEFT_LOCK_WAIT_MS"].flatMap { Int($0) } ?? Limits.dataDirLockWaitMillis
+    let deadline = wallMillis() + UInt64(max(0, wait))
     var noticed = false
     while true {
         switch ServerFile.probe(dir) {

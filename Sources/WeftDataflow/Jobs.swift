@@ -61,6 +61,12 @@ public enum BuiltinJobs {
         case "wordcount":
             return out(wordCount(input))
         case "pagerank":
+            // Vertices that are all plain integers run on the integer graph
+            // (the engine's fast path); any other line sends the job to
+            // String vertices, with the same output.
+            if !explainOnly, let ranks = try integerPageRank(input, iterations: p.iterations, damping: p.damping) {
+                return sc.parallelize(ranks.map { (Array(String($0.0).utf8), Array("\($0.1)".utf8)) }, partitions: 1)
+            }
             return out(pageRank(input, iterations: p.iterations, damping: p.damping, malformed: malformed))
         case "kmeans":
             let keyed = rows.map { (String(decoding: $0.0, as: UTF8.self), String(decoding: $0.1, as: UTF8.self)) }
@@ -268,9 +274,19 @@ public enum BuiltinJobs {
         return pageRank(edges: edges, iterations: iterations, damping: damping)
     }
 
+    /// PageRank with integer vertices, if every non-blank line is two
+    /// canonical integers (no sign, no leading zero), so that the ranks
+    /// are those the String job would give; nil (after one pass) if not.
+    static func integerPageRank(_ lines: RDD<String>, iterations: Int, damping: Double) throws -> [(Int, Double)]? {
+        let other = lines.context.accumulator("not integer edges")
+        let ranks = try pageRank(edges: integerEdges(lines, malformed: other, canonical: true), iterations: iterations, damping: damping).collect()
+        return other.value == 0 ? ranks : nil
+    }
+
     /// `src dst` lines of non-negative integers as edges (the benchmark's
-    /// graph); any other line is counted in `malformed`.
-    public static func integerEdges(_ lines: RDD<String>, malformed: Accumulator? = nil) -> RDD<(Int, Int)> {
+    /// graph); any other line is counted in `malformed`. With `canonical`,
+    /// a number with a leading zero counts as malformed too.
+    public static func integerEdges(_ lines: RDD<String>, malformed: Accumulator? = nil, canonical: Bool = false) -> RDD<(Int, Int)> {
         LineParserRDD(parent: lines, name: "edges(src dst)") { line, ctx, emit in
             // Two fields of 1 to 18 digits, separated by whitespace (a CR
             // of CRLF lines included); blank lines are skipped.
@@ -291,7 +307,8 @@ public enum BuiltinJobs {
             while i < n, case let d = line[i] &- 48, d < 10 { v.1 = v.1 &* 10 &+ Int(d); i += 1 }
             let digits1 = i - from
             while i < n && isSpace(line[i]) { i += 1 }
-            if i == n, gap < from, digits0 > 0, digits0 <= 18, digits1 > 0, digits1 <= 18 { try emit(v) } else { malformed?.add(1, in: ctx) }
+            let leadingZero = canonical && ((digits0 > 1 && line[gap - digits0] == 48) || (digits1 > 1 && line[from] == 48))
+            if i == n, gap < from, digits0 > 0, digits0 <= 18, digits1 > 0, digits1 <= 18, !leadingZero { try emit(v) } else { malformed?.add(1, in: ctx) }
         }
     }
 

@@ -167,7 +167,7 @@ final class CLITests: XCTestCase {
             if let text = try? String(contentsOfFile: dir + "/LOCK", encoding: .utf8), text.hasPrefix("pid \(holder.processIdentifier):") { break }
             usleep(10_000)
         }
-        let second = try weft("kv", "get", "a")
+        let second = try weft("kv", "get", "a", env: ["WEFT_LOCK_WAIT_MS": "300"])
         XCTAssertEqual(second.status, 1)
         XCTAssertTrue(second.stderr.contains("in use by another process"), second.stderr)
         XCTAssertTrue(second.stderr.contains("pid \(holder.processIdentifier)"), "the error names the holder: \(second.stderr)")

@@ -21,6 +21,8 @@ func out(_ s: String) { FileHandle.standardOutput.write(Data((s + "\n").utf8)) }
 nonisolated(unsafe) var wordcountMB = 200, vertices = 1_000_000, edgeCount = 10_000_000, iterations = 10
 nonisolated(unsafe) var skipWordcount = false, skipPagerank = false, repeats = 3, boundMB = 64
 nonisolated(unsafe) var profileThreads: Int?
+/// Only write the input files (for Tools/server-bench.py), run nothing.
+nonisolated(unsafe) var generateOnly = false
 nonisolated(unsafe) var child: String?
 nonisolated(unsafe) var dirArg = NSTemporaryDirectory() + "weft-dataflow-bench"
 var args = CommandLine.arguments.dropFirst()
@@ -37,8 +39,9 @@ while let a = args.popFirst() {
     case "--profile-threads": profileThreads = Int(args.popFirst() ?? "")
     case "--child": child = args.popFirst()
     case "--dir": dirArg = args.popFirst() ?? dirArg
+    case "--generate-only": generateOnly = true
     default:
-        out("usage: weft-dataflow-bench [--wordcount-mb N] [--vertices N] [--edges N] [--iterations N] [--repeat N] [--bound-mb N] [--skip-wordcount] [--skip-pagerank] [--dir DIR] [--profile-threads N]")
+        out("usage: weft-dataflow-bench [--wordcount-mb N] [--vertices N] [--edges N] [--iterations N] [--repeat N] [--bound-mb N] [--skip-wordcount] [--skip-pagerank] [--dir DIR] [--profile-threads N] [--generate-only]")
         exit(2)
     }
 }
@@ -327,6 +330,7 @@ func main() throws {
     }
     if !skipWordcount { try generateZipf() }
     if !skipPagerank { try generateGraph() }
+    if generateOnly { return }
     if let t = profileThreads {
         // For a profiler: one run in this process, the engine alone on `t`
         // threads with its stage times, or the loop alone for 0.
