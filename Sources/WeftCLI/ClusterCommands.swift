@@ -86,7 +86,7 @@ struct ClusterCommand: ParsableCommand {
     )
 
     struct Start: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write the cluster file (if new), launch every node in the background, and wait until each answers.")
+        static let configuration = CommandConfiguration(commandName: "start", abstract: "Write the cluster file (if new), launch every node in the background, and wait until each answers.")
         @Option(help: "Cluster directory (cluster file, node data, logs, pid files).") var dir: String
         @Option(help: "Participants for a new cluster.") var participants = 3
         @Option(name: .customLong("base-port"), help: "Coordinator port; participants use the next ports.") var basePort = 7400
@@ -151,7 +151,7 @@ struct ClusterCommand: ParsableCommand {
     }
 
     struct Stop: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop every node gracefully (SIGTERM, then SIGKILL after 10 s).")
+        static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop every node gracefully (SIGTERM, then SIGKILL after 10 s).")
         @Option(help: "Cluster directory or cluster file.") var dir: String
 
         func run() throws {
@@ -178,7 +178,7 @@ struct ClusterCommand: ParsableCommand {
     }
 
     struct Status: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Each node's id, role, address, pid and health.")
+        static let configuration = CommandConfiguration(commandName: "status", abstract: "Each node's id, role, address, pid and health.")
         @Option(help: "Cluster directory or cluster file.") var dir: String
         @Flag(help: "JSON output, one object per node.") var json = false
 

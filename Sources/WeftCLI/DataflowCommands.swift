@@ -15,7 +15,7 @@ struct TableCommand: AsyncParsableCommand {
     enum Format: String, ExpressibleByArgument { case lines, kv }
 
     struct Load: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Load a file as a table: one transaction, or batches (with a progress bar) that become visible together.")
+        static let configuration = CommandConfiguration(commandName: "load", abstract: "Load a file as a table: one transaction, or batches (with a progress bar) that become visible together.")
         @OptionGroup var global: GlobalOptions
         @Argument var name: String
         @Argument var file: String
@@ -50,7 +50,7 @@ struct TableCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List tables with their row counts.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List tables with their row counts.")
         @OptionGroup var global: GlobalOptions
         func run() async throws {
             let g = global
@@ -66,7 +66,7 @@ struct TableCommand: AsyncParsableCommand {
     }
 
     struct Scan: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print a table's rows in key order.")
+        static let configuration = CommandConfiguration(commandName: "scan", abstract: "Print a table's rows in key order.")
         @OptionGroup var global: GlobalOptions
         @Argument var name: String
         @Option var limit = 100
@@ -121,7 +121,7 @@ struct TableCommand: AsyncParsableCommand {
     }
 
     struct Drop: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Drop a table in one transaction.")
+        static let configuration = CommandConfiguration(commandName: "drop", abstract: "Drop a table in one transaction.")
         @OptionGroup var global: GlobalOptions
         @Argument var name: String
         func run() async throws {
@@ -193,7 +193,7 @@ struct JobCommand: AsyncParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "The built-in jobs.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "The built-in jobs.")
         func run() {
             for j in BuiltinJobs.all { print("\(j.name)\t\(j.about)") }
         }
@@ -233,7 +233,7 @@ struct JobCommand: AsyncParsableCommand {
     }
 
     struct Run: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Run a job; its output goes to a table in one transaction.")
+        static let configuration = CommandConfiguration(commandName: "run", abstract: "Run a job; its output goes to a table in one transaction.")
         @OptionGroup var global: GlobalOptions
         @OptionGroup var job: JobOptions
         @Option(help: "Output table.") var output: String?
@@ -260,6 +260,21 @@ struct JobCommand: AsyncParsableCommand {
             params.overwrite = overwrite
             let name = job.name
             let p = params
+            // Through a server, the job runs in the server's process, next
+            // to the data (its executor): only the request and the answer
+            // cross the connection.
+            if g.resolvedCluster == nil, case .running(let f) = ServerFile.probe(g.resolvedDataDir) {
+                let remote = ServerClient(f)
+                defer { remote.close() }
+                let request = jobRequest(name, p, threads: threads, memory: memory)
+                let answer: Bytes
+                do { answer = try await remote.call("job.run", request) } catch let e as WeftError { fail(e, json: g.json) }
+                guard let o = (try? JSONSerialization.jsonObject(with: Data(answer))) as? [String: Any] else {
+                    fail(WeftError(.corrupted, "the server's answer is not JSON"), json: g.json)
+                }
+                printJobResult(o, json: g.json)
+                return
+            }
             let result = try await withSession(g) { client, embedded -> JobResult in
                 let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: memory)
                 let tty = isatty(1) == 1
@@ -273,34 +288,12 @@ struct JobCommand: AsyncParsableCommand {
                 if tty { FileHandle.standardError.write(Data("\n".utf8)) }
                 return r
             }
-            if g.json {
-                var o: [String: Any] = ["job": name, "input": p.input, "snapshot_ts": result.snapshotTs, "output_rows": result.outputRows,
-                                        "malformed_lines": result.malformedLines, "summary": result.summary,
-                                        "stages": result.metrics.stages, "tasks": result.metrics.tasks, "task_retries": result.metrics.taskRetries,
-                                        "recomputed_partitions": result.metrics.recomputedPartitions,
-                                        "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas,
-                                        "bytes_spilled": result.metrics.bytesSpilled, "spill_files": result.metrics.spillFiles,
-                                        "threads": threads, "memory_bytes_max": memory,
-                                        "stage_times": result.metrics.stageTimes.map { ["stage": $0.name, "tasks": $0.tasks, "seconds": $0.seconds] as [String: Any] }]
-                if let out = p.output, let ts = result.committedTs {
-                    o["output"] = out
-                    o["committed_ts"] = ts
-                }
-                print(jsonLine(o))
-            } else {
-                print("\(name) over \(p.input) at ts=\(result.snapshotTs): \(result.outputRows) output rows")
-                for s in result.summary { print("  \(s)") }
-                print("  \(result.metrics.stages) stages, \(result.metrics.tasks) tasks, \(result.metrics.recomputedPartitions) partitions recomputed, \(result.metrics.partitionsReadFromReplicas) read from replicas")
-                if result.metrics.spillFiles > 0 {
-                    print("  \(result.metrics.bytesSpilled) bytes spilled in \(result.metrics.spillFiles) files (memory bound \(memory >> 20) MiB)")
-                }
-                if let out = p.output, let ts = result.committedTs { print("  output table \(out) committed at ts=\(ts)") }
-            }
+            printJobResult(jobResultObject(name, p, result, threads: threads, memory: memory), json: g.json)
         }
     }
 
     struct Explain: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print a job's lineage with its stage boundaries, without running it.")
+        static let configuration = CommandConfiguration(commandName: "explain", abstract: "Print a job's lineage with its stage boundaries, without running it.")
         @OptionGroup var global: GlobalOptions
         @OptionGroup var job: JobOptions
 
@@ -316,4 +309,66 @@ struct JobCommand: AsyncParsableCommand {
             print(text)
         }
     }
+}
+
+/// A job run as a JSON request to `weft server` (method `job.run`).
+func jobRequest(_ name: String, _ p: JobParameters, threads: Int, memory: Int) -> Bytes {
+    var o: [String: Any] = ["job": name, "input": p.input, "iterations": p.iterations, "damping": p.damping, "k": p.k,
+                            "words": p.words, "overwrite": p.overwrite, "threads": threads, "memory_bytes_max": memory]
+    if let at = p.at { o["at"] = at }
+    if let out = p.output { o["output"] = out }
+    if let i2 = p.input2 { o["input2"] = i2 }
+    return Array(jsonLine(o).utf8)
+}
+
+/// Runs a `job.run` request in this process (the server), on its own
+/// driver thread, with the job's snapshot leased; its answer is what
+/// `weft job run --json` prints.
+func serveJobRun(_ body: Bytes, client: WeftClient) throws -> Bytes {
+    guard let o = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any],
+          let name = o["job"] as? String, let input = o["input"] as? String else {
+        throw WeftError(.invalidArgument, "malformed job.run request")
+    }
+    var p = JobParameters(input: input)
+    p.at = (o["at"] as? NSNumber).map { $0.uint64Value }
+    p.iterations = o["iterations"] as? Int ?? p.iterations
+    p.damping = o["damping"] as? Double ?? p.damping
+    p.k = o["k"] as? Int ?? p.k
+    p.words = o["words"] as? [String] ?? []
+    p.output = o["output"] as? String
+    p.input2 = o["input2"] as? String
+    p.overwrite = o["overwrite"] as? Bool ?? false
+    let threads = min(max(1, o["threads"] as? Int ?? 1), DataflowContext.executorThreadsMax)
+    let memory = min(max(1 << 20, o["memory_bytes_max"] as? Int ?? DataflowContext.memoryBytesMaxDefault), DataflowContext.memoryBytesMaxLimit)
+    let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: memory)
+    let result = try runLeased(name, p, sc: sc, client: client)
+    return Array(jsonLine(jobResultObject(name, p, result, threads: threads, memory: memory)).utf8)
+}
+
+func jobResultObject(_ name: String, _ p: JobParameters, _ result: JobResult, threads: Int, memory: Int) -> [String: Any] {
+    var o: [String: Any] = ["job": name, "input": p.input, "snapshot_ts": result.snapshotTs, "output_rows": result.outputRows,
+                            "malformed_lines": result.malformedLines, "summary": result.summary,
+                            "stages": result.metrics.stages, "tasks": result.metrics.tasks, "task_retries": result.metrics.taskRetries,
+                            "recomputed_partitions": result.metrics.recomputedPartitions,
+                            "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas,
+                            "bytes_spilled": result.metrics.bytesSpilled, "spill_files": result.metrics.spillFiles,
+                            "threads": threads, "memory_bytes_max": memory,
+                            "stage_times": result.metrics.stageTimes.map { ["stage": $0.name, "tasks": $0.tasks, "seconds": $0.seconds] as [String: Any] }]
+    if let out = p.output, let ts = result.committedTs {
+        o["output"] = out
+        o["committed_ts"] = ts
+    }
+    return o
+}
+
+func printJobResult(_ o: [String: Any], json: Bool) {
+    if json { return print(jsonLine(o)) }
+    let n = { (k: String) in (o[k] as? NSNumber)?.intValue ?? 0 }
+    print("\(o["job"] ?? "?") over \(o["input"] ?? "?") at ts=\(o["snapshot_ts"] ?? "?"): \(n("output_rows")) output rows")
+    for s in o["summary"] as? [String] ?? [] { print("  \(s)") }
+    print("  \(n("stages")) stages, \(n("tasks")) tasks, \(n("recomputed_partitions")) partitions recomputed, \(n("partitions_read_from_replicas")) read from replicas")
+    if n("spill_files") > 0 {
+        print("  \(n("bytes_spilled")) bytes spilled in \(n("spill_files")) files (memory bound \(n("memory_bytes_max") >> 20) MiB)")
+    }
+    if let out = o["output"], let ts = o["committed_ts"] { print("  output table \(out) committed at ts=\(ts)") }
 }

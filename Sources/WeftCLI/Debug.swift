@@ -6,6 +6,7 @@ import WeftRuntime
 /// Test workloads used by the crash-recovery tests (hidden from help).
 struct Debug: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "debug",
         abstract: "Test workloads for crash-recovery tests.",
         shouldDisplay: false,
         subcommands: [Bank.self, BankCheck.self]

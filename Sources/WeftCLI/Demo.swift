@@ -6,6 +6,7 @@ import WeftRuntime
 
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "demo",
         abstract: "A tour of the embedded store: put, get, a multi-key transaction, a conflict, and a restart.",
         discussion: "Uses a fresh directory under /tmp unless --data-dir is given."
     )

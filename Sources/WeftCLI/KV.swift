@@ -11,7 +11,7 @@ struct KV: AsyncParsableCommand {
     )
 
     struct Put: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write one key (a one-participant transaction).")
+        static let configuration = CommandConfiguration(commandName: "put", abstract: "Write one key (a one-participant transaction).")
         @OptionGroup var global: GlobalOptions
         @OptionGroup var enc: EncodingOptions
         @Argument(help: "Key (1...\(Limits.keyBytesMax) bytes).") var key: String
@@ -43,7 +43,7 @@ struct KV: AsyncParsableCommand {
     }
 
     struct Get: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Read one key, now or at a snapshot timestamp.")
+        static let configuration = CommandConfiguration(commandName: "get", abstract: "Read one key, now or at a snapshot timestamp.")
         @OptionGroup var global: GlobalOptions
         @OptionGroup var enc: EncodingOptions
         @Argument var key: String
@@ -74,7 +74,7 @@ struct KV: AsyncParsableCommand {
     }
 
     struct Del: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete one key.")
+        static let configuration = CommandConfiguration(commandName: "del", abstract: "Delete one key.")
         @OptionGroup var global: GlobalOptions
         @OptionGroup var enc: EncodingOptions
         @Argument var key: String
@@ -92,7 +92,7 @@ struct KV: AsyncParsableCommand {
     }
 
     struct Scan: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List keys in order at one snapshot.")
+        static let configuration = CommandConfiguration(commandName: "scan", abstract: "List keys in order at one snapshot.")
         @OptionGroup var global: GlobalOptions
         @OptionGroup var enc: EncodingOptions
         @Option(help: "Only keys starting with this prefix.") var prefix: String = ""

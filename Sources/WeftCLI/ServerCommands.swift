@@ -14,6 +14,7 @@ struct ServerCommand: ParsableCommand {
 
     struct Start: ParsableCommand {
         static let configuration = CommandConfiguration(
+        commandName: "start",
             abstract: "Start a server for the data directory (in the background, logging to DIR/server.log, unless --foreground).")
         @OptionGroup var global: GlobalOptions
         @Option(help: "Address to listen on, HOST:PORT (port 0: any free port).") var listen = "127.0.0.1:0"
@@ -71,6 +72,26 @@ struct ServerCommand: ParsableCommand {
             } catch {
                 fail(error, json: g.json)
             }
+            // Jobs asked of the server run here, beside the data.
+            let cluster = server.cluster
+            server.serveCalls { method, body, reply in
+                let t = Thread {
+                    guard method == "job.run" else {
+                        return reply(false, Array(jsonLine(["error": "invalid-argument", "message": "unknown call \(method)"]).utf8))
+                    }
+                    let client = cluster.client()
+                    defer { client.close() }
+                    do {
+                        reply(true, try serveJobRun(body, client: client))
+                    } catch let e as WeftError {
+                        reply(false, Array(jsonLine(["error": e.code.rawValue, "message": e.message]).utf8))
+                    } catch {
+                        reply(false, Array(jsonLine(["error": "storage", "message": "\(error)"]).utf8))
+                    }
+                }
+                t.stackSize = 16 << 20
+                t.start()
+            }
             sayNow("weft server pid \(getpid()) serving \(dir) at \(server.file.endpoint) (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
             let done = DispatchSemaphore(value: 0)
             let received = SignalBox()
@@ -103,7 +124,7 @@ struct ServerCommand: ParsableCommand {
     }
 
     struct Stop: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop the data directory's server gracefully (SIGTERM; SIGKILL after 30 s).")
+        static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop the data directory's server gracefully (SIGTERM; SIGKILL after 30 s).")
         @OptionGroup var global: GlobalOptions
 
         func run() throws {
@@ -133,7 +154,7 @@ struct ServerCommand: ParsableCommand {
     }
 
     struct Status: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Is a server serving the data directory, where, and since when. Exit 0 if it serves, 1 if not.")
+        static let configuration = CommandConfiguration(commandName: "status", abstract: "Is a server serving the data directory, where, and since when. Exit 0 if it serves, 1 if not.")
         @OptionGroup var global: GlobalOptions
 
         func run() throws {

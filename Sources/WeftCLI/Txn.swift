@@ -52,6 +52,7 @@ enum Statement: Equatable {
 
 struct Txn: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "txn",
         abstract: "Run transactions, or ask what became of one.",
         subcommands: [TxnRun.self, TxnStatusCommand.self],
         defaultSubcommand: TxnRun.self
@@ -161,6 +162,7 @@ struct TxnRun: AsyncParsableCommand {
 
 struct Admin: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "admin",
         abstract: "Operator tools.",
         subcommands: [InDoubt.self]
     )

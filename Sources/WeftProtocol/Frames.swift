@@ -13,6 +13,12 @@ public enum Frame: Sendable, Equatable {
     case ping(req: UInt64)
     /// Health: role, state (`serving`, `recovering`), pid, in-doubt count.
     case pong(req: UInt64, info: String)
+    /// A client asks a `weft server` to run `method` (e.g. `job.run`) with
+    /// a JSON `body`; answered by `reply` with the same `req`.
+    case call(req: UInt64, method: String, body: Bytes)
+    /// `ok`: `body` is the method's JSON answer; else a JSON error
+    /// (`{"error": code, "message": text}`).
+    case reply(req: UInt64, ok: Bool, body: Bytes)
 
     public static let headerBytes = 4
 
@@ -39,6 +45,16 @@ public enum Frame: Sendable, Equatable {
             w.u8(5)
             w.u64(req)
             w.string(info)
+        case let .call(req, method, body):
+            w.u8(6)
+            w.u64(req)
+            w.string(method)
+            w.blob(body)
+        case let .reply(req, ok, body):
+            w.u8(7)
+            w.u64(req)
+            w.bool(ok)
+            w.blob(body)
         }
         var bytes = w.bytes
         let n = UInt32(bytes.count - Self.headerBytes).littleEndian
@@ -70,6 +86,8 @@ public enum Frame: Sendable, Equatable {
             case 3: frame = .error(try r.string(max: 1 << 16))
             case 4: frame = .ping(req: try r.u64())
             case 5: frame = .pong(req: try r.u64(), info: try r.string(max: 1 << 16))
+            case 6: frame = .call(req: try r.u64(), method: try r.string(max: 256), body: try r.blob(max: 1 << 20))
+            case 7: frame = .reply(req: try r.u64(), ok: try r.bool(), body: try r.blob(max: Limits.txnBytesMax))
             case let k: throw DecodeError("unknown frame kind \(k)")
             }
             try r.expectEnd()

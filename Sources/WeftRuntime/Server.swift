@@ -61,6 +61,12 @@ public final class WeftServer: @unchecked Sendable {
 
     /// Stops listening, removes `DIR/SERVER`, and closes the directory
     /// after each node's current round.
+    /// Runs clients' calls (`weft job run` through the server): `handler`
+    /// gets the method and its JSON body and answers through `reply`.
+    public func serveCalls(_ handler: @escaping @Sendable (String, Bytes, @escaping @Sendable (Bool, Bytes) -> Void) -> Void) {
+        transport.onCall = handler
+    }
+
     public func stop() {
         transport.close()
         if ServerFile.read(dataDir)?.pid == getpid() { ServerFile.remove(dataDir) }
@@ -94,5 +100,16 @@ public final class ServerClient: @unchecked Sendable {
     public func close() {
         client.close()
         transport.close()
+    }
+
+    /// Calls `method` on the server with a JSON body; its JSON answer, or
+    /// the server's error as a `WeftError`.
+    public func call(_ method: String, _ body: Bytes) async throws -> Bytes {
+        _ = try await client.now()   // connects, if not yet
+        let (ok, answer) = try await transport.call(method, body)
+        if ok { return answer }
+        let o = (try? JSONSerialization.jsonObject(with: Data(answer))) as? [String: Any]
+        let code = (o?["error"] as? String).flatMap(WeftError.Code.init(rawValue:)) ?? .storage
+        throw WeftError(code, o?["message"] as? String ?? String(decoding: answer, as: UTF8.self))
     }
 }

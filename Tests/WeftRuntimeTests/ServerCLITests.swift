@@ -67,6 +67,13 @@ final class ServerCLITests: XCTestCase {
         XCTAssertEqual(run.status, 0, run.stderr)
         XCTAssertEqual(try json(run.stdout)["output_rows"] as? Int, 3)
         XCTAssertEqual(try weft("table", "scan", "wc").stdout, "a\t2\nb\t2\nc\t1\n")
+        // The job ran in the server; its errors come back with their exit codes.
+        let unknown = try weft("job", "run", "wordcount", "--input", "nope")
+        XCTAssertEqual(unknown.status, 4, unknown.stderr)
+        XCTAssertTrue(unknown.stderr.contains("unknown table nope"), unknown.stderr)
+        let exists = try weft("job", "run", "wordcount", "--input", "words", "--output", "wc")
+        XCTAssertEqual(exists.status, 1)
+        XCTAssertTrue(exists.stderr.contains("already exists"), exists.stderr)
 
         let second = try weft("server", "start")
         XCTAssertNotEqual(second.status, 0)

@@ -100,6 +100,16 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             write(context.channel, .pong(req: req, info: transport.healthInfo()))
         case (_, .pong(let req, let info)):
             transport.pongReceived(req, info)
+        case let (.client(_)?, .call(req, method, body)):
+            let channel = context.channel
+            guard let handler = transport.onCall else {
+                return write(channel, .reply(req: req, ok: false, body: Array("{\"error\":\"invalid-argument\",\"message\":\"this node serves no calls\"}".utf8)))
+            }
+            handler(method, body) { [self] ok, answer in write(channel, .reply(req: req, ok: ok, body: answer)) }
+        case (_, .call):
+            reject(context, "only clients may call")
+        case let (_, .reply(req, ok, body)):
+            transport.replyReceived(req, ok, body)
         case (_, .error(let text)):
             transport.log("\(remote.map { "\($0)" } ?? "peer") closed the connection: \(text)")
             context.close(promise: nil)
@@ -449,6 +459,44 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         var buf = channel.allocator.buffer(capacity: bytes.count)
         buf.writeBytes(bytes)
         channel.writeAndFlush(buf, promise: nil)
+    }
+
+    // MARK: Calls (`weft server` only)
+
+    /// Runs a client's call (`method`, JSON body) and answers through
+    /// `reply(ok, body)`, on any thread. Set by `weft server`.
+    public var onCall: (@Sendable (String, Bytes, @escaping @Sendable (Bool, Bytes) -> Void) -> Void)? {
+        get { lock.withLock { callHandler } }
+        set { lock.withLock { callHandler = newValue } }
+    }
+    var callHandler: (@Sendable (String, Bytes, @escaping @Sendable (Bool, Bytes) -> Void) -> Void)?
+    var calls: [UInt64: CheckedContinuation<(ok: Bool, body: Bytes), Error>] = [:]
+    var nextCall: UInt64 = 1
+
+    /// Calls `method` on the gateway (a client of `weft server`); waits for
+    /// its reply for as long as the method runs, or fails if the
+    /// connection is lost. The connection must be up (a request made it).
+    public func call(_ method: String, _ body: Bytes) async throws -> (ok: Bool, body: Bytes) {
+        guard let ch = lock.withLock({ peers[.coordinator]?.channel }) else {
+            throw WeftError(.unavailable, "not connected to the server")
+        }
+        return try await withCheckedThrowingContinuation { cont in
+            let req = lock.withLock { () -> UInt64 in
+                defer { nextCall += 1 }
+                calls[nextCall] = cont
+                return nextCall
+            }
+            ch.closeFuture.whenComplete { [self] _ in
+                if let c = lock.withLock({ calls.removeValue(forKey: req) }) {
+                    c.resume(throwing: WeftError(.unavailable, "lost the connection to the server during \(method)"))
+                }
+            }
+            writeFrame(ch, .call(req: req, method: method, body: body))
+        }
+    }
+
+    func replyReceived(_ req: UInt64, _ ok: Bool, _ body: Bytes) {
+        lock.withLock { calls.removeValue(forKey: req) }?.resume(returning: (ok: ok, body: body))
     }
 
     // MARK: Health
