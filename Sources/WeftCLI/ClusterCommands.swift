@@ -16,6 +16,7 @@ struct NodeCommand: ParsableCommand {
     func run() throws {
         let config: ClusterConfig
         let node: ClusterNode
+        sayNow("weft node \(id): main entered \(wallMillis() - processStartMillis) ms after the process started")
         do {
             config = try ClusterConfig.load(cluster)
             node = try ClusterNode(config: config, id: id)
@@ -31,6 +32,13 @@ struct NodeCommand: ParsableCommand {
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
         sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint), recovered in \(node.recoveryMillis) ms")
+        // When it first serves (a participant once the coordinator's clock
+        // answered), counted from this process's start.
+        let watcher = Thread {
+            while node.healthState() == "recovering" { usleep(2_000) }
+            sayNow("weft node \(nodeId) serving \(wallMillis() - processStartMillis) ms after the process started")
+        }
+        watcher.start()
         // SIGTERM and SIGINT stop the node gracefully: the current round
         // finishes, LMDB closes, the lock is released.
         let done = DispatchSemaphore(value: 0)
@@ -206,3 +214,17 @@ struct ClusterCommand: ParsableCommand {
         }
     }
 }
+
+/// When this process started (wall clock, ms), from /proc: the kernel's
+/// start time in clock ticks since boot, and the boot time.
+let processStartMillis: UInt64 = {
+    guard let stat = try? String(contentsOfFile: "/proc/self/stat", encoding: .utf8), let close = stat.lastIndex(of: ")"),
+          let uptime = (try? String(contentsOfFile: "/proc/uptime", encoding: .utf8))?.split(separator: " ").first.flatMap({ Double($0) }) else {
+        return wallMillis()
+    }
+    let fields = stat[stat.index(after: close)...].split(separator: " ")
+    guard fields.count > 19, let ticks = Double(fields[19]) else { return wallMillis() }
+    let hz = Double(sysconf(Int32(_SC_CLK_TCK)))
+    let sinceStart = uptime - ticks / hz
+    return wallMillis() - UInt64(max(0, sinceStart) * 1000)
+}()

@@ -155,6 +155,14 @@ public struct ByteReader {
         return Bytes(UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + n]))
     }
 
+    /// A blob's bytes in place, valid as long as the reader's buffer.
+    public mutating func borrowedBlob(max: Int = Limits.txnBytesMax) throws(DecodeError) -> UnsafeRawBufferPointer {
+        let n = try int(max: max)
+        try need(n, "blob")
+        defer { offset += n }
+        return UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + n])
+    }
+
     public mutating func string(max: Int = 1 << 16) throws(DecodeError) -> String {
         String(decoding: try blob(max: max), as: UTF8.self)
     }

@@ -88,6 +88,9 @@ public enum Limits {
     /// How often a coordinator resends COMMIT to participants that have not
     /// acknowledged, and a participant re-asks about in-doubt transactions, in ticks (ms).
     public static let resendIntervalTicks: UInt64 = 200
+    /// Most COMMIT decisions the coordinator resends per tick: a backlog
+    /// goes out in slices rather than all at once.
+    public static let decisionResendsPerTickMax = 256
     /// How far ahead of the clock the oracle reserves timestamps durably in
     /// one record, in ms of hybrid time (one forced write per ~second at most).
     public static let timestampReserveMillis: UInt64 = 1000

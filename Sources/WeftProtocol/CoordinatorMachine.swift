@@ -121,6 +121,11 @@ public struct CoordinatorMachine: Sendable {
     public mutating func tick(nowMillis: UInt64) {
         self.nowMillis = max(self.nowMillis, nowMillis)
         let now = self.nowMillis
+        // COMMIT resends are paced: a backlog of undelivered decisions (a
+        // participant down for a while) goes out a slice per tick, so a
+        // reconnecting participant's queue never fills with them ahead of
+        // everything else (its clock query's answer, new prepares).
+        var resendBudget = Limits.decisionResendsPerTickMax
         for (txn, state) in txns {
             switch state {
             case .preparing(let p) where p.deadline <= now:
@@ -128,7 +133,8 @@ public struct CoordinatorMachine: Sendable {
             case let .onePhase(client, req, participant, deadline) where deadline <= now:
                 forget(txn)
                 send(client, .commitResult(req: req, txn: txn, outcome: .unknown(WeftError(.outcomeUnknown, "participant \(participant) did not answer the one-phase commit of transaction \(txn) within \(Limits.prepareTimeoutTicks) ms; its outcome is unknown"))))
-            case let .committed(ts, pending, last) where now >= last + Limits.resendIntervalTicks:
+            case let .committed(ts, pending, last) where now >= last + Limits.resendIntervalTicks && resendBudget > 0:
+                resendBudget -= pending.count
                 txns[txn] = .committed(commitTs: ts, pendingAcks: pending, lastSentMillis: now)
                 for p in pending.sorted() { send(.participant(p), .decide(txn: txn, commit: true)) }
             default:

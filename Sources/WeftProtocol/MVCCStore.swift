@@ -39,7 +39,11 @@ public struct MVCCStore: Sendable {
     var entries: [Entry] = []
     var oldVersions: [OldVersion] = []
     var freeOld: [Int32] = []
-    var slots: [Int32] = Array(repeating: -1, count: 1024)
+    /// Open addressing: each used slot holds the key's 32-bit hash (high
+    /// half) and its entry index (low half), so a probe compares hashes
+    /// before it touches a key, and growing never reads the keys.
+    var slots: [UInt64] = Array(repeating: MVCCStore.emptySlot, count: 1024)
+    static let emptySlot = UInt64.max
     var sorted: [Int32] = []
     var pending: [Int32] = []
     /// Whether each entry is in `sorted` or `pending`.
@@ -102,7 +106,19 @@ public struct MVCCStore: Sendable {
 
     /// Installs a version. `ts` must be newer than every version of `key`.
     public mutating func apply(key: Bytes, value: Bytes?, ts: Timestamp) {
-        let valueRef = value.map { v in v.withUnsafeBytes { arena.append($0) } } ?? Self.tombstone
+        key.withUnsafeBytes { k in
+            if let value {
+                value.withUnsafeBytes { v in apply(key: k, value: v, ts: ts) }
+            } else {
+                apply(key: k, value: nil, ts: ts)
+            }
+        }
+    }
+
+    /// The same from borrowed bytes (recovery replays records straight
+    /// from the LMDB map, copying each key and value once, into the arena).
+    public mutating func apply(key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?, ts: Timestamp) {
+        let valueRef = value.map { arena.append($0) } ?? Self.tombstone
         if let i = find(key) {
             var e = entries[Int(i)]
             precondition(ts > e.ts, "MVCCStore: version \(ts) is not newer than \(e.ts)")
@@ -128,12 +144,12 @@ public struct MVCCStore: Sendable {
             entries[Int(i)] = e
             return
         }
-        let keyRef = key.withUnsafeBytes { arena.append($0) }
+        let keyRef = arena.append(key)
         let index = Int32(entries.count)
         entries.append(Entry(keyRef: keyRef, ts: ts, valueRef: valueRef, older: -1, dead: false))
         ordered.append(true)
         liveKeys += 1
-        insertSlot(index, hash: stableHash(key))
+        insertSlot(index, hash: keyHash(key))
         if bulk {
             pending.append(index)
             return
@@ -238,7 +254,7 @@ public struct MVCCStore: Sendable {
     public var memoryBytes: Int {
         arena.capacityBytes + entries.capacity * MemoryLayout<Entry>.stride
             + oldVersions.capacity * MemoryLayout<OldVersion>.stride
-            + (slots.capacity + sorted.capacity + pending.capacity) * 4 + ordered.capacity
+            + slots.capacity * 8 + (sorted.capacity + pending.capacity) * 4 + ordered.capacity
     }
 
     public var versionCount: Int { liveKeys + oldVersions.count - freeOld.count }
@@ -255,47 +271,54 @@ public struct MVCCStore: Sendable {
     }
 
     func find(_ key: Bytes) -> Int32? {
+        key.withUnsafeBytes { find($0) }
+    }
+
+    func find(_ k: UnsafeRawBufferPointer) -> Int32? {
         let mask = slots.count - 1
-        var s = Int(truncatingIfNeeded: stableHash(key)) & mask
-        return key.withUnsafeBytes { k in
-            while true {
-                let i = slots[s]
-                if i < 0 { return nil }
+        let h = keyHash(k)
+        var s = Int(h) & mask
+        while true {
+            let slot = slots[s]
+            if slot == Self.emptySlot { return nil }
+            if UInt32(truncatingIfNeeded: slot >> 32) == h {
+                let i = Int32(truncatingIfNeeded: slot)
                 if arena.withBytes(entries[Int(i)].keyRef, { compareBytes($0, k) == 0 }) { return i }
-                s = (s + 1) & mask
             }
+            s = (s + 1) & mask
         }
     }
 
-    mutating func insertSlot(_ index: Int32, hash: UInt64) {
+    mutating func insertSlot(_ index: Int32, hash h: UInt32) {
         if (entries.count) * 4 >= slots.count * 3 { growSlots() }
         let mask = slots.count - 1
-        var s = Int(truncatingIfNeeded: hash) & mask
-        while slots[s] >= 0 { s = (s + 1) & mask }
-        slots[s] = index
+        var s = Int(h) & mask
+        while slots[s] != Self.emptySlot { s = (s + 1) & mask }
+        slots[s] = UInt64(h) << 32 | UInt64(UInt32(bitPattern: index))
     }
 
     mutating func growSlots() {
-        var bigger = [Int32](repeating: -1, count: slots.count * 2)
+        var bigger = [UInt64](repeating: Self.emptySlot, count: slots.count * 2)
         let mask = bigger.count - 1
-        for i in slots where i >= 0 {
-            let h = arena.withBytes(entries[Int(i)].keyRef) { stableHash($0) }
-            var s = Int(truncatingIfNeeded: h) & mask
-            while bigger[s] >= 0 { s = (s + 1) & mask }
-            bigger[s] = i
+        for slot in slots where slot != Self.emptySlot {
+            var s = Int(slot >> 32) & mask
+            while bigger[s] != Self.emptySlot { s = (s + 1) & mask }
+            bigger[s] = slot
         }
         slots = bigger
     }
 
     func lowerBound(_ list: [Int32], _ key: Bytes) -> Int {
-        key.withUnsafeBytes { k in
-            var lo = 0, hi = list.count
-            while lo < hi {
-                let mid = (lo + hi) / 2
-                if arena.withBytes(entries[Int(list[mid])].keyRef, { compareBytes($0, k) < 0 }) { lo = mid + 1 } else { hi = mid }
-            }
-            return lo
+        key.withUnsafeBytes { lowerBound(list, $0) }
+    }
+
+    func lowerBound(_ list: [Int32], _ k: UnsafeRawBufferPointer) -> Int {
+        var lo = 0, hi = list.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if arena.withBytes(entries[Int(list[mid])].keyRef, { compareBytes($0, k) < 0 }) { lo = mid + 1 } else { hi = mid }
         }
+        return lo
     }
 
     func less(_ a: Int32, _ b: Int32) -> Bool {
@@ -402,4 +425,35 @@ extension MVCCStore {
         }
         return false
     }
+}
+
+/// The in-memory hash of a key for the store's table (never stored on
+/// disk): a multiply-fold over 8-byte words, 32 bits.
+@inline(__always)
+func keyHash(_ k: UnsafeRawBufferPointer) -> UInt32 {
+    var h: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(k.count)
+    var i = 0
+    let n = k.count
+    if let base = k.baseAddress {
+        while i + 8 <= n {
+            let w = base.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            h = (h ^ w) &* 0xBF58_476D_1CE4_E5B9
+            h ^= h >> 31
+            i += 8
+        }
+        if i < n {
+            var w: UInt64 = 0
+            var shift: UInt64 = 0
+            while i < n {
+                w |= UInt64(base.load(fromByteOffset: i, as: UInt8.self)) << shift
+                shift += 8
+                i += 1
+            }
+            h = (h ^ w) &* 0x94D0_49BB_1331_11EB
+        }
+    }
+    h ^= h >> 29
+    h = h &* 0xBF58_476D_1CE4_E5B9
+    h ^= h >> 32
+    return UInt32(truncatingIfNeeded: h)
 }

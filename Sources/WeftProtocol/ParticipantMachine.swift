@@ -113,6 +113,28 @@ public struct ParticipantMachine: Sendable {
     public mutating func beginReplay() { store.beginBulkLoad() }
     public mutating func endReplay() { store.endBulkLoad() }
 
+    /// Replays an encoded commit record (`CommitRecord.encoded()`) in
+    /// place: keys and values go from the buffer to the store's arena with
+    /// no intermediate arrays.
+    public mutating func replayCommit(_ ts: Timestamp, encoded buf: UnsafeRawBufferPointer) throws(DecodeError) {
+        var r = ByteReader(buf)
+        let v = try r.u8()
+        if v != CommitRecord.formatVersion { throw DecodeError("commit record format \(v), expected \(CommitRecord.formatVersion)") }
+        let txn = try r.u64()
+        let n = try r.int(max: Limits.txnWritesMax)
+        for _ in 0..<n {
+            let k = try r.borrowedBlob(max: Limits.keyBytesMax)
+            if try r.bool() {
+                store.apply(key: k, value: try r.borrowedBlob(max: Limits.valueBytesMax), ts: ts)
+            } else {
+                store.apply(key: k, value: nil, ts: ts)
+            }
+        }
+        try r.expectEnd()
+        commitRefs[ts] = n
+        rememberCommitted(txn, ts)
+    }
+
     public mutating func replayCommit(_ ts: Timestamp, _ rec: CommitRecord) {
         for w in rec.writes { store.apply(key: w.key, value: w.value, ts: ts) }
         commitRefs[ts] = rec.writes.count

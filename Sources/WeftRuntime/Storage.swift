@@ -98,7 +98,16 @@ public final class ParticipantStorage: @unchecked Sendable {
     public func recoverMachine(id: ParticipantId, readFloor: Timestamp?, nowMillis: UInt64) throws(WeftError) -> ParticipantMachine {
         var m = ParticipantMachine(id: id, recovery: try recoverState(), readFloor: readFloor, nowMillis: nowMillis)
         m.beginReplay()
-        try forEachCommit { ts, rec in m.replayCommit(ts, rec) }
+        do {
+            try env.read { txn in
+                try txn.forEach(commits) { k, v in
+                    try m.replayCommit(try readBE(k), encoded: v)
+                    return true
+                }
+            }
+        } catch {
+            throw storageError(error, "cannot recover participant storage at \(env.directory)")
+        }
         m.endReplay()
         return m
     }

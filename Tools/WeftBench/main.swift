@@ -44,7 +44,7 @@ let seconds = secondsArg
 let baseDir = baseDirArg
 try? FileManager.default.removeItem(atPath: baseDir)
 try FileManager.default.createDirectory(atPath: baseDir, withIntermediateDirectories: true)
-defer { try? FileManager.default.removeItem(atPath: baseDir) }
+defer { if ProcessInfo.processInfo.environment["WEFT_BENCH_KEEP"] == nil { try? FileManager.default.removeItem(atPath: baseDir) } }
 
 func monoNanos() -> UInt64 {
     var t = timespec()
@@ -236,6 +236,12 @@ final class LocalCluster {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: weftPath)
         p.arguments = ["node", "--cluster", config.path, "--id", id]
+        // For a profiler: WEFT_BENCH_WRAP="strace -f -tt -o /tmp/st" runs the node under it.
+        if let wrap = ProcessInfo.processInfo.environment["WEFT_BENCH_WRAP"], !wrap.isEmpty {
+            let w = wrap.split(separator: " ").map(String.init)
+            p.executableURL = URL(fileURLWithPath: w[0].hasPrefix("/") ? w[0] : "/usr/bin/" + w[0])
+            p.arguments = Array(w.dropFirst()) + [weftPath] + p.arguments!
+        }
         let log = config.clusterDirectory + "/\(id).log"
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         p.standardOutput = FileHandle(forWritingAtPath: log)
@@ -341,6 +347,9 @@ if modes.contains("recovery") {
         let own = (cluster.recoveredMillis("participant-0") ?? -1) / 1000
         print(String(format: "recovery: participant with %.0f MiB of committed data serves again after %.2f s (%.0f MiB/s); its own recovery (LMDB scan + memory rebuild) took %.2f s (%.0f MiB/s)",
                      mib, partMillis / 1000, mib / (partMillis / 1000), own, mib / own))
+        usleep(100_000)
+        let log = (try? String(contentsOfFile: cluster.config.clusterDirectory + "/participant-0.log", encoding: .utf8)) ?? ""
+        for line in log.split(separator: "\n") { print("  participant-0: \(line)") }
         cluster.stopAll()
     }
 }

@@ -151,7 +151,7 @@ public final class ClusterNode: @unchecked Sendable {
         participantRunner?.start()
     }
 
-    func healthState() -> String {
+    public func healthState() -> String {
         if let r = participantRunner {
             if r.failure != nil { return "failed" }
             return r.summary
