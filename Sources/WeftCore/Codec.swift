@@ -253,3 +253,15 @@ public func blockChecksum(_ bytes: Bytes) -> UInt64 {
 extension UInt64 {
     @inline(__always) func rotateLeft(_ s: UInt64) -> UInt64 { (self << s) | (self >> (64 - s)) }
 }
+
+/// Asks the kernel to back the whole 2 MiB pages inside `[p, p + n)` with
+/// huge pages (Linux transparent huge pages in `madvise` mode); a hint,
+/// ignored where unsupported.
+public func adviseHugePages(_ p: UnsafeMutableRawPointer, _ n: Int) {
+    #if os(Linux)
+    let huge = 2 << 20
+    let start = (Int(bitPattern: p) + huge - 1) & ~(huge - 1)
+    let end = (Int(bitPattern: p) + n) & ~(huge - 1)
+    if end > start { _ = madvise(UnsafeMutableRawPointer(bitPattern: start), end - start, 14 /* MADV_HUGEPAGE */) }
+    #endif
+}

@@ -17,7 +17,23 @@ import WeftCore
 /// stays in the hash table so a new version revives it). The arena only
 /// counts the bytes of collected versions (`Arena.deadBytes`); it does not
 /// reclaim them yet.
+/// Empty arena chunks (capacity `MVCCStore.arenaChunkBytes`, count 0)
+/// made ready ahead of time: during recovery a runtime thread faults their
+/// pages in while the replay copies values into the previous one.
+public protocol ArenaChunkSource: AnyObject, Sendable {
+    /// A ready chunk, or nil (the caller then allocates one itself).
+    func take() -> [UInt8]?
+}
+
 public struct MVCCStore: Sendable {
+    /// Bytes per arena chunk.
+    public static let arenaChunkBytes = 8 << 20
+    /// While set, new arena chunks are taken from it (see `ArenaChunkSource`).
+    public var chunkSource: ArenaChunkSource? {
+        get { arena.source }
+        set { arena.source = newValue }
+    }
+
     /// Marks a deletion in `valueRef`.
     static let tombstone = UInt64.max
 
@@ -362,16 +378,25 @@ public struct MVCCStore: Sendable {
 /// a reference (chunk << 32 | offset) stays valid. Each blob is stored as a
 /// LEB128 length (one byte for blobs under 128 bytes) followed by its bytes.
 struct Arena: Sendable {
-    static let chunkBytes = 4 << 20
+    static let chunkBytes = MVCCStore.arenaChunkBytes
     var chunks: [[UInt8]] = []
+    /// Where new chunks come from while set (recovery: already faulted in).
+    var source: ArenaChunkSource?
     var deadBytes = 0
     var capacityBytes = 0
 
     mutating func append(_ b: UnsafeRawBufferPointer) -> UInt64 {
         let need = b.count + 5
         if chunks.isEmpty || chunks[chunks.count - 1].count + need > chunks[chunks.count - 1].capacity {
-            var c = [UInt8]()
-            c.reserveCapacity(Swift.max(Self.chunkBytes, need))
+            // Past the first chunk the store is big: its chunks ask for huge
+            // pages, so filling them (recovery copies every value here)
+            // takes one page fault per 2 MiB instead of per 4 KiB.
+            let big = !chunks.isEmpty
+            let c = (need <= Self.chunkBytes ? source?.take() : nil)
+                ?? [UInt8](unsafeUninitializedCapacity: Swift.max(Self.chunkBytes, need)) { buf, count in
+                    if big, let base = buf.baseAddress { adviseHugePages(UnsafeMutableRawPointer(base), buf.count) }
+                    count = 0
+                }
             capacityBytes += c.capacity
             chunks.append(c)
         }

@@ -110,8 +110,14 @@ public struct ParticipantMachine: Sendable {
     /// Rebuilds memory from one durable commit record; records must come in
     /// increasing `commitTs` order. Lets a shell stream a large LMDB file
     /// instead of holding it all in a `ParticipantRecovery`.
-    public mutating func beginReplay() { store.beginBulkLoad() }
-    public mutating func endReplay() { store.endBulkLoad() }
+    public mutating func beginReplay(chunks: ArenaChunkSource? = nil) {
+        store.chunkSource = chunks
+        store.beginBulkLoad()
+    }
+    public mutating func endReplay() {
+        store.chunkSource = nil
+        store.endBulkLoad()
+    }
 
     /// Replays an encoded commit record (`CommitRecord.encoded()`) in
     /// place: keys and values go from the buffer to the store's arena with

@@ -78,7 +78,7 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             remote = sender
             if outbound == nil {
                 write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me))
-                if case .client(let id) = sender { transport.registerClientChannel(id, context.channel) }
+                if case .client(let id) = sender { transport.registerClientChannel(id, context.channel) } else { transport.peerIsUp(sender) }
             } else {
                 transport.outboundReady(sender)
             }
@@ -417,6 +417,18 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         let gone = gateway ? Array(directory.keys) : [to]
         for case let c as WeftClient in local {
             for t in gone { c.failRequests(to: t, WeftError(.unavailable, "lost the connection to \(t) at \(directory[t].map { "\($0)" } ?? "?")")) }
+        }
+    }
+
+    /// A node just connected to us, so it is up: forget the backoff of our
+    /// own connection to it (a restarted participant's first answers, such
+    /// as the clock it asks for, must not wait out a retry delay).
+    func peerIsUp(_ peer: NodeAddress) {
+        lock.withLock {
+            guard var p = peers[peer], p.channel == nil, !p.connecting else { return }
+            p.failures = 0
+            p.retryAtMillis = 0
+            peers[peer] = p
         }
     }
 
