@@ -392,8 +392,10 @@ struct Arena: Sendable {
             // pages, so filling them (recovery copies every value here)
             // takes one page fault per 2 MiB instead of per 4 KiB.
             let big = !chunks.isEmpty
-            let c = (need <= Self.chunkBytes ? source?.take() : nil)
-                ?? [UInt8](unsafeUninitializedCapacity: Swift.max(Self.chunkBytes, need)) { buf, count in
+            // Small stores get smaller chunks (less slack in the last one).
+            let size = chunks.count < 4 ? Self.chunkBytes / 2 : Self.chunkBytes
+            let c = (need <= Self.chunkBytes && chunks.count >= 4 ? source?.take() : nil)
+                ?? [UInt8](unsafeUninitializedCapacity: Swift.max(size, need)) { buf, count in
                     if big, let base = buf.baseAddress { adviseHugePages(UnsafeMutableRawPointer(base), buf.count) }
                     count = 0
                 }
