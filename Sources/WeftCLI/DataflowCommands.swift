@@ -55,13 +55,7 @@ struct TableCommand: AsyncParsableCommand {
         func run() async throws {
             let g = global
             let infos = try await withCluster(g) { c in try await TableStore.list(c) }
-            for i in infos {
-                print(g.json ? jsonLine(["table": i.name, "rows": i.rows, "format": i.format, "committed_ts": i.committedTs,
-                                         "layout": i.blocks ? "blocks" : "rows", "partitions": i.partitions, "blocks": i.blockCount,
-                                         "bytes": i.bytes, "replicas": i.replicas])
-                      : "\(i.name)\t\(i.rows) rows\t\(i.format)\t" + (i.blocks ? "\(i.blockCount) blocks, \(i.bytes) bytes, \(i.replicas) replica\(i.replicas == 1 ? "" : "s")\t" : "per-row layout\t") + "committed at ts=\(i.committedTs)")
-            }
-            if infos.isEmpty && !g.json { print("no tables") }
+            printTables(infos, json: g.json)
         }
     }
 

@@ -13,6 +13,16 @@ struct Weft: AsyncParsableCommand {
         """,
         subcommands: [Demo.self, ServerCommand.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
     )
+
+    /// `kv get`, `kv put` and `table list` through a running server skip
+    /// the argument parser (FastPath); everything else parses as usual.
+    static func main() async {
+        if let code = FastPath.run(CommandLine.arguments) {
+            fflush(nil)
+            Glibc.exit(code)
+        }
+        await main(nil)
+    }
 }
 
 /// Options every command that opens a data directory shares.

@@ -91,6 +91,11 @@ public enum Limits {
     /// Most COMMIT decisions the coordinator resends per tick: a backlog
     /// goes out in slices rather than all at once.
     public static let decisionResendsPerTickMax = 256
+    /// Transactions the coordinator looks through on every tick; a bigger
+    /// table (a backlog of unacknowledged decisions) is looked through
+    /// every `coordinatorScanMillisWhenLarge` ms.
+    public static let coordinatorTxnsScannedEveryTickMax = 4096
+    public static let coordinatorScanMillisWhenLarge: UInt64 = 50
     /// How far ahead of the clock the oracle reserves timestamps durably in
     /// one record, in ms of hybrid time (one forced write per ~second at most).
     public static let timestampReserveMillis: UInt64 = 1000

@@ -105,7 +105,7 @@ public enum TableStore {
         return rows.map { parseInfo(name: String(decoding: $0.key.dropFirst(2), as: UTF8.self), $0.value, $0.version) }
     }
 
-    static func parseInfo(name: String, _ v: Bytes, _ version: Timestamp) -> Info {
+    public static func parseInfo(name: String, _ v: Bytes, _ version: Timestamp) -> Info {
         var i = Info(name: name, rows: 0, format: "kv", committedTs: version, generation: "")
         for f in String(decoding: v, as: UTF8.self).split(separator: " ") {
             let kv = f.split(separator: "=", maxSplits: 1)

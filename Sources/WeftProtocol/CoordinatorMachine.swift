@@ -37,6 +37,8 @@ public struct CoordinatorMachine: Sendable {
     public private(set) var reservedTs: Timestamp
     var nowMillis: UInt64
     var txns: [TxnId: TxnState] = [:]
+    /// When `tick` last looked through `txns` (see `tick`).
+    var lastScanMillis: UInt64 = 0
     /// Recently finished transactions (aborted or one-phase), so a duplicate
     /// commit request cannot run them again; two bounded generations.
     var finished: Set<TxnId> = []
@@ -121,11 +123,19 @@ public struct CoordinatorMachine: Sendable {
     public mutating func tick(nowMillis: UInt64) {
         self.nowMillis = max(self.nowMillis, nowMillis)
         let now = self.nowMillis
-        // COMMIT resends are paced: a backlog of undelivered decisions (a
-        // participant down for a while) goes out a slice per tick, so a
-        // reconnecting participant's queue never fills with them ahead of
-        // everything else (its clock query's answer, new prepares).
-        var resendBudget = Limits.decisionResendsPerTickMax
+        // A big table (a backlog of decisions a participant that is down
+        // has not acknowledged) is looked through every
+        // `Limits.coordinatorScanMillisWhenLarge` ms, not every tick: the
+        // scan costs in proportion to the table.
+        if txns.count > Limits.coordinatorTxnsScannedEveryTickMax && now < lastScanMillis + Limits.coordinatorScanMillisWhenLarge { return }
+        let elapsed = min(max(now - min(lastScanMillis, now), 10), 100)
+        lastScanMillis = now
+        // COMMIT resends are paced: a backlog of undelivered decisions goes
+        // out a slice at a time (`Limits.decisionResendsPerTickMax` per
+        // 10 ms), so a reconnecting participant's queue never fills with
+        // them ahead of everything else (its clock query's answer, new
+        // prepares).
+        var resendBudget = Limits.decisionResendsPerTickMax * Int(elapsed / 10)
         for (txn, state) in txns {
             switch state {
             case .preparing(let p) where p.deadline <= now:
