@@ -367,9 +367,25 @@ public enum BuiltinJobs {
         // killed job's are left for `weft job gc` (ReliableBlocks.collectGarbage).
         let reliableMark = sc.reliableMark()
         defer { try? sc.releaseReliableBlocks(since: reliableMark) }
-        let rdd = try plan(name, params, sc: sc, client: client, malformed: malformed)
         var result = JobResult()
         result.snapshotTs = ts
+        // PageRank over integer vertices keeps its ranks typed: the summary
+        // takes the top 10 in one pass, and rows are made only for an output.
+        if name == "pagerank", let ranks = try integerPageRank(textLines(try sc.table(params.input, client: client, at: ts)),
+                                                               iterations: params.iterations, damping: params.damping) {
+            result.metrics = sc.totalMetrics
+            result.outputRows = ranks.count
+            result.summary.append("\(ranks.count) ranked vertices after \(params.iterations) iterations (damping \(params.damping))")
+            let top = topRanks(ranks, 10)
+            result.summary.append("top \(top.count): " + top.map { String(format: "%@ %.6f", String($0.0), $0.1) }.joined(separator: ", "))
+            if let out = params.output {
+                let rows = ranks.map { RowBox(key: Array(String($0.0).utf8), value: Array("\($0.1)".utf8)) }
+                let ow = params.overwrite
+                result.committedTs = try blocking { try await TableStore.write(client, out, rows: rows.map { ($0.key, $0.value) }, format: "kv", overwrite: ow) }
+            }
+            return result
+        }
+        let rdd = try plan(name, params, sc: sc, client: client, malformed: malformed)
         let rows = try rdd.collect()
         result.metrics = sc.totalMetrics
         result.outputRows = rows.count
@@ -406,6 +422,20 @@ public enum BuiltinJobs {
         }
         return result
     }
+}
+
+/// The `k` highest ranks, highest first, ties by the vertex's text (the
+/// order the String job gives), in one pass.
+func topRanks(_ ranks: [(Int, Double)], _ k: Int) -> [(Int, Double)] {
+    func before(_ a: (Int, Double), _ b: (Int, Double)) -> Bool { a.1 != b.1 ? a.1 > b.1 : String(a.0) < String(b.0) }
+    var top: [(Int, Double)] = []
+    for r in ranks {
+        if top.count == k, !before(r, top[k - 1]) { continue }
+        let at = top.firstIndex { before(r, $0) } ?? top.count
+        top.insert(r, at: at)
+        if top.count > k { top.removeLast() }
+    }
+    return top
 }
 
 /// A finite decimal number such as `-12`, `3.5` or `1e6` (not `nan`,

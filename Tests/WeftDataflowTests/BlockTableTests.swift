@@ -176,3 +176,42 @@ final class BlockTableTests: XCTestCase {
         XCTAssertThrowsError(try sc.textFile(dir)) { XCTAssertTrue("\($0)".contains("not a regular file"), "\($0)") }
     }
 }
+
+/// PageRank over a table of integer edges runs on integer vertices; its
+/// output table holds the ranks the String job gives. A line that is not
+/// two canonical integers (a leading zero) sends the job to String
+/// vertices, keeping "01" apart from "1".
+final class IntegerPageRankTests: XCTestCase {
+    func testIntegerVerticesGiveTheStringJobsRanks() async throws {
+        let dir = NSTemporaryDirectory() + "weft-prank-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cluster = try EmbeddedCluster(dataDir: dir)
+        defer { cluster.close() }
+        let c = cluster.client()
+        var rng = SystemRandomNumberGenerator()
+        var lines = (0..<3000).map { _ in "\(Int.random(in: 0..<300, using: &rng)) \(Int.random(in: 0..<300, using: &rng))" }
+        lines.append("")
+        for (name, ls) in [("ints", lines), ("mixed", lines + ["2 01"])] {
+            try await TableStore.write(c, name, rows: ls.map { ([], Array($0.utf8)) }, format: "lines", overwrite: false)
+            let sc = DataflowContext()
+            var p = JobParameters(input: name)
+            p.output = name + "_ranks"
+            p.iterations = 5
+            let params = p
+            let result = try await onDriverThread { try BuiltinJobs.run("pagerank", params, sc: sc, client: c) }
+            let reference = try await onDriverThread {
+                try BuiltinJobs.pageRank(sc.parallelize(ls, partitions: 3), iterations: 5, damping: 0.85, malformed: sc.accumulator("m")).collect()
+            }
+            let infoMaybe = try await TableStore.info(c, name + "_ranks")
+            let info = try XCTUnwrap(infoMaybe)
+            let out = try await TableStore.scan(c, info, at: c.now(), limit: Int.max)
+            let got = Dictionary(uniqueKeysWithValues: out.map { (String(decoding: $0.key, as: UTF8.self), Double(String(decoding: $0.value, as: UTF8.self))!) })
+            XCTAssertEqual(result.outputRows, reference.count)
+            XCTAssertEqual(Set(got.keys), Set(reference.map(\.0)), name)
+            for (v, r) in reference { XCTAssertEqual(got[v]!, r, accuracy: 1e-9 * max(1, r), "\(name) vertex \(v)") }
+            if name == "mixed" { XCTAssertNotNil(got["01"], "a leading zero keeps its own vertex") }
+            let best = reference.max { $0.1 != $1.1 ? $0.1 < $1.1 : $0.0 > $1.0 }!
+            XCTAssertTrue(result.summary[1].hasPrefix("top 10: \(best.0) "), result.summary[1])
+        }
+    }
+}
