@@ -41,25 +41,13 @@ struct NodeCommand: ParsableCommand {
         watcher.start()
         // SIGTERM and SIGINT stop the node gracefully: the current round
         // finishes, LMDB closes, the lock is released.
-        let done = DispatchSemaphore(value: 0)
-        let received = SignalBox()
-        var sources: [DispatchSourceSignal] = []
-        for s in [SIGTERM, SIGINT] {
-            signal(s, SIG_IGN)
-            let src = DispatchSource.makeSignalSource(signal: s, queue: .global())
-            src.setEventHandler {
-                received.value = s
-                done.signal()
-            }
-            src.resume()
-            sources.append(src)
-        }
-        done.wait()
-        let sig = received.value
+        let stop = StopSignals()
+        stop.done.wait()
+        let sig = stop.received.value
         node.stop()
         if (try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(getpid())\n" { try? FileManager.default.removeItem(atPath: pidFile) }
         sayNow("weft node \(id) stopped (signal \(sig))")
-        _ = sources
+        _ = stop
         // Everything durable is closed; skip the runtime's teardown.
         Glibc.exit(0)
     }
@@ -67,6 +55,27 @@ struct NodeCommand: ParsableCommand {
 
 final class SignalBox: @unchecked Sendable {
     var value: Int32 = 0
+}
+
+/// SIGTERM and SIGINT, caught: `done` is signalled with the signal in
+/// `received`. Keep the value alive while waiting.
+final class StopSignals: @unchecked Sendable {
+    let done = DispatchSemaphore(value: 0)
+    let received = SignalBox()
+    var sources: [DispatchSourceSignal] = []
+
+    init() {
+        for s in [SIGTERM, SIGINT] {
+            signal(s, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: s, queue: .global())
+            src.setEventHandler { [done, received] in
+                received.value = s
+                done.signal()
+            }
+            src.resume()
+            sources.append(src)
+        }
+    }
 }
 
 /// Writes a line to stdout at once (unbuffered), for logs read while the node runs.

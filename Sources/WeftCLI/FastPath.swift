@@ -93,10 +93,10 @@ enum FastPath {
                 let ts = try c.now()
                 let prefix = Array("c/".utf8)
                 var rows: [ScanRow] = []
-                for p in 0..<c.server.participants {
-                    guard case let .scanResult(_, page, _) = try c.call(.participant(p), { .scan(req: $0, start: prefix, end: prefixEnd(prefix), limit: Limits.scanLimitMax, ts: ts) }) else {
-                        throw WeftError(.malformed, "unexpected reply")
-                    }
+                // Every participant at once: one round trip, not one each.
+                let calls = (0..<c.server.participants).map { p in (NodeAddress.participant(p), { (req: UInt64) in Message.scan(req: req, start: prefix, end: prefixEnd(prefix), limit: Limits.scanLimitMax, ts: ts) }) }
+                for reply in try c.callAll(calls) {
+                    guard case let .scanResult(_, page, _) = reply else { throw WeftError(.malformed, "unexpected reply") }
                     rows += page
                 }
                 rows.sort { compareBytes($0.key, $1.key) < 0 }
@@ -160,6 +160,26 @@ final class BlockingConnection {
             if case .failed(_, let error) = env.message { throw error }
             return env.message
         }
+    }
+
+    /// Sends every request, then waits for all their replies (in any order).
+    func callAll(_ calls: [(NodeAddress, (UInt64) -> Message)]) throws -> [Message] {
+        var waiting: [UInt64: Int] = [:]
+        for (i, (to, build)) in calls.enumerated() {
+            let req = nextReq
+            nextReq += 1
+            waiting[req] = i
+            guard send(.envelope(Envelope(from: me, to: to, build(req)))) else {
+                throw WeftError(.unavailable, "lost the connection to the server at \(server.endpoint)")
+            }
+        }
+        var replies = [Message?](repeating: nil, count: calls.count)
+        while !waiting.isEmpty {
+            guard case .envelope(let env) = try readFrame(), let req = replyRequest(env.message), let i = waiting.removeValue(forKey: req) else { continue }
+            if case .failed(_, let error) = env.message { throw error }
+            replies[i] = env.message
+        }
+        return replies.map { $0! }
     }
 
     func replyRequest(_ m: Message) -> UInt64? {

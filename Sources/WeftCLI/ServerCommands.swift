@@ -93,23 +93,11 @@ struct ServerCommand: ParsableCommand {
                 t.start()
             }
             sayNow("weft server pid \(getpid()) serving \(dir) at \(server.file.endpoint) (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
-            let done = DispatchSemaphore(value: 0)
-            let received = SignalBox()
-            var sources: [DispatchSourceSignal] = []
-            for s in [SIGTERM, SIGINT] {
-                signal(s, SIG_IGN)
-                let src = DispatchSource.makeSignalSource(signal: s, queue: .global())
-                src.setEventHandler {
-                    received.value = s
-                    done.signal()
-                }
-                src.resume()
-                sources.append(src)
-            }
+            let stop = StopSignals()
             // A node whose storage failed (disk or map full) stops; its
             // memory may be ahead of its disk, so the server exits and a
             // restart recovers from the disk.
-            while done.wait(timeout: .now() + 1) == .timedOut {
+            while stop.done.wait(timeout: .now() + 1) == .timedOut {
                 if let e = server.cluster.firstFailure {
                     printErr("weft server: error: \(e.message); exiting, start it again to recover from disk")
                     server.stop()
@@ -117,8 +105,7 @@ struct ServerCommand: ParsableCommand {
                 }
             }
             server.stop()
-            sayNow("weft server pid \(getpid()) stopped (signal \(received.value))")
-            _ = sources
+            sayNow("weft server pid \(getpid()) stopped (signal \(stop.received.value))")
             Glibc.exit(0)
         }
     }
