@@ -82,9 +82,14 @@ enum FastPath {
                 try WeftError.checkKey(key)
                 try WeftError.checkValue(value)
                 let part = TxnPart(writes: [WriteOp(key: key, value: value)])
-                guard case let .commitResult(_, _, outcome) = try c.call(.coordinator, { .commit(req: $0, txn: 0, startTs: 0, parts: [c.owner(key): part]) }) else {
-                    throw WeftError(.malformed, "unexpected reply")
+                let reply: Message
+                do {
+                    reply = try c.call(.coordinator, { .commit(req: $0, txn: 0, startTs: 0, parts: [c.owner(key): part]) })
+                } catch let e as WeftError where e.code == .unavailable || e.code == .malformed {
+                    // The commit was sent: it may have happened (as the full client says).
+                    throw WeftError(.outcomeUnknown, "\(e.message); the commit may or may not have happened")
                 }
+                guard case let .commitResult(_, _, outcome) = reply else { throw WeftError(.malformed, "unexpected reply") }
                 switch outcome {
                 case .committed(let ts): print(json ? jsonLine(["ok": true, "committed_ts": ts]) : "ok (committed at ts=\(ts))")
                 case .aborted(let e), .unknown(let e): throw e
@@ -195,7 +200,8 @@ final class BlockingConnection {
         let bytes = frame.encoded()
         var done = 0
         while done < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
+            // MSG_NOSIGNAL: a server that closed the connection is an error here, not SIGPIPE.
+            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL)) }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { return false }
             done += n

@@ -121,7 +121,7 @@ struct ServerCommand: ParsableCommand {
             case .none:
                 fail(WeftError(.unavailable, "no server is running for \(dir)"), json: g.json)
             case .stale(let f):
-                ServerFile.remove(dir)
+                if ServerFile.read(dir) == f { ServerFile.remove(dir) }
                 fail(WeftError(.unavailable, "no server is running for \(dir) (removed the file left by pid \(f.pid), which is gone)"), json: g.json)
             case .running(let f):
                 kill(f.pid, SIGTERM)

@@ -214,8 +214,9 @@ func openDataDirectory(_ g: GlobalOptions) throws(WeftError) -> DataDirectorySes
     let dir = g.resolvedDataDir
     // WEFT_LOCK_WAIT_MS overrides the wait (tests, scripts that prefer to fail fast).
     let wait = ProcessInfo.processInfo.environment["WEFT_LOCK_WAIT_MS"].flatMap { Int($0) } ?? Limits.dataDirLockWaitMillis
-    let deadline = wallMillis() + UInt64(max(0, wait))
+    var deadline = wallMillis() + UInt64(max(0, wait))
     var noticed = false
+    var waitingForServer = false
     while true {
         switch ServerFile.probe(dir) {
         case .running(let f):
@@ -235,6 +236,13 @@ func openDataDirectory(_ g: GlobalOptions) throws(WeftError) -> DataDirectorySes
         do {
             return .embedded(try EmbeddedCluster(dataDir: dir, participants: g.participants))
         } catch where error.code == .locked && wallMillis() < deadline {
+            // A server still opening the directory (recovering) holds the
+            // lock before it writes DIR/SERVER: wait for it to serve.
+            if !waitingForServer, let pid = ServerFile.lockHolder(dir),
+               let holder = try? String(contentsOfFile: dir + "/LOCK", encoding: .utf8), holder.contains(" server start"), kill(pid, 0) == 0 {
+                waitingForServer = true
+                deadline = wallMillis() + UInt64(Limits.serverStartMillisMax)
+            }
             usleep(50_000)
         }
     }

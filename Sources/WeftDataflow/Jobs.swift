@@ -61,12 +61,7 @@ public enum BuiltinJobs {
         case "wordcount":
             return out(wordCount(input))
         case "pagerank":
-            // Vertices that are all plain integers run on the integer graph
-            // (the engine's fast path); any other line sends the job to
-            // String vertices, with the same output.
-            if !explainOnly, let ranks = try integerPageRank(input, iterations: p.iterations, damping: p.damping) {
-                return sc.parallelize(ranks.map { (Array(String($0.0).utf8), Array("\($0.1)".utf8)) }, partitions: 1)
-            }
+            // (`run` tries integer vertices first; see `integerPageRank`.)
             return out(pageRank(input, iterations: p.iterations, damping: p.damping, malformed: malformed))
         case "kmeans":
             let keyed = rows.map { (String(decoding: $0.0, as: UTF8.self), String(decoding: $0.1, as: UTF8.self)) }
@@ -277,10 +272,34 @@ public enum BuiltinJobs {
     /// PageRank with integer vertices, if every non-blank line is two
     /// canonical integers (no sign, no leading zero), so that the ranks
     /// are those the String job would give; nil (after one pass) if not.
-    static func integerPageRank(_ lines: RDD<String>, iterations: Int, damping: Double) throws -> [(Int, Double)]? {
+    /// A sniff of the table's first lines (up to `integerSniffLines`) comes
+    /// first, so a graph of named vertices goes straight to the String job;
+    /// only one that starts with integers and has a non-integer line later
+    /// computes twice.
+    static func integerPageRank(_ table: RDD<(Bytes, Bytes)>, iterations: Int, damping: Double) throws -> [(Int, Double)]? {
+        guard try startsWithIntegerEdges(table) else { return nil }
+        let lines = textLines(table)
         let other = lines.context.accumulator("not integer edges")
         let ranks = try pageRank(edges: integerEdges(lines, malformed: other, canonical: true), iterations: iterations, damping: damping).collect()
         return other.value == 0 ? ranks : nil
+    }
+
+    static let integerSniffLines = 1000
+
+    /// True if the first lines of a table (its first task's) are all blank
+    /// or two canonical integers.
+    static func startsWithIntegerEdges(_ table: RDD<(Bytes, Bytes)>) throws -> Bool {
+        guard let t = table as? TableRDD else { return true }
+        struct Enough: Error {}
+        var seen = 0, integers = true
+        do {
+            try t.lines(0) { line in
+                if case .malformed = parseIntegerEdge(line, canonical: true) { integers = false }
+                seen += 1
+                if seen >= integerSniffLines || !integers { throw Enough() }
+            }
+        } catch is Enough {}
+        return integers
     }
 
     /// `src dst` lines of non-negative integers as edges (the benchmark's
@@ -288,28 +307,40 @@ public enum BuiltinJobs {
     /// a number with a leading zero counts as malformed too.
     public static func integerEdges(_ lines: RDD<String>, malformed: Accumulator? = nil, canonical: Bool = false) -> RDD<(Int, Int)> {
         LineParserRDD(parent: lines, name: "edges(src dst)") { line, ctx, emit in
-            // Two fields of 1 to 18 digits, separated by whitespace (a CR
-            // of CRLF lines included); blank lines are skipped.
-            let n = line.count
-            // Space, tab, vertical tab, form feed, CR: not a newline, which
-            // a row that did not come from a file's lines may hold.
-            @inline(__always) func isSpace(_ b: UInt8) -> Bool { b == 32 || b == 9 || b == 11 || b == 12 || b == 13 }
-            var i = 0
-            while i < n && isSpace(line[i]) { i += 1 }
-            if i == n { return }   // a blank line (as pagerank over text skips them)
-            var v = (0, 0)
-            var from = i
-            while i < n, case let d = line[i] &- 48, d < 10 { v.0 = v.0 &* 10 &+ Int(d); i += 1 }
-            let digits0 = i - from
-            let gap = i
-            while i < n && isSpace(line[i]) { i += 1 }
-            from = i
-            while i < n, case let d = line[i] &- 48, d < 10 { v.1 = v.1 &* 10 &+ Int(d); i += 1 }
-            let digits1 = i - from
-            while i < n && isSpace(line[i]) { i += 1 }
-            let leadingZero = canonical && ((digits0 > 1 && line[gap - digits0] == 48) || (digits1 > 1 && line[from] == 48))
-            if i == n, gap < from, digits0 > 0, digits0 <= 18, digits1 > 0, digits1 <= 18, !leadingZero { try emit(v) } else { malformed?.add(1, in: ctx) }
+            switch parseIntegerEdge(line, canonical: canonical) {
+            case .blank: return
+            case .edge(let a, let b): try emit((a, b))
+            case .malformed: malformed?.add(1, in: ctx)
+            }
         }
+    }
+
+    enum EdgeLine { case blank, edge(Int, Int), malformed }
+
+    /// Two fields of 1 to 18 digits, separated by whitespace (a CR of CRLF
+    /// lines included); with `canonical`, no leading zero.
+    @inline(__always)
+    static func parseIntegerEdge(_ line: UnsafeRawBufferPointer, canonical: Bool) -> EdgeLine {
+        let n = line.count
+        // Space, tab, vertical tab, form feed, CR: not a newline, which
+        // a row that did not come from a file's lines may hold.
+        @inline(__always) func isSpace(_ b: UInt8) -> Bool { b == 32 || b == 9 || b == 11 || b == 12 || b == 13 }
+        var i = 0
+        while i < n && isSpace(line[i]) { i += 1 }
+        if i == n { return .blank }   // as pagerank over text skips them
+        var v = (0, 0)
+        var from = i
+        while i < n, case let d = line[i] &- 48, d < 10 { v.0 = v.0 &* 10 &+ Int(d); i += 1 }
+        let digits0 = i - from
+        let gap = i
+        while i < n && isSpace(line[i]) { i += 1 }
+        from = i
+        while i < n, case let d = line[i] &- 48, d < 10 { v.1 = v.1 &* 10 &+ Int(d); i += 1 }
+        let digits1 = i - from
+        while i < n && isSpace(line[i]) { i += 1 }
+        let leadingZero = canonical && ((digits0 > 1 && line[gap - digits0] == 48) || (digits1 > 1 && line[from] == 48))
+        if i == n, gap < from, digits0 > 0, digits0 <= 18, digits1 > 0, digits1 <= 18, !leadingZero { return .edge(v.0, v.1) }
+        return .malformed
     }
 
     /// PageRank over any vertex type (the benchmark uses integers), on the
@@ -371,7 +402,7 @@ public enum BuiltinJobs {
         result.snapshotTs = ts
         // PageRank over integer vertices keeps its ranks typed: the summary
         // takes the top 10 in one pass, and rows are made only for an output.
-        if name == "pagerank", let ranks = try integerPageRank(textLines(try sc.table(params.input, client: client, at: ts)),
+        if name == "pagerank", let ranks = try integerPageRank(try sc.table(params.input, client: client, at: ts),
                                                                iterations: params.iterations, damping: params.damping) {
             result.metrics = sc.totalMetrics
             result.outputRows = ranks.count

@@ -121,6 +121,10 @@ public enum ReliableBlocks {
         for i in 0..<e.blocks {
             for j in 0..<max(1, min(e.replicas, n)) { try t.delete(Blocks.key(set, partition: partition, index: i, replica: j, participants: n)) }
         }
+        // Entries written before blocks list their chunk keys (`replica=P:key,key`).
+        for f in String(decoding: dir, as: UTF8.self).split(separator: " ") where f.hasPrefix("replica=") {
+            for k in f.split(separator: ":", maxSplits: 1).dropFirst().first?.split(separator: ",") ?? [] { try t.delete(Array(k.utf8)) }
+        }
         try t.delete(directoryKey(set, partition))
         _ = try await t.commit()
         return true

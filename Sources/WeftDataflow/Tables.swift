@@ -365,6 +365,8 @@ public final class TableWriter: @unchecked Sendable {
     public private(set) var bytes = 0
     var inFlight: [Task<Void, Error>] = []
     var started = false
+    /// The catalog flip was sent (see `finish`).
+    var flipping = false
 
     public init(client: WeftClient, name: String, format: String, overwrite: Bool, replicas: Int = 1, partitions: Int? = nil) throws {
         try TableStore.checkName(name)
@@ -470,8 +472,15 @@ public final class TableWriter: @unchecked Sendable {
         try t.delete(TableStore.pendingKey(name, generation))
         try t.put(TableStore.catalogKey(name), TableStore.catalogValue(rows: rows, format: format, generation: generation, replicas: replicas, counts: counts, bytes: bytes))
         if let old { try t.put(TableStore.pendingKey(name, old.generation), TableStore.pendingValue("replaced")) }
+        // From here the catalog may name this generation (a commit whose
+        // answer is lost may have happened): `abandon` must leave its
+        // blocks; if the flip did not happen, the "loading" marker stays
+        // and `table gc` collects them.
+        flipping = true
         let ts = try await t.commit()
-        if let old { try await TableStore.retire(client, name, old.generation) }
+        // The old generation is invisible from now on; deleting its blocks
+        // is best effort (its "replaced" marker lets `table gc` finish).
+        if let old { try? await TableStore.retire(client, name, old.generation) }
         return ts
     }
 
@@ -480,7 +489,7 @@ public final class TableWriter: @unchecked Sendable {
     public func abandon() async {
         for t in inFlight { _ = try? await t.value }
         inFlight = []
-        guard started else { return }
+        guard started, !flipping else { return }
         try? await Blocks.deleteSet(client, set)
         _ = try? await client.delete(TableStore.pendingKey(name, generation))
     }
@@ -564,6 +573,11 @@ final class TableRDD: RDD<(Bytes, Bytes)>, LineSource {
     /// A `lines` table's lines; a `kv` table's rows as `key<TAB>value`.
     func forEachLine(_ partition: Int, _ body: (UnsafeRawBufferPointer) throws -> Void) throws {
         context.noteComputed(rdd: id, partition: partition)
+        try lines(partition, body)
+    }
+
+    /// The lines, without counting a computation (a look at the data).
+    func lines(_ partition: Int, _ body: (UnsafeRawBufferPointer) throws -> Void) throws {
         guard info.blocks else {
             for (k, v) in try scanRows(partition) {
                 let line = info.format == "kv" ? k + [9] + v : v

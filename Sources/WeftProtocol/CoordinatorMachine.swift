@@ -136,6 +136,8 @@ public struct CoordinatorMachine: Sendable {
         // them ahead of everything else (its clock query's answer, new
         // prepares).
         var resendBudget = Limits.decisionResendsPerTickMax * Int(elapsed / 10)
+        // Due decisions, grouped by when they were last sent.
+        var due: [UInt64: [TxnId]] = [:]
         for (txn, state) in txns {
             switch state {
             case .preparing(let p) where p.deadline <= now:
@@ -143,12 +145,21 @@ public struct CoordinatorMachine: Sendable {
             case let .onePhase(client, req, participant, deadline) where deadline <= now:
                 forget(txn)
                 send(client, .commitResult(req: req, txn: txn, outcome: .unknown(WeftError(.outcomeUnknown, "participant \(participant) did not answer the one-phase commit of transaction \(txn) within \(Limits.prepareTimeoutTicks) ms; its outcome is unknown"))))
-            case let .committed(ts, pending, last) where now >= last + Limits.resendIntervalTicks && resendBudget > 0:
+            case let .committed(_, _, last) where now >= last + Limits.resendIntervalTicks:
+                due[last, default: []].append(txn)
+            default:
+                break
+            }
+        }
+        // Longest-waiting first, so that a backlog bigger than a slice is
+        // resent in turn and no decision waits behind the others forever.
+        outer: for last in due.keys.sorted() {
+            for txn in due[last]! {
+                guard resendBudget > 0 else { break outer }
+                guard case let .committed(ts, pending, _) = txns[txn] else { continue }
                 resendBudget -= pending.count
                 txns[txn] = .committed(commitTs: ts, pendingAcks: pending, lastSentMillis: now)
                 for p in pending.sorted() { send(.participant(p), .decide(txn: txn, commit: true)) }
-            default:
-                break
             }
         }
     }

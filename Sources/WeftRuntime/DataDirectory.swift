@@ -156,15 +156,23 @@ public struct ServerFile: Sendable, Equatable {
     /// life; the kernel drops it when the server dies, even by SIGKILL).
     public static func probe(_ dir: String) -> Probe {
         guard let f = read(dir) else { return .none }
-        let fd = open(dir + "/LOCK", O_RDWR | O_CLOEXEC)
+        let fd = open(dir + "/LOCK", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return .stale(f) }
         defer { close(fd) }
-        if flock(fd, LOCK_EX | LOCK_NB) == 0 {
+        // A shared lock is refused while anyone holds the exclusive one (and
+        // never keeps an opener out, as an exclusive test lock would).
+        if flock(fd, LOCK_SH | LOCK_NB) == 0 {
             flock(fd, LOCK_UN)
             return .stale(f)
         }
-        // Held: by the server, unless it died and a one-shot command holds it now.
-        let alive = kill(f.pid, 0) == 0 || errno == EPERM
-        return alive ? .running(f) : .stale(f)
+        // Held: by the server if the lock names its pid; otherwise the server
+        // died (its pid perhaps reused) and another process holds it now.
+        return lockHolder(dir) == f.pid ? .running(f) : .stale(f)
+    }
+
+    /// The pid `DIR/LOCK` names (`pid N: <command line>`).
+    public static func lockHolder(_ dir: String) -> Int32? {
+        guard let text = try? String(contentsOfFile: dir + "/LOCK", encoding: .utf8), text.hasPrefix("pid ") else { return nil }
+        return Int32(text.dropFirst(4).prefix { $0.isNumber })
     }
 }

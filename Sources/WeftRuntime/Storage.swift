@@ -252,11 +252,11 @@ final class PrefaultedChunks: ArenaChunkSource, @unchecked Sendable {
     var stopped = false
     let ahead = 3
 
-    init() {
-        let t = Thread { [self] in run() }
-        t.name = "weft-prefault"
-        t.start()
-    }
+    var running = false
+
+    /// The thread starts at the first `take` (a store big enough to want
+    /// more chunks); small stores never pay for it.
+    init() {}
 
     func run() {
         while true {
@@ -287,6 +287,12 @@ final class PrefaultedChunks: ArenaChunkSource, @unchecked Sendable {
     func take() -> [UInt8]? {
         cond.lock()
         defer { cond.unlock() }
+        if !running && !stopped {
+            running = true
+            let t = Thread { [self] in run() }
+            t.name = "weft-prefault"
+            t.start()
+        }
         guard !ready.isEmpty else { return nil }
         cond.signal()
         return ready.removeFirst()
