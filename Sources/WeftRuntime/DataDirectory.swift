@@ -121,7 +121,7 @@ public struct ServerFile: Sendable, Equatable {
     }
 
     public static func read(_ dir: String) -> ServerFile? {
-        guard let text = try? String(contentsOfFile: path(dir), encoding: .utf8) else { return nil }
+        guard let text = readSmallFile(path(dir)) else { return nil }
         var f: [String: String] = [:]
         for line in text.split(separator: "\n") {
             let kv = line.split(separator: "=", maxSplits: 1)
@@ -172,7 +172,25 @@ public struct ServerFile: Sendable, Equatable {
 
     /// The pid `DIR/LOCK` names (`pid N: <command line>`).
     public static func lockHolder(_ dir: String) -> Int32? {
-        guard let text = try? String(contentsOfFile: dir + "/LOCK", encoding: .utf8), text.hasPrefix("pid ") else { return nil }
+        guard let text = readSmallFile(dir + "/LOCK"), text.hasPrefix("pid ") else { return nil }
         return Int32(text.dropFirst(4).prefix { $0.isNumber })
     }
+}
+
+/// A small file's text (at most 64 KiB) with plain read(2): commands that
+/// only look at `SERVER` and `LOCK` start faster without Foundation's file
+/// machinery. nil if it cannot be read.
+func readSmallFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buf = [UInt8](repeating: 0, count: 1 << 16)
+    var n = 0
+    while n < buf.count {
+        let r = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress! + n, $0.count - n) }
+        if r < 0 && errno == EINTR { continue }
+        if r <= 0 { break }
+        n += r
+    }
+    return String(decoding: buf[0..<n], as: UTF8.self)
 }
