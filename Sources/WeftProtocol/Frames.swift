@@ -21,6 +21,8 @@ public enum Frame: Sendable, Equatable {
     case reply(req: UInt64, ok: Bool, body: Bytes)
 
     public static let headerBytes = 4
+    /// Largest `call` body (a `job.run` request is a few hundred bytes).
+    public static let callBodyBytesMax = 1 << 20
 
     /// The whole frame, length prefix included.
     public func encoded() -> Bytes {
@@ -86,7 +88,7 @@ public enum Frame: Sendable, Equatable {
             case 3: frame = .error(try r.string(max: 1 << 16))
             case 4: frame = .ping(req: try r.u64())
             case 5: frame = .pong(req: try r.u64(), info: try r.string(max: 1 << 16))
-            case 6: frame = .call(req: try r.u64(), method: try r.string(max: 256), body: try r.blob(max: 1 << 20))
+            case 6: frame = .call(req: try r.u64(), method: try r.string(max: 256), body: try r.blob(max: callBodyBytesMax))
             case 7: frame = .reply(req: try r.u64(), ok: try r.bool(), body: try r.blob(max: Limits.txnBytesMax))
             case let k: throw DecodeError("unknown frame kind \(k)")
             }

@@ -105,6 +105,9 @@ public final class ServerClient: @unchecked Sendable {
     /// Calls `method` on the server with a JSON body; its JSON answer, or
     /// the server's error as a `WeftError`.
     public func call(_ method: String, _ body: Bytes) async throws -> Bytes {
+        guard body.count <= Frame.callBodyBytesMax else {
+            throw WeftError(.invalidArgument, "a \(method) request of \(body.count) bytes is over Frame.callBodyBytesMax (\(Frame.callBodyBytesMax))")
+        }
         _ = try await client.now()   // connects, if not yet
         let (ok, answer) = try await transport.call(method, body)
         if ok { return answer }
