@@ -300,15 +300,27 @@ public enum TableStore {
             return try await client.scan(prefix: info.rowPrefix, limit: limit, at: ts).rows.map { (Array($0.key.dropFirst(info.rowPrefix.count)), $0.value) }
         }
         var out: [(key: Bytes, value: Bytes)] = []
+        // A kv table's first `limit` keys: with a small limit, only rows that
+        // beat the current last one are copied (a sorted window), so a
+        // `--limit 5` look at a million-row output keeps five.
+        let window = info.format != "lines" && limit <= 10_000
         for g in 0..<info.blockCount {
             if info.format == "lines" && out.count >= limit { break }
             let (p, i) = info.block(g)
             let block = try await readBlock(client, info, partition: p, index: i, at: ts)
             try forEachRow(block, what: "table \(info.name) partition \(p) block \(i)") { line, k, v in
-                out.append((k.map { Array($0) } ?? lineKey(line), Array(v)))
+                guard window, let k else { return out.append((k.map { Array($0) } ?? lineKey(line), Array(v))) }
+                if out.count >= limit, let last = out.last, last.key.withUnsafeBytes({ compareBytes(k, $0) >= 0 }) { return }
+                var lo = 0, hi = out.count
+                while lo < hi {
+                    let mid = (lo + hi) / 2
+                    if out[mid].key.withUnsafeBytes({ compareBytes($0, k) < 0 }) { lo = mid + 1 } else { hi = mid }
+                }
+                out.insert((Array(k), Array(v)), at: lo)
+                if out.count > limit { out.removeLast() }
             }
         }
-        if info.format != "lines" { out.sort { compareBytes($0.key, $1.key) < 0 } }
+        if info.format != "lines" && !window { out.sort { compareBytes($0.key, $1.key) < 0 } }
         return Array(out.prefix(limit))
     }
 }

@@ -137,6 +137,25 @@ final class BlockTableTests: XCTestCase {
         XCTAssertEqual(markers, 0)
     }
 
+    /// A kv table scans in key order across blocks, with a small limit (a
+    /// sorted window) as with a big one (everything sorted).
+    func testKvScanIsInKeyOrderWithAnyLimit() async throws {
+        let cluster = try EmbeddedCluster(dataDir: dir + "/data")
+        defer { cluster.close() }
+        let c = cluster.client()
+        var rng = SystemRandomNumberGenerator()
+        let rows = (0..<60_000).map { i in (Array("k\(UInt32.random(in: 0...UInt32.max, using: &rng))-\(i)".utf8), Array(String(repeating: "v", count: 20).utf8)) }
+        try await TableStore.write(c, "kvs", rows: rows, format: "kv", overwrite: false)
+        let infoMaybe = try await TableStore.info(c, "kvs")
+        let info = try XCTUnwrap(infoMaybe)
+        XCTAssertGreaterThan(info.blockCount, 1)
+        let expected = rows.map(\.0).sorted { compareBytes($0, $1) < 0 }
+        for limit in [0, 1, 7, 10_000, 10_001, 100_000] {
+            let got = try await TableStore.scan(c, info, at: c.now(), limit: limit).map(\.key)
+            XCTAssertEqual(got, Array(expected.prefix(limit)), "limit \(limit)")
+        }
+    }
+
     /// A table written by an older version, one store entry per row, is
     /// still listed, scanned and read by jobs.
     func testPerRowLayoutIsStillRead() async throws {
