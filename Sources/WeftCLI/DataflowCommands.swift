@@ -318,7 +318,7 @@ func jobRequest(_ name: String, _ p: JobParameters, threads: Int, memory: Int) -
 /// Runs a `job.run` request in this process (the server), on its own
 /// driver thread, with the job's snapshot leased; its answer is what
 /// `weft job run --json` prints.
-func serveJobRun(_ body: Bytes, client: WeftClient) throws -> Bytes {
+func serveJobRun(_ body: Bytes, client: WeftClient, shouldStop: (@Sendable () -> Bool)? = nil) throws -> Bytes {
     guard let o = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any],
           let name = o["job"] as? String, let input = o["input"] as? String else {
         throw WeftError(.invalidArgument, "malformed job.run request")
@@ -335,6 +335,7 @@ func serveJobRun(_ body: Bytes, client: WeftClient) throws -> Bytes {
     let threads = min(max(1, o["threads"] as? Int ?? 1), DataflowContext.executorThreadsMax)
     let memory = min(max(1 << 20, o["memory_bytes_max"] as? Int ?? DataflowContext.memoryBytesMaxDefault), DataflowContext.memoryBytesMaxLimit)
     let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: memory)
+    sc.shouldStop = shouldStop
     let result = try runLeased(name, p, sc: sc, client: client)
     return Array(jsonLine(jobResultObject(name, p, result, threads: threads, memory: memory)).utf8)
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import WeftCore
+import WeftDataflow
 import WeftRuntime
 
 /// `weft server start|stop|status`: one long-lived process per data
@@ -74,22 +75,23 @@ struct ServerCommand: ParsableCommand {
             }
             // Jobs asked of the server run here, beside the data.
             let cluster = server.cluster
-            server.serveCalls { method, body, reply in
+            server.serveCalls { call in
                 let t = Thread {
-                    guard method == "job.run" else {
-                        return reply(false, Array(jsonLine(["error": "invalid-argument", "message": "unknown call \(method)"]).utf8))
+                    guard call.method == "job.run" else {
+                        return call.reply(false, Array(jsonLine(["error": "invalid-argument", "message": "unknown call \(call.method)"]).utf8))
                     }
                     let client = cluster.client()
                     defer { client.close() }
                     do {
-                        reply(true, try serveJobRun(body, client: client))
+                        // A job whose client went away (Ctrl-C) stops at its next task.
+                        call.reply(true, try serveJobRun(call.body, client: client, shouldStop: call.clientGone))
                     } catch let e as WeftError {
-                        reply(false, Array(jsonLine(["error": e.code.rawValue, "message": e.message]).utf8))
+                        call.reply(false, Array(jsonLine(["error": e.code.rawValue, "message": e.message]).utf8))
                     } catch {
-                        reply(false, Array(jsonLine(["error": "storage", "message": "\(error)"]).utf8))
+                        call.reply(false, Array(jsonLine(["error": "storage", "message": "\(error)"]).utf8))
                     }
                 }
-                t.stackSize = 16 << 20
+                t.stackSize = DataflowContext.driverStackBytes
                 t.start()
             }
             sayNow("weft server pid \(getpid()) serving \(dir) at \(server.file.endpoint) (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
@@ -158,6 +160,7 @@ struct ServerCommand: ParsableCommand {
                 var o: [String: Any] = ["running": true, "pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir,
                                         "participants": f.participants, "state": state]
                 if let uptime { o["uptime_ms"] = uptime }
+                if let jobs = health?["jobs_running"] as? Int { o["jobs_running"] = jobs }
                 print(jsonLine(o))
             } else {
                 print("weft server pid \(f.pid) at \(f.endpoint): \(state)" + (uptime.map { ", up \($0 / 1000) s" } ?? "") + ", \(f.participants) participants, data directory \(dir)")

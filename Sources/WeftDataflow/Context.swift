@@ -363,7 +363,7 @@ final class WorkerPool: @unchecked Sendable {
         for i in 0..<threads {
             let t = Thread { [self] in work(gen) }
             t.name = "weft-executor-\(gen)-\(i)"
-            t.stackSize = 8 << 20
+            t.stackSize = DataflowContext.executorStackBytes
             t.start()
         }
     }
@@ -473,6 +473,16 @@ public final class DataflowContext: @unchecked Sendable {
     public var afterStage: ((Int) -> Void)?
     /// Test hook: a task attempt that this returns true for fails.
     public var failTask: (@Sendable (TaskId, Int) -> Bool)?
+    /// Stack of a driver thread (planning walks the lineage recursively; a
+    /// 10,000-iteration job's lineage is deep) and of an executor thread
+    /// (a task computes a chain of narrow dependencies recursively). Only
+    /// the pages used are resident.
+    public static let driverStackBytes = 1 << 30
+    public static let executorStackBytes = 256 << 20
+    /// Asked before each task attempt: true stops the job (no task starts
+    /// any more; those running finish) with an `unavailable` error. A
+    /// server's job whose client went away stops this way.
+    public var shouldStop: (@Sendable () -> Bool)?
 
     /// Reliably persisted RDDs, for `releaseReliableBlocks`.
     let reliableRegistry = ReliableRegistry()
@@ -677,6 +687,10 @@ public final class DataflowContext: @unchecked Sendable {
             var lastError: Error?
             for attempt in 0..<maxTaskFailures {
                 if run.isLost { return }
+                if let stop = shouldStop, stop() {
+                    lastError = WeftError(.unavailable, "job stopped: its client went away")
+                    break
+                }
                 let ctx = TaskContext(task: t)
                 do {
                     if let fail = failTask, fail(t, attempt) { throw WeftError(.unavailable, "\(t) attempt \(attempt) failed (injected)") }

@@ -688,7 +688,7 @@ struct RowBox: Sendable {
 public func onDriverThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { (cont: CheckedContinuation<T, Error>) in
         let t = Thread { cont.resume(with: Result { try body() }) }
-        t.stackSize = 16 << 20
+        t.stackSize = DataflowContext.driverStackBytes
         t.start()
     }
 }

@@ -44,10 +44,12 @@ public final class WeftServer: @unchecked Sendable {
                           participants: cluster.layout.participants, startedMillis: started)
         let (participantCount, dir) = (cluster.layout.participants, dataDir)
         let cluster = self.cluster
+        let running = self.running
         transport.healthInfo = {
             var o: [String: Any] = ["role": "server", "pid": Int(getpid()), "participants": participantCount, "data_dir": dir, "started_ms": Int(started)]
             o["state"] = cluster.firstFailure == nil ? "serving" : "failed"
             o["uptime_ms"] = Int(wallMillis() - started)
+            o["jobs_running"] = running.value
             let data = (try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8)
             return String(decoding: data, as: UTF8.self)
         }
@@ -63,9 +65,18 @@ public final class WeftServer: @unchecked Sendable {
     /// after each node's current round.
     /// Runs clients' calls (`weft job run` through the server): `handler`
     /// gets the method and its JSON body and answers through `reply`.
-    public func serveCalls(_ handler: @escaping @Sendable (String, Bytes, @escaping @Sendable (Bool, Bytes) -> Void) -> Void) {
-        transport.onCall = handler
+    public func serveCalls(_ handler: @escaping @Sendable (ServerCall) -> Void) {
+        transport.onCall = { [running] call in
+            running.add(1)
+            handler(ServerCall(method: call.method, body: call.body, clientGone: call.clientGone) { ok, answer in
+                running.add(-1)
+                call.reply(ok, answer)
+            })
+        }
     }
+
+    /// Calls (jobs) being served now.
+    public let running = CallCount()
 
     public func stop() {
         transport.close()
@@ -115,4 +126,12 @@ public final class ServerClient: @unchecked Sendable {
         let code = (o?["error"] as? String).flatMap(WeftError.Code.init(rawValue:)) ?? .storage
         throw WeftError(code, o?["message"] as? String ?? String(decoding: answer, as: UTF8.self))
     }
+}
+
+/// A counter readable from any thread.
+public final class CallCount: @unchecked Sendable {
+    let lock = NSLock()
+    var n = 0
+    func add(_ k: Int) { lock.withLock { n += k } }
+    public var value: Int { lock.withLock { n } }
 }

@@ -114,6 +114,43 @@ final class ServerCLITests: XCTestCase {
         XCTAssertEqual(try weft("table", "scan", "wc").stdout, "a\t2\nb\t2\nc\t1\n")
     }
 
+    /// A job runs in the server; when its client dies (Ctrl-C, kill), the
+    /// job stops at its next task instead of running on, and the server
+    /// keeps serving. A 10,000-iteration job's deep lineage does not
+    /// overflow the driver's stack.
+    func testAJobWhoseClientDiesStops() throws {
+        XCTAssertEqual(try weft("server", "start").status, 0)
+        let graph = dir + "/../graph-\(getpid()).txt"
+        var rng = SystemRandomNumberGenerator()
+        try (0..<30_000).map { _ in "v\(Int.random(in: 0..<3000, using: &rng)) v\(Int.random(in: 0..<3000, using: &rng))" }.joined(separator: "\n")
+            .write(toFile: graph, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: graph) }
+        XCTAssertEqual(try weft("table", "load", "g", graph).status, 0)
+        let job = Process()
+        job.executableURL = URL(fileURLWithPath: weftBinary)
+        job.arguments = ["job", "run", "pagerank", "--input", "g", "--iterations", "10000", "--data-dir", dir]
+        job.standardOutput = FileHandle.nullDevice
+        job.standardError = FileHandle.nullDevice
+        try job.run()
+        func running() throws -> Int? { try json(try weft("server", "status", "--json").stdout)["jobs_running"] as? Int }
+        var started = false
+        for _ in 0..<100 where !started {
+            started = try running() == 1
+            if !started { usleep(50_000) }
+        }
+        XCTAssertTrue(started, "the job runs in the server")
+        kill(job.processIdentifier, SIGKILL)
+        job.waitUntilExit()
+        var stopped = false
+        for _ in 0..<100 where !stopped {
+            stopped = try running() == 0
+            if !stopped { usleep(50_000) }
+        }
+        XCTAssertTrue(stopped, "the job stopped within 5 s of its client's death")
+        XCTAssertEqual(try weft("kv", "put", "after", "1").status, 0, "the server still serves")
+        XCTAssertEqual(try weft("server", "stop").status, 0)
+    }
+
     /// A server killed with `kill -9` leaves its address file; the lock
     /// shows it is stale, and the next command opens the directory itself
     /// with a one-line notice and loses nothing.

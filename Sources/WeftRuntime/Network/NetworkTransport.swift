@@ -105,7 +105,9 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             guard let handler = transport.onCall else {
                 return write(channel, .reply(req: req, ok: false, body: Array("{\"error\":\"invalid-argument\",\"message\":\"this node serves no calls\"}".utf8)))
             }
-            handler(method, body) { [self] ok, answer in write(channel, .reply(req: req, ok: ok, body: answer)) }
+            handler(ServerCall(method: method, body: body, clientGone: { !channel.isActive }) { [self] ok, answer in
+                write(channel, .reply(req: req, ok: ok, body: answer))
+            })
         case (_, .call):
             reject(context, "only clients may call")
         case let (_, .reply(req, ok, body)):
@@ -475,13 +477,13 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
 
     // MARK: Calls (`weft server` only)
 
-    /// Runs a client's call (`method`, JSON body) and answers through
-    /// `reply(ok, body)`, on any thread. Set by `weft server`.
-    public var onCall: (@Sendable (String, Bytes, @escaping @Sendable (Bool, Bytes) -> Void) -> Void)? {
+    /// Runs a client's call and answers through its `reply`, on any
+    /// thread. Set by `weft server`.
+    public var onCall: (@Sendable (ServerCall) -> Void)? {
         get { lock.withLock { callHandler } }
         set { lock.withLock { callHandler = newValue } }
     }
-    var callHandler: (@Sendable (String, Bytes, @escaping @Sendable (Bool, Bytes) -> Void) -> Void)?
+    var callHandler: (@Sendable (ServerCall) -> Void)?
     var calls: [UInt64: CheckedContinuation<(ok: Bool, body: Bytes), Error>] = [:]
     var nextCall: UInt64 = 1
 
@@ -569,4 +571,23 @@ final class PingHandler: ChannelInboundHandler, @unchecked Sendable {
         if case .pong(_, let info) = unwrapInboundIn(data) { box.set(info) }
     }
     func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
+
+/// A client's `call` as the server's handler sees it.
+public struct ServerCall: Sendable {
+    public let method: String
+    /// JSON.
+    public let body: Bytes
+    /// True once the calling client's connection is closed (nobody waits
+    /// for the answer any more).
+    public let clientGone: @Sendable () -> Bool
+    /// Answers once: `ok` with the method's JSON answer, else a JSON error.
+    public let reply: @Sendable (Bool, Bytes) -> Void
+
+    init(method: String, body: Bytes, clientGone: @escaping @Sendable () -> Bool, reply: @escaping @Sendable (Bool, Bytes) -> Void) {
+        self.method = method
+        self.body = body
+        self.clientGone = clientGone
+        self.reply = reply
+    }
 }
