@@ -8,6 +8,7 @@ enum Statement: Equatable {
     case get(Bytes)
     case put(Bytes, Bytes)
     case del(Bytes)
+    case begin
     case commit
     case abort
 
@@ -38,6 +39,9 @@ enum Statement: Equatable {
         case "del", "delete":
             guard parts.count == 2 else { throw WeftError(.invalidArgument, "line \(lineNumber): usage: del KEY") }
             return .del(try key())
+        case "begin":
+            guard parts.count == 1 else { throw WeftError(.invalidArgument, "line \(lineNumber): 'begin' takes no arguments") }
+            return .begin
         case "commit":
             guard parts.count == 1 else { throw WeftError(.invalidArgument, "line \(lineNumber): 'commit' takes no arguments") }
             return .commit
@@ -45,7 +49,7 @@ enum Statement: Equatable {
             guard parts.count == 1 else { throw WeftError(.invalidArgument, "line \(lineNumber): 'abort' takes no arguments") }
             return .abort
         default:
-            throw WeftError(.invalidArgument, "line \(lineNumber): unknown statement '\(parts[0])'; expected get, put, del, commit or abort")
+            throw WeftError(.invalidArgument, "line \(lineNumber): unknown statement '\(parts[0])'; expected begin, get, put, del, commit or abort")
         }
     }
 }
@@ -82,13 +86,17 @@ struct TxnStatusCommand: AsyncParsableCommand {
 struct TxnRun: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a transaction: statements from stdin (one per line) or from -e.",
+        abstract: "Run transactions: statements from stdin, each run as it is read, or a one-shot batch from -e.",
         discussion: """
-        Statements: get KEY | put KEY VALUE | del KEY | commit | abort. `commit` ends one
-        transaction and the next statement starts another; what is left at the end of the
-        input is committed. The whole script is parsed before anything runs, so a script
-        with a bad statement commits nothing. A conflict prints `aborted: conflict on key ...`
-        and exits 3.
+        Statements: begin | get KEY | put KEY VALUE | del KEY | commit | abort. A statement
+        runs as soon as it is read and its answer is printed at once, so a program (or a
+        person) can read a value and then write within the same transaction. `begin` is
+        optional: the first statement opens a transaction. An error inside a transaction
+        aborts it (nothing of it is committed) and, when stdin is not a terminal, ends the
+        command with its exit code. At the end of stdin an open transaction is aborted, with
+        a message (exit 1 if it had writes). With -e, the statements are one batch: parsed
+        first, and what is open at the end is committed. A conflict prints `aborted: ...`
+        and exits 3; an unknown outcome prints the transaction id and exits 5.
         """
     )
     @OptionGroup var global: GlobalOptions
@@ -97,65 +105,126 @@ struct TxnRun: AsyncParsableCommand {
 
     func run() async throws {
         let g = global, enc = self.enc, given = e
-        // The data directory is opened (and locked) first, then the whole
-        // script is read and parsed before any statement runs.
-        try await withCluster(g) { client in
-            let lines: [String]
-            if !given.isEmpty {
-                lines = given
-            } else {
-                let data = FileHandle.standardInput.readDataToEndOfFile()
-                lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
-            }
+        // A -e batch is parsed whole before anything runs.
+        var batch: [Statement]?
+        if !given.isEmpty {
             var statements: [Statement] = []
             do {
-                for (i, l) in lines.enumerated() {
+                for (i, l) in given.enumerated() {
                     if let s = try Statement.parse(l, lineNumber: i + 1, enc: enc) { statements.append(s) }
                 }
             } catch let err as WeftError {
-                throw WeftError(err.code, err.message + " (nothing was committed)")
+                fail(WeftError(err.code, err.message + " (nothing was committed)"), json: g.json)
             }
-            if statements.last != .commit && statements.last != .abort && !statements.isEmpty { statements.append(.commit) }
+            batch = statements
+        }
+        let tty = batch == nil && isatty(0) == 1
+        try await withCluster(g) { client in
             var txn: Transaction?
-            for s in statements {
-                let t: Transaction
-                if let txn { t = txn } else { t = try await client.begin() }
+            var wrote = false
+            var lineNumber = 0
+            var next = 0
+            func say(_ text: String) {
+                print(text)
+                fflush(nil)
+            }
+            func statement() throws -> Statement?? {
+                if let batch {
+                    guard next < batch.count else { return .none }
+                    next += 1
+                    return .some(batch[next - 1])
+                }
+                if tty {
+                    FileHandle.standardError.write(Data((txn.map { "weft txn \($0.id)> " } ?? "weft> ").utf8))
+                }
+                guard let line = readLine(strippingNewline: true) else { return .none }
+                lineNumber += 1
+                return .some(try Statement.parse(line, lineNumber: lineNumber, enc: enc))
+            }
+            func open() async throws -> Transaction {
+                if let txn { return txn }
+                let t = try await client.begin()
                 txn = t
-                switch s {
-                case .get(let k):
-                    let v = try await t.get(k)
-                    if g.json {
-                        var o: [String: Any] = ["op": "get", "key": enc.show(key: k), "found": v != nil]
-                        if let v { o["value"] = enc.show(value: v) }
-                        print(jsonLine(o))
-                    } else {
-                        print(v.map { enc.show(value: $0) } ?? "(nil)")
-                    }
-                case let .put(k, v):
-                    try t.put(k, v)
-                    print(g.json ? jsonLine(["op": "put", "ok": true]) : "ok")
-                case .del(let k):
-                    try t.delete(k)
-                    print(g.json ? jsonLine(["op": "del", "ok": true]) : "ok")
-                case .commit:
-                    txn = nil
-                    do {
-                        let ts = try await t.commit()
-                        print(g.json ? jsonLine(["op": "commit", "committed": true, "txn": t.id, "committed_ts": ts]) : "committed at ts=\(ts) (txn \(t.id))")
-                    } catch let err as WeftError where err.code == .outcomeUnknown {
-                        print(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": "outcome-unknown", "message": err.message])
-                              : "outcome unknown: \(err.message)\n  ask later with: weft txn status \(t.id)")
-                        throw ExitCode(5)
-                    } catch let err as WeftError where err.code == .conflict || err.code == .timeout || err.code == .unavailable {
-                        print(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": err.code.rawValue, "message": err.message]) : "aborted: \(err.message.replacingOccurrences(of: "transaction \(t.id) aborted: ", with: ""))")
-                        throw ExitCode(WeftCLI.exitCode(for: err))
-                    }
-                case .abort:
-                    t.abort()
-                    txn = nil
-                    print(g.json ? jsonLine(["op": "abort", "ok": true]) : "aborted")
+                wrote = false
+                return t
+            }
+            func commit(_ t: Transaction) async throws {
+                txn = nil
+                do {
+                    let ts = try await t.commit()
+                    say(g.json ? jsonLine(["op": "commit", "committed": true, "txn": t.id, "committed_ts": ts]) : "committed at ts=\(ts) (txn \(t.id))")
+                } catch let err as WeftError where err.code == .outcomeUnknown {
+                    say(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": "outcome-unknown", "message": err.message])
+                        : "outcome unknown for txn \(t.id): \(err.message)\n  ask later with: weft txn status \(t.id)")
+                    throw ExitCode(5)
+                } catch let err as WeftError where err.code == .conflict || err.code == .timeout || err.code == .unavailable {
+                    say(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": err.code.rawValue, "message": err.message])
+                        : "aborted: \(err.message.replacingOccurrences(of: "transaction \(t.id) aborted: ", with: ""))")
+                    throw ExitCode(WeftCLI.exitCode(for: err))
                 }
             }
+            while true {
+                do {
+                    guard let parsed = try statement() else { break }
+                    guard let s = parsed else { continue }
+                    switch s {
+                    case .begin:
+                        if let t = txn {
+                            printErr("weft: transaction \(t.id) is already open; 'begin' ignored")
+                        } else {
+                            let t = try await open()
+                            say(g.json ? jsonLine(["op": "begin", "txn": t.id]) : "begin (txn \(t.id))")
+                        }
+                    case .get(let k):
+                        let t = try await open()
+                        let v = try await t.get(k)
+                        if g.json {
+                            var o: [String: Any] = ["op": "get", "key": enc.show(key: k), "found": v != nil]
+                            if let v { o["value"] = enc.show(value: v) }
+                            say(jsonLine(o))
+                        } else {
+                            say(v.map { enc.show(value: $0) } ?? "(nil)")
+                        }
+                    case let .put(k, v):
+                        let t = try await open()
+                        try t.put(k, v)
+                        wrote = true
+                        say(g.json ? jsonLine(["op": "put", "ok": true]) : "ok")
+                    case .del(let k):
+                        let t = try await open()
+                        try t.delete(k)
+                        wrote = true
+                        say(g.json ? jsonLine(["op": "del", "ok": true]) : "ok")
+                    case .commit:
+                        let t = try await open()
+                        do { try await commit(t) } catch let code as ExitCode {
+                            if !tty { throw code }
+                        }
+                    case .abort:
+                        txn?.abort()
+                        txn = nil
+                        say(g.json ? jsonLine(["op": "abort", "ok": true]) : "aborted")
+                    }
+                } catch let err as WeftError {
+                    // An error inside a transaction aborts it: nothing of it is committed.
+                    let open = txn
+                    open?.abort()
+                    txn = nil
+                    let what = open.map { "transaction \($0.id) aborted, nothing of it was committed" } ?? "nothing was committed"
+                    if g.json {
+                        say(jsonLine(["error": err.code.rawValue, "message": err.message, "txn": open?.id ?? 0, "aborted": open != nil]))
+                    } else {
+                        printErr("error: \(err.message) (\(what))")
+                    }
+                    if !tty { throw ExitCode(WeftCLI.exitCode(for: err)) }
+                }
+            }
+            guard let t = txn else { return }
+            if batch != nil { return try await commit(t) }
+            // End of stdin with a transaction open: abort it, as psql does.
+            t.abort()
+            printErr("weft: end of input: transaction \(t.id) aborted (no commit); \(wrote ? "its writes were not committed" : "it only read")")
+            if wrote { throw ExitCode(1) }
         }
     }
 }

@@ -127,11 +127,25 @@ final class CLITests: XCTestCase {
     }
 
     func testTxnScriptCommitsAtomicallyAndUnknownStatementCommitsNothing() throws {
-        let bad = try weft("txn", stdin: "put a 1\nput b 2\ncommit\nput c 3\nfrobnicate x\n")
+        // Statements run as they are read: the first transaction commits;
+        // the error aborts the open one, and on a pipe the command exits.
+        let bad = try weft("txn", stdin: "put a 1\nput b 2\ncommit\nput c 3\nfrobnicate x\nput d 4\ncommit\n")
         XCTAssertEqual(bad.status, 1)
         XCTAssertTrue(bad.stderr.contains("line 5: unknown statement 'frobnicate'"), bad.stderr)
-        XCTAssertTrue(bad.stderr.contains("nothing was committed"), bad.stderr)
-        for k in ["a", "b", "c"] { XCTAssertEqual(try weft("kv", "get", k).status, 4, "\(k) must not exist") }
+        XCTAssertTrue(bad.stderr.contains("aborted, nothing of it was committed"), bad.stderr)
+        for k in ["a", "b"] { XCTAssertEqual(try weft("kv", "get", k).status, 0, "\(k) was committed before the error") }
+        for k in ["c", "d"] { XCTAssertEqual(try weft("kv", "get", k).status, 4, "\(k) must not exist") }
+        _ = try weft("txn", "-e", "del a", "-e", "del b")
+        // A bad statement in a -e batch commits nothing of the batch.
+        let badBatch = try weft("txn", "-e", "put e 1", "-e", "frobnicate")
+        XCTAssertEqual(badBatch.status, 1)
+        XCTAssertTrue(badBatch.stderr.contains("nothing was committed"), badBatch.stderr)
+        XCTAssertEqual(try weft("kv", "get", "e").status, 4)
+        // End of input with writes open: aborted, said, exit 1.
+        let open = try weft("txn", stdin: "put f 1\n")
+        XCTAssertEqual(open.status, 1)
+        XCTAssertTrue(open.stderr.contains("end of input") && open.stderr.contains("aborted"), open.stderr)
+        XCTAssertEqual(try weft("kv", "get", "f").status, 4)
 
         let ok = try weft("txn", stdin: "put a 1\nput b two words\nget a\ncommit\nget b\n")
         XCTAssertEqual(ok.status, 0, ok.stderr)
@@ -146,6 +160,41 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(batch.status, 0, batch.stderr)
         XCTAssertEqual(try weft("kv", "get", "x").stdout, "10\n")
         XCTAssertEqual(try weft("kv", "get", "a").status, 4)
+    }
+
+    /// A program reads a balance, then writes the new one, in ONE
+    /// transaction through a pipe: each answer arrives before the next
+    /// statement is written.
+    func testInteractiveTxnReadModifyWriteThroughAPipe() throws {
+        XCTAssertEqual(try weft("kv", "put", "alice", "100").status, 0)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: weftBinary)
+        p.arguments = ["txn", "--data-dir", dir]
+        let inp = Pipe(), out = Pipe()
+        p.standardInput = inp
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        func readLine() -> String {
+            var line = Data()
+            while true {
+                let b = out.fileHandleForReading.readData(ofLength: 1)
+                if b.isEmpty || b[b.startIndex] == 10 { break }
+                line.append(b)
+            }
+            return String(decoding: line, as: UTF8.self)
+        }
+        inp.fileHandleForWriting.write(Data("get alice\n".utf8))
+        let balance = Int(readLine())
+        XCTAssertEqual(balance, 100, "the answer arrives before the input ends")
+        inp.fileHandleForWriting.write(Data("put alice \(balance! - 30)\n".utf8))
+        XCTAssertEqual(readLine(), "ok")
+        inp.fileHandleForWriting.write(Data("commit\n".utf8))
+        XCTAssertTrue(readLine().hasPrefix("committed at ts="))
+        try inp.fileHandleForWriting.close()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0)
+        XCTAssertEqual(try weft("kv", "get", "alice").stdout, "70\n")
     }
 
     func testSecondProcessOnSameDataDirectoryGetsClearError() throws {
@@ -171,7 +220,7 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(second.status, 1)
         XCTAssertTrue(second.stderr.contains("in use by another process"), second.stderr)
         XCTAssertTrue(second.stderr.contains("pid \(holder.processIdentifier)"), "the error names the holder: \(second.stderr)")
-        inp.fileHandleForWriting.write(Data("put b 2\n".utf8))
+        inp.fileHandleForWriting.write(Data("put b 2\ncommit\n".utf8))
         try inp.fileHandleForWriting.close()
         holder.waitUntilExit()
         XCTAssertEqual(holder.terminationStatus, 0)
