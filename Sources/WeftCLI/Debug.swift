@@ -72,7 +72,7 @@ struct Debug: AsyncParsableCommand {
                                     let ts = try await t.commit()
                                     FileHandle.standardOutput.write(Data("ack \(t.id) \(ts)\n".utf8))
                                     if let k = killAfter, acks.increment() >= k { kill(getpid(), SIGKILL) }
-                                } catch let e as WeftError where e.code == .conflict {
+                                } catch let e as WeftError where e.code == .conflict || e.code == .aborted {
                                     continue
                                 } catch let e as WeftError where resilient && e.code == .outcomeUnknown {
                                     FileHandle.standardOutput.write(Data("unknown \(txnId)\n".utf8))

@@ -157,7 +157,7 @@ struct TxnRun: AsyncParsableCommand {
                     say(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": "outcome-unknown", "message": err.message])
                         : "outcome unknown for txn \(t.id): \(err.message)\n  ask later with: weft txn status \(t.id)")
                     throw ExitCode(5)
-                } catch let err as WeftError where err.code == .conflict || err.code == .timeout || err.code == .unavailable {
+                } catch let err as WeftError where err.code == .conflict || err.code == .aborted || err.code == .timeout || err.code == .unavailable {
                     say(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": err.code.rawValue, "message": err.message])
                         : "aborted: \(err.message.replacingOccurrences(of: "transaction \(t.id) aborted: ", with: ""))")
                     throw ExitCode(WeftCLI.exitCode(for: err))

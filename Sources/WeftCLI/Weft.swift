@@ -9,7 +9,7 @@ struct Weft: AsyncParsableCommand {
         commandName: "weft",
         abstract: "Weft: a transactional key-value store with two-phase commit over LMDB.",
         discussion: """
-        Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (conflict), 4 key not found, 5 outcome unknown.
+        Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (a conflict, or a participant that did not vote in time), 4 key not found, 5 outcome unknown.
         """,
         subcommands: [Demo.self, ServerCommand.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
     )
@@ -143,7 +143,7 @@ func printErr(_ s: String) {
 /// Exit code for an error, as documented in `weft --help`.
 func exitCode(for e: WeftError) -> Int32 {
     switch e.code {
-    case .conflict: return 3
+    case .conflict, .aborted: return 3
     case .notFound: return 4
     case .outcomeUnknown, .timeout: return 5
     default: return 1

@@ -7,6 +7,9 @@ public struct WeftError: Error, Equatable, Sendable, CustomStringConvertible {
         case valueTooLarge = "value-too-large"
         case txnTooLarge = "txn-too-large"
         case conflict
+        /// Definitely aborted for another reason than a conflict (a
+        /// participant did not vote in time): nothing was committed.
+        case aborted
         case notFound = "not-found"
         case snapshotTooOld = "snapshot-too-old"
         case storage

@@ -141,7 +141,7 @@ public struct CoordinatorMachine: Sendable {
         for (txn, state) in txns {
             switch state {
             case .preparing(let p) where p.deadline <= now:
-                abort(txn, p, WeftError(.timeout, "transaction \(txn) aborted: participants \(p.waiting.sorted()) did not vote within \(Limits.prepareTimeoutTicks) ms"))
+                abort(txn, p, WeftError(.aborted, "transaction \(txn) aborted: participants \(p.waiting.sorted()) did not vote within \(Limits.prepareTimeoutTicks) ms"))
             case let .onePhase(client, req, participant, deadline) where deadline <= now:
                 forget(txn)
                 send(client, .commitResult(req: req, txn: txn, outcome: .unknown(WeftError(.outcomeUnknown, "participant \(participant) did not answer the one-phase commit of transaction \(txn) within \(Limits.prepareTimeoutTicks) ms; its outcome is unknown"))))

@@ -28,3 +28,24 @@ final class ResendPacingTests: XCTestCase {
         XCTAssertGreaterThan(largestSlice, 0)
     }
 }
+
+/// A participant that does not vote in time: the transaction is aborted
+/// for sure (code `aborted`, the CLI's exit 3), not "outcome unknown".
+final class VoteTimeoutTests: XCTestCase {
+    func testMissingVoteIsADefiniteAbort() {
+        var r = CoordinatorRecovery()
+        r.reservedTs = 1_000
+        var m = CoordinatorMachine(recovery: r, nowMillis: 0)
+        let parts: [ParticipantId: TxnPart] = [0: TxnPart(writes: [WriteOp(key: [1], value: [1])]), 1: TxnPart(writes: [WriteOp(key: [2], value: [2])])]
+        m.step(Envelope(from: .client(7), to: .coordinator, .commit(req: 1, txn: 500, startTs: 500, parts: parts)))
+        _ = m.takeOutput()
+        m.tick(nowMillis: Limits.prepareTimeoutTicks + 10)
+        let replies = m.takeOutput().messages.compactMap { e -> CommitOutcome? in
+            if case let .commitResult(1, _, outcome) = e.message { return outcome }
+            return nil
+        }
+        guard case .aborted(let e)? = replies.first else { return XCTFail("no abort: \(replies)") }
+        XCTAssertEqual(e.code, .aborted)
+        XCTAssertTrue(e.message.contains("did not vote"), e.message)
+    }
+}
