@@ -21,11 +21,21 @@ public final class WeftServer: @unchecked Sendable {
 
     public init(dataDir: String, listen: Endpoint, participants: Int? = nil, lockWaitMillis: Int = 0) throws(WeftError) {
         let started = wallMillis()
-        if case .running(let f) = ServerFile.probe(dataDir) {
-            throw WeftError(.locked, "data directory \(dataDir) is already served by weft server pid \(f.pid) at \(f.endpoint); stop it with `weft server stop --data-dir \(dataDir)`")
-        }
         self.dataDir = dataDir
-        cluster = try EmbeddedCluster(dataDir: dataDir, participants: participants, lockWaitMillis: lockWaitMillis)
+        // Wait for a one-shot command's lock, but not for another server:
+        // one that starts meanwhile is named at once.
+        var opened: EmbeddedCluster?
+        while opened == nil {
+            if case .running(let f) = ServerFile.probe(dataDir) {
+                throw WeftError(.locked, "data directory \(dataDir) is already served by weft server pid \(f.pid) at \(f.endpoint); stop it with `weft server stop --data-dir \(dataDir)`")
+            }
+            do {
+                opened = try EmbeddedCluster(dataDir: dataDir, participants: participants)
+            } catch where error.code == .locked && wallMillis() < started + UInt64(max(0, lockWaitMillis)) {
+                usleep(50_000)
+            }
+        }
+        cluster = opened!
         openMillis = wallMillis() - started
         let id = String(UInt64.random(in: 1...UInt64.max), radix: 16)
         transport = NetworkTransport(me: .coordinator, clusterId: id, directory: [:])
