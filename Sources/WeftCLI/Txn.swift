@@ -153,13 +153,16 @@ struct TxnRun: AsyncParsableCommand {
                 do {
                     let ts = try await t.commit()
                     say(g.json ? jsonLine(["op": "commit", "committed": true, "txn": t.id, "committed_ts": ts]) : "committed at ts=\(ts) (txn \(t.id))")
-                } catch let err as WeftError where err.code == .outcomeUnknown {
+                } catch let err as WeftError where err.code == .outcomeUnknown || err.code == .timeout || err.code == .malformed {
+                    // No answer (or no sense of one) after the commit was sent: it may have happened.
                     say(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": "outcome-unknown", "message": err.message])
                         : "outcome unknown for txn \(t.id): \(err.message)\n  ask later with: weft txn status \(t.id)")
                     throw ExitCode(5)
-                } catch let err as WeftError where err.code == .conflict || err.code == .aborted || err.code == .timeout || err.code == .unavailable {
+                } catch let err as WeftError {
+                    // The coordinator's answer: aborted for sure (a conflict, a
+                    // missing vote, a refused snapshot...), or never sent.
                     say(g.json ? jsonLine(["op": "commit", "committed": false, "txn": t.id, "error": err.code.rawValue, "message": err.message])
-                        : "aborted: \(err.message.replacingOccurrences(of: "transaction \(t.id) aborted: ", with: ""))")
+                        : "aborted: \(err.message.replacingOccurrences(of: "transaction \(t.id) aborted: ", with: "")) (txn \(t.id))")
                     throw ExitCode(WeftCLI.exitCode(for: err))
                 }
             }
@@ -170,7 +173,8 @@ struct TxnRun: AsyncParsableCommand {
                     switch s {
                     case .begin:
                         if let t = txn {
-                            printErr("weft: transaction \(t.id) is already open; 'begin' ignored")
+                            // Still one answer line per statement: a program waits for it.
+                            say(g.json ? jsonLine(["op": "begin", "txn": t.id, "already_open": true]) : "begin (txn \(t.id) already open)")
                         } else {
                             let t = try await open()
                             say(g.json ? jsonLine(["op": "begin", "txn": t.id]) : "begin (txn \(t.id))")
@@ -196,7 +200,10 @@ struct TxnRun: AsyncParsableCommand {
                         wrote = true
                         say(g.json ? jsonLine(["op": "del", "ok": true]) : "ok")
                     case .commit:
-                        let t = try await open()
+                        guard let t = txn else {
+                            say(g.json ? jsonLine(["op": "commit", "committed": false, "message": "no transaction open; nothing committed"]) : "no transaction open; nothing committed")
+                            continue
+                        }
                         do { try await commit(t) } catch let code as ExitCode {
                             if !tty { throw code }
                         }
@@ -223,7 +230,8 @@ struct TxnRun: AsyncParsableCommand {
             if batch != nil { return try await commit(t) }
             // End of stdin with a transaction open: abort it, as psql does.
             t.abort()
-            printErr("weft: end of input: transaction \(t.id) aborted (no commit); \(wrote ? "its writes were not committed" : "it only read")")
+            let why = "end of input: transaction \(t.id) aborted (no commit); \(wrote ? "its writes were not committed" : "it only read")"
+            if g.json { say(jsonLine(["op": "end", "txn": t.id, "aborted": true, "message": why])) } else { printErr("weft: " + why) }
             if wrote { throw ExitCode(1) }
         }
     }

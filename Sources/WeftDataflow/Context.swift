@@ -477,7 +477,7 @@ public final class DataflowContext: @unchecked Sendable {
     /// 10,000-iteration job's lineage is deep) and of an executor thread
     /// (a task computes a chain of narrow dependencies recursively). Only
     /// the pages used are resident.
-    public static let driverStackBytes = 1 << 30
+    public static let driverStackBytes = 256 << 20
     public static let executorStackBytes = 256 << 20
     /// Asked before each task attempt: true stops the job (no task starts
     /// any more; those running finish) with an `unavailable` error. A
