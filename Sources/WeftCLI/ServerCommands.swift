@@ -20,8 +20,11 @@ struct ServerCommand: ParsableCommand {
         @OptionGroup var global: GlobalOptions
         @Option(help: "Address to listen on, HOST:PORT (port 0: any free port).") var listen = "127.0.0.1:0"
         @Flag(help: "Run in this process until SIGTERM or SIGINT.") var foreground = false
+        @Option(name: .customLong("redis-port"), help: "Also serve Redis clients (RESP2/RESP3) on this port of the --listen host (0: any free port).") var redisPort: Int?
+        @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD; none if unset).") var redisPassword: String?
 
         func validate() throws {
+            if let p = redisPort, !(0...65535).contains(p) { throw ValidationError("--redis-port must be 0...65535") }
             if global.cluster != nil { throw ValidationError("weft server serves a data directory, not a cluster (--cluster)") }
             guard parseEndpoint(listen) != nil else { throw ValidationError("--listen must be HOST:PORT, not \(listen)") }
         }
@@ -44,6 +47,13 @@ struct ServerCommand: ParsableCommand {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
             p.arguments = ["server", "start", "--foreground", "--data-dir", dir, "--listen", listen] + (g.participants.map { ["--participants", String($0)] } ?? [])
+                + (redisPort.map { ["--redis-port", String($0)] } ?? [])
+            if let pw = redisPassword {
+                // Passed in the environment, not argv: other users can read argv.
+                var env = ProcessInfo.processInfo.environment
+                env["WEFT_REDIS_PASSWORD"] = pw
+                p.environment = env
+            }
             p.standardOutput = out
             p.standardError = out
             p.standardInput = FileHandle.nullDevice
@@ -51,8 +61,10 @@ struct ServerCommand: ParsableCommand {
             let deadline = wallMillis() + UInt64(Limits.serverStartMillisMax)
             while true {
                 if case .running(let f) = ServerFile.probe(dir), f.pid == p.processIdentifier, NetworkTransport.ping(f.endpoint, timeoutMillis: 500) != nil {
-                    print(g.json ? jsonLine(["pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir, "participants": f.participants, "log": log])
-                                 : "weft server pid \(f.pid) serving \(dir) at \(f.endpoint) (log: \(log))")
+                    var o: [String: Any] = ["pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir, "participants": f.participants, "log": log]
+                    if let r = f.redis { o["redis"] = "\(r)" }
+                    print(g.json ? jsonLine(o)
+                                 : "weft server pid \(f.pid) serving \(dir) at \(f.endpoint)" + (f.redis.map { ", Redis clients at \($0)" } ?? "") + " (log: \(log))")
                     return
                 }
                 if !p.isRunning {
@@ -69,7 +81,9 @@ struct ServerCommand: ParsableCommand {
         func runForeground(_ dir: String, _ endpoint: Endpoint, _ g: GlobalOptions) -> Never {
             let server: WeftServer
             do {
-                server = try WeftServer(dataDir: dir, listen: endpoint, participants: g.participants, lockWaitMillis: Limits.dataDirLockWaitMillis)
+                let password = redisPassword ?? ProcessInfo.processInfo.environment["WEFT_REDIS_PASSWORD"]
+                server = try WeftServer(dataDir: dir, listen: endpoint, participants: g.participants, lockWaitMillis: Limits.dataDirLockWaitMillis,
+                                        redisListen: redisPort.map { Endpoint(host: endpoint.host, port: $0) }, redisPassword: password)
             } catch {
                 fail(error, json: g.json)
             }
@@ -94,7 +108,7 @@ struct ServerCommand: ParsableCommand {
                 t.stackSize = DataflowContext.driverStackBytes
                 t.start()
             }
-            sayNow("weft server pid \(getpid()) serving \(dir) at \(server.file.endpoint) (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
+            sayNow("weft server pid \(getpid()) serving \(dir) at \(server.file.endpoint)" + (server.file.redis.map { ", Redis clients at \($0)" } ?? "") + " (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
             let stop = StopSignals()
             // A node whose storage failed (disk or map full) stops; its
             // memory may be ahead of its disk, so the server exits and a
@@ -161,9 +175,10 @@ struct ServerCommand: ParsableCommand {
                                         "participants": f.participants, "state": state]
                 if let uptime { o["uptime_ms"] = uptime }
                 if let jobs = health?["jobs_running"] as? Int { o["jobs_running"] = jobs }
+                if let r = f.redis { o["redis"] = "\(r)" }
                 print(jsonLine(o))
             } else {
-                print("weft server pid \(f.pid) at \(f.endpoint): \(state)" + (uptime.map { ", up \($0 / 1000) s" } ?? "") + ", \(f.participants) participants, data directory \(dir)")
+                print("weft server pid \(f.pid) at \(f.endpoint)" + (f.redis.map { " (Redis \($0))" } ?? "") + ": \(state)" + (uptime.map { ", up \($0 / 1000) s" } ?? "") + ", \(f.participants) participants, data directory \(dir)")
             }
             if health == nil { throw ExitCode(1) }
         }

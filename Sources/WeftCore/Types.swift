@@ -106,4 +106,25 @@ public enum Limits {
     public static let pinLeaseMillisMax: UInt64 = 10 * 60 * 1000
     /// The lease a running job takes on its snapshot, renewed every third of it, ms.
     public static let jobPinLeaseMillis: UInt64 = 30_000
+
+    // Redis protocol front end (`--redis-port`). Input over these bounds
+    // closes the connection with an error; the node serves everyone else.
+    /// Most arguments (command name included) in one RESP request.
+    public static let respArgumentsMax = 262_144
+    /// Longest bulk string in a RESP request: above `valueBytesMax`, so a
+    /// value just over the store's limit gets an error naming that limit.
+    public static let respBulkBytesMax = 8 << 20
+    /// Most bytes in one RESP request, all arguments together.
+    public static let respRequestBytesMax = txnBytesMax + (1 << 20)
+    /// Longest inline command (a line without the `*` array framing).
+    public static let respInlineBytesMax = 64 << 10
+    /// Commands one connection may queue inside MULTI.
+    public static let respMultiCommandsMax = 100_000
+    /// Times the server re-runs an EXEC (or a read-modify-write command)
+    /// whose commit lost a conflict before it answers with the conflict.
+    public static let respConflictRetriesMax = 64
+    /// Open SCAN cursors one connection keeps; the oldest is forgotten.
+    public static let respCursorsMax = 1024
+    /// Open RESP connections per listener; more are refused.
+    public static let respConnectionsMax = 10_000
 }

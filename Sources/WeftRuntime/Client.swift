@@ -310,6 +310,41 @@ public final class Transaction: @unchecked Sendable {
         return value
     }
 
+    /// Reads `key` and the timestamp of the version read (0 when it never
+    /// existed); the key joins the read set, so a commit fails if it changed.
+    func getVersioned(_ key: Bytes) async throws -> (value: Bytes?, version: Timestamp) {
+        try WeftError.checkKey(key)
+        try checkOpen()
+        let r = try await client.read(key, at: startTs)
+        reads.insert(key)
+        return r
+    }
+
+    /// Reads several keys at once (in parallel across participants); each
+    /// joins the read set. Keys this transaction wrote answer from its buffer.
+    public func getMany(_ keys: [Bytes]) async throws -> [Bytes?] {
+        for k in keys { try WeftError.checkKey(k) }
+        try checkOpen()
+        if keys.count == 1 { return [try await get(keys[0])] }
+        var out = [Bytes?](repeating: nil, count: keys.count)
+        let client = self.client, ts = startTs
+        try await withThrowingTaskGroup(of: (Int, Bytes?).self) { group in
+            for (i, k) in keys.enumerated() {
+                if let w = writes[ByteKey(k)] {
+                    out[i] = w
+                    continue
+                }
+                group.addTask { (i, try await client.read(k, at: ts).value) }
+            }
+            for try await (i, v) in group { out[i] = v }
+        }
+        for k in keys where writes[ByteKey(k)] == nil { reads.insert(k) }
+        return out
+    }
+
+    /// True if this transaction has buffered a write.
+    public var hasWrites: Bool { !writes.isEmpty }
+
     public func put(_ key: Bytes, _ value: Bytes) throws {
         try WeftError.checkKey(key)
         try WeftError.checkValue(value)

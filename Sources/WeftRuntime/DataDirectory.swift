@@ -109,6 +109,8 @@ public struct ServerFile: Sendable, Equatable {
     public var id: String
     public var participants: Int
     public var startedMillis: UInt64
+    /// Where it serves Redis clients (`--redis-port`), if it does.
+    public var redis: Endpoint?
 
     public static func path(_ dir: String) -> String { dir + "/SERVER" }
 
@@ -129,12 +131,16 @@ public struct ServerFile: Sendable, Equatable {
         }
         guard let pid = f["pid"].flatMap({ Int32($0) }), let a = f["address"], let colon = a.lastIndex(of: ":"),
               let port = Int(a[a.index(after: colon)...]), let id = f["id"], let n = f["participants"].flatMap({ Int($0) }), n > 0 else { return nil }
-        return ServerFile(pid: pid, endpoint: Endpoint(host: String(a[..<colon]), port: port), id: id, participants: n,
-                          startedMillis: f["started"].flatMap { UInt64($0) } ?? 0)
+        var file = ServerFile(pid: pid, endpoint: Endpoint(host: String(a[..<colon]), port: port), id: id, participants: n,
+                              startedMillis: f["started"].flatMap { UInt64($0) } ?? 0)
+        if let r = f["redis"], let c = r.lastIndex(of: ":"), let rp = Int(r[r.index(after: c)...]) {
+            file.redis = Endpoint(host: String(r[..<c]), port: rp)
+        }
+        return file
     }
 
     public func write(_ dir: String) throws(WeftError) {
-        let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n"
+        let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n" + (redis.map { "redis=\($0)\n" } ?? "")
         do { try text.write(toFile: Self.path(dir), atomically: true, encoding: .utf8) } catch {
             throw WeftError(.storage, "cannot write \(Self.path(dir)): \(error.localizedDescription)")
         }

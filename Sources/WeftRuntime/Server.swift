@@ -19,7 +19,11 @@ public final class WeftServer: @unchecked Sendable {
     /// Milliseconds from the start of `init` until the directory was open (recovery).
     public let openMillis: UInt64
 
-    public init(dataDir: String, listen: Endpoint, participants: Int? = nil, lockWaitMillis: Int = 0) throws(WeftError) {
+    /// The Redis-protocol listener, when started with `redisListen`.
+    public private(set) var redis: RedisFrontEnd?
+
+    public init(dataDir: String, listen: Endpoint, participants: Int? = nil, lockWaitMillis: Int = 0,
+                redisListen: Endpoint? = nil, redisPassword: String? = nil) throws(WeftError) {
         let started = wallMillis()
         self.dataDir = dataDir
         // Wait for a one-shot command's lock, but not for another server:
@@ -50,8 +54,23 @@ public final class WeftServer: @unchecked Sendable {
             cluster.close()
             throw error
         }
-        file = ServerFile(pid: getpid(), endpoint: Endpoint(host: listen.host, port: transport.boundPort ?? listen.port), id: id,
-                          participants: cluster.layout.participants, startedMillis: started)
+        var file = ServerFile(pid: getpid(), endpoint: Endpoint(host: listen.host, port: transport.boundPort ?? listen.port), id: id,
+                              participants: cluster.layout.participants, startedMillis: started)
+        if let redisListen {
+            let fe = RedisFrontEnd(client: cluster.client(), password: redisPassword)
+            fe.infoLines = { ["weft_role:server", "weft_data_dir:\(dataDir)"] }
+            do {
+                try fe.listen(redisListen)
+            } catch {
+                fe.close()
+                transport.close()
+                cluster.close()
+                throw error
+            }
+            redis = fe
+            file.redis = Endpoint(host: redisListen.host, port: fe.boundPort ?? redisListen.port)
+        }
+        self.file = file
         let (participantCount, dir) = (cluster.layout.participants, dataDir)
         let cluster = self.cluster
         let running = self.running
@@ -89,6 +108,7 @@ public final class WeftServer: @unchecked Sendable {
     public let running = CallCount()
 
     public func stop() {
+        redis?.close()
         transport.close()
         if ServerFile.read(dataDir)?.pid == getpid() { ServerFile.remove(dataDir) }
         cluster.close()

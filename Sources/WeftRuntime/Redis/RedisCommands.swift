@@ -1,0 +1,774 @@
+import Foundation
+import WeftCore
+import WeftProtocol
+
+/// A command Weft answers over RESP: its arity (Redis's convention:
+/// exact when positive, at least |n| when negative), flags for COMMAND,
+/// key positions, and how it runs.
+struct RedisCommandSpec: Sendable {
+    enum Kind: Sendable {
+        /// Answered by the connection itself, without the store.
+        case connection
+        /// Reads at a fresh snapshot; never commits.
+        case read
+        /// Writes without reading: one blind transaction.
+        case write
+        /// Reads then writes in one transaction, retried on conflict.
+        case readModifyWrite
+        /// MULTI/EXEC/WATCH and friends, SCAN, DBSIZE.
+        case special
+    }
+    let arity: Int
+    let flags: [String]
+    let firstKey: Int
+    let lastKey: Int
+    let step: Int
+    let kind: Kind
+
+    static let table: [String: RedisCommandSpec] = [
+        "ping": .init(arity: -1, flags: ["fast", "stale"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "echo": .init(arity: 2, flags: ["fast"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "quit": .init(arity: -1, flags: ["fast", "noauth"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "select": .init(arity: 2, flags: ["fast", "loading"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "auth": .init(arity: -2, flags: ["fast", "noauth", "no-multi"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "hello": .init(arity: -1, flags: ["fast", "noauth", "no-multi"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "client": .init(arity: -2, flags: ["admin"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "command": .init(arity: -1, flags: ["loading", "stale"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "config": .init(arity: -2, flags: ["admin"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "info": .init(arity: -1, flags: ["loading", "stale"], firstKey: 0, lastKey: 0, step: 0, kind: .connection),
+        "dbsize": .init(arity: 1, flags: ["readonly"], firstKey: 0, lastKey: 0, step: 0, kind: .special),
+        "get": .init(arity: 2, flags: ["readonly", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .read),
+        "mget": .init(arity: -2, flags: ["readonly", "fast"], firstKey: 1, lastKey: -1, step: 1, kind: .read),
+        "exists": .init(arity: -2, flags: ["readonly", "fast"], firstKey: 1, lastKey: -1, step: 1, kind: .read),
+        "type": .init(arity: 2, flags: ["readonly", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .read),
+        "ttl": .init(arity: 2, flags: ["readonly", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .read),
+        "pttl": .init(arity: 2, flags: ["readonly", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .read),
+        "set": .init(arity: -3, flags: ["write", "denyoom"], firstKey: 1, lastKey: 1, step: 1, kind: .write),
+        "mset": .init(arity: -3, flags: ["write", "denyoom"], firstKey: 1, lastKey: -1, step: 2, kind: .write),
+        "del": .init(arity: -2, flags: ["write"], firstKey: 1, lastKey: -1, step: 1, kind: .readModifyWrite),
+        "incr": .init(arity: 2, flags: ["write", "denyoom", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .readModifyWrite),
+        "decr": .init(arity: 2, flags: ["write", "denyoom", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .readModifyWrite),
+        "incrby": .init(arity: 3, flags: ["write", "denyoom", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .readModifyWrite),
+        "decrby": .init(arity: 3, flags: ["write", "denyoom", "fast"], firstKey: 1, lastKey: 1, step: 1, kind: .readModifyWrite),
+        "scan": .init(arity: -2, flags: ["readonly"], firstKey: 0, lastKey: 0, step: 0, kind: .special),
+        "multi": .init(arity: 1, flags: ["fast", "no-multi"], firstKey: 0, lastKey: 0, step: 0, kind: .special),
+        "exec": .init(arity: 1, flags: ["no-script"], firstKey: 0, lastKey: 0, step: 0, kind: .special),
+        "discard": .init(arity: 1, flags: ["fast"], firstKey: 0, lastKey: 0, step: 0, kind: .special),
+        "watch": .init(arity: -2, flags: ["fast", "no-multi"], firstKey: 1, lastKey: -1, step: 1, kind: .special),
+        "unwatch": .init(arity: 1, flags: ["fast"], firstKey: 0, lastKey: 0, step: 0, kind: .special),
+    ]
+}
+
+/// One connection's state and the meaning of every command on Weft's
+/// transactions. `immediate` runs on the connection's event loop and
+/// answers what needs no store; `run` does the rest, one command at a time.
+final class RedisSession: @unchecked Sendable {
+    enum Immediate {
+        case reply(RESPValue)
+        case quit(RESPValue)
+        case wait
+    }
+
+    let fe: RedisFrontEnd
+    let id: Int64
+    var proto = 2
+    var authed: Bool
+    var clientName: Bytes?
+    /// Commands queued since MULTI; nil outside MULTI.
+    var multi: [[Bytes]]?
+    var multiDirty = false
+    /// WATCHed keys and the version each had when watched (0: absent).
+    var watched: [(key: Bytes, version: Timestamp)] = []
+    var cursors: [UInt64: Bytes] = [:]
+    var cursorOrder: [UInt64] = []
+    var nextCursor: UInt64 = 1
+    var client: WeftClient { fe.client }
+
+    init(frontEnd: RedisFrontEnd, id: Int64) {
+        fe = frontEnd
+        self.id = id
+        authed = frontEnd.password == nil
+    }
+
+    func closed() {}
+
+    static func lower(_ b: Bytes) -> String { String(decoding: b, as: UTF8.self).lowercased() }
+    static func text(_ b: Bytes) -> String { String(decoding: b, as: UTF8.self) }
+
+    static func unknown(_ args: [Bytes]) -> RESPValue {
+        let rest = args.dropFirst().prefix(3).map { "'\(text($0).prefix(128))' " }.joined()
+        return .error("ERR unknown command '\(text(args[0]).prefix(128))', with args beginning with: \(rest)")
+    }
+
+    static func wrongArity(_ name: String) -> RESPValue { .error("ERR wrong number of arguments for '\(name)' command") }
+
+    // MARK: Immediate commands
+
+    func immediate(_ args: [Bytes]) -> Immediate {
+        let name = Self.lower(args[0])
+        guard let spec = RedisCommandSpec.table[name] else {
+            if multi != nil { multiDirty = true }
+            return .reply(Self.unknown(args))
+        }
+        if (spec.arity > 0 && args.count != spec.arity) || (spec.arity < 0 && args.count < -spec.arity) {
+            if multi != nil { multiDirty = true }
+            return .reply(Self.wrongArity(name))
+        }
+        if !authed && !spec.flags.contains("noauth") {
+            return .reply(.error("NOAUTH Authentication required."))
+        }
+        if multi != nil {
+            switch name {
+            case "exec", "discard", "quit": break
+            case "multi": return .reply(.error("ERR MULTI calls can not be nested"))
+            case "watch": return .reply(.error("ERR WATCH inside MULTI is not allowed"))
+            case "auth", "hello":
+                multiDirty = true
+                return .reply(.error("ERR Command not allowed inside a transaction"))
+            default:
+                if multi!.count >= Limits.respMultiCommandsMax {
+                    multiDirty = true
+                    return .reply(.error("ERR too many commands queued in MULTI (Limits.respMultiCommandsMax is \(Limits.respMultiCommandsMax))"))
+                }
+                multi!.append(args)
+                return .reply(.simple("QUEUED"))
+            }
+        }
+        switch name {
+        case "quit": return .quit(.ok)
+        case "multi":
+            multi = []
+            multiDirty = false
+            return .reply(.ok)
+        case "discard":
+            guard multi != nil else { return .reply(.error("ERR DISCARD without MULTI")) }
+            multi = nil
+            watched = []
+            return .reply(.ok)
+        case "unwatch":
+            watched = []
+            return .reply(.ok)
+        case "exec":
+            guard multi != nil else { return .reply(.error("ERR EXEC without MULTI")) }
+            if multiDirty {
+                multi = nil
+                watched = []
+                return .reply(.error("EXECABORT Transaction discarded because of previous errors."))
+            }
+            return .wait
+        default:
+            break
+        }
+        if spec.kind == .connection { return .reply(connection(name, args)) }
+        return .wait
+    }
+
+    /// Commands about the connection and the server; no store access.
+    func connection(_ name: String, _ args: [Bytes]) -> RESPValue {
+        switch name {
+        case "ping":
+            if args.count > 2 { return Self.wrongArity(name) }
+            return args.count == 2 ? .bulk(args[1]) : .simple("PONG")
+        case "echo":
+            return .bulk(args[1])
+        case "select":
+            return Self.text(args[1]) == "0" ? .ok : .error("ERR DB index is out of range (weft has one database, 0)")
+        case "auth":
+            let given = args.count == 2 ? args[1] : args.count == 3 ? args[2] : nil
+            guard let given, args.count <= 3 else { return .error("ERR syntax error") }
+            if args.count == 3 && Self.text(args[1]) != "default" {
+                return .error("WRONGPASS invalid username-password pair or user is disabled.")
+            }
+            guard let pw = fe.password else {
+                return .error("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?")
+            }
+            if constantTimeEqual(given, Bytes(pw.utf8)) {
+                authed = true
+                return .ok
+            }
+            return .error("WRONGPASS invalid username-password pair or user is disabled.")
+        case "hello":
+            return hello(args)
+        case "client":
+            switch Self.lower(args[1]) {
+            case "setname":
+                guard args.count == 3 else { return Self.wrongArity("client|setname") }
+                clientName = args[2].isEmpty ? nil : args[2]
+                return .ok
+            case "getname": return clientName.map { .bulk($0) } ?? .null
+            case "setinfo": return args.count == 4 ? .ok : Self.wrongArity("client|setinfo")
+            case "id": return .integer(id)
+            case "info": return .bulk("id=\(id) name=\(clientName.map(Self.text) ?? "") resp=\(proto)\n")
+            default: return .error("ERR unknown subcommand '\(Self.text(args[1]))'. Try CLIENT SETNAME, GETNAME, SETINFO, ID, INFO.")
+            }
+        case "command":
+            if args.count == 1 { return .array(RedisCommandSpec.table.keys.sorted().map(commandInfo)) }
+            switch Self.lower(args[1]) {
+            case "count": return .integer(Int64(RedisCommandSpec.table.count))
+            case "docs": return .map([])
+            case "info": return .array(args.dropFirst(2).map { RedisCommandSpec.table[Self.lower($0)] != nil ? commandInfo(Self.lower($0)) : .nullArray })
+            case "list": return .array(RedisCommandSpec.table.keys.sorted().map { .bulk($0) })
+            default: return .error("ERR unknown subcommand '\(Self.text(args[1]))'. Try COMMAND COUNT, DOCS, INFO, LIST.")
+            }
+        case "config":
+            switch Self.lower(args[1]) {
+            case "get": return args.count >= 3 ? .map([]) : Self.wrongArity("config|get")
+            case "resetstat": return .ok
+            default: return .error("ERR CONFIG \(Self.text(args[1]).uppercased()) is not supported by weft; only CONFIG GET (which answers nothing)")
+            }
+        case "info":
+            return .bulk(info())
+        default:
+            return Self.unknown(args)
+        }
+    }
+
+    func hello(_ args: [Bytes]) -> RESPValue {
+        var version = proto
+        var i = 1
+        if args.count >= 2 {
+            guard let v = Int(Self.text(args[1])) else { return .error("ERR Protocol version is not an integer or out of range") }
+            guard v == 2 || v == 3 else { return .error("NOPROTO unsupported protocol version") }
+            version = v
+            i = 2
+        }
+        var newName: Bytes??
+        while i < args.count {
+            switch Self.lower(args[i]) {
+            case "auth" where i + 2 < args.count:
+                guard let pw = fe.password else {
+                    return .error("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?")
+                }
+                guard Self.text(args[i + 1]) == "default", constantTimeEqual(args[i + 2], Bytes(pw.utf8)) else {
+                    return .error("WRONGPASS invalid username-password pair or user is disabled.")
+                }
+                authed = true
+                i += 3
+            case "setname" where i + 1 < args.count:
+                newName = .some(args[i + 1])
+                i += 2
+            default:
+                return .error("ERR Syntax error in HELLO option '\(Self.text(args[i]))'")
+            }
+        }
+        if !authed {
+            return .error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")
+        }
+        if let n = newName { clientName = n }
+        proto = version
+        return .map([
+            (.bulk("server"), .bulk("redis")),
+            (.bulk("version"), .bulk(Self.redisVersion)),
+            (.bulk("proto"), .integer(Int64(version))),
+            (.bulk("id"), .integer(id)),
+            (.bulk("mode"), .bulk("standalone")),
+            (.bulk("role"), .bulk("master")),
+            (.bulk("modules"), .array([])),
+        ])
+    }
+
+    /// The Redis version Weft answers as: the command set it follows.
+    static let redisVersion = "7.0.0"
+
+    func commandInfo(_ name: String) -> RESPValue {
+        let s = RedisCommandSpec.table[name]!
+        return .array([.bulk(name), .integer(Int64(s.arity)), .array(s.flags.map { .simple($0) }),
+                       .integer(Int64(s.firstKey)), .integer(Int64(s.lastKey)), .integer(Int64(s.step))])
+    }
+
+    func info() -> String {
+        var lines = ["# Server", "redis_version:\(Self.redisVersion)", "redis_mode:standalone", "server_name:weft",
+                     "process_id:\(getpid())", "uptime_in_seconds:\((wallMillis() - fe.started) / 1000)",
+                     "weft_participants:\(client.participantCount)"]
+        lines += fe.infoLines()
+        lines += ["", "# Clients", "connected_clients:\(fe.connections)", "", "# Persistence", "loading:0",
+                  "aof_enabled:1", "weft_durability:every acknowledged write is in an fsynced LMDB commit", "",
+                  "# Replication", "role:master", "connected_slaves:0", ""]
+        return lines.joined(separator: "\r\n")
+    }
+
+    // MARK: Commands that use the store
+
+    func run(_ args: [Bytes]) async -> RESPValue {
+        let name = Self.lower(args[0])
+        let spec = RedisCommandSpec.table[name]!
+        switch name {
+        case "exec": return await exec()
+        case "watch": return await watch(Array(args.dropFirst()))
+        case "scan": return await scan(args)
+        case "dbsize": return await dbsize()
+        default: break
+        }
+        switch spec.kind {
+        case .read:
+            do {
+                let t = try await client.begin()
+                return try await apply(name, args, in: t)
+            } catch {
+                return Self.errorReply(error, txn: nil)
+            }
+        case .write:
+            if name == "set", args.count > 3 { return await readModifyWrite(name, args) }
+            return await retrying(name, args, blind: true)
+        case .readModifyWrite:
+            return await readModifyWrite(name, args)
+        case .connection, .special:
+            return connection(name, args)
+        }
+    }
+
+    /// A single-key read-modify-write command waits its turn for the key
+    /// among this process's connections, then runs with retries.
+    func readModifyWrite(_ name: String, _ args: [Bytes]) async -> RESPValue {
+        guard args.count >= 2, name != "del" || args.count == 2 else { return await retrying(name, args, blind: false) }
+        let key = ByteKey(args[1])
+        await fe.gate.acquire(key)
+        defer { fe.gate.release(key) }
+        return await retrying(name, args, blind: false)
+    }
+
+    /// Runs one command as its own transaction; a conflict reruns it on a
+    /// fresh snapshot (nothing was answered yet), up to
+    /// `Limits.respConflictRetriesMax` times.
+    func retrying(_ name: String, _ args: [Bytes], blind: Bool) async -> RESPValue {
+        var lastConflict: WeftError?
+        for attempt in 0..<Limits.respConflictRetriesMax {
+            if attempt > 0 { try? await Task.sleep(nanoseconds: UInt64.random(in: 0...UInt64(min(attempt, 8)) * 200_000)) }
+            var txn: TxnId?
+            do {
+                let t = blind ? Transaction(client: client, startTs: 0) : try await client.begin()
+                txn = t.id
+                let v = try await apply(name, args, in: t)
+                if case .error = v { return v }
+                if t.hasWrites { try await t.commit() }
+                return v
+            } catch let e as WeftError where e.code == .conflict {
+                lastConflict = e
+            } catch {
+                return Self.errorReply(error, txn: txn)
+            }
+        }
+        return .error("ERR conflict: \(lastConflict?.message ?? "") (gave up after Limits.respConflictRetriesMax = \(Limits.respConflictRetriesMax) attempts)")
+    }
+
+    static func errorReply(_ error: any Error, txn: TxnId?) -> RESPValue {
+        guard let e = error as? WeftError else { return .error("ERR \(error)") }
+        switch e.code {
+        case .outcomeUnknown, .timeout:
+            let id = txn.flatMap { $0 == 0 ? nil : $0 }
+            let named = id.map { " transaction \($0):" } ?? ""
+            let check = id.map { "; check with `weft txn status \($0)`" } ?? ""
+            return .error("ERR outcome-unknown\(named) \(e.message)\(check)")
+        case .conflict:
+            return .error("ERR conflict: \(e.message)")
+        default:
+            return .error("ERR \(e.message)")
+        }
+    }
+
+    /// One data command inside transaction `t`. Errors that belong in the
+    /// reply (a wrong type, a key over the limit) are returned; a conflict
+    /// or a failure of the store is thrown.
+    func apply(_ name: String, _ args: [Bytes], in t: Transaction) async throws -> RESPValue {
+        func limits(_ body: () throws -> Void) throws -> RESPValue? {
+            do { try body() } catch let e as WeftError where [.keyTooLarge, .valueTooLarge, .invalidArgument, .txnTooLarge].contains(e.code) {
+                return .error("ERR \(e.message)")
+            }
+            return nil
+        }
+        func checkKeys(_ keys: ArraySlice<Bytes>) -> RESPValue? {
+            for k in keys {
+                do { try WeftError.checkKey(k) } catch { return .error("ERR \(error.message)") }
+            }
+            return nil
+        }
+        switch name {
+        case "get":
+            if let e = checkKeys(args[1...]) { return e }
+            return try await t.get(args[1]).map { .bulk($0) } ?? .null
+        case "mget":
+            if let e = checkKeys(args[1...]) { return e }
+            return .array(try await t.getMany(Array(args[1...])).map { $0.map { .bulk($0) } ?? .null })
+        case "exists":
+            if let e = checkKeys(args[1...]) { return e }
+            return .integer(Int64(try await t.getMany(Array(args[1...])).filter { $0 != nil }.count))
+        case "type":
+            if let e = checkKeys(args[1...]) { return e }
+            return .simple(try await t.get(args[1]) == nil ? "none" : "string")
+        case "ttl", "pttl":
+            if let e = checkKeys(args[1...]) { return e }
+            return .integer(try await t.get(args[1]) == nil ? -2 : -1)
+        case "set":
+            return try await set(args, in: t)
+        case "mset":
+            guard args.count % 2 == 1 else { return Self.wrongArity("mset") }
+            if let e = try limits({ for i in stride(from: 1, to: args.count, by: 2) { try t.put(args[i], args[i + 1]) } }) { return e }
+            return .ok
+        case "del":
+            if let e = checkKeys(args[1...]) { return e }
+            var unique: [Bytes] = []
+            var seen = Set<ByteKey>()
+            for k in args[1...] where seen.insert(ByteKey(k)).inserted { unique.append(k) }
+            let values = try await t.getMany(unique)
+            var n: Int64 = 0
+            for (k, v) in zip(unique, values) where v != nil {
+                try t.delete(k)
+                n += 1
+            }
+            return .integer(n)
+        case "incr", "decr", "incrby", "decrby":
+            if let e = checkKeys(args[1...1]) { return e }
+            var by: Int64 = 1
+            if args.count == 3 {
+                guard let n = Self.parseInteger(args[2]) else { return .error("ERR value is not an integer or out of range") }
+                by = n
+            }
+            if name.hasPrefix("decr") {
+                guard by != Int64.min else { return .error("ERR decrement would overflow") }
+                by = -by
+            }
+            let old = try await t.get(args[1])
+            var current: Int64 = 0
+            if let old {
+                guard let n = Self.parseInteger(old) else { return .error("ERR value is not an integer or out of range") }
+                current = n
+            }
+            let (sum, overflow) = current.addingReportingOverflow(by)
+            if overflow { return .error("ERR increment or decrement would overflow") }
+            try t.put(args[1], Bytes(String(sum).utf8))
+            return .integer(sum)
+        case "ping", "echo", "select", "client", "command", "config", "info":
+            return connection(name, args)
+        default:
+            return Self.unknown(args)
+        }
+    }
+
+    /// SET key value [NX|XX] [GET] — expiry options are refused: Weft keeps
+    /// no TTLs, and silently keeping a key forever would surprise a cache.
+    func set(_ args: [Bytes], in t: Transaction) async throws -> RESPValue {
+        var nx = false, xx = false, get = false
+        for o in args.dropFirst(3) {
+            switch Self.lower(o) {
+            case "nx": nx = true
+            case "xx": xx = true
+            case "get": get = true
+            case "ex", "px", "exat", "pxat", "keepttl":
+                return .error("ERR weft does not implement key expiry; SET with \(Self.text(o).uppercased()) is refused (set without a TTL)")
+            default: return .error("ERR syntax error")
+            }
+        }
+        if nx && xx { return .error("ERR syntax error") }
+        do {
+            try WeftError.checkKey(args[1])
+            try WeftError.checkValue(args[2])
+        } catch {
+            return .error("ERR \(error.message)")
+        }
+        var old: Bytes?
+        if nx || xx || get { old = try await t.get(args[1]) }
+        let write = (!nx || old == nil) && (!xx || old != nil)
+        if write { try t.put(args[1], args[2]) }
+        if get { return old.map { .bulk($0) } ?? .null }
+        return write ? .ok : .null
+    }
+
+    /// Redis's integers: optional '-', decimal digits, no leading zeros or
+    /// '+', within Int64.
+    static func parseInteger(_ b: Bytes) -> Int64? {
+        guard !b.isEmpty, b.count <= 20 else { return nil }
+        var i = 0
+        if b[0] == UInt8(ascii: "-") { i = 1 }
+        guard i < b.count else { return nil }
+        if b[i] == UInt8(ascii: "0") && (b.count > i + 1 || i == 1) { return nil }
+        for c in b[i...] where c < 48 || c > 57 { return nil }
+        return Int64(String(decoding: b, as: UTF8.self))
+    }
+
+    // MARK: MULTI / EXEC / WATCH
+
+    func watch(_ keys: [Bytes]) async -> RESPValue {
+        do {
+            for k in keys { try WeftError.checkKey(k) }
+            let ts = try await client.now()
+            for k in keys where !watched.contains(where: { $0.key == k }) {
+                let (_, version) = try await client.read(k, at: ts)
+                watched.append((k, version))
+            }
+            return .ok
+        } catch {
+            return Self.errorReply(error, txn: nil)
+        }
+    }
+
+    /// Runs the queued commands as ONE Weft transaction. A WATCHed key whose
+    /// version moved since WATCH answers the null array; any other conflict
+    /// reruns the whole block on a fresh snapshot, since none of its
+    /// replies has been revealed.
+    func exec() async -> RESPValue {
+        let queued = multi ?? []
+        let watching = watched
+        multi = nil
+        watched = []
+        var lastConflict: WeftError?
+        for attempt in 0..<Limits.respConflictRetriesMax {
+            if attempt > 0 { try? await Task.sleep(nanoseconds: UInt64.random(in: 0...UInt64(min(attempt, 8)) * 200_000)) }
+            var txn: TxnId?
+            do {
+                let t = try await client.begin()
+                txn = t.id
+                for w in watching {
+                    let (_, version) = try await t.getVersioned(w.key)
+                    if version != w.version { return .nullArray }
+                }
+                var replies: [RESPValue] = []
+                replies.reserveCapacity(queued.count)
+                for args in queued {
+                    replies.append(try await apply(Self.lower(args[0]), args, in: t))
+                }
+                if t.hasWrites { try await t.commit() }
+                return .array(replies)
+            } catch let e as WeftError where e.code == .conflict {
+                lastConflict = e
+            } catch {
+                return Self.errorReply(error, txn: txn)
+            }
+        }
+        return .error("ERR conflict: \(lastConflict?.message ?? "") (EXEC gave up after Limits.respConflictRetriesMax = \(Limits.respConflictRetriesMax) attempts)")
+    }
+
+    // MARK: SCAN, DBSIZE
+
+    /// SCAN cursor [MATCH pattern] [COUNT n]: keys in order from a fresh
+    /// snapshot per call. The cursor names the last key returned (kept per
+    /// connection); the pattern's literal prefix narrows the scan.
+    func scan(_ args: [Bytes]) async -> RESPValue {
+        guard let cursor = UInt64(Self.text(args[1])) else { return .error("ERR invalid cursor") }
+        var pattern: Bytes?
+        var count = 10
+        var i = 2
+        while i < args.count {
+            switch Self.lower(args[i]) {
+            case "match" where i + 1 < args.count:
+                pattern = args[i + 1]
+                i += 2
+            case "count" where i + 1 < args.count:
+                guard let n = Int(Self.text(args[i + 1])), n >= 1 else { return .error("ERR value is not an integer or out of range") }
+                count = min(n, 100_000)
+                i += 2
+            case "type" where i + 1 < args.count:
+                if Self.lower(args[i + 1]) != "string" { return .array([.bulk("0"), .array([])]) }
+                i += 2
+            default:
+                return .error("ERR syntax error")
+            }
+        }
+        var after: Bytes?
+        if cursor != 0 {
+            guard let k = cursors[cursor] else {
+                return .error("ERR cursor \(cursor) is unknown to this connection or expired (a connection keeps Limits.respCursorsMax = \(Limits.respCursorsMax) cursors)")
+            }
+            after = k
+        }
+        let prefix = pattern.map(Glob.literalPrefix) ?? []
+        if prefix.count > Limits.keyBytesMax { return .array([.bulk("0"), .array([])]) }
+        do {
+            let ts = try await client.now()
+            let start = after.map { $0 + [0] }
+            let client = self.client
+            let limit = count
+            var rows: [ScanRow] = []
+            var more = false
+            try await withThrowingTaskGroup(of: ([ScanRow], Bool).self) { group in
+                for p in 0..<client.participantCount {
+                    group.addTask { try await client.scanParticipant(p, prefix: prefix, from: start, limit: limit, at: ts) }
+                }
+                for try await (r, m) in group {
+                    rows += r
+                    if m { more = true }
+                }
+            }
+            rows.sort { compareBytes($0.key, $1.key) < 0 }
+            if rows.count > count {
+                more = true
+                rows.removeLast(rows.count - count)
+            }
+            var next: UInt64 = 0
+            if more, let last = rows.last {
+                next = nextCursor
+                nextCursor += 1
+                cursors[next] = last.key
+                cursorOrder.append(next)
+                if cursorOrder.count > Limits.respCursorsMax { cursors[cursorOrder.removeFirst()] = nil }
+            }
+            let keys = rows.map(\.key).filter { k in pattern.map { Glob.matches($0, k) } ?? true }
+            return .array([.bulk(String(next)), .array(keys.map { .bulk($0) })])
+        } catch {
+            return Self.errorReply(error, txn: nil)
+        }
+    }
+
+    func dbsize() async -> RESPValue {
+        do {
+            let ts = try await client.now()
+            var total: Int64 = 0
+            for p in 0..<client.participantCount {
+                var start: Bytes?
+                while true {
+                    let (rows, more) = try await client.scanParticipant(p, prefix: [], from: start, limit: 100_000, at: ts)
+                    total += Int64(rows.count)
+                    guard more, let last = rows.last else { break }
+                    start = last.key + [0]
+                }
+            }
+            return .integer(total)
+        } catch {
+            return Self.errorReply(error, txn: nil)
+        }
+    }
+}
+
+func constantTimeEqual(_ a: Bytes, _ b: Bytes) -> Bool {
+    guard a.count == b.count else { return false }
+    var d: UInt8 = 0
+    for i in 0..<a.count { d |= a[i] ^ b[i] }
+    return d == 0
+}
+
+/// Redis glob patterns: `*`, `?`, `[abc]`, `[^a-z]`, and `\x` for a literal.
+enum Glob {
+    /// The bytes every match starts with: the pattern up to its first
+    /// special character.
+    static func literalPrefix(_ p: Bytes) -> Bytes {
+        var out: Bytes = []
+        var i = 0
+        while i < p.count {
+            let c = p[i]
+            if c == UInt8(ascii: "*") || c == UInt8(ascii: "?") || c == UInt8(ascii: "[") { break }
+            if c == UInt8(ascii: "\\") {
+                guard i + 1 < p.count else { break }
+                out.append(p[i + 1])
+                i += 2
+                continue
+            }
+            out.append(c)
+            i += 1
+        }
+        return out
+    }
+
+    static func matches(_ p: Bytes, _ s: Bytes) -> Bool {
+        var pi = 0, si = 0
+        var starP = -1, starS = 0
+        while si < s.count {
+            if pi < p.count {
+                let c = p[pi]
+                if c == UInt8(ascii: "*") {
+                    starP = pi
+                    starS = si
+                    pi += 1
+                    continue
+                }
+                if c == UInt8(ascii: "?") {
+                    pi += 1
+                    si += 1
+                    continue
+                }
+                if c == UInt8(ascii: "[") {
+                    if let (ok, next) = matchClass(p, pi, s[si]), ok {
+                        pi = next
+                        si += 1
+                        continue
+                    }
+                } else {
+                    var lit = c
+                    var next = pi + 1
+                    if c == UInt8(ascii: "\\") && pi + 1 < p.count {
+                        lit = p[pi + 1]
+                        next = pi + 2
+                    }
+                    if lit == s[si] {
+                        pi = next
+                        si += 1
+                        continue
+                    }
+                }
+            }
+            guard starP >= 0 else { return false }
+            pi = starP + 1
+            starS += 1
+            si = starS
+        }
+        while pi < p.count && p[pi] == UInt8(ascii: "*") { pi += 1 }
+        return pi == p.count
+    }
+
+    /// `[...]` at `pi` against `c`: whether it matched and where the
+    /// pattern continues; nil for an unterminated class (matches nothing).
+    static func matchClass(_ p: Bytes, _ pi: Int, _ c: UInt8) -> (Bool, Int)? {
+        var i = pi + 1
+        var negate = false
+        if i < p.count && p[i] == UInt8(ascii: "^") {
+            negate = true
+            i += 1
+        }
+        var hit = false
+        var first = true
+        while i < p.count && (p[i] != UInt8(ascii: "]") || first) {
+            first = false
+            var lo = p[i]
+            if lo == UInt8(ascii: "\\") && i + 1 < p.count {
+                i += 1
+                lo = p[i]
+            }
+            if i + 2 < p.count && p[i + 1] == UInt8(ascii: "-") && p[i + 2] != UInt8(ascii: "]") {
+                let hi = p[i + 2]
+                if min(lo, hi) <= c && c <= max(lo, hi) { hit = true }
+                i += 3
+            } else {
+                if lo == c { hit = true }
+                i += 1
+            }
+        }
+        guard i < p.count else { return nil }
+        return (hit != negate, i + 1)
+    }
+}
+
+/// In-process FIFO locks on keys, held across a read-modify-write
+/// transaction so that this process's connections take turns on a hot key.
+final class KeyGate: @unchecked Sendable {
+    let lock = NSLock()
+    var waiters: [ByteKey: [CheckedContinuation<Void, Never>]] = [:]
+
+    func acquire(_ key: ByteKey) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            if enter(key, c) { c.resume() }
+        }
+    }
+
+    /// Takes the key if free (true), else queues `c` to be resumed by `release`.
+    func enter(_ key: ByteKey, _ c: CheckedContinuation<Void, Never>) -> Bool {
+        lock.withLock {
+            if waiters[key] == nil {
+                waiters[key] = []
+                return true
+            }
+            waiters[key]!.append(c)
+            return false
+        }
+    }
+
+    func release(_ key: ByteKey) {
+        lock.lock()
+        guard var w = waiters[key], !w.isEmpty else {
+            waiters[key] = nil
+            lock.unlock()
+            return
+        }
+        let next = w.removeFirst()
+        waiters[key] = w
+        lock.unlock()
+        next.resume()
+    }
+}

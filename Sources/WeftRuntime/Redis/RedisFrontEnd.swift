@@ -1,0 +1,208 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import WeftCore
+import WeftProtocol
+
+/// The Redis-protocol front end of `weft server` and of cluster nodes
+/// (`--redis-port`): RESP2, and RESP3 after `HELLO 3`, on its own listener.
+/// Every command becomes a Weft transaction through a `WeftClient`, so MSET,
+/// MULTI/EXEC and WATCH are serializable across participants — the cross-key
+/// transactions Redis Cluster refuses with CROSSSLOT.
+///
+/// A connection runs its commands one at a time, in order (pipelined
+/// requests are answered in order); different connections run concurrently
+/// and their commits share the nodes' group commits.
+public final class RedisFrontEnd: @unchecked Sendable {
+    let client: WeftClient
+    let group: MultiThreadedEventLoopGroup
+    let password: String?
+    var channel: Channel?
+    let lock = NSLock()
+    var open = 0
+    var served = 0
+    var nextConnectionId: Int64 = 1
+    let started = wallMillis()
+    /// Serializes read-modify-write commands on one key inside this process,
+    /// so that concurrent INCRs of a hot key queue instead of aborting each
+    /// other's optimistic commits.
+    let gate = KeyGate()
+    /// Lines for INFO's `# Server` section (role, data directory, ...).
+    public var infoLines: @Sendable () -> [String] = { [] }
+
+    public init(client: WeftClient, password: String? = nil, threads: Int = 1) {
+        self.client = client
+        self.password = password.flatMap { $0.isEmpty ? nil : $0 }
+        group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+    }
+
+    public func listen(_ endpoint: Endpoint) throws(WeftError) {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(ChannelOptions.backlog, value: 1024)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let admitted: Int64? = lock.withLock {
+                        if open >= Limits.respConnectionsMax { return nil }
+                        open += 1
+                        served += 1
+                        defer { nextConnectionId += 1 }
+                        return nextConnectionId
+                    }
+                    guard let id = admitted else {
+                        var b = channel.allocator.buffer(capacity: 96)
+                        RESPValue.error("ERR max number of clients reached (Limits.respConnectionsMax is \(Limits.respConnectionsMax))").write(to: &b, proto: 2)
+                        channel.writeAndFlush(b).whenComplete { _ in channel.close(promise: nil) }
+                        return
+                    }
+                    let session = RedisSession(frontEnd: self, id: id)
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(RedisConnection(session: session))
+                    channel.closeFuture.whenComplete { [self] _ in lock.withLock { open -= 1 } }
+                }
+            }
+        do {
+            channel = try bootstrap.bind(host: endpoint.host, port: endpoint.port).wait()
+        } catch {
+            let text = "\(error)"
+            if text.contains("Address already in use") || text.contains("EADDRINUSE") || text.contains("errno: 98") {
+                throw WeftError(.unavailable, "redis port \(endpoint.port) on \(endpoint.host) is already in use by another process; pick another --redis-port")
+            }
+            throw WeftError(.unavailable, "cannot listen for Redis clients on \(endpoint): \(text)")
+        }
+    }
+
+    public var boundPort: Int? { lock.withLock { channel?.localAddress?.port } }
+    public var connections: Int { lock.withLock { open } }
+
+    public func close() {
+        let c = lock.withLock { channel }
+        try? c?.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+}
+
+/// Requests off the wire; a protocol error is thrown to `RedisConnection`,
+/// which answers it and closes the connection.
+final class RESPDecoder: ByteToMessageDecoder {
+    typealias InboundOut = [Bytes]
+    var parser = RESPRequestParser()
+
+    func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let args = try parser.next(&buffer) else { return .needMoreData }
+        context.fireChannelRead(wrapInboundOut(args))
+        return .continue
+    }
+
+    func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        while try decode(context: context, buffer: &buffer) == .continue {}
+        return .needMoreData
+    }
+}
+
+/// One client connection: queues requests and runs them one at a time on
+/// its session, writing each answer in order. Answers are flushed when the
+/// queue is empty or before a command that has to wait for the store, so a
+/// pipeline of quick commands goes out in one write.
+final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = [Bytes]
+    let session: RedisSession
+    var queue: [[Bytes]] = []
+    var head = 0
+    var busy = false
+    var closing = false
+    var paused = false
+    var context: ChannelHandlerContext?
+    /// Requests buffered before the connection stops reading from its socket.
+    static let queuedRequestsMax = 1024
+
+    init(session: RedisSession) { self.session = session }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if closing { return }
+        queue.append(unwrapInboundIn(data))
+        if queue.count - head >= Self.queuedRequestsMax && !paused {
+            paused = true
+            context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        }
+        pump()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if !busy { context.flush() }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if closing { return }
+        closing = true
+        let text: String
+        if let e = error as? RESPProtocolError { text = "ERR Protocol error: \(e.message)" } else { text = "ERR \(error)" }
+        var b = context.channel.allocator.buffer(capacity: 128)
+        RESPValue.error(text).write(to: &b, proto: session.proto)
+        let channel = context.channel
+        channel.writeAndFlush(b).whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closing = true
+        session.closed()
+        context.fireChannelInactive()
+    }
+
+    func write(_ v: RESPValue) {
+        guard let context else { return }
+        var b = context.channel.allocator.buffer(capacity: 64)
+        v.write(to: &b, proto: session.proto)
+        context.write(NIOAny(b), promise: nil)
+    }
+
+    /// Runs queued requests until one has to wait for the store.
+    func pump() {
+        guard let context else { return }
+        while !busy && !closing && head < queue.count {
+            let args = queue[head]
+            head += 1
+            if head > 256 && head * 2 > queue.count {
+                queue.removeFirst(head)
+                head = 0
+            }
+            switch session.immediate(args) {
+            case .reply(let v):
+                write(v)
+            case .quit(let v):
+                closing = true
+                write(v)
+                context.flush()
+                context.close(promise: nil)
+                return
+            case .wait:
+                busy = true
+                context.flush()
+                let loop = context.eventLoop
+                let session = self.session
+                Task {
+                    let v = await session.run(args)
+                    loop.execute {
+                        self.busy = false
+                        self.write(v)
+                        self.pump()
+                    }
+                }
+                return
+            }
+        }
+        if head >= queue.count {
+            queue.removeAll(keepingCapacity: true)
+            head = 0
+            if paused {
+                paused = false
+                context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+            }
+        }
+        context.flush()
+    }
+}
