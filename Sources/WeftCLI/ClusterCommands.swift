@@ -12,6 +12,8 @@ struct NodeCommand: ParsableCommand {
     )
     @Option(help: "The cluster directory or cluster file.") var cluster: String
     @Option(help: "This node's id in the cluster file.") var id: String
+    @Option(name: .customLong("redis-port"), help: "Serve Redis clients on this port (default: the node's redis=PORT in the cluster file, if any).") var redisPort: Int?
+    @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD; none if unset).") var redisPassword: String?
 
     func run() throws {
         let config: ClusterConfig
@@ -29,9 +31,20 @@ struct NodeCommand: ParsableCommand {
             printErr("weft node \(nodeId): error: \(error.message); exiting, restart it to recover from disk")
             Glibc.exit(70)
         }
+        var redisNote = ""
+        if let port = redisPort ?? node.spec.redisPort {
+            do {
+                let at = try node.startRedis(port: port, password: redisPassword ?? ProcessInfo.processInfo.environment["WEFT_REDIS_PASSWORD"])
+                redisNote = ", Redis clients at \(at)"
+            } catch {
+                printErr("weft node \(id): error: \(error.message)")
+                node.stop()
+                throw ExitCode(1)
+            }
+        }
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
-        sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint), recovered in \(node.recoveryMillis) ms")
+        sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint)\(redisNote), recovered in \(node.recoveryMillis) ms")
         // When it first serves (a participant once the coordinator's clock
         // answered), counted from this process's start.
         let watcher = Thread {
@@ -107,21 +120,29 @@ struct ClusterCommand: ParsableCommand {
         @Option(help: "Cluster directory (cluster file, node data, logs, pid files).") var dir: String
         @Option(help: "Participants for a new cluster.") var participants = 3
         @Option(name: .customLong("base-port"), help: "Coordinator port; participants use the next ports.") var basePort = 7400
+        @Option(name: .customLong("redis-port"), help: "Serve Redis clients too: the coordinator on this port, participants on the next ports (recorded in the cluster file).") var redisPort: Int?
+        @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD; none if unset).") var redisPassword: String?
 
         func validate() throws {
             if !(1...64).contains(participants) { throw ValidationError("--participants must be 1...64") }
             if !(1024...65000).contains(basePort) { throw ValidationError("--base-port must be 1024...65000") }
+            if let r = redisPort, !(1024...65000).contains(r) { throw ValidationError("--redis-port must be 1024...65000") }
         }
 
         func run() throws {
             let file = dir + "/" + ClusterConfig.fileName
-            let config: ClusterConfig
+            var config: ClusterConfig
             do {
                 if FileManager.default.fileExists(atPath: file) {
                     config = try ClusterConfig.load(file)
+                    // Redis ports asked for a cluster that has none yet are recorded.
+                    if let r = redisPort, config.nodes.allSatisfy({ $0.redisPort == nil }) {
+                        for i in config.nodes.indices { config.nodes[i].redisPort = r + i }
+                        try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
+                    }
                 } else {
                     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-                    config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort)
+                    config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort, redisBasePort: redisPort)
                     try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
                 }
             } catch let e as WeftError {
@@ -146,6 +167,11 @@ struct ClusterCommand: ParsableCommand {
                 p.standardOutput = out
                 p.standardError = out
                 p.standardInput = FileHandle.nullDevice
+                if let pw = redisPassword {
+                    var env = ProcessInfo.processInfo.environment
+                    env["WEFT_REDIS_PASSWORD"] = pw
+                    p.environment = env
+                }
                 do { try p.run() } catch { fail(WeftError(.unavailable, "cannot launch \(me): \(error.localizedDescription)"), json: false) }
                 launched[n.id] = p
             }
@@ -162,7 +188,7 @@ struct ClusterCommand: ParsableCommand {
                 }
             }
             print("cluster \(config.clusterId) is up (\(config.path)):")
-            for n in config.nodes { print("  \(n.id)\t\(n.role.rawValue)\t\(n.endpoint)\tpid \(readPid(config.clusterDirectory + "/\(n.id).pid").map(String.init) ?? "?")") }
+            for n in config.nodes { print("  \(n.id)\t\(n.role.rawValue)\t\(n.endpoint)\tpid \(readPid(config.clusterDirectory + "/\(n.id).pid").map(String.init) ?? "?")" + (n.redisPort.map { "\tredis \(n.endpoint.host):\($0)" } ?? "")) }
             print("use it with: --cluster \(config.clusterDirectory)   (or export WEFT_CLUSTER=\(config.clusterDirectory))")
         }
     }
@@ -214,6 +240,7 @@ struct ClusterCommand: ParsableCommand {
                 if json {
                     var o: [String: Any] = ["id": n.id, "role": n.role.rawValue, "address": n.endpoint.description, "health": health]
                     if let pid { o["pid"] = pid }
+                    if let r = n.redisPort { o["redis"] = "\(n.endpoint.host):\(r)" }
                     print(jsonLine(o))
                 } else {
                     print("\(n.id)\t\(n.role.rawValue)\t\(n.endpoint)\tpid \(pid.map(String.init) ?? "-")\t\(health)")

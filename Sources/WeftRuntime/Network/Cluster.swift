@@ -8,8 +8,11 @@ import WeftProtocol
 /// ```
 /// cluster-id 5c1d0e2a9b7f4e31
 /// node coordinator coordinator 127.0.0.1:7400 /srv/weft/coordinator
-/// node participant participant-0 127.0.0.1:7401 /srv/weft/participant-0
+/// node participant participant-0 127.0.0.1:7401 /srv/weft/participant-0 redis=6380
 /// ```
+///
+/// A node line may end with `redis=PORT`: the node also serves Redis
+/// clients on that port of its host.
 public struct ClusterConfig: Sendable, Equatable {
     public enum Role: String, Sendable { case coordinator, participant }
 
@@ -19,6 +22,8 @@ public struct ClusterConfig: Sendable, Equatable {
         public var endpoint: Endpoint
         public var dataDir: String
         public var address: NodeAddress
+        /// Where this node serves Redis clients (`redis=PORT` on its line), if it does.
+        public var redisPort: Int?
     }
 
     public var clusterId: String
@@ -54,12 +59,17 @@ public struct ClusterConfig: Sendable, Equatable {
                 guard f.count == 2 else { throw bad("expected `cluster-id ID`") }
                 clusterId = f[1]
             case "node":
-                guard f.count == 5, let role = Role(rawValue: f[1]) else { throw bad("expected `node coordinator|participant ID HOST:PORT DATADIR`") }
+                guard f.count == 5 || f.count == 6, let role = Role(rawValue: f[1]) else { throw bad("expected `node coordinator|participant ID HOST:PORT DATADIR [redis=PORT]`") }
+                var redisPort: Int?
+                if f.count == 6 {
+                    guard f[5].hasPrefix("redis="), let rp = Int(f[5].dropFirst(6)), (1...65535).contains(rp) else { throw bad("expected `redis=PORT` after the data directory, not \(f[5])") }
+                    redisPort = rp
+                }
                 let hp = f[3].split(separator: ":")
                 guard hp.count == 2, let port = Int(hp[1]), (1...65535).contains(port) else { throw bad("bad address \(f[3])") }
                 if nodes.contains(where: { $0.id == f[2] }) { throw bad("duplicate node id \(f[2])") }
                 let address: NodeAddress = role == .coordinator ? .coordinator : .participant(nodes.filter { $0.role == .participant }.count)
-                nodes.append(Node(role: role, id: f[2], endpoint: Endpoint(host: String(hp[0]), port: port), dataDir: f[4], address: address))
+                nodes.append(Node(role: role, id: f[2], endpoint: Endpoint(host: String(hp[0]), port: port), dataDir: f[4], address: address, redisPort: redisPort))
             default:
                 throw bad("unknown line `\(f[0])`")
             }
@@ -72,7 +82,7 @@ public struct ClusterConfig: Sendable, Equatable {
 
     public func render() -> String {
         var s = "# Weft cluster file: node ROLE ID HOST:PORT DATADIR\ncluster-id \(clusterId)\n"
-        for n in nodes { s += "node \(n.role.rawValue) \(n.id) \(n.endpoint) \(n.dataDir)\n" }
+        for n in nodes { s += "node \(n.role.rawValue) \(n.id) \(n.endpoint) \(n.dataDir)" + (n.redisPort.map { " redis=\($0)" } ?? "") + "\n" }
         return s
     }
 
@@ -85,11 +95,15 @@ public struct ClusterConfig: Sendable, Equatable {
 
     /// A fresh local cluster: a coordinator and `participants` participants
     /// on consecutive ports of 127.0.0.1, data under `dir`.
-    public static func local(dir: String, participants: Int, basePort: Int) -> ClusterConfig {
+    /// With `redisBasePort`, node i (the coordinator first) also serves
+    /// Redis clients on `redisBasePort + i`.
+    public static func local(dir: String, participants: Int, basePort: Int, redisBasePort: Int? = nil) -> ClusterConfig {
         let abs = URL(fileURLWithPath: dir).standardizedFileURL.path
-        var nodes = [Node(role: .coordinator, id: "coordinator", endpoint: Endpoint(host: "127.0.0.1", port: basePort), dataDir: abs + "/coordinator", address: .coordinator)]
+        var nodes = [Node(role: .coordinator, id: "coordinator", endpoint: Endpoint(host: "127.0.0.1", port: basePort), dataDir: abs + "/coordinator", address: .coordinator,
+                          redisPort: redisBasePort)]
         for p in 0..<participants {
-            nodes.append(Node(role: .participant, id: "participant-\(p)", endpoint: Endpoint(host: "127.0.0.1", port: basePort + 1 + p), dataDir: abs + "/participant-\(p)", address: .participant(p)))
+            nodes.append(Node(role: .participant, id: "participant-\(p)", endpoint: Endpoint(host: "127.0.0.1", port: basePort + 1 + p), dataDir: abs + "/participant-\(p)", address: .participant(p),
+                              redisPort: redisBasePort.map { $0 + 1 + p }))
         }
         let id = String(UInt64.random(in: 1...UInt64.max), radix: 16)
         return ClusterConfig(clusterId: id, nodes: nodes, path: abs + "/" + fileName)
@@ -108,6 +122,9 @@ public final class ClusterNode: @unchecked Sendable {
     var coordinatorStorage: CoordinatorStorage?
     var participantStorage: ParticipantStorage?
     public let recoveryMillis: UInt64
+    /// The Redis front end (`startRedis`) and the cluster client it uses.
+    var redis: RedisFrontEnd?
+    var redisClient: ClusterClient?
 
     public init(config: ClusterConfig, id: String, options: StorageOptions = .init()) throws(WeftError) {
         let started = wallMillis()
@@ -177,8 +194,30 @@ public final class ClusterNode: @unchecked Sendable {
         }
     }
 
+    /// Serves Redis clients on `port` of this node's host. Their commands
+    /// are transactions of the whole cluster, through a client of it in
+    /// this process, so any node answers for every key.
+    public func startRedis(port: Int, password: String?) throws(WeftError) -> Endpoint {
+        let cc = ClusterClient(config: config)
+        let fe = RedisFrontEnd(client: cc.client, password: password)
+        let (role, nodeId) = (spec.role.rawValue, spec.id)
+        fe.infoLines = { ["weft_role:\(role)", "weft_node:\(nodeId)"] }
+        do {
+            try fe.listen(Endpoint(host: spec.endpoint.host, port: port))
+        } catch {
+            fe.close()
+            cc.close()
+            throw error
+        }
+        redis = fe
+        redisClient = cc
+        return Endpoint(host: spec.endpoint.host, port: fe.boundPort ?? port)
+    }
+
     /// Stops after the current round and releases the data directory.
     public func stop() {
+        redis?.close()
+        redisClient?.close()
         coordinatorRunner?.stop()
         participantRunner?.stop()
         transport.close()

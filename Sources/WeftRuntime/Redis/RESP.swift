@@ -75,7 +75,8 @@ public indirect enum RESPValue: Sendable, Equatable {
 
     /// Simple strings and errors cannot hold CR or LF.
     static func oneLine(_ s: String) -> String {
-        s.contains(where: { $0 == "\r" || $0 == "\n" }) ? s.replacingOccurrences(of: "\r", with: " ").replacingOccurrences(of: "\n", with: " ") : s
+        // Bytes, not Characters: "\r\n" is one Character in Swift.
+        s.utf8.contains(where: { $0 == 13 || $0 == 10 }) ? String(decoding: s.utf8.map { $0 == 13 || $0 == 10 ? 32 : $0 }, as: UTF8.self) : s
     }
 }
 
@@ -169,9 +170,10 @@ public struct RESPRequestParser: Sendable {
             if c == UInt8(ascii: "-") && digits == 0 && !negative {
                 negative = true
             } else if c >= 48 && c <= 57 {
+                // 18 digits at most: the value never overflows.
+                if digits == 18 { throw RESPProtocolError(message: "invalid \(what)") }
                 value = value * 10 + Int(c - 48)
                 digits += 1
-                if digits > 18 { throw RESPProtocolError(message: "invalid \(what)") }
             } else {
                 throw RESPProtocolError(message: "invalid \(what)")
             }
