@@ -141,9 +141,47 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
 
     /// A fresh timestamp from the oracle: every commit acknowledged before
     /// this call is visible at it.
+    ///
+    /// Concurrent callers share the oracle's round trips: at most one
+    /// request is in flight, and callers that arrive meanwhile wait for the
+    /// next one, which is sent after they arrived, so its answer is fresh
+    /// for each of them (timestamp batching, as TiDB's PD client does).
     public func now() async throws -> Timestamp {
-        guard case .began(_, let ts) = try await call(.coordinator, { .begin(req: $0) }) else { throw unexpected() }
-        return ts
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Timestamp, any Error>) in
+            let first: Bool = lock.withLock {
+                tsWaiting.append(c)
+                if tsInFlight { return false }
+                tsInFlight = true
+                return true
+            }
+            if first { fetchTimestamp() }
+        }
+    }
+
+    var tsWaiting: [CheckedContinuation<Timestamp, any Error>] = []
+    var tsInFlight = false
+
+    /// Asks the oracle once for everyone waiting now; then again if more came.
+    func fetchTimestamp() {
+        let batch = lock.withLock {
+            defer { tsWaiting = [] }
+            return tsWaiting
+        }
+        Task {
+            let result: Result<Timestamp, any Error>
+            do {
+                guard case .began(_, let ts) = try await call(.coordinator, { .begin(req: $0) }) else { throw unexpected() }
+                result = .success(ts)
+            } catch {
+                result = .failure(error)
+            }
+            for c in batch { c.resume(with: result) }
+            let more: Bool = lock.withLock {
+                if tsWaiting.isEmpty { tsInFlight = false }
+                return tsInFlight
+            }
+            if more { fetchTimestamp() }
+        }
     }
 
     public func begin() async throws -> Transaction {

@@ -212,7 +212,12 @@ final class RedisSession: @unchecked Sendable {
             }
         case "config":
             switch Self.lower(args[1]) {
-            case "get": return args.count >= 3 ? .map([]) : Self.wrongArity("config|get")
+            case "get":
+                guard args.count >= 3 else { return Self.wrongArity("config|get") }
+                // What clients and redis-benchmark ask about; everything else is empty.
+                let known: [(String, String)] = [("appendonly", "yes"), ("appendfsync", "always"), ("save", ""), ("databases", "1"), ("maxmemory", "0")]
+                let patterns = args.dropFirst(2).map { Bytes(Self.lower($0).utf8) }
+                return .map(known.filter { k in patterns.contains { Glob.matches($0, Bytes(k.0.utf8)) } }.map { (.bulk($0.0), .bulk($0.1)) })
             case "resetstat": return .ok
             default: return .error("ERR CONFIG \(Self.text(args[1]).uppercased()) is not supported by weft; only CONFIG GET (which answers nothing)")
             }
