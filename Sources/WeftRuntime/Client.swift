@@ -140,7 +140,8 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
     // MARK: API
 
     /// A fresh timestamp from the oracle: every commit acknowledged before
-    /// this call is visible at it.
+    /// this call is visible at it. Several callers may get the same one:
+    /// read at it, never use it as a transaction's id (`begin` does that).
     ///
     /// Concurrent callers share the oracle's round trips: at most one
     /// request is in flight, and callers that arrive meanwhile wait for the
@@ -185,7 +186,10 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
     }
 
     public func begin() async throws -> Transaction {
-        Transaction(client: self, startTs: try await now())
+        // Not `now()`: callers batched there share a timestamp, and a
+        // transaction's start timestamp is its id, unique per transaction.
+        guard case .began(_, let ts) = try await call(.coordinator, { .begin(req: $0) }) else { throw unexpected() }
+        return Transaction(client: self, startTs: ts)
     }
 
     public func owner(of key: Bytes) -> ParticipantId {

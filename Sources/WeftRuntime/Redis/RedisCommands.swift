@@ -307,7 +307,8 @@ final class RedisSession: @unchecked Sendable {
         switch spec.kind {
         case .read:
             do {
-                let t = try await client.begin()
+                // A read-only snapshot never commits: a shared (batched) timestamp will do.
+                let t = Transaction(client: client, startTs: try await client.now())
                 return try await apply(name, args, in: t)
             } catch {
                 return Self.errorReply(error, txn: nil)
