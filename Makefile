@@ -9,13 +9,23 @@ SIM_SEEDS ?= 2000
 # binary's own 88k pointers), which is most of a short command's cost.
 RELEASE = $(SWIFT) build -c release --static-swift-stdlib -Xlinker -no-pie
 
-.PHONY: demo test deps build release sim bench bench-server clean
+.PHONY: demo test deps client-deps build release sim bench bench-server bench-redis clean
 
 deps:
 	@if [ ! -f /usr/include/lmdb.h ]; then \
 		echo "installing liblmdb-dev"; \
 		(apt-get update -qq && apt-get install -y -qq liblmdb-dev) >/dev/null || { echo "could not install liblmdb-dev (need root and Debian's package registry)"; exit 1; }; \
 	fi
+
+# Real Redis clients for the front end's tests and benchmark: Debian's
+# redis-tools (redis-cli, redis-benchmark; redis-server for the benchmark's
+# baseline) and PyPI's redis (redis-py).
+client-deps:
+	@if ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-server >/dev/null; then \
+		echo "installing redis-tools and redis-server"; \
+		(apt-get update -qq && apt-get install -y -qq redis-tools redis-server) >/dev/null || { echo "could not install redis-tools (need root and Debian's package registry)"; exit 1; }; \
+	fi
+	@python3 -c "import redis" 2>/dev/null || pip install -q redis 2>/dev/null || pip install -q --break-system-packages redis || { echo "could not install redis-py"; exit 1; }
 
 build: deps
 	$(SWIFT) build
@@ -29,9 +39,11 @@ demo: release
 
 # Unit, adapter, simulation and end-to-end tests, then thousands of
 # simulation seeds in release mode.
-test: deps
+test: deps client-deps
 	$(SWIFT) build --product weft
 	$(SWIFT) test
+	python3 Tests/cli/test_exchange.py
+	WEFT_BENCH_N=4000 python3 Tests/redis/test_redis_clients.py
 	$(RELEASE) --product WeftSim
 	./.build/release/WeftSim --seeds $(SIM_SEEDS)
 
@@ -49,6 +61,12 @@ bench-server: deps
 	$(RELEASE) --product weft
 	$(RELEASE) --product weft-dataflow-bench
 	python3 Tools/server-bench.py
+
+# redis-benchmark against weft server and against redis-server with
+# appendfsync always, in the same run (docs/benchmarks.md).
+bench-redis: deps client-deps
+	$(RELEASE) --product weft
+	python3 Tools/redis-bench.py
 
 clean:
 	rm -rf .build

@@ -9,17 +9,59 @@ struct TableCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "table",
         abstract: "Load, list, scan and drop tables (committed, immutable snapshots for jobs).",
-        subcommands: [Load.self, List.self, Scan.self, Drop.self, GC.self]
+        subcommands: [Load.self, Export.self, List.self, Scan.self, Drop.self, GC.self]
     )
 
-    enum Format: String, ExpressibleByArgument { case lines, kv }
+    enum Format: String, ExpressibleByArgument { case lines, kv, jsonl, csv }
+
+    struct Export: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "export",
+            abstract: "Write a table's rows to a file or stdout, streaming, bytes kept exactly (see docs/cli.md for the formats).")
+        @OptionGroup var global: GlobalOptions
+        @Argument var name: String
+        @Option(help: "lines: values, one per line; kv: key<TAB>value; jsonl: {\"key\":..,\"value\":..} per line; csv: RFC 4180 with a header.") var format: Format = .jsonl
+        @Option(help: "File to write (default: stdout). Written beside it and renamed when whole.") var output: String?
+        @Option(help: "Snapshot timestamp (default: now).") var at: UInt64?
+
+        func run() async throws {
+            let g = global, name = self.name, format = self.format.rawValue, at = self.at
+            var fd: Int32 = 1
+            var partial: String?
+            if let output {
+                let tmp = output + ".partial-\(getpid())"
+                fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+                guard fd >= 0 else { fail(WeftError(.invalidArgument, "cannot write \(output): \(String(cString: strerror(errno)))"), json: g.json) }
+                partial = tmp
+            }
+            let out = fd, tmp = partial
+            let rows = try await withCluster(g) { c in
+                do {
+                    return try await TableExchange.export(c, name, format: format, to: out, at: at)
+                } catch {
+                    // Errors end the process in withCluster: no partial file stays.
+                    if let tmp { unlink(tmp) }
+                    throw error
+                }
+            }
+            if let partial, let output {
+                guard fsync(fd) == 0, close(fd) == 0, rename(partial, output) == 0 else {
+                    let why = String(cString: strerror(errno))
+                    unlink(partial)
+                    fail(WeftError(.storage, "cannot finish \(output): \(why)"), json: g.json)
+                }
+                print(g.json ? jsonLine(["table": name, "rows": rows, "format": format, "output": output])
+                             : "exported \(rows) rows of table \(name) to \(output) (\(format))")
+            }
+        }
+    }
 
     struct Load: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "load", abstract: "Load a file as a table: one transaction, or batches (with a progress bar) that become visible together.")
         @OptionGroup var global: GlobalOptions
         @Argument var name: String
         @Argument var file: String
-        @Option(help: "lines: every line a row keyed by its line number; kv: key<TAB>value lines.") var format: Format = .lines
+        @Option(help: "lines: every line a row keyed by its line number; kv: key<TAB>value lines; jsonl and csv: as `table export` writes them.") var format: Format = .lines
         @Flag(help: "Replace an existing table atomically.") var overwrite = false
 
         @Option(help: "Participants that hold each block (1...\(Limits.tableReplicasMax)); a reader whose replica is missing or corrupt uses another.")

@@ -123,8 +123,9 @@ public enum Limits {
     /// Times the server re-runs an EXEC (or a read-modify-write command)
     /// whose commit lost a conflict before it answers with the conflict.
     public static let respConflictRetriesMax = 64
-    /// Open SCAN cursors one connection keeps; the oldest is forgotten.
-    public static let respCursorsMax = 1024
+    /// Open SCAN cursors a server keeps (any connection may continue one);
+    /// the oldest is forgotten.
+    public static let respCursorsMax = 65_536
     /// Open RESP connections per listener; more are refused.
     public static let respConnectionsMax = 10_000
 }

@@ -715,7 +715,12 @@ extension TableStore {
         guard fd >= 0 else { throw WeftError(.invalidArgument, "cannot read \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         let fileBytes = Int(st.st_size)
-        let w = try TableWriter(client: client, name: name, format: format, overwrite: overwrite, replicas: replicas)
+        guard TableExchange.formats.contains(format) else {
+            throw WeftError(.invalidArgument, "unknown load format \(format) (one of \(TableExchange.formats.joined(separator: ", ")))")
+        }
+        // jsonl and csv files hold either kind of table; their first record says which.
+        let tableFormat = format == "jsonl" || format == "csv" ? try TableExchange.sniff(path: path, format: format) : format
+        let w = try TableWriter(client: client, name: name, format: tableFormat, overwrite: overwrite, replicas: replicas)
         try await w.start()
         do {
             var seen: [ByteKey: Int] = [:]
@@ -724,9 +729,34 @@ extension TableStore {
             var buffer = Bytes(repeating: 0, count: loadChunkBytes)
             var read = 0
             var sealed: [Bytes] = []
+            // A jsonl line may escape every byte as \u00XX.
+            let lineMax = format == "jsonl" ? 6 * Limits.tableRowBytesMax + 1024 : Limits.tableRowBytesMax
+            var csv = CSVReader(maxBytes: 2 * Limits.tableRowBytesMax + 16)
+            func keyed(_ key: Bytes, _ value: Bytes) throws {
+                if let first = seen.updateValue(lineNo, forKey: ByteKey(key)) {
+                    throw WeftError(.invalidArgument, "\(path):\(lineNo): key '\(String(decoding: key, as: UTF8.self))' repeats the key of line \(first); nothing was loaded")
+                }
+                if let b = try w.addRow(key, value) { sealed.append(b) }
+            }
+            func record(_ fields: [Bytes], _ n: Int) throws {
+                lineNo = n
+                if n == 1 { return }   // the header
+                let want = tableFormat == "kv" ? 2 : 1
+                guard fields.count == want else {
+                    if fields.count == 1 && fields[0].isEmpty { return }   // a blank line
+                    throw WeftError(.invalidArgument, "\(path): record \(n) has \(fields.count) fields, the header \(want); nothing was loaded")
+                }
+                if want == 2 { return try keyed(fields[0], fields[1]) }
+                try fields[0].withUnsafeBytes { if let b = try w.addLine($0) { sealed.append(b) } }
+            }
             func row(_ line: UnsafeRawBufferPointer) throws {
-                if line.count > Limits.tableRowBytesMax { throw tooLong() }
+                if line.count > lineMax { throw tooLong() }
                 lineNo += 1
+                if format == "jsonl" {
+                    guard let (k, v) = try TableExchange.parseJSONLine(line, kv: tableFormat == "kv", where: "\(path):\(lineNo)") else { return }
+                    if let k { return try keyed(k, v) }
+                    return try v.withUnsafeBytes { if let b = try w.addLine($0) { sealed.append(b) } }
+                }
                 if format == "lines" {
                     if let b = try w.addLine(line) { sealed.append(b) }
                     return
@@ -754,10 +784,11 @@ extension TableStore {
                 read += got
                 try buffer.withUnsafeBytes { all in
                     let buf = UnsafeRawBufferPointer(rebasing: all[0..<got])
+                    if format == "csv" { return try csv.feed(buf, record) }
                     var i = 0
                     while i < got {
                         guard let found = memchr(buf.baseAddress! + i, 10, got - i) else {
-                            if pending.count + (got - i) > Limits.tableRowBytesMax { throw tooLong() }
+                            if pending.count + (got - i) > lineMax { throw tooLong() }
                             pending.append(contentsOf: buf[i...])
                             break
                         }
@@ -765,7 +796,7 @@ extension TableStore {
                         if pending.isEmpty {
                             try row(UnsafeRawBufferPointer(rebasing: buf[i..<nl]))
                         } else {
-                            if pending.count + (nl - i) > Limits.tableRowBytesMax { throw tooLong() }
+                            if pending.count + (nl - i) > lineMax { throw tooLong() }
                             pending.append(contentsOf: buf[i..<nl])
                             try pending.withUnsafeBytes { try row($0) }
                             pending.removeAll(keepingCapacity: true)
@@ -779,6 +810,7 @@ extension TableStore {
             }
             // The last line has no newline.
             if !pending.isEmpty { try pending.withUnsafeBytes { try row($0) } }
+            if format == "csv" { try csv.finish(record) }
             for b in sealed { try await w.submit(b) }
             let ts = try await w.finish()
             progress?(read, max(fileBytes, read), w.rows)

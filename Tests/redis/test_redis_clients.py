@@ -289,13 +289,17 @@ class RedisCliTests(ServerTest):
         self.assertEqual(self.cli_text("dbsize"), str(len(want | other)))
         got = self.cli_text("--scan", "--pattern", "sc:a:*").splitlines()
         self.assertEqual(sorted(got), sorted(want), "redis-cli --scan --pattern sc:a:*")
-        # the same connection for every step: commands piped to one redis-cli
-        out = self.cli_text(input=b"SCAN 0 MATCH sc:a:* COUNT 10\nSCAN 1 MATCH sc:a:* COUNT 10\n"
-                                  b"SCAN 2 MATCH sc:a:* COUNT 10\n").splitlines()
-        self.assertEqual(out[0], "1", f"first SCAN cursor: {out}")
-        self.assertFalse([x for x in out if x.startswith("ERR")], f"SCAN on one connection: {out}")
-        got = [x for x in out if x.startswith("sc:")]
-        self.assertEqual(sorted(got), sorted(want), f"SCAN 0/1/2 MATCH sc:a:* COUNT 10 on one connection: {out}")
+        # step by step, each call continuing the cursor the last one returned
+        cursor, got = "0", []
+        for _ in range(10):
+            out = self.cli_text("scan", cursor, "match", "sc:a:*", "count", "10").splitlines()
+            self.assertFalse([x for x in out if x.startswith("ERR")], f"SCAN {cursor}: {out}")
+            cursor = out[0]
+            got += [x for x in out[1:] if x.startswith("sc:")]
+            if cursor == "0":
+                break
+        self.assertEqual(cursor, "0", "SCAN finished within 10 calls")
+        self.assertEqual(sorted(got), sorted(want), f"SCAN MATCH sc:a:* COUNT 10 step by step: {got}")
         out = self.cli("scan", "0", "match", "sc:b:*", "count", "1000").decode().split("\n")
         self.assertEqual(out[0], "0", f"SCAN 0 MATCH sc:b:* COUNT 1000 should finish in one call: {out!r}")
         self.assertEqual(sorted(x for x in out[1:] if x), sorted(f"sc:b:{i}" for i in range(7)))

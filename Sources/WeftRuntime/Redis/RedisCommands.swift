@@ -79,9 +79,6 @@ final class RedisSession: @unchecked Sendable {
     var multiDirty = false
     /// WATCHed keys and the version each had when watched (0: absent).
     var watched: [(key: Bytes, version: Timestamp)] = []
-    var cursors: [UInt64: Bytes] = [:]
-    var cursorOrder: [UInt64] = []
-    var nextCursor: UInt64 = 1
     var client: WeftClient { fe.client }
 
     init(frontEnd: RedisFrontEnd, id: Int64) {
@@ -571,8 +568,8 @@ final class RedisSession: @unchecked Sendable {
         }
         var after: Bytes?
         if cursor != 0 {
-            guard let k = cursors[cursor] else {
-                return .error("ERR cursor \(cursor) is unknown to this connection or expired (a connection keeps Limits.respCursorsMax = \(Limits.respCursorsMax) cursors)")
+            guard let k = fe.cursor(cursor) else {
+                return .error("ERR cursor \(cursor) is unknown or expired (the server keeps the newest Limits.respCursorsMax = \(Limits.respCursorsMax) cursors)")
             }
             after = k
         }
@@ -600,13 +597,7 @@ final class RedisSession: @unchecked Sendable {
                 rows.removeLast(rows.count - count)
             }
             var next: UInt64 = 0
-            if more, let last = rows.last {
-                next = nextCursor
-                nextCursor += 1
-                cursors[next] = last.key
-                cursorOrder.append(next)
-                if cursorOrder.count > Limits.respCursorsMax { cursors[cursorOrder.removeFirst()] = nil }
-            }
+            if more, let last = rows.last { next = fe.saveCursor(last.key) }
             let keys = rows.map(\.key).filter { k in pattern.map { Glob.matches($0, k) } ?? true }
             return .array([.bulk(String(next)), .array(keys.map { .bulk($0) })])
         } catch {

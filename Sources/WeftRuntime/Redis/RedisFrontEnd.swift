@@ -27,6 +27,25 @@ public final class RedisFrontEnd: @unchecked Sendable {
     /// so that concurrent INCRs of a hot key queue instead of aborting each
     /// other's optimistic commits.
     let gate = KeyGate()
+    /// SCAN cursors, shared by every connection (a cursor from one
+    /// connection continues on another, as in Redis): id -> last key.
+    let cursorLock = NSLock()
+    var cursors: [UInt64: Bytes] = [:]
+    var cursorOrder: [UInt64] = []
+
+    func saveCursor(_ last: Bytes) -> UInt64 {
+        cursorLock.withLock {
+            var id: UInt64
+            repeat { id = UInt64.random(in: 1...UInt64(Int64.max)) } while cursors[id] != nil
+            cursors[id] = last
+            cursorOrder.append(id)
+            if cursorOrder.count > Limits.respCursorsMax { cursors[cursorOrder.removeFirst()] = nil }
+            return id
+        }
+    }
+
+    func cursor(_ id: UInt64) -> Bytes? { cursorLock.withLock { cursors[id] } }
+
     /// Lines for INFO's `# Server` section (role, data directory, ...).
     public var infoLines: @Sendable () -> [String] = { [] }
 
@@ -123,7 +142,7 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if closing { return }
+        if closing || finalError != nil { return }
         queue.append(unwrapInboundIn(data))
         if queue.count - head >= Self.queuedRequestsMax && !paused {
             paused = true
@@ -136,16 +155,15 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
         if !busy { context.flush() }
     }
 
+    /// Bad input: the requests before it are still answered (their commits
+    /// may already be running), then the error, then the connection closes.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if closing { return }
-        closing = true
-        let text: String
-        if let e = error as? RESPProtocolError { text = "ERR Protocol error: \(e.message)" } else { text = "ERR \(error)" }
-        var b = context.channel.allocator.buffer(capacity: 128)
-        RESPValue.error(text).write(to: &b, proto: session.proto)
-        let channel = context.channel
-        channel.writeAndFlush(b).whenComplete { _ in channel.close(promise: nil) }
+        if closing || finalError != nil { return }
+        if let e = error as? RESPProtocolError { finalError = "ERR Protocol error: \(e.message)" } else { finalError = "ERR \(error)" }
+        pump()
     }
+
+    var finalError: String?
 
     func channelInactive(context: ChannelHandlerContext) {
         closing = true
@@ -194,6 +212,14 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
                 }
                 return
             }
+        }
+        if head >= queue.count, !busy, !closing, let text = finalError {
+            closing = true
+            write(.error(text))
+            let channel = context.channel
+            context.flush()
+            channel.close(promise: nil)
+            return
         }
         if head >= queue.count {
             queue.removeAll(keepingCapacity: true)
