@@ -120,9 +120,10 @@ public enum Limits {
     public static let respInlineBytesMax = 64 << 10
     /// Commands one connection may queue inside MULTI.
     public static let respMultiCommandsMax = 100_000
-    /// Times the server re-runs an EXEC (or a read-modify-write command)
-    /// whose commit lost a conflict before it answers with the conflict.
-    public static let respConflictRetriesMax = 64
+    /// How long the server keeps re-running a command or an EXEC whose
+    /// commit lost a conflict (with back-off) before it answers with the
+    /// conflict, in ms.
+    public static let respConflictRetryMillisMax: UInt64 = 10_000
     /// Open SCAN cursors a server keeps (any connection may continue one);
     /// the oldest is forgotten.
     public static let respCursorsMax = 65_536

@@ -331,12 +331,16 @@ final class RedisSession: @unchecked Sendable {
     }
 
     /// Runs one command as its own transaction; a conflict reruns it on a
-    /// fresh snapshot (nothing was answered yet), up to
-    /// `Limits.respConflictRetriesMax` times.
+    /// fresh snapshot (nothing was answered yet), with back-off, for up to
+    /// `Limits.respConflictRetryMillisMax`.
     func retrying(_ name: String, _ args: [Bytes], blind: Bool) async -> RESPValue {
         var lastConflict: WeftError?
-        for attempt in 0..<Limits.respConflictRetriesMax {
-            if attempt > 0 { try? await Task.sleep(nanoseconds: UInt64.random(in: 0...UInt64(min(attempt, 8)) * 200_000)) }
+        let deadline = wallMillis() + Limits.respConflictRetryMillisMax
+        for attempt in 0... {
+            if attempt > 0 {
+                if wallMillis() >= deadline { break }
+                await Self.backOff(attempt)
+            }
             var txn: TxnId?
             do {
                 let t = blind ? Transaction(client: client, startTs: 0) : try await client.begin()
@@ -351,7 +355,15 @@ final class RedisSession: @unchecked Sendable {
                 return Self.errorReply(error, txn: txn)
             }
         }
-        return .error("ERR conflict: \(lastConflict?.message ?? "") (gave up after Limits.respConflictRetriesMax = \(Limits.respConflictRetriesMax) attempts)")
+        return .error("ERR conflict: \(lastConflict?.message ?? "") (still conflicting after Limits.respConflictRetryMillisMax = \(Limits.respConflictRetryMillisMax) ms of retries)")
+    }
+
+    /// Randomized exponential back-off before retry `attempt`: up to
+    /// 0.25 ms doubled per attempt, at most 50 ms. A prepared lock is held
+    /// for a whole two-phase commit, so retrying at once mostly meets it again.
+    static func backOff(_ attempt: Int) async {
+        let capMicros = min(50_000, 250 << min(attempt, 10))
+        try? await Task.sleep(nanoseconds: UInt64.random(in: UInt64(capMicros / 4)...UInt64(capMicros)) * 1000)
     }
 
     static func errorReply(_ error: any Error, txn: TxnId?) -> RESPValue {
@@ -514,8 +526,12 @@ final class RedisSession: @unchecked Sendable {
         multi = nil
         watched = []
         var lastConflict: WeftError?
-        for attempt in 0..<Limits.respConflictRetriesMax {
-            if attempt > 0 { try? await Task.sleep(nanoseconds: UInt64.random(in: 0...UInt64(min(attempt, 8)) * 200_000)) }
+        let deadline = wallMillis() + Limits.respConflictRetryMillisMax
+        for attempt in 0... {
+            if attempt > 0 {
+                if wallMillis() >= deadline { break }
+                await Self.backOff(attempt)
+            }
             var txn: TxnId?
             do {
                 let t = try await client.begin()
@@ -537,7 +553,7 @@ final class RedisSession: @unchecked Sendable {
                 return Self.errorReply(error, txn: txn)
             }
         }
-        return .error("ERR conflict: \(lastConflict?.message ?? "") (EXEC gave up after Limits.respConflictRetriesMax = \(Limits.respConflictRetriesMax) attempts)")
+        return .error("ERR conflict: \(lastConflict?.message ?? "") (EXEC still conflicting after Limits.respConflictRetryMillisMax = \(Limits.respConflictRetryMillisMax) ms of retries)")
     }
 
     // MARK: SCAN, DBSIZE
