@@ -13,7 +13,9 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
     let router: any Transport
     let lock = NSLock()
     var nextReq: UInt64 = 1
-    var pending: [UInt64: (deadline: UInt64, cont: CheckedContinuation<Message, any Error>)] = [:]
+    /// Waiting requests: their deadline and what to do with the answer
+    /// (resume an async caller, or a callback's closure).
+    var pending: [UInt64: (deadline: UInt64, done: @Sendable (Result<Message, any Error>) -> Void)] = [:]
     /// Where each waiting request went, and whether it asked to commit.
     var destinations: [UInt64: (to: NodeAddress, commit: Bool)] = [:]
     public var requestTimeoutMillis: UInt64 = 30_000
@@ -67,7 +69,7 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         let p = pending.removeValue(forKey: req)
         destinations[req] = nil
         lock.unlock()
-        p?.cont.resume(returning: env.message)
+        p?.done(.success(env.message))
     }
 
     func sweep() {
@@ -80,7 +82,7 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         }
         lock.unlock()
         for (_, p) in expired {
-            p.cont.resume(throwing: WeftError(.timeout, "no reply within \(requestTimeoutMillis) ms"))
+            p.done(.failure(WeftError(.timeout, "no reply within \(requestTimeoutMillis) ms")))
         }
     }
 
@@ -98,9 +100,9 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         lock.unlock()
         for (req, p) in gone {
             if commits.contains(req) {
-                p.cont.resume(throwing: WeftError(.outcomeUnknown, "\(error.message); the commit may or may not have happened"))
+                p.done(.failure(WeftError(.outcomeUnknown, "\(error.message); the commit may or may not have happened")))
             } else {
-                p.cont.resume(throwing: error)
+                p.done(.failure(error))
             }
         }
     }
@@ -111,30 +113,39 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
         pending.removeAll()
         destinations.removeAll()
         lock.unlock()
-        for (_, p) in all { p.cont.resume(throwing: error) }
+        for (_, p) in all { p.done(.failure(error)) }
     }
 
     func call(_ to: NodeAddress, _ build: (UInt64) -> Message) async throws -> Message {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Message, any Error>) in
+            call(to, build) { c.resume(with: $0) }
+        }
+    }
+
+    /// Sends a request and hands its answer (a `.failed` reply as an
+    /// error) to `done`, on whichever thread delivers it: the path of the
+    /// Redis front end, which answers from callbacks rather than tasks.
+    public func call(_ to: NodeAddress, _ build: (UInt64) -> Message, _ done: @escaping @Sendable (Result<Message, any Error>) -> Void) {
         let req = lock.withLock {
             defer { nextReq += 1 }
             return nextReq
         }
         let msg = build(req)
-        let reply = try await withCheckedThrowingContinuation { (c: CheckedContinuation<Message, any Error>) in
-            let admitted = lock.withLock {
-                if pending.count >= Limits.clientInFlightMax { return false }
-                pending[req] = (wallMillis() + requestTimeoutMillis, c)
-                if case .commit = msg { destinations[req] = (to, true) } else { destinations[req] = (to, false) }
-                return true
-            }
-            if admitted {
-                router.send(Envelope(from: me, to: to, msg))
-            } else {
-                c.resume(throwing: WeftError(.unavailable, "more than \(Limits.clientInFlightMax) requests in flight (Limits.clientInFlightMax)"))
-            }
+        let finish: @Sendable (Result<Message, any Error>) -> Void = { r in
+            if case .success(.failed(_, let error)) = r { return done(.failure(error)) }
+            done(r)
         }
-        if case .failed(_, let error) = reply { throw error }
-        return reply
+        let admitted = lock.withLock {
+            if pending.count >= Limits.clientInFlightMax { return false }
+            pending[req] = (wallMillis() + requestTimeoutMillis, finish)
+            if case .commit = msg { destinations[req] = (to, true) } else { destinations[req] = (to, false) }
+            return true
+        }
+        if admitted {
+            router.send(Envelope(from: me, to: to, msg))
+        } else {
+            done(.failure(WeftError(.unavailable, "more than \(Limits.clientInFlightMax) requests in flight (Limits.clientInFlightMax)")))
+        }
     }
 
     // MARK: API
@@ -149,17 +160,22 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
     /// for each of them (timestamp batching, as TiDB's PD client does).
     public func now() async throws -> Timestamp {
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Timestamp, any Error>) in
-            let first: Bool = lock.withLock {
-                tsWaiting.append(c)
-                if tsInFlight { return false }
-                tsInFlight = true
-                return true
-            }
-            if first { fetchTimestamp() }
+            now { c.resume(with: $0) }
         }
     }
 
-    var tsWaiting: [CheckedContinuation<Timestamp, any Error>] = []
+    /// `now()` for callers that take a callback.
+    public func now(_ done: @escaping @Sendable (Result<Timestamp, any Error>) -> Void) {
+        let first: Bool = lock.withLock {
+            tsWaiting.append(done)
+            if tsInFlight { return false }
+            tsInFlight = true
+            return true
+        }
+        if first { fetchTimestamp() }
+    }
+
+    var tsWaiting: [@Sendable (Result<Timestamp, any Error>) -> Void] = []
     var tsInFlight = false
 
     /// Asks the oracle once for everyone waiting now; then again if more came.
@@ -168,15 +184,14 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
             defer { tsWaiting = [] }
             return tsWaiting
         }
-        Task {
+        call(.coordinator, { .begin(req: $0) }) { [self] r in
             let result: Result<Timestamp, any Error>
-            do {
-                guard case .began(_, let ts) = try await call(.coordinator, { .begin(req: $0) }) else { throw unexpected() }
-                result = .success(ts)
-            } catch {
-                result = .failure(error)
+            switch r {
+            case .success(.began(_, let ts)): result = .success(ts)
+            case .success: result = .failure(unexpected())
+            case .failure(let e): result = .failure(e)
             }
-            for c in batch { c.resume(with: result) }
+            for done in batch { done(result) }
             let more: Bool = lock.withLock {
                 if tsWaiting.isEmpty { tsInFlight = false }
                 return tsInFlight

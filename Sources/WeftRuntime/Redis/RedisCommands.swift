@@ -320,6 +320,68 @@ final class RedisSession: @unchecked Sendable {
         }
     }
 
+    /// Plain GET, SET key value and MSET, answered through callbacks: no
+    /// task is created, and the reply is written from the thread that
+    /// delivered the store's answer. False: `args` needs `run`. A conflict
+    /// hands the command to `run`, which retries it with back-off.
+    func fast(_ args: [Bytes], _ done: @escaping @Sendable (RESPValue) -> Void) -> Bool {
+        let name = Self.lower(args[0])
+        let client = self.client
+        switch name {
+        case "get":
+            let key = args[1]
+            do { try WeftError.checkKey(key) } catch { done(.error("ERR \(error.message)")); return true }
+            client.now { r in
+                switch r {
+                case .failure(let e): done(Self.errorReply(e, txn: nil))
+                case .success(let ts):
+                    client.call(.participant(client.owner(of: key)), { .read(req: $0, key: key, ts: ts) }) { r in
+                        switch r {
+                        case .success(.readResult(_, let value, _)): done(value.map { .bulk($0) } ?? .null)
+                        case .success: done(.error("ERR unexpected reply"))
+                        case .failure(let e): done(Self.errorReply(e, txn: nil))
+                        }
+                    }
+                }
+            }
+            return true
+        case "set", "mset":
+            if name == "set" && args.count != 3 { return false }
+            if name == "mset" && args.count % 2 == 0 { return false }
+            var values: [ByteKey: Bytes] = [:]
+            var order: [Bytes] = []
+            do {
+                for i in stride(from: 1, to: args.count, by: 2) {
+                    try WeftError.checkKey(args[i])
+                    try WeftError.checkValue(args[i + 1])
+                    if values.updateValue(args[i + 1], forKey: ByteKey(args[i])) == nil { order.append(args[i]) }
+                }
+                if order.count > Limits.txnWritesMax { return false }
+            } catch {
+                done(.error("ERR \(error.message)"))
+                return true
+            }
+            var parts: [ParticipantId: TxnPart] = [:]
+            for k in order { parts[client.owner(of: k), default: TxnPart()].writes.append(WriteOp(key: k, value: values[ByteKey(k)]!)) }
+            client.call(.coordinator, { .commit(req: $0, txn: 0, startTs: 0, parts: parts) }) { [self] r in
+                switch r {
+                case .success(.commitResult(_, let txn, let outcome)):
+                    switch outcome {
+                    case .committed: done(.ok)
+                    case .aborted(let e) where e.code == .conflict: Task { done(await self.run(args)) }
+                    case .aborted(let e): done(Self.errorReply(e, txn: txn))
+                    case .unknown(let e): done(Self.errorReply(e, txn: txn))
+                    }
+                case .success: done(.error("ERR unexpected reply"))
+                case .failure(let e): done(Self.errorReply(e, txn: nil))
+                }
+            }
+            return true
+        default:
+            return false
+        }
+    }
+
     /// A single-key read-modify-write command waits its turn for the key
     /// among this process's connections, then runs with retries.
     func readModifyWrite(_ name: String, _ args: [Bytes]) async -> RESPValue {

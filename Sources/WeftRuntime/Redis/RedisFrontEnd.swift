@@ -202,13 +202,17 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
                 context.flush()
                 let loop = context.eventLoop
                 let session = self.session
-                Task {
-                    let v = await session.run(args)
+                let done: @Sendable (RESPValue) -> Void = { v in
                     loop.execute {
                         self.busy = false
                         self.write(v)
                         self.pump()
                     }
+                }
+                // Plain GET, SET and MSET answer from callbacks on the
+                // nodes' threads; the rest run as a task.
+                if !session.fast(args, done) {
+                    Task { done(await session.run(args)) }
                 }
                 return
             }
