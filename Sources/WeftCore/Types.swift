@@ -3,6 +3,11 @@
 /// `0` means "before everything": a key that was never written has version 0.
 public typealias Timestamp = UInt64
 
+/// The read timestamp that asks a participant for a key's newest
+/// committed version (see `ParticipantMachine.onRead`): a single-key read
+/// that is linearizable without first asking the oracle for a timestamp.
+public let readLatestTs: Timestamp = .max
+
 /// A transaction is named by its start timestamp, which the oracle hands out
 /// exactly once. This makes ids unique without a second counter.
 public typealias TxnId = UInt64

@@ -253,6 +253,18 @@ public struct ParticipantMachine: Sendable {
     }
 
     mutating func onRead(from: NodeAddress, req: UInt64, key: Bytes, ts: Timestamp, original: Message) {
+        if ts == readLatestTs {
+            // The newest committed version of one key. Every write
+            // acknowledged before this read arrived is here already: a
+            // one-phase commit is applied before it is acknowledged, and a
+            // two-phase one holds its lock here until its decision arrives,
+            // so a locked key waits for that. The read is not recorded in
+            // the read cache: no one learns a timestamp for it, so a later
+            // commit below it changes nothing anyone observed at a timestamp.
+            if let holder = locks[ByteKey(key)], prepared[holder] != nil { return park(holder, from, original) }
+            let (value, version) = store.read(key, at: ts)
+            return send(from, .readResult(req: req, value: value, version: version))
+        }
         if let e = checkReadTs(ts) { return send(from, .failed(req: req, error: e)) }
         if let holder = locks[ByteKey(key)], let p = prepared[holder], p.commitTs <= ts {
             return park(holder, from, original)

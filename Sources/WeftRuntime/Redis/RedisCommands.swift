@@ -331,17 +331,13 @@ final class RedisSession: @unchecked Sendable {
         case "get":
             let key = args[1]
             do { try WeftError.checkKey(key) } catch { done(.error("ERR \(error.message)")); return true }
-            client.now { r in
+            // One key needs no snapshot timestamp: its owner answers with the
+            // newest committed version (waiting out a prepared lock).
+            client.call(.participant(client.owner(of: key)), { .read(req: $0, key: key, ts: readLatestTs) }) { r in
                 switch r {
+                case .success(.readResult(_, let value, _)): done(value.map { .bulk($0) } ?? .null)
+                case .success: done(.error("ERR unexpected reply"))
                 case .failure(let e): done(Self.errorReply(e, txn: nil))
-                case .success(let ts):
-                    client.call(.participant(client.owner(of: key)), { .read(req: $0, key: key, ts: ts) }) { r in
-                        switch r {
-                        case .success(.readResult(_, let value, _)): done(value.map { .bulk($0) } ?? .null)
-                        case .success: done(.error("ERR unexpected reply"))
-                        case .failure(let e): done(Self.errorReply(e, txn: nil))
-                        }
-                    }
                 }
             }
             return true
