@@ -8,8 +8,9 @@ import WeftCore
 /// - `entries[i]` holds a key's newest version inline and links older ones
 ///   through `older` (newest first);
 /// - an open-addressing hash table of entry indices serves point reads;
-/// - `sorted` (big, sorted) plus `pending` (small, sorted) order entries by key
-///   for scans; `pending` is merged into `sorted` when it outgrows ~2*sqrt(n).
+/// - `sorted` (big, sorted) plus `pending` (unsorted, new keys) order entries
+///   by key for scans; `pending` is sorted and merged into `sorted` before a
+///   scan, or when it outgrows a quarter of `sorted`.
 ///
 /// Invariants: versions of a key are applied in strictly increasing timestamp
 /// order; an entry that garbage collection removed is `dead` and is never
@@ -148,7 +149,7 @@ public struct MVCCStore: Sendable {
                     deadInOrder -= 1
                 } else {
                     ordered[Int(i)] = true
-                    pending.insert(i, at: lowerBound(pending, key))
+                    pending.append(i)
                 }
             } else {
                 let slot = allocOld(OldVersion(ts: e.ts, valueRef: e.valueRef, next: e.older))
@@ -166,13 +167,8 @@ public struct MVCCStore: Sendable {
         ordered.append(true)
         liveKeys += 1
         insertSlot(index, hash: keyHash(key))
-        if bulk {
-            pending.append(index)
-            return
-        }
-        let p = lowerBound(pending, key)
-        pending.insert(index, at: p)
-        mergePendingIfNeeded(force: false)
+        pending.append(index)
+        if !bulk { mergePendingIfNeeded(force: false) }
     }
 
     /// Installs the writes of one commit at `ts`. A write set larger than
@@ -198,27 +194,16 @@ public struct MVCCStore: Sendable {
     public mutating func endBulkLoad() {
         precondition(bulk)
         bulk = false
-        // Local copies (no element is copied): a closure that captured
-        // `self` would copy the whole store, retaining every array of it,
-        // for each comparison.
-        let (a, entries) = (arena, entries)
-        pending.sort { x, y in
-            a.withBytes(entries[Int(x)].keyRef) { kx in a.withBytes(entries[Int(y)].keyRef) { ky in compareBytes(kx, ky) < 0 } }
-        }
         mergePendingIfNeeded(force: true)
     }
 
-    /// How many keys wait in `pending` before they are merged into the
-    /// order: about 8 * sqrt(n), at least 1024. A merge costs a key
-    /// comparison per key (n), an insertion into `pending` moves 4 bytes
-    /// per pending key: with 8 sqrt(n) merges cost ~sqrt(n)/8 comparisons
-    /// per insert (a fifth of the CPU of a stream of random SETs at
-    /// 2 sqrt(n)), and an insertion moves at most 32 sqrt(n) bytes.
-    var mergeBound: Int {
-        var bound = 1024
-        while bound * bound < sorted.count * 64 { bound *= 2 }
-        return bound
-    }
+    /// How many new keys wait, unsorted, in `pending` before they are
+    /// sorted and merged into the order: a quarter of the ordered keys, at
+    /// least 1024. A merge costs p log p + n comparisons, so each insert
+    /// pays O(log n) of them; a sorted insertion with a merge every
+    /// ~2 sqrt(n) paid ~sqrt(n), a third of a participant's CPU under a
+    /// stream of random SETs. Scans merge first, whatever is pending.
+    var mergeBound: Int { max(1024, sorted.count / 4) }
 
     /// Drops versions no read at or after `horizon` can see. Returns, per
     /// commit timestamp, how many versions written at that timestamp were
@@ -345,15 +330,22 @@ public struct MVCCStore: Sendable {
         arena.withBytes(entries[Int(a)].keyRef) { ka in arena.withBytes(entries[Int(b)].keyRef) { kb in compareBytes(ka, kb) < 0 } }
     }
 
-    /// Merges `pending` into `sorted` when it outgrows ~2*sqrt(n) (or when
+    /// Sorts `pending` and merges it into `sorted` when it outgrows `mergeBound` (or when
     /// forced, before a scan), dropping entries that died since the last merge.
     mutating func mergePendingIfNeeded(force: Bool) {
         if pending.isEmpty && !(force && deadInOrder > 0) { return }
         if !force && pending.count < mergeBound { return }
         var merged: [Int32] = []
         merged.reserveCapacity(sorted.count + pending.count)
-        // Local copies, so comparing keys does not copy the store (see endBulkLoad).
-        let (arena, entries, sorted, pending) = (arena, entries, sorted, pending)
+        // Local copies (no element is copied): a closure that captured
+        // `self` would copy the whole store, retaining every array of it,
+        // for each comparison.
+        let (arena, entries, sorted) = (arena, entries, sorted)
+        var pending = self.pending
+        self.pending = []
+        pending.sort { x, y in
+            arena.withBytes(entries[Int(x)].keyRef) { kx in arena.withBytes(entries[Int(y)].keyRef) { ky in compareBytes(kx, ky) < 0 } }
+        }
         var a = 0, b = 0
         while a < sorted.count || b < pending.count {
             let take: Int32
@@ -371,7 +363,8 @@ public struct MVCCStore: Sendable {
             }
         }
         self.sorted = merged
-        self.pending.removeAll(keepingCapacity: true)
+        pending.removeAll(keepingCapacity: true)
+        self.pending = pending
         deadInOrder = 0
     }
 
