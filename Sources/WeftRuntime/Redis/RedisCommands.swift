@@ -90,6 +90,19 @@ final class RedisSession: @unchecked Sendable {
     func closed() {}
 
     static func lower(_ b: Bytes) -> String { String(decoding: b, as: UTF8.self).lowercased() }
+
+    /// Command names as clients send them (lower or upper case) to the
+    /// table's name, without building and lowercasing a String per request.
+    static let names: [ByteKey: String] = {
+        var d: [ByteKey: String] = [:]
+        for n in RedisCommandSpec.table.keys {
+            d[ByteKey(Bytes(n.utf8))] = n
+            d[ByteKey(Bytes(n.uppercased().utf8))] = n
+        }
+        return d
+    }()
+
+    static func commandName(_ b: Bytes) -> String { names[ByteKey(b)] ?? lower(b) }
     static func text(_ b: Bytes) -> String { String(decoding: b, as: UTF8.self) }
 
     static func unknown(_ args: [Bytes]) -> RESPValue {
@@ -102,7 +115,7 @@ final class RedisSession: @unchecked Sendable {
     // MARK: Immediate commands
 
     func immediate(_ args: [Bytes]) -> Immediate {
-        let name = Self.lower(args[0])
+        let name = Self.commandName(args[0])
         guard let spec = RedisCommandSpec.table[name] else {
             if multi != nil { multiDirty = true }
             return .reply(Self.unknown(args))
@@ -292,7 +305,7 @@ final class RedisSession: @unchecked Sendable {
     // MARK: Commands that use the store
 
     func run(_ args: [Bytes]) async -> RESPValue {
-        let name = Self.lower(args[0])
+        let name = Self.commandName(args[0])
         let spec = RedisCommandSpec.table[name]!
         switch name {
         case "exec": return await exec()
@@ -325,7 +338,7 @@ final class RedisSession: @unchecked Sendable {
     /// delivered the store's answer. False: `args` needs `run`. A conflict
     /// hands the command to `run`, which retries it with back-off.
     func fast(_ args: [Bytes], _ done: @escaping @Sendable (RESPValue) -> Void) -> Bool {
-        let name = Self.lower(args[0])
+        let name = Self.commandName(args[0])
         let client = self.client
         switch name {
         case "get":
@@ -601,7 +614,7 @@ final class RedisSession: @unchecked Sendable {
                 var replies: [RESPValue] = []
                 replies.reserveCapacity(queued.count)
                 for args in queued {
-                    replies.append(try await apply(Self.lower(args[0]), args, in: t))
+                    replies.append(try await apply(Self.commandName(args[0]), args, in: t))
                 }
                 if t.hasWrites { try await t.commit() }
                 return .array(replies)

@@ -77,7 +77,7 @@ public final class RedisFrontEnd: @unchecked Sendable {
                     }
                     let session = RedisSession(frontEnd: self, id: id)
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(RESPDecoder()))
-                    try channel.pipeline.syncOperations.addHandler(RedisConnection(session: session))
+                    try channel.pipeline.syncOperations.addHandler(RedisConnection(session: session, mailbox: mailbox(for: channel.eventLoop)))
                     channel.closeFuture.whenComplete { [self] _ in lock.withLock { open -= 1 } }
                 }
             }
@@ -89,6 +89,18 @@ public final class RedisFrontEnd: @unchecked Sendable {
                 throw WeftError(.unavailable, "redis port \(endpoint.port) on \(endpoint.host) is already in use by another process; pick another --redis-port")
             }
             throw WeftError(.unavailable, "cannot listen for Redis clients on \(endpoint): \(text)")
+        }
+    }
+
+    var mailboxes: [ObjectIdentifier: ReplyMailbox] = [:]
+
+    func mailbox(for loop: EventLoop) -> ReplyMailbox {
+        lock.withLock {
+            let id = ObjectIdentifier(loop as AnyObject)
+            if let m = mailboxes[id] { return m }
+            let m = ReplyMailbox(loop: loop)
+            mailboxes[id] = m
+            return m
         }
     }
 
@@ -136,7 +148,12 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Requests buffered before the connection stops reading from its socket.
     static let queuedRequestsMax = 1024
 
-    init(session: RedisSession) { self.session = session }
+    let mailbox: ReplyMailbox
+
+    init(session: RedisSession, mailbox: ReplyMailbox) {
+        self.session = session
+        self.mailbox = mailbox
+    }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
@@ -152,7 +169,7 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        if !busy { context.flush() }
+        if !busy { flush() }
     }
 
     /// Bad input: the requests before it are still answered (their commits
@@ -171,11 +188,21 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
         context.fireChannelInactive()
     }
 
+    /// Replies not yet handed to the channel: one buffer per flush.
+    var out: ByteBuffer?
+
     func write(_ v: RESPValue) {
         guard let context else { return }
-        var b = context.channel.allocator.buffer(capacity: 64)
-        v.write(to: &b, proto: session.proto)
-        context.write(NIOAny(b), promise: nil)
+        if out == nil { out = context.channel.allocator.buffer(capacity: 256) }
+        v.write(to: &out!, proto: session.proto)
+    }
+
+    func flush() {
+        guard let context else { return }
+        if let b = out, b.readableBytes > 0 {
+            out = nil
+            context.writeAndFlush(NIOAny(b), promise: nil)
+        }
     }
 
     /// Runs queued requests until one has to wait for the store.
@@ -194,21 +221,15 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
             case .quit(let v):
                 closing = true
                 write(v)
-                context.flush()
+                flush()
                 context.close(promise: nil)
                 return
             case .wait:
                 busy = true
-                context.flush()
-                let loop = context.eventLoop
+                flush()
                 let session = self.session
-                let done: @Sendable (RESPValue) -> Void = { v in
-                    loop.execute {
-                        self.busy = false
-                        self.write(v)
-                        self.pump()
-                    }
-                }
+                let mailbox = self.mailbox
+                let done: @Sendable (RESPValue) -> Void = { v in mailbox.post(self, v) }
                 // Plain GET, SET and MSET answer from callbacks on the
                 // nodes' threads; the rest run as a task.
                 if !session.fast(args, done) {
@@ -220,9 +241,8 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
         if head >= queue.count, !busy, !closing, let text = finalError {
             closing = true
             write(.error(text))
-            let channel = context.channel
-            context.flush()
-            channel.close(promise: nil)
+            flush()
+            context.channel.close(promise: nil)
             return
         }
         if head >= queue.count {
@@ -233,6 +253,44 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
                 context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
             }
         }
-        context.flush()
+        flush()
+    }
+
+    /// An answer from the store, back on the event loop.
+    func answered(_ v: RESPValue) {
+        busy = false
+        write(v)
+        pump()
+    }
+}
+
+/// Answers coming back from the nodes' threads for one event loop's
+/// connections: posted under a lock, drained by ONE scheduled task, so a
+/// node's round of answers costs one wake-up of the loop, not one each.
+final class ReplyMailbox: @unchecked Sendable {
+    let loop: EventLoop
+    let lock = NSLock()
+    var items: [(RedisConnection, RESPValue)] = []
+    var scheduled = false
+
+    init(loop: EventLoop) { self.loop = loop }
+
+    func post(_ c: RedisConnection, _ v: RESPValue) {
+        let schedule: Bool = lock.withLock {
+            items.append((c, v))
+            if scheduled { return false }
+            scheduled = true
+            return true
+        }
+        if schedule { loop.execute { self.drain() } }
+    }
+
+    func drain() {
+        let batch: [(RedisConnection, RESPValue)] = lock.withLock {
+            scheduled = false
+            defer { items.removeAll(keepingCapacity: true) }
+            return items
+        }
+        for (c, v) in batch { c.answered(v) }
     }
 }
