@@ -134,10 +134,10 @@ struct TxnRun: AsyncParsableCommand {
                     next += 1
                     return .some(batch[next - 1])
                 }
-                if tty {
-                    FileHandle.standardError.write(Data((txn.map { "weft txn \($0.id)> " } ?? "weft> ").utf8))
-                }
-                guard let line = readLine(strippingNewline: true) else { return .none }
+                // On a terminal the prompt names the open transaction, and
+                // lines are edited with libedit when it is installed.
+                let input = tty ? LineEditor.readLine(prompt: txn.map { "weft txn \($0.id)> " } ?? "weft> ") : readLine(strippingNewline: true)
+                guard let line = input else { return .none }
                 lineNumber += 1
                 return .some(try Statement.parse(line, lineNumber: lineNumber, enc: enc))
             }
