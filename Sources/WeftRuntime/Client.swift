@@ -56,6 +56,8 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
 
     // MARK: Transport
 
+    public func enqueueAll(_ envs: [Envelope]) { for e in envs { enqueue(e) } }
+
     public func enqueue(_ env: Envelope) {
         let req: UInt64
         switch env.message {
@@ -125,7 +127,8 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
     /// Sends a request and hands its answer (a `.failed` reply as an
     /// error) to `done`, on whichever thread delivers it: the path of the
     /// Redis front end, which answers from callbacks rather than tasks.
-    public func call(_ to: NodeAddress, _ build: (UInt64) -> Message, _ done: @escaping @Sendable (Result<Message, any Error>) -> Void) {
+    public func call(_ to: NodeAddress, _ build: (UInt64) -> Message, via outbox: ((Envelope) -> Void)? = nil,
+                     _ done: @escaping @Sendable (Result<Message, any Error>) -> Void) {
         let req = lock.withLock {
             defer { nextReq += 1 }
             return nextReq
@@ -141,12 +144,16 @@ public final class WeftClient: MessageSink, @unchecked Sendable {
             if case .commit = msg { destinations[req] = (to, true) } else { destinations[req] = (to, false) }
             return true
         }
-        if admitted {
-            router.send(Envelope(from: me, to: to, msg))
-        } else {
-            done(.failure(WeftError(.unavailable, "more than \(Limits.clientInFlightMax) requests in flight (Limits.clientInFlightMax)")))
+        if !admitted {
+            return done(.failure(WeftError(.unavailable, "more than \(Limits.clientInFlightMax) requests in flight (Limits.clientInFlightMax)")))
         }
+        let env = Envelope(from: me, to: to, msg)
+        if let outbox { outbox(env) } else { router.send(env) }
     }
+
+    /// Sends envelopes gathered by callers of `call(_:_:via:_:)`, grouped
+    /// per destination.
+    public func flush(_ envs: [Envelope]) { router.sendAll(envs) }
 
     // MARK: API
 

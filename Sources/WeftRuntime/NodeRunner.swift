@@ -13,6 +13,12 @@ public func wallMillis() -> UInt64 {
 /// Something that takes envelopes for a node or a client.
 public protocol MessageSink: AnyObject, Sendable {
     func enqueue(_ env: Envelope)
+    /// Several envelopes at once (one lock, one wake-up where it can).
+    func enqueueAll(_ envs: [Envelope])
+}
+
+extension MessageSink {
+    public func enqueueAll(_ envs: [Envelope]) { for e in envs { enqueue(e) } }
 }
 
 /// The thin shell around one pure state machine: a dedicated thread that
@@ -85,6 +91,20 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
         }
         inbox.append(.envelope(env))
         if inbox.count == 1 { cond.signal() }
+        cond.unlock()
+    }
+
+    public func enqueueAll(_ envs: [Envelope]) {
+        if envs.count == 1 { return enqueue(envs[0]) }
+        cond.lock()
+        if stopped {
+            cond.unlock()
+            for env in envs { router.undeliverable(env, failure ?? WeftError(.unavailable, "\(address) is stopped")) }
+            return
+        }
+        let wasEmpty = inbox.isEmpty
+        for env in envs { inbox.append(.envelope(env)) }
+        if wasEmpty { cond.signal() }
         cond.unlock()
     }
 
@@ -276,6 +296,24 @@ public final class Router: Transport, @unchecked Sendable {
             remote.send(env)
         } else {
             undeliverable(env, failure ?? WeftError(.unavailable, "\(env.to) is not running"))
+        }
+    }
+
+    /// A round's messages, grouped by destination: one lookup and one
+    /// `enqueueAll` (one lock, at most one wake-up) per node or client.
+    public func sendAll(_ envs: [Envelope]) {
+        if envs.count <= 1 { return envs.forEach(send) }
+        var groups: [NodeAddress: [Envelope]] = [:]
+        var order: [NodeAddress] = []
+        for e in envs {
+            if groups[e.to] == nil { order.append(e.to) }
+            groups[e.to, default: []].append(e)
+        }
+        if order.count == envs.count { return envs.forEach(send) }
+        for to in order {
+            let batch = groups[to]!
+            let sink = lock.withLock { sinks[to] }
+            if let sink { sink.enqueueAll(batch) } else { batch.forEach(send) }
         }
     }
 

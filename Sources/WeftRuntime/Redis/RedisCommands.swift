@@ -337,7 +337,7 @@ final class RedisSession: @unchecked Sendable {
     /// task is created, and the reply is written from the thread that
     /// delivered the store's answer. False: `args` needs `run`. A conflict
     /// hands the command to `run`, which retries it with back-off.
-    func fast(_ args: [Bytes], _ done: @escaping @Sendable (RESPValue) -> Void) -> Bool {
+    func fast(_ args: [Bytes], via outbox: @escaping (Envelope) -> Void, _ done: @escaping @Sendable (RESPValue) -> Void) -> Bool {
         let name = Self.commandName(args[0])
         let client = self.client
         switch name {
@@ -346,7 +346,7 @@ final class RedisSession: @unchecked Sendable {
             do { try WeftError.checkKey(key) } catch { done(.error("ERR \(error.message)")); return true }
             // One key needs no snapshot timestamp: its owner answers with the
             // newest committed version (waiting out a prepared lock).
-            client.call(.participant(client.owner(of: key)), { .read(req: $0, key: key, ts: readLatestTs) }) { r in
+            client.call(.participant(client.owner(of: key)), { .read(req: $0, key: key, ts: readLatestTs) }, via: outbox) { r in
                 switch r {
                 case .success(.readResult(_, let value, _)): done(value.map { .bulk($0) } ?? .null)
                 case .success: done(.error("ERR unexpected reply"))
@@ -372,7 +372,7 @@ final class RedisSession: @unchecked Sendable {
             }
             var parts: [ParticipantId: TxnPart] = [:]
             for k in order { parts[client.owner(of: k), default: TxnPart()].writes.append(WriteOp(key: k, value: values[ByteKey(k)]!)) }
-            client.call(.coordinator, { .commit(req: $0, txn: 0, startTs: 0, parts: parts) }) { [self] r in
+            client.call(.coordinator, { .commit(req: $0, txn: 0, startTs: 0, parts: parts) }, via: outbox) { [self] r in
                 switch r {
                 case .success(.commitResult(_, let txn, let outcome)):
                     switch outcome {

@@ -98,7 +98,7 @@ public final class RedisFrontEnd: @unchecked Sendable {
         lock.withLock {
             let id = ObjectIdentifier(loop as AnyObject)
             if let m = mailboxes[id] { return m }
-            let m = ReplyMailbox(loop: loop)
+            let m = ReplyMailbox(loop: loop, client: client)
             mailboxes[id] = m
             return m
         }
@@ -232,7 +232,7 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
                 let done: @Sendable (RESPValue) -> Void = { v in mailbox.post(self, v) }
                 // Plain GET, SET and MSET answer from callbacks on the
                 // nodes' threads; the rest run as a task.
-                if !session.fast(args, done) {
+                if !session.fast(args, via: mailbox.send, done) {
                     Task { done(await session.run(args)) }
                 }
                 return
@@ -267,13 +267,38 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
 /// Answers coming back from the nodes' threads for one event loop's
 /// connections: posted under a lock, drained by ONE scheduled task, so a
 /// node's round of answers costs one wake-up of the loop, not one each.
+///
+/// The other way, requests the loop's connections send to the nodes are
+/// gathered while the loop handles its ready sockets and sent together
+/// after them (`send`), grouped per node: one lock and at most one wake-up
+/// of each node per batch.
 final class ReplyMailbox: @unchecked Sendable {
     let loop: EventLoop
+    let client: WeftClient
     let lock = NSLock()
     var items: [(RedisConnection, RESPValue)] = []
     var scheduled = false
+    /// Requests not yet sent: touched only on `loop`'s thread.
+    var requests: [Envelope] = []
+    var requestsScheduled = false
 
-    init(loop: EventLoop) { self.loop = loop }
+    init(loop: EventLoop, client: WeftClient) {
+        self.loop = loop
+        self.client = client
+    }
+
+    /// On the loop's thread: queues `env` for the end of this loop turn.
+    func send(_ env: Envelope) {
+        requests.append(env)
+        if requestsScheduled { return }
+        requestsScheduled = true
+        loop.execute {
+            self.requestsScheduled = false
+            let batch = self.requests
+            self.requests = []
+            self.client.flush(batch)
+        }
+    }
 
     func post(_ c: RedisConnection, _ v: RESPValue) {
         let schedule: Bool = lock.withLock {
