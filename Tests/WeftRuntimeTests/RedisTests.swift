@@ -203,7 +203,7 @@ final class RedisTests: XCTestCase {
         try withFrontEnd { port, _ in
             let clients = 8, each = 40
             let group = DispatchGroup()
-            let errors = ErrorBox()
+            let errors = ErrorBox(), seen = ErrorBox()
             for _ in 0..<clients {
                 group.enter()
                 Thread {
@@ -212,7 +212,7 @@ final class RedisTests: XCTestCase {
                         let c = try RawRESP(port: port)
                         for _ in 0..<each {
                             let r = try c.call("INCR", "hot")
-                            if !r.hasPrefix(":") { errors.add(r) }
+                            if !r.hasPrefix(":") { errors.add(r) } else { seen.add(r) }
                         }
                     } catch { errors.add("\(error)") }
                 }.start()
@@ -220,6 +220,8 @@ final class RedisTests: XCTestCase {
             group.wait()
             XCTAssertEqual(errors.all, [])
             XCTAssertEqual(try RawRESP(port: port).call("GET", "hot"), "$3 \(clients * each)")
+            // Combined into batches, each INCR still got its own value: 1...N once each.
+            XCTAssertEqual(seen.all.sorted(), (1...(clients * each)).map { ":\($0)" }.sorted())
         }
     }
 }

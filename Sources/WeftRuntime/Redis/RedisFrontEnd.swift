@@ -27,6 +27,8 @@ public final class RedisFrontEnd: @unchecked Sendable {
     /// so that concurrent INCRs of a hot key queue instead of aborting each
     /// other's optimistic commits.
     let gate = KeyGate()
+    /// Combines concurrent INCRs of one key into one transaction.
+    let combiner = IncrementCombiner()
     /// SCAN cursors, shared by every connection (a cursor from one
     /// connection continues on another, as in Redis): id -> last key.
     let cursorLock = NSLock()
