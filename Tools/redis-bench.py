@@ -6,14 +6,14 @@ machine; prints each rate and Weft's ratio to Redis.
 
 Run: make bench-redis   (or WEFT_BIN=... python3 Tools/redis-bench.py)
 Env: BENCH_N (requests per test, default 100000), BENCH_CLIENTS (50),
-     BENCH_TESTS (set,get,mset), BENCH_ROUNDS (2: best of)."""
+     BENCH_TESTS (set,get,incr,mset), BENCH_ROUNDS (2: best of)."""
 import csv, io, os, shutil, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEFT = os.environ.get("WEFT_BIN", os.path.join(ROOT, ".build/release/weft"))
 N = int(os.environ.get("BENCH_N", "100000"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "50"))
-TESTS = os.environ.get("BENCH_TESTS", "set,get,mset")
+TESTS = os.environ.get("BENCH_TESTS", "set,get,incr,mset")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 TARGETS = {"SET": 1.0, "GET": 1.0, "MSET (10 keys)": 0.5}
 
