@@ -79,6 +79,28 @@ public enum Limits {
     /// Envelopes queued for one peer connection before new ones are dropped
     /// (node to node: the protocol resends) or refused (client requests).
     public static let peerQueueMax = 100_000
+    /// Largest frame accepted before the peer's HELLO is accepted: a HELLO,
+    /// a health ping or an error is far smaller, so a stranger cannot make a
+    /// node buffer a 64 MiB frame.
+    public static let preHelloFrameBytesMax = 4096
+    /// How long an inbound connection may stay without a HELLO (a health
+    /// ping's connection included) before it is closed, in ms.
+    public static let inboundHelloMillisMax: Int64 = 10_000
+    /// How long a client's connection may sit with nothing read or written
+    /// and no call running before it is closed, in ms (a client reconnects
+    /// when it next sends).
+    public static let clientIdleMillisMax: Int64 = 30 * 60 * 1000
+    /// Inbound TCP connections one node (or server) holds at once; more are
+    /// refused with an error frame.
+    public static let inboundConnectionsMax = 1024
+    /// Bytes of partly received large frames (over 64 KiB) one node buffers
+    /// across all its connections; a connection whose frame would pass it
+    /// is closed. One connection buffers at most one frame
+    /// (`frameBytesMax`).
+    public static let inboundBufferedBytesMax = 256 << 20
+    /// Lines about refused connections a node logs per second; the rest are
+    /// counted and reported in the next line.
+    public static let rejectLogLinesPerSecondMax = 10
     /// How long an outbound connection may wait for the peer's HELLO before
     /// it is closed and what waits on it fails (a stopped or hung peer
     /// accepts connections in the kernel but never answers), in ms.

@@ -18,15 +18,41 @@ public struct Endpoint: Sendable, Hashable, CustomStringConvertible {
 /// Splits a byte stream into frames: a u32 little-endian length, then that
 /// many bytes. A length over `Limits.frameBytesMax` or a body that does not
 /// decode is an error that closes this one connection.
+///
+/// Before the peer's HELLO is accepted only `Limits.preHelloFrameBytesMax`
+/// is allowed; a large frame still arriving holds its length against the
+/// node's `inboundBufferedBytesMax` budget until it is whole.
 final class FrameDecoder: ByteToMessageDecoder {
     typealias InboundOut = Frame
+    let state: ConnectionState
+    let budget: ByteBudget?
+    /// Bytes of the frame being received, held against `budget`.
+    var held = 0
+
+    init(state: ConnectionState = ConnectionState(), budget: ByteBudget? = nil) {
+        self.state = state
+        self.budget = budget
+    }
 
     func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
         guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return .needMoreData }
+        state.lastActivityMillis = wallMillis()
+        if !state.helloDone && Int(length) > Limits.preHelloFrameBytesMax {
+            throw Frame.DecodeFailure.malformed("frame of \(length) bytes before HELLO exceeds Limits.preHelloFrameBytesMax (\(Limits.preHelloFrameBytesMax))")
+        }
         if Int(length) > Limits.frameBytesMax {
             throw Frame.DecodeFailure.malformed("frame of \(length) bytes exceeds Limits.frameBytesMax (\(Limits.frameBytesMax))")
         }
-        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
+        guard buffer.readableBytes >= 4 + Int(length) else {
+            if let budget, held == 0, Int(length) > 64 << 10 {
+                guard budget.take(Int(length)) else {
+                    throw Frame.DecodeFailure.malformed("a frame of \(length) bytes would pass this node's budget for partly received frames (Limits.inboundBufferedBytesMax, \(budget.limit) bytes)")
+                }
+                held = Int(length)
+            }
+            return .needMoreData
+        }
+        release()
         buffer.moveReaderIndex(forwardBy: 4)
         let body = buffer.readSlice(length: Int(length))!
         let frame = try body.withUnsafeReadableBytes { raw throws(Frame.DecodeFailure) in try Frame.decode(body: raw) }
@@ -38,6 +64,38 @@ final class FrameDecoder: ByteToMessageDecoder {
         while try decode(context: context, buffer: &buffer) == .continue {}
         return .needMoreData
     }
+
+    func decoderRemoved(context: ChannelHandlerContext) { release() }
+
+    func release() {
+        if held > 0 { budget?.give(held) }
+        held = 0
+    }
+}
+
+/// What a connection's decoder and handler share: whether the peer's HELLO
+/// was accepted, when it last sent or was sent something, and how many of
+/// its calls are running. Touched only on the connection's event loop.
+final class ConnectionState: @unchecked Sendable {
+    var helloDone = false
+    var lastActivityMillis = wallMillis()
+    var callsRunning = 0
+}
+
+/// A node-wide byte budget (`Limits.inboundBufferedBytesMax`).
+final class ByteBudget: @unchecked Sendable {
+    let lock = NSLock()
+    let limit: Int
+    var used = 0
+    init(limit: Int) { self.limit = limit }
+    func take(_ n: Int) -> Bool {
+        lock.withLock {
+            if used + n > limit { return false }
+            used += n
+            return true
+        }
+    }
+    func give(_ n: Int) { lock.withLock { used -= n } }
 }
 
 /// One connection's protocol: HELLO first (cluster id and who is speaking),
@@ -49,10 +107,13 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
     let transport: NetworkTransport
     let outbound: NodeAddress?
     var remote: NodeAddress?
+    let state: ConnectionState
+    var idleCheck: Scheduled<Void>?
 
-    init(transport: NetworkTransport, outbound: NodeAddress?) {
+    init(transport: NetworkTransport, outbound: NodeAddress?, state: ConnectionState = ConnectionState()) {
         self.transport = transport
         self.outbound = outbound
+        self.state = state
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -61,8 +122,32 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             // channelInactive always finds it (see outboundClosed).
             transport.outboundActive(to, context.channel)
             write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me))
+        } else {
+            // A stranger gets `inboundHelloMillis` to say who it is.
+            let channel = context.channel
+            context.eventLoop.scheduleTask(in: .milliseconds(transport.inboundHelloMillis)) { [self] in
+                if remote == nil && channel.isActive {
+                    transport.logRejected("closing connection from \(channel.remoteAddress.map { "\($0)" } ?? "?"): no HELLO within \(transport.inboundHelloMillis) ms (Limits.inboundHelloMillisMax)")
+                    channel.close(promise: nil)
+                }
+            }
         }
         context.fireChannelActive()
+    }
+
+    /// Closes a client's connection idle for `clientIdleMillis` (nothing
+    /// read or written, no call running); checked every quarter of it.
+    func watchIdle(_ channel: Channel) {
+        let every = max(10, transport.clientIdleMillis / 4)
+        idleCheck = channel.eventLoop.scheduleTask(in: .milliseconds(every)) { [self] in
+            guard channel.isActive else { return }
+            if state.callsRunning == 0 && Int64(wallMillis() - state.lastActivityMillis) >= transport.clientIdleMillis {
+                transport.logRejected("closing idle connection of \(remote.map { "\($0)" } ?? "?") after \(transport.clientIdleMillis) ms (Limits.clientIdleMillisMax)")
+                channel.close(promise: nil)
+                return
+            }
+            watchIdle(channel)
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -76,9 +161,15 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
                 return reject(context, "expected \(expected) at this address but \(sender) answered; check the cluster file")
             }
             remote = sender
+            state.helloDone = true
             if outbound == nil {
                 write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me))
-                if case .client(let id) = sender { transport.registerClientChannel(id, context.channel) } else { transport.peerIsUp(sender) }
+                if case .client(let id) = sender {
+                    transport.registerClientChannel(id, context.channel)
+                    watchIdle(context.channel)
+                } else {
+                    transport.peerIsUp(sender)
+                }
             } else {
                 transport.outboundReady(sender)
             }
@@ -105,7 +196,10 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             guard let handler = transport.onCall else {
                 return write(channel, .reply(req: req, ok: false, body: Array("{\"error\":\"invalid-argument\",\"message\":\"this node serves no calls\"}".utf8)))
             }
+            state.callsRunning += 1
+            let loop = context.eventLoop
             handler(ServerCall(method: method, body: body, clientGone: { !channel.isActive }) { [self] ok, answer in
+                loop.execute { self.state.callsRunning -= 1 }
                 write(channel, .reply(req: req, ok: ok, body: answer))
             })
         case (_, .call):
@@ -121,7 +215,7 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func reject(_ context: ChannelHandlerContext, _ reason: String) {
-        transport.log("closing connection from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(reason)")
+        transport.logRejected("closing connection from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(reason)")
         write(context.channel, .error(reason))
         context.close(promise: nil)
     }
@@ -129,18 +223,20 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         let reason: String
         if let f = error as? Frame.DecodeFailure { reason = f.description } else if error is ByteToMessageDecoderError { reason = "malformed frame stream" } else { reason = "\(error)" }
-        transport.log("closing connection from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(reason)")
+        transport.logRejected("closing connection from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(reason)")
         if context.channel.isActive { write(context.channel, .error(reason)) }
         context.close(promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        idleCheck?.cancel()
         if case .client(let id)? = remote, outbound == nil { transport.unregisterClientChannel(id, context.channel) }
         if let o = outbound { transport.outboundClosed(o, context.channel) }
         context.fireChannelInactive()
     }
 
     func write(_ channel: Channel, _ frame: Frame) {
+        state.lastActivityMillis = wallMillis()
         let bytes = frame.encoded()
         var buf = channel.allocator.buffer(capacity: bytes.count)
         buf.writeBytes(bytes)
@@ -201,6 +297,37 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         FileHandle.standardError.write(Data("\(logPrefix): \(s)\n".utf8))
     }
 
+    // Bounds on inbound connections (Limits; settable for tests).
+    var inboundHelloMillis = Limits.inboundHelloMillisMax
+    var clientIdleMillis = Limits.clientIdleMillisMax
+    var inboundConnectionsMax = Limits.inboundConnectionsMax
+    var inboundBudget = ByteBudget(limit: Limits.inboundBufferedBytesMax)
+    var inboundOpen = 0
+    var rejectLogSecond: UInt64 = 0
+    var rejectLogLines = 0
+    var rejectLogSuppressed = 0
+
+    /// Logs a refused or closed connection, at most
+    /// `Limits.rejectLogLinesPerSecondMax` lines a second; the lines left
+    /// out are counted in the next one.
+    func logRejected(_ s: String) {
+        let second = wallMillis() / 1000
+        let (write, suppressed): (Bool, Int) = lock.withLock {
+            if second != rejectLogSecond {
+                rejectLogSecond = second
+                rejectLogLines = 0
+            }
+            guard rejectLogLines < Limits.rejectLogLinesPerSecondMax else {
+                rejectLogSuppressed += 1
+                return (false, 0)
+            }
+            rejectLogLines += 1
+            defer { rejectLogSuppressed = 0 }
+            return (true, rejectLogSuppressed)
+        }
+        if write { log(s + (suppressed > 0 ? " (\(suppressed) similar lines suppressed)" : "")) }
+    }
+
     // MARK: Server
 
     /// Binds the listening socket. A port in use is a clear error.
@@ -210,8 +337,23 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
-                    try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: nil))
+                    let admitted: Bool = lock.withLock {
+                        if inboundOpen >= inboundConnectionsMax { return false }
+                        inboundOpen += 1
+                        return true
+                    }
+                    guard admitted else {
+                        logRejected("refusing connection from \(channel.remoteAddress.map { "\($0)" } ?? "?"): \(inboundConnectionsMax) connections open (Limits.inboundConnectionsMax)")
+                        let bytes = Frame.error("too many connections (Limits.inboundConnectionsMax is \(inboundConnectionsMax))").encoded()
+                        var buf = channel.allocator.buffer(capacity: bytes.count)
+                        buf.writeBytes(bytes)
+                        channel.writeAndFlush(buf).whenComplete { _ in channel.close(promise: nil) }
+                        return
+                    }
+                    channel.closeFuture.whenComplete { [self] _ in lock.withLock { inboundOpen -= 1 } }
+                    let state = ConnectionState()
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(state: state, budget: inboundBudget)))
+                    try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: nil, state: state))
                 }
             }
         do {
@@ -345,8 +487,9 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             .connectTimeout(.seconds(2))
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
-                    try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: to))
+                    let state = ConnectionState()
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(state: state)))
+                    try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: to, state: state))
                 }
             }
         bootstrap.connect(host: endpoint.host, port: endpoint.port).whenFailure { [self] error in

@@ -1,0 +1,159 @@
+import Foundation
+import XCTest
+import WeftCore
+import WeftProtocol
+@testable import WeftRuntime
+
+/// Bounds on inbound node connections (issue "Security and integrity",
+/// bounded resources): a stranger cannot make a node buffer a big frame,
+/// hold a connection without saying HELLO, open connections without end,
+/// or pile up partial frames; idle clients are closed.
+final class ConnectionBoundsTests: XCTestCase {
+    func listening() throws -> (NetworkTransport, Int) {
+        let t = NetworkTransport(me: .coordinator, clusterId: "bounds-test", directory: [:])
+        try t.listen(Endpoint(host: "127.0.0.1", port: 0))
+        return (t, t.boundPort!)
+    }
+
+    func frameHeader(_ length: Int) -> [UInt8] {
+        withUnsafeBytes(of: UInt32(length).littleEndian) { Array($0) }
+    }
+
+    func hello(_ id: UInt64) -> [UInt8] { Frame.hello(clusterId: "bounds-test", sender: .client(id)).encoded() }
+
+    func testALargeFrameBeforeHelloIsRefusedAtItsHeader() throws {
+        let (t, port) = try listening()
+        defer { t.close() }
+        let c = try RawSocket(port: port)
+        try c.send(frameHeader(64 << 20) + [UInt8](repeating: 0, count: 8192))
+        let (closed, got) = c.readUntilClosed(timeoutMillis: 3000)
+        XCTAssertTrue(closed, "closed")
+        XCTAssertTrue(String(decoding: got, as: UTF8.self).contains("Limits.preHelloFrameBytesMax"), "the error frame names the limit")
+        XCTAssertEqual(t.inboundBudget.used, 0)
+    }
+
+    func testAConnectionWithoutHelloIsClosedAfterTheTimeout() throws {
+        let (t, port) = try listening()
+        defer { t.close() }
+        t.inboundHelloMillis = 200
+        let c = try RawSocket(port: port)
+        let start = wallMillis()
+        let (closed, _) = c.readUntilClosed(timeoutMillis: 5000)
+        XCTAssertTrue(closed)
+        XCTAssertGreaterThanOrEqual(wallMillis() - start, 150)
+        // One that says HELLO stays.
+        let ok = try RawSocket(port: port)
+        try ok.send(hello(7))
+        usleep(500_000)
+        XCTAssertTrue(ok.isOpen(), "a connection that said HELLO is kept")
+    }
+
+    func testConnectionsOverTheCapAreRefused() throws {
+        let (t, port) = try listening()
+        defer { t.close() }
+        t.inboundConnectionsMax = 2
+        let a = try RawSocket(port: port), b = try RawSocket(port: port)
+        try a.send(hello(1))
+        try b.send(hello(2))
+        usleep(200_000)
+        let c = try RawSocket(port: port)
+        let (closed, got) = c.readUntilClosed(timeoutMillis: 3000)
+        XCTAssertTrue(closed, "the third is refused")
+        XCTAssertTrue(String(decoding: got, as: UTF8.self).contains("Limits.inboundConnectionsMax"))
+        XCTAssertTrue(a.isOpen() && b.isOpen(), "the first two stay")
+        // A slot freed is a slot again.
+        a.close()
+        usleep(200_000)
+        let d = try RawSocket(port: port)
+        try d.send(hello(4))
+        usleep(200_000)
+        XCTAssertTrue(d.isOpen())
+    }
+
+    func testAnIdleClientIsClosed() throws {
+        let (t, port) = try listening()
+        defer { t.close() }
+        t.clientIdleMillis = 300
+        let c = try RawSocket(port: port)
+        try c.send(hello(9))
+        let start = wallMillis()
+        let (closed, _) = c.readUntilClosed(timeoutMillis: 5000)
+        XCTAssertTrue(closed)
+        XCTAssertGreaterThanOrEqual(wallMillis() - start, 250)
+    }
+
+    func testPartlyReceivedFramesShareTheNodesBudget() throws {
+        let (t, port) = try listening()
+        defer { t.close() }
+        t.inboundBudget = ByteBudget(limit: 3 << 20)
+        let a = try RawSocket(port: port), b = try RawSocket(port: port)
+        try a.send(hello(1) + frameHeader(2 << 20) + [UInt8](repeating: 1, count: 100_000))
+        usleep(200_000)
+        XCTAssertEqual(t.inboundBudget.used, 2 << 20, "the first partial frame holds its length")
+        try b.send(hello(2) + frameHeader(2 << 20) + [UInt8](repeating: 1, count: 100_000))
+        let (closed, got) = b.readUntilClosed(timeoutMillis: 3000)
+        XCTAssertTrue(closed, "the second would pass the budget")
+        XCTAssertTrue(String(decoding: got, as: UTF8.self).contains("Limits.inboundBufferedBytesMax"))
+        XCTAssertTrue(a.isOpen())
+        a.close()
+        usleep(300_000)
+        XCTAssertEqual(t.inboundBudget.used, 0, "a closed connection gives its bytes back")
+    }
+}
+
+/// A blocking TCP socket for forging frames.
+final class RawSocket {
+    var fd: Int32
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard r == 0 else { throw WeftError(.unavailable, "connect failed") }
+    }
+
+    deinit { close() }
+
+    func close() {
+        if fd >= 0 { Glibc.close(fd) }
+        fd = -1
+    }
+
+    func send(_ bytes: [UInt8]) throws {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            guard n > 0 else { throw WeftError(.unavailable, "send failed") }
+            off += n
+        }
+    }
+
+    /// Reads until the peer closes (true) or `timeoutMillis` pass (false).
+    func readUntilClosed(timeoutMillis: Int) -> (Bool, [UInt8]) {
+        var got: [UInt8] = []
+        let deadline = wallMillis() + UInt64(timeoutMillis)
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while wallMillis() < deadline {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 50) <= 0 { continue }
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { return (true, got) }
+            got += chunk[..<n]
+        }
+        return (false, got)
+    }
+
+    /// True if the peer has not closed (pending bytes are drained).
+    func isOpen() -> Bool {
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 0) <= 0 { return true }
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { return false }
+        }
+    }
+}
