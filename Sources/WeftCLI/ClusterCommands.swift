@@ -139,11 +139,13 @@ struct ClusterCommand: ParsableCommand {
                     if let r = redisPort, config.nodes.allSatisfy({ $0.redisPort == nil }) {
                         for i in config.nodes.indices { config.nodes[i].redisPort = r + i }
                         try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
+                        chmod(config.path, 0o600)
                     }
                 } else {
-                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
                     config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort, redisBasePort: redisPort)
                     try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
+                    chmod(config.path, 0o600)
                 }
             } catch let e as WeftError {
                 fail(e, json: false)

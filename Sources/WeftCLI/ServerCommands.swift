@@ -37,7 +37,7 @@ struct ServerCommand: ParsableCommand {
                 fail(WeftError(.locked, "data directory \(dir) is already served by weft server pid \(f.pid) at \(f.endpoint)"), json: g.json)
             }
             if foreground { runForeground(dir, endpoint, g) }
-            do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
+            do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
                 fail(WeftError(.readOnly, "cannot create data directory \(dir): \(error.localizedDescription)"), json: g.json)
             }
             let log = dir + "/server.log"

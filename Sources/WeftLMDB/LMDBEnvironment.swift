@@ -68,6 +68,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
         precondition(options.mapSizeBytes > 0 && options.databasesMax >= 0 && options.readersMax > 0,
                      "LMDBEnvironment.Options out of range: \(options)")
         try prepareDirectory(directory, create: !options.readOnly)
+        try checkDataFile(directory)
         var created: OpaquePointer?
         var rc = mdb_env_create(&created)
         guard rc == 0, let env = created else { throw LMDBError(rc: rc, "creating an environment for \(directory)") }
@@ -77,13 +78,15 @@ public final class LMDBEnvironment: @unchecked Sendable {
         rc = mdb_env_set_mapsize(env, options.mapSizeBytes)
         if rc == 0 { rc = mdb_env_set_maxdbs(env, MDB_dbi(options.databasesMax)) }
         if rc == 0 { rc = mdb_env_set_maxreaders(env, UInt32(options.readersMax)) }
-        if rc == 0 { rc = mdb_env_open(env, directory, flags, 0o644) }
+        // Owner-only: the data is the user's, not every local account's.
+        if rc == 0 { rc = mdb_env_open(env, directory, flags, 0o600) }
         var dead: Int32 = 0
         if rc == 0 { rc = mdb_reader_check(env, &dead) }
         guard rc == 0 else {
             mdb_env_close(env)  // required after a failed mdb_env_open
             throw openError(rc, directory, readOnly: options.readOnly)
         }
+        if !options.readOnly { markHeldData(directory) }
         var info = MDB_envinfo()
         mdb_env_info(env, &info)  // the file may dictate a larger map than we asked for
         self.directory = directory
@@ -291,14 +294,81 @@ private func prepareDirectory(_ path: String, create: Bool) throws {
     }
 }
 
+/// The marker an environment leaves beside its data file once that file
+/// exists: from then on an empty or missing `data.mdb` is a lost file, not
+/// a new environment.
+let heldDataMarker = "weft-held-data"
+
+private func markHeldData(_ directory: String) {
+    let path = directory + "/" + heldDataMarker
+    if access(path, F_OK) == 0 { return }
+    let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+    if fd >= 0 {
+        _ = "this directory's data.mdb has held data; an empty or missing data.mdb is refused\n".withCString { write(fd, $0, strlen($0)) }
+        fsync(fd)
+        close(fd)
+    }
+}
+
+/// Refuses a data file that cannot be what LMDB last committed, before
+/// LMDB maps it: missing or empty where data was held (the marker), too
+/// short to hold its meta pages, neither meta page valid, or shorter than
+/// the last page the newest meta page names (reading past the end of a
+/// mapped file is SIGBUS, not an error).
+func checkDataFile(_ directory: String) throws {
+    let path = directory + "/data.mdb"
+    let held = access(directory + "/" + heldDataMarker, F_OK) == 0
+    var st = stat()
+    guard stat(path, &st) == 0 else {
+        if held { throw LMDBError(.corrupted, errno: ENOENT, "data file \(path) is missing, but this environment held data (\(heldDataMarker)); refusing to start empty: restore the file, or remove the directory to start from nothing") }
+        return
+    }
+    let size = Int(st.st_size)
+    if size == 0 {
+        if held { throw LMDBError(.corrupted, "data file \(path) is empty (0 bytes), but this environment held data (\(heldDataMarker)); refusing to start empty: restore the file, or remove the directory to start from nothing") }
+        return
+    }
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return }  // LMDB's own open reports why
+    defer { close(fd) }
+    // MDB_meta after the 16-byte page header: magic u32 @16, version u32
+    // @20, address @24, mapsize @32, dbs[2] (48 bytes each) @40 (the free
+    // DB's md_pad holds the page size), last_pg @136, txnid @144.
+    func meta(at offset: Int) -> (pageSize: Int, lastPage: Int, txn: UInt64)? {
+        var page = [UInt8](repeating: 0, count: 152)
+        let n = page.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 152, off_t(offset)) }
+        guard n == 152 else { return nil }
+        func u32(_ o: Int) -> UInt32 { page.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt32.self) } }
+        func u64(_ o: Int) -> UInt64 { page.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt64.self) } }
+        guard u32(16) == 0xBEEF_C0DE else { return nil }
+        let pageSize = Int(u32(40))
+        guard pageSize >= 512, pageSize <= 1 << 16, pageSize & (pageSize - 1) == 0 else { return nil }
+        return (pageSize, Int(clamping: u64(136)), u64(144))
+    }
+    // LMDB survives one damaged meta page (it uses the other): so do we.
+    let first = meta(at: 0)
+    let pageSize = first?.pageSize ?? Int(getpagesize())
+    guard size >= 2 * pageSize else {
+        throw LMDBError(.corrupted, "data file \(path) is truncated (corrupted): \(size) bytes, less than its two \(pageSize)-byte meta pages")
+    }
+    let second = meta(at: pageSize)
+    guard let newest = [first, second].compactMap({ $0 }).max(by: { $0.txn < $1.txn }) else {
+        throw LMDBError(.corrupted, "data file \(path) (\(size) bytes) holds no valid LMDB meta page: it is corrupted or not an LMDB file")
+    }
+    let needed = (newest.lastPage + 1) * newest.pageSize
+    if size < needed {
+        throw LMDBError(.corrupted, "data file \(path) is truncated (corrupted): \(size) bytes, but its last commit (transaction \(newest.txn)) uses pages up to byte \(needed)")
+    }
+}
+
 /// `mkdir -p`; returns 0 or the errno of the first failure. An existing path counts as success.
 private func makeDirectories(_ path: String) -> Int32 {
-    if mkdir(path, 0o755) == 0 { return 0 }
+    if mkdir(path, 0o700) == 0 { return 0 }
     let rc = errno
     guard rc == ENOENT, let slash = path.lastIndex(of: "/"), slash > path.startIndex else { return rc == EEXIST ? 0 : rc }
     let parent = makeDirectories(String(path[..<slash]))
     if parent != 0 { return parent }
-    return mkdir(path, 0o755) == 0 || errno == EEXIST ? 0 : errno
+    return mkdir(path, 0o700) == 0 || errno == EEXIST ? 0 : errno
 }
 
 private func openError(_ rc: Int32, _ path: String, readOnly: Bool) -> LMDBError {

@@ -14,11 +14,11 @@ public final class DataDirectoryLock: @unchecked Sendable {
     public init(directory: String, waitMillis: Int = 0) throws(WeftError) {
         path = directory + "/LOCK"
         do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         } catch {
             throw Self.openError(directory, errno: errno)
         }
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         if fd < 0 { throw Self.openError(directory, errno: errno) }
         let deadline = wallMillis() + UInt64(max(0, waitMillis))
         while flock(fd, LOCK_EX | LOCK_NB) != 0 && wallMillis() < deadline { usleep(20_000) }
@@ -83,6 +83,7 @@ public struct DataDirectoryLayout: Sendable {
         let text = "format=\(formatVersion)\nparticipants=\(n)\n"
         do {
             try text.write(toFile: conf, atomically: true, encoding: .utf8)
+            chmod(conf, 0o600)
         } catch {
             throw DataDirectoryLock.openError(root, errno: EACCES)
         }
@@ -141,7 +142,7 @@ public struct ServerFile: Sendable, Equatable {
 
     public func write(_ dir: String) throws(WeftError) {
         let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n" + (redis.map { "redis=\($0)\n" } ?? "")
-        do { try text.write(toFile: Self.path(dir), atomically: true, encoding: .utf8) } catch {
+        do { try text.write(toFile: Self.path(dir), atomically: true, encoding: .utf8); chmod(Self.path(dir), 0o600) } catch {
             throw WeftError(.storage, "cannot write \(Self.path(dir)): \(error.localizedDescription)")
         }
     }

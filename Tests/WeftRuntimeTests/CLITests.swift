@@ -85,6 +85,33 @@ final class CLITests: XCTestCase {
         XCTAssertFalse(try weft("table", "list").stdout.contains("wc"))
     }
 
+    /// A participant whose data file was emptied (or cut short) makes the
+    /// command fail and say so, instead of answering with a third of the
+    /// keys missing; files and directories are the owner's only.
+    func testAnEmptiedOrTruncatedDataFileIsRefusedNotServedEmpty() throws {
+        let d = dir + "/data"
+        let statements = ["begin"] + (1...300).map { "put k\($0) v\($0)" } + ["commit"]
+        XCTAssertEqual(try runWeft(["txn", "--data-dir", d], stdin: statements.joined(separator: "\n") + "\n").status, 0)
+        XCTAssertEqual(try runWeft(["kv", "scan", "--data-dir", d, "--limit", "1000"]).stdout.split(separator: "\n").count, 300)
+        var st = stat()
+        for path in [d, d + "/participant-1", d + "/participant-1/data.mdb", d + "/weft.conf", d + "/LOCK"] {
+            XCTAssertEqual(stat(path, &st), 0, path)
+            XCTAssertEqual(st.st_mode & 0o077, 0, "\(path) is owner-only")
+        }
+        XCTAssertEqual(stat(d + "/participant-1/data.mdb", &st), 0)
+        let size = st.st_size
+        XCTAssertEqual(truncate(d + "/participant-1/data.mdb", size / 2), 0)
+        var r = try runWeft(["kv", "scan", "--data-dir", d, "--limit", "1000"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertFalse(r.signaled, "no SIGBUS")
+        XCTAssertTrue(r.stderr.contains("participant-1/data.mdb is truncated"), r.stderr)
+        XCTAssertEqual(r.stdout, "", "no partial answer")
+        XCTAssertEqual(truncate(d + "/participant-1/data.mdb", 0), 0)
+        r = try runWeft(["kv", "get", "k1", "--data-dir", d])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("is empty (0 bytes), but this environment held data"), r.stderr)
+    }
+
     func testGetAtOldTimestampSeesOldVersion() throws {
         let first = try weft("kv", "put", "v", "old", "--json")
         let ts = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(first.stdout.utf8)) as? [String: Any])?["committed_ts"] as? UInt64)

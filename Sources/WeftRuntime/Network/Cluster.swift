@@ -189,7 +189,7 @@ public final class ClusterNode: @unchecked Sendable {
             }
             return
         }
-        do { try want.write(toFile: path, atomically: true, encoding: .utf8) } catch {
+        do { try want.write(toFile: path, atomically: true, encoding: .utf8); chmod(path, 0o600) } catch {
             throw WeftError(.readOnly, "cannot write \(path): \(error.localizedDescription)")
         }
     }
