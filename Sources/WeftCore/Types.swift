@@ -64,6 +64,12 @@ public enum Limits {
     public static let tableBlocksPerTaskMax = 8
     /// How far ahead of a participant's clock a read timestamp may be, in ms.
     public static let futureReadSlackMillis: UInt64 = 60_000
+    /// How far ahead of a participant's clock a commit timestamp may be, in
+    /// ms. The coordinator hands out timestamps at most
+    /// `timestampReserveMillis` ahead of its own clock; one far beyond is
+    /// forged or from a broken clock, and installing it would make the key
+    /// unwritable until the clock got there ("poisoned"), so it is refused.
+    public static let futureCommitSlackMillis: UInt64 = 60_000
     /// Most inbox messages a node steps in one round, so one group commit
     /// (one LMDB transaction) stays bounded.
     public static let roundMessagesMax = 4096

@@ -318,6 +318,9 @@ public struct ParticipantMachine: Sendable {
         }
         let floor = readFloor
         if commitTs <= startTs { return WeftError(.invalidArgument, "commit timestamp \(commitTs) is not after start \(startTs)") }
+        if commitTs > HLC.timestamp(millis: nowMillis + Limits.futureCommitSlackMillis) {
+            return WeftError(.invalidArgument, "commit timestamp \(commitTs) of transaction \(txn) is more than Limits.futureCommitSlackMillis (\(Limits.futureCommitSlackMillis) ms) ahead of participant \(id)'s clock; refused (a forged or broken timestamp would make its keys unwritable)")
+        }
         for k in part.reads {
             if let h = locks[ByteKey(k)], h != txn { return conflict(k, "it is locked by transaction \(h)") }
             if store.latestTs(k) > startTs { return conflict(k, "it changed after the transaction read it") }

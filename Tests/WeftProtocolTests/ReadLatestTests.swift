@@ -39,3 +39,25 @@ final class ReadLatestTests: XCTestCase {
         XCTAssertEqual(value(read(&m, k, req: 4)), .some([3]))
     }
 }
+
+/// A commit timestamp far ahead of the participant's clock (a forged
+/// `commitOnePhase` with ts 2^62) is refused, so it cannot make a key
+/// unwritable for good.
+final class FutureCommitTests: XCTestCase {
+    func testACommitTimestampFarAheadOfTheClockIsRefused() {
+        let now: UInt64 = 1_000_000
+        var m = ParticipantMachine(id: 0, recovery: ParticipantRecovery(), readFloor: 0, nowMillis: now)
+        _ = m.takeOutput()
+        let k: Bytes = [1]
+        m.step(Envelope(from: .coordinator, to: .participant(0), .commitOnePhase(txn: 1 << 62, startTs: 0, commitTs: 1 << 62, part: TxnPart(writes: [WriteOp(key: k, value: [9])]))))
+        guard case .onePhaseResult(_, _, .aborted(let e))? = m.takeOutput().messages.first?.message else { return XCTFail("not refused") }
+        XCTAssertTrue(e.message.contains("Limits.futureCommitSlackMillis"), e.message)
+        // An ordinary timestamp still commits afterwards: the key is not poisoned.
+        let ts = HLC.timestamp(millis: now + 500)
+        m.step(Envelope(from: .coordinator, to: .participant(0), .commitOnePhase(txn: ts, startTs: 0, commitTs: ts, part: TxnPart(writes: [WriteOp(key: k, value: [1])]))))
+        guard case .onePhaseResult(_, _, .committed)? = m.takeOutput().messages.first?.message else { return XCTFail("ordinary commit refused") }
+        // A prepare far ahead is refused too (a NO vote).
+        m.step(Envelope(from: .coordinator, to: .participant(0), .prepare(txn: 7, startTs: 5, commitTs: 1 << 62, participants: [0, 1], part: TxnPart(writes: [WriteOp(key: [2], value: [2])]))))
+        guard case .vote(_, _, .no)? = m.takeOutput().messages.first?.message else { return XCTFail("prepare not refused") }
+    }
+}
