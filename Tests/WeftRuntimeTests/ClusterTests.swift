@@ -187,13 +187,14 @@ final class ClusterTests: XCTestCase {
         try bank.run()
         var kills = 0
         var snapshots = 0
+        var rng = SeededGenerator.fromEnvironment("random kills")
         let end = Date(timeIntervalSinceNow: 9)
         while Date() < end {
-            usleep(UInt32.random(in: 250_000...500_000))
-            let victim = c.ids.randomElement()!
+            usleep(UInt32.random(in: 250_000...500_000, using: &rng))
+            let victim = c.ids.randomElement(using: &rng)!
             c.kill9(victim)
             kills += 1
-            usleep(UInt32.random(in: 50_000...250_000))
+            usleep(UInt32.random(in: 50_000...250_000, using: &rng))
             try c.start(victim)
             // A snapshot during the run, when the cluster answers one.
             let check = try c.weft(["debug", "bank-check"])

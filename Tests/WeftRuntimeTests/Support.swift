@@ -28,7 +28,9 @@ struct RunResult {
 @discardableResult
 func runWeft(_ args: [String], stdin: String? = nil, env: [String: String] = [:], launcher: [String] = []) throws -> RunResult {
     guard FileManager.default.isExecutableFile(atPath: weftBinary) else {
-        throw XCTSkip("\(weftBinary) is missing; run `swift build --product weft` (make test does)")
+        // A missing binary fails the test: a skipped end-to-end test passes
+        // nothing, and CI would look green without having run it.
+        throw WeftBinaryMissing(path: weftBinary)
     }
     let p = Process()
     if launcher.isEmpty {
@@ -64,4 +66,30 @@ func processAlive(_ pid: Int32) -> Bool {
           let close = stat.lastIndex(of: ")") else { return true }
     let state = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first
     return state != "Z" && state != "X"
+}
+
+struct WeftBinaryMissing: Error, CustomStringConvertible {
+    let path: String
+    var description: String { "\(path) is missing; run `swift build --product weft` first (make test does)" }
+}
+
+/// A seeded generator, so a random schedule can be replayed: the seed is
+/// printed, and `WEFT_TEST_SEED` sets it.
+struct SeededGenerator: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed }
+    mutating func next() -> UInt64 {
+        // splitmix64
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    static func fromEnvironment(_ test: String) -> SeededGenerator {
+        let seed = ProcessInfo.processInfo.environment["WEFT_TEST_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...UInt64.max)
+        print("\(test): seed \(seed) (replay the kill schedule with WEFT_TEST_SEED=\(seed))")
+        return SeededGenerator(seed: seed)
+    }
 }
