@@ -365,7 +365,8 @@ final class RedisSession: @unchecked Sendable {
                     try WeftError.checkValue(args[i + 1])
                     if values.updateValue(args[i + 1], forKey: ByteKey(args[i])) == nil { order.append(args[i]) }
                 }
-                if order.count > Limits.txnWritesMax { return false }
+                // Over a transaction's limits: the general path names the limit.
+                if order.count > Limits.txnWritesMax || args.dropFirst().reduce(0, { $0 + $1.count }) > Limits.txnBytesMax { return false }
             } catch {
                 done(.error("ERR \(error.message)"))
                 return true
