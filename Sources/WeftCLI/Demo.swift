@@ -131,13 +131,25 @@ struct Demo: AsyncParsableCommand {
 
         say("\n7. weft server: one process holds the directory; each command is a thin client of it")
         let selfPath = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
-        for args in [["server", "start"], ["kv", "get", "alice"], ["table", "list"], ["job", "run", "wordcount", "--input", "corpus"],
-                     ["server", "status"], ["server", "stop"]] {
+        for args in [["server", "start", "--redis-port", "0"], ["kv", "get", "alice"], ["table", "list"], ["job", "run", "wordcount", "--input", "corpus"],
+                     ["server", "status"]] {
             let (status, text, millis) = runSelf(selfPath, args + ["--data-dir", dir])
             say("   $ weft \(args.joined(separator: " "))   (\(millis) ms, exit \(status))")
             for line in text.split(separator: "\n") where !line.hasPrefix("[stage") { say("     \(line)") }
             if status != 0 { fail(WeftError(.unavailable, "the demo's `weft \(args.joined(separator: " "))` failed"), json: false) }
         }
+        say("\n8. The same server speaks the Redis protocol (redis-cli, redis-py, ... work unchanged)")
+        let redisSteps: [[String]] = [["MSET", "bob", "50", "dave", "10"], ["INCRBY", "alice", "5"], ["MGET", "alice", "bob", "dave"],
+                                      ["MULTI"], ["DECRBY", "alice", "25"], ["INCRBY", "dave", "25"], ["EXEC"], ["MGET", "alice", "dave"]]
+        // Port 0 asked for any free port; the SERVER file says which.
+        let redisPort = ServerFile.read(dir)?.redis?.port ?? 0
+        if let answers = DemoRESP.exchange(port: redisPort, redisSteps) {
+            for (cmd, answer) in zip(redisSteps, answers) { say("   > \(cmd.joined(separator: " "))\n     \(answer)") }
+        } else {
+            say("   (could not reach the Redis port \(redisPort); skipped)")
+        }
+        let (status, text, millis) = runSelf(selfPath, ["server", "stop", "--data-dir", dir])
+        say("   $ weft server stop   (\(millis) ms, exit \(status))\n     \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
         say("\nDone. Try: weft server start --data-dir \(dir)")
         say("      weft kv get alice --data-dir \(dir)")
         say("      weft table scan corpus_counts --data-dir \(dir)")
@@ -165,3 +177,55 @@ struct Demo: AsyncParsableCommand {
 }
 
 func b(_ s: String) -> Bytes { Array(s.utf8) }
+
+/// A few RESP requests over one socket, for the demo: each answer on one line.
+enum DemoRESP {
+    static func exchange(port: Int, _ commands: [[String]]) -> [String]? {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard ok == 0 else { return nil }
+        var tv = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var buffer: [UInt8] = []
+        func line() -> String? {
+            while true {
+                if let i = buffer.firstIndex(of: 10) {
+                    let s = String(decoding: buffer[..<i], as: UTF8.self).trimmingCharacters(in: .newlines)
+                    buffer.removeFirst(i + 1)
+                    return s
+                }
+                var chunk = [UInt8](repeating: 0, count: 4096)
+                let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                if n <= 0 { return nil }
+                buffer += chunk[..<n]
+            }
+        }
+        func reply() -> String? {
+            guard let l = line(), let first = l.first else { return nil }
+            switch first {
+            case "+", ":": return String(l.dropFirst())
+            case "-": return "(error) " + l.dropFirst()
+            case "$": return Int(l.dropFirst()) == -1 ? "(nil)" : line()
+            case "*":
+                guard let n = Int(l.dropFirst()), n >= 0 else { return "(nil)" }
+                var items: [String] = []
+                for _ in 0..<n { guard let r = reply() else { return nil }; items.append(r) }
+                return "[" + items.joined(separator: ", ") + "]"
+            default: return l
+            }
+        }
+        var answers: [String] = []
+        for c in commands {
+            let wire = "*\(c.count)\r\n" + c.map { "$\($0.utf8.count)\r\n\($0)\r\n" }.joined()
+            guard wire.withCString({ send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }) > 0, let r = reply() else { return nil }
+            answers.append(r)
+        }
+        return answers
+    }
+}
