@@ -171,6 +171,27 @@ final class RedisTests: XCTestCase {
         }
     }
 
+    /// Runs of pipelined SETs and GETs are sent in batches: answers stay in
+    /// order, a repeated key keeps its last value, a bad key fails alone.
+    func testPipelinedBatchesKeepOrderAndLastWriteWins() throws {
+        try withFrontEnd { port, _ in
+            let c = try RawRESP(port: port)
+            var wire = ""
+            for i in 0..<300 { wire += RawRESP.encode(["SET", "b\(i % 50)", "\(i)"]) }
+            wire += RawRESP.encode(["SET", String(repeating: "x", count: Limits.keyBytesMax + 1), "v"])
+            for i in 0..<50 { wire += RawRESP.encode(["GET", "b\(i)"]) }
+            wire += RawRESP.encode(["GET", "never-set"])
+            try c.send(wire)
+            for _ in 0..<300 { XCTAssertEqual(try c.reply(), "+OK") }
+            XCTAssertTrue(try c.reply().contains("Limits.keyBytesMax"))
+            for i in 0..<50 {
+                let last = 250 + i   // the last of i, i+50, ..., i+250
+                XCTAssertEqual(try c.reply(), "$\(String(last).count) \(last)", "b\(i) holds its last SET")
+            }
+            XCTAssertEqual(try c.reply(), "$-1")
+        }
+    }
+
     func testBadInputClosesOnlyThatConnection() throws {
         try withFrontEnd { port, _ in
             let good = try RawRESP(port: port)

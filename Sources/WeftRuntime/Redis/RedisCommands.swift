@@ -392,6 +392,88 @@ final class RedisSession: @unchecked Sendable {
         }
     }
 
+    enum BatchKind: Sendable { case set, get }
+
+    /// Whether `args` is a plain `SET k v` or `GET k` that may join a batch.
+    static func batchKind(_ args: [Bytes]) -> BatchKind? {
+        switch args.count {
+        case 3 where commandName(args[0]) == "set": return .set
+        case 2 where commandName(args[0]) == "get": return .get
+        default: return nil
+        }
+    }
+
+    /// Pipelined plain SETs or GETs of one connection, answered together in
+    /// order. SETs: one blind one-phase commit per participant for its
+    /// keys (a repeated key keeps its last value, as running them in order
+    /// would), all at once; a conflict reruns that participant's SETs one by
+    /// one, in order. GETs: all read at once (each the key's newest
+    /// version); they follow every earlier request of the connection, which
+    /// was answered first.
+    func fastBatch(_ kind: BatchKind, _ batch: [[Bytes]], via outbox: @escaping (Envelope) -> Void,
+                   _ done: @escaping @Sendable ([RESPValue]) -> Void) {
+        let client = self.client
+        let results = BatchResults(count: batch.count, done)
+        switch kind {
+        case .get:
+            for (i, args) in batch.enumerated() {
+                let key = args[1]
+                do { try WeftError.checkKey(key) } catch {
+                    results.set(i, .error("ERR \(error.message)"))
+                    continue
+                }
+                client.call(.participant(client.owner(of: key)), { .read(req: $0, key: key, ts: readLatestTs) }, via: outbox) { r in
+                    switch r {
+                    case .success(.readResult(_, let value, _)): results.set(i, value.map { .bulk($0) } ?? .null)
+                    case .success: results.set(i, .error("ERR unexpected reply"))
+                    case .failure(let e): results.set(i, Self.errorReply(e, txn: nil))
+                    }
+                }
+            }
+        case .set:
+            var groups: [ParticipantId: (part: TxnPart, slot: [ByteKey: Int], members: [Int])] = [:]
+            for (i, args) in batch.enumerated() {
+                do {
+                    try WeftError.checkKey(args[1])
+                    try WeftError.checkValue(args[2])
+                } catch {
+                    results.set(i, .error("ERR \(error.message)"))
+                    continue
+                }
+                let p = client.owner(of: args[1])
+                var g = groups[p] ?? (TxnPart(), [:], [])
+                if let at = g.slot[ByteKey(args[1])] {
+                    g.part.writes[at] = WriteOp(key: args[1], value: args[2])
+                } else {
+                    g.slot[ByteKey(args[1])] = g.part.writes.count
+                    g.part.writes.append(WriteOp(key: args[1], value: args[2]))
+                }
+                g.members.append(i)
+                groups[p] = g
+            }
+            for (p, g) in groups {
+                let members = g.members
+                client.call(.coordinator, { .commit(req: $0, txn: 0, startTs: 0, parts: [p: g.part]) }, via: outbox) { [self] r in
+                    switch r {
+                    case .success(.commitResult(_, let txn, let outcome)):
+                        switch outcome {
+                        case .committed: for i in members { results.set(i, .ok) }
+                        case .aborted(let e) where e.code == .conflict:
+                            // One by one, in order, each retried on its own.
+                            Task {
+                                for i in members { results.set(i, await self.run(batch[i])) }
+                            }
+                        case .aborted(let e): for i in members { results.set(i, Self.errorReply(e, txn: txn)) }
+                        case .unknown(let e): for i in members { results.set(i, Self.errorReply(e, txn: txn)) }
+                        }
+                    case .success: for i in members { results.set(i, .error("ERR unexpected reply")) }
+                    case .failure(let e): for i in members { results.set(i, Self.errorReply(e, txn: nil)) }
+                    }
+                }
+            }
+        }
+    }
+
     /// A single-key read-modify-write command waits its turn for the key
     /// among this process's connections, then runs with retries. INCR and
     /// friends are combined instead (`IncrementCombiner`).
@@ -971,5 +1053,30 @@ final class IncrementCombiner: @unchecked Sendable {
         }
         let r = RESPValue.error("ERR conflict: \(lastConflict?.message ?? "") (still conflicting after Limits.respConflictRetryMillisMax = \(Limits.respConflictRetryMillisMax) ms of retries)")
         return deltas.map { _ in r }
+    }
+}
+
+/// Answers of a batch, filled in any order from any thread; `done` gets
+/// them in request order once the last one is in.
+final class BatchResults: @unchecked Sendable {
+    let lock = NSLock()
+    var values: [RESPValue?]
+    var missing: Int
+    let done: @Sendable ([RESPValue]) -> Void
+
+    init(count: Int, _ done: @escaping @Sendable ([RESPValue]) -> Void) {
+        values = Array(repeating: nil, count: count)
+        missing = count
+        self.done = done
+    }
+
+    func set(_ i: Int, _ v: RESPValue) {
+        let finished: [RESPValue]? = lock.withLock {
+            guard values[i] == nil else { return nil }
+            values[i] = v
+            missing -= 1
+            return missing == 0 ? values.map { $0! } : nil
+        }
+        if let finished { done(finished) }
     }
 }

@@ -149,6 +149,8 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
     var context: ChannelHandlerContext?
     /// Requests buffered before the connection stops reading from its socket.
     static let queuedRequestsMax = 1024
+    /// Pipelined SETs or GETs sent together, at most.
+    static let batchMax = 256
 
     let mailbox: ReplyMailbox
 
@@ -231,6 +233,21 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
                 flush()
                 let session = self.session
                 let mailbox = self.mailbox
+                // A run of pipelined plain SETs (or GETs) goes out together:
+                // SETs as one one-phase commit per participant, GETs all at
+                // once; the answers come back in order.
+                if let kind = RedisSession.batchKind(args) {
+                    var batch = [args]
+                    while head < queue.count, batch.count < Self.batchMax, RedisSession.batchKind(queue[head]) == kind,
+                          case .wait = session.immediate(queue[head]) {
+                        batch.append(queue[head])
+                        head += 1
+                    }
+                    if batch.count > 1 {
+                        session.fastBatch(kind, batch, via: mailbox.send) { vs in mailbox.post(self, vs) }
+                        return
+                    }
+                }
                 let done: @Sendable (RESPValue) -> Void = { v in mailbox.post(self, v) }
                 // Plain GET, SET and MSET answer from callbacks on the
                 // nodes' threads; the rest run as a task.
@@ -259,9 +276,9 @@ final class RedisConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     /// An answer from the store, back on the event loop.
-    func answered(_ v: RESPValue) {
+    func answered(_ vs: [RESPValue]) {
         busy = false
-        write(v)
+        for v in vs { write(v) }
         pump()
     }
 }
@@ -278,7 +295,7 @@ final class ReplyMailbox: @unchecked Sendable {
     let loop: EventLoop
     let client: WeftClient
     let lock = NSLock()
-    var items: [(RedisConnection, RESPValue)] = []
+    var items: [(RedisConnection, [RESPValue])] = []
     var scheduled = false
     /// Requests not yet sent: touched only on `loop`'s thread.
     var requests: [Envelope] = []
@@ -302,9 +319,12 @@ final class ReplyMailbox: @unchecked Sendable {
         }
     }
 
-    func post(_ c: RedisConnection, _ v: RESPValue) {
+    func post(_ c: RedisConnection, _ v: RESPValue) { post(c, [v]) }
+
+    /// The answers of a batch of requests, in request order.
+    func post(_ c: RedisConnection, _ vs: [RESPValue]) {
         let schedule: Bool = lock.withLock {
-            items.append((c, v))
+            items.append((c, vs))
             if scheduled { return false }
             scheduled = true
             return true
@@ -313,7 +333,7 @@ final class ReplyMailbox: @unchecked Sendable {
     }
 
     func drain() {
-        let batch: [(RedisConnection, RESPValue)] = lock.withLock {
+        let batch: [(RedisConnection, [RESPValue])] = lock.withLock {
             scheduled = false
             defer { items.removeAll(keepingCapacity: true) }
             return items
