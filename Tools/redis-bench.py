@@ -5,7 +5,7 @@ fsynced before it is answered, as Weft's are), in the same run, on the same
 machine; prints each rate and Weft's ratio to Redis.
 
 Run: make bench-redis   (or WEFT_BIN=... python3 Tools/redis-bench.py)
-Env: BENCH_N (requests per test, default 100000), BENCH_CLIENTS (50),
+Env: BENCH_N (requests per test, default 100000), BENCH_CLIENTS (50), BENCH_PIPELINE (16),
      BENCH_TESTS (set,get,incr,mset), BENCH_ROUNDS (2: best of)."""
 import csv, io, os, shutil, socket, subprocess, sys, tempfile, time
 
@@ -15,6 +15,7 @@ N = int(os.environ.get("BENCH_N", "100000"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "50"))
 TESTS = os.environ.get("BENCH_TESTS", "set,get,incr,mset")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+PIPELINE = int(os.environ.get("BENCH_PIPELINE", "16"))  # a second table with -P; 1: none
 TARGETS = {"SET": 1.0, "GET": 1.0, "MSET (10 keys)": 0.5}
 
 
@@ -37,12 +38,13 @@ def wait_port(port, timeout=30):
     sys.exit(f"nothing listens on {port}")
 
 
-def bench(port):
+def bench(port, pipeline=1):
     """Best rate per test over ROUNDS runs of redis-benchmark."""
     best = {}
     for _ in range(ROUNDS):
         r = subprocess.run(["redis-benchmark", "-p", str(port), "-c", str(CLIENTS), "-d", "100", "-r", "1000000",
-                            "-n", str(N), "-t", TESTS, "--csv"], capture_output=True, text=True)
+                            "-n", str(N), "-P", str(pipeline), "-t", TESTS, "--csv"],
+                           capture_output=True, text=True)
         if r.returncode != 0 or "ERR" in r.stdout or "Error" in r.stderr:
             sys.exit(f"redis-benchmark failed on port {port}: {r.stdout[-500:]} {r.stderr[-500:]}")
         for row in csv.DictReader(io.StringIO(r.stdout)):
@@ -62,25 +64,33 @@ def main():
                        stdout=subprocess.DEVNULL, env=dict(os.environ, WEFT_DATA_DIR=""))
         wait_port(wport)
         weft = bench(wport)
+        weft_p = bench(wport, PIPELINE) if PIPELINE > 1 else {}
         subprocess.run([WEFT, "server", "stop", "--data-dir", weft_dir], stdout=subprocess.DEVNULL)
         redis = subprocess.Popen(["redis-server", "--port", str(rport), "--dir", redis_dir, "--appendonly", "yes",
                                   "--appendfsync", "always", "--save", "", "--daemonize", "no"], stdout=subprocess.DEVNULL)
         wait_port(rport)
         base = bench(rport)
+        base_p = bench(rport, PIPELINE) if PIPELINE > 1 else {}
     finally:
         subprocess.run([WEFT, "server", "stop", "--data-dir", weft_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if redis:
             redis.terminate()
             redis.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"redis-benchmark -c {CLIENTS} -d 100 -r 1000000 -n {N}, best of {ROUNDS}; "
-          f"Redis with appendonly yes, appendfsync always")
-    print(f"{'test':<16}{'weft req/s':>12}{'p50 ms':>8}{'redis req/s':>13}{'p50 ms':>8}{'ratio':>8}{'target':>8}")
-    for t in [k for k in weft if not k.endswith(" p50")]:
-        ratio = weft[t] / base[t] if base.get(t) else float("nan")
-        target = TARGETS.get(t)
-        print(f"{t:<16}{weft[t]:>12.0f}{weft[t + ' p50']:>8.2f}{base.get(t, 0):>13.0f}{base.get(t + ' p50', 0):>8.2f}"
-              f"{ratio:>7.2f}x{(f'{target:.1f}x' if target else ''):>8}")
+    def table(title, weft, base, targets):
+        print(title)
+        print(f"{'test':<16}{'weft req/s':>12}{'p50 ms':>8}{'redis req/s':>13}{'p50 ms':>8}{'ratio':>8}{'target':>8}")
+        for t in [k for k in weft if not k.endswith(" p50")]:
+            ratio = weft[t] / base[t] if base.get(t) else float("nan")
+            target = targets.get(t)
+            print(f"{t:<16}{weft[t]:>12.0f}{weft[t + ' p50']:>8.2f}{base.get(t, 0):>13.0f}{base.get(t + ' p50', 0):>8.2f}"
+                  f"{ratio:>7.2f}x{(f'{target:.1f}x' if target else ''):>8}")
+
+    table(f"redis-benchmark -c {CLIENTS} -d 100 -r 1000000 -n {N}, best of {ROUNDS}; "
+          f"Redis with appendonly yes, appendfsync always", weft, base, TARGETS)
+    if weft_p:
+        print()
+        table(f"the same with -P {PIPELINE} (pipelined)", weft_p, base_p, {})
 
 
 if __name__ == "__main__":

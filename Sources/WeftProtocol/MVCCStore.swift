@@ -198,12 +198,19 @@ public struct MVCCStore: Sendable {
     }
 
     /// How many new keys wait, unsorted, in `pending` before they are
-    /// sorted and merged into the order: a quarter of the ordered keys, at
-    /// least 1024. A merge costs p log p + n comparisons, so each insert
-    /// pays O(log n) of them; a sorted insertion with a merge every
-    /// ~2 sqrt(n) paid ~sqrt(n), a third of a participant's CPU under a
-    /// stream of random SETs. Scans merge first, whatever is pending.
-    var mergeBound: Int { max(1024, sorted.count / 4) }
+    /// sorted and merged into the order: about 8 sqrt(n), at least 1024.
+    /// A merge costs p log p + n comparisons and stops the node for that
+    /// long, so the bound trades CPU for pauses: at 2 sqrt(n) with sorted
+    /// insertion the merges were a third of a participant's CPU under a
+    /// stream of random SETs; at n/4 a merge of a million-key store paused
+    /// the node past the coordinator's 2 s one-phase deadline. At
+    /// 8 sqrt(n) a 700k-key store merges every ~6,700 new keys. Scans merge
+    /// first, whatever is pending.
+    var mergeBound: Int {
+        var bound = 1024
+        while bound * bound < sorted.count * 64 { bound *= 2 }
+        return bound
+    }
 
     /// Drops versions no read at or after `horizon` can see. Returns, per
     /// commit timestamp, how many versions written at that timestamp were
