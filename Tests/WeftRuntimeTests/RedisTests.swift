@@ -192,6 +192,26 @@ final class RedisTests: XCTestCase {
         }
     }
 
+    /// A run of pipelined INCRs joins the keys' combiners at once; a key
+    /// incremented twice in the run gets its values in request order.
+    func testPipelinedIncrementsAnswerInOrder() throws {
+        try withFrontEnd { port, _ in
+            let c = try RawRESP(port: port)
+            XCTAssertEqual(try c.call("SET", "word", "x"), "+OK")
+            var wire = ""
+            for i in 0..<60 { wire += RawRESP.encode(["INCRBY", "n\(i % 3)", "\(i % 3 + 1)"]) }
+            wire += RawRESP.encode(["INCR", "word"]) + RawRESP.encode(["DECR", "n0"])
+            try c.send(wire)
+            var seen = [0, 0, 0]
+            for i in 0..<60 {
+                seen[i % 3] += i % 3 + 1
+                XCTAssertEqual(try c.reply(), ":\(seen[i % 3])", "request \(i)")
+            }
+            XCTAssertEqual(try c.reply(), "-ERR value is not an integer or out of range")
+            XCTAssertEqual(try c.reply(), ":\(seen[0] - 1)")
+        }
+    }
+
     func testBadInputClosesOnlyThatConnection() throws {
         try withFrontEnd { port, _ in
             let good = try RawRESP(port: port)

@@ -392,15 +392,40 @@ final class RedisSession: @unchecked Sendable {
         }
     }
 
-    enum BatchKind: Sendable { case set, get }
+    enum BatchKind: Sendable { case set, get, incr }
 
-    /// Whether `args` is a plain `SET k v` or `GET k` that may join a batch.
+    /// Whether `args` is a plain `SET k v`, a `GET k` or an INCR-family
+    /// command that may join a batch of its kind.
     static func batchKind(_ args: [Bytes]) -> BatchKind? {
         switch args.count {
         case 3 where commandName(args[0]) == "set": return .set
         case 2 where commandName(args[0]) == "get": return .get
+        case 2, 3:
+            switch commandName(args[0]) {
+            case "incr", "decr": return args.count == 2 ? .incr : nil
+            case "incrby", "decrby": return args.count == 3 ? .incr : nil
+            default: return nil
+            }
         default: return nil
         }
+    }
+
+    /// An INCR-family command's key and signed increment, or its error reply.
+    enum Increment { case ok(Bytes, Int64), bad(RESPValue) }
+
+    static func increment(_ args: [Bytes]) -> Increment {
+        let name = commandName(args[0])
+        do { try WeftError.checkKey(args[1]) } catch { return .bad(.error("ERR \(error.message)")) }
+        var by: Int64 = 1
+        if args.count == 3 {
+            guard let n = parseInteger(args[2]) else { return .bad(.error("ERR value is not an integer or out of range")) }
+            by = n
+        }
+        if name.hasPrefix("decr") {
+            guard by != Int64.min else { return .bad(.error("ERR decrement would overflow")) }
+            by = -by
+        }
+        return .ok(args[1], by)
     }
 
     /// Pipelined plain SETs or GETs of one connection, answered together in
@@ -415,6 +440,19 @@ final class RedisSession: @unchecked Sendable {
         let client = self.client
         let results = BatchResults(count: batch.count, done)
         switch kind {
+        case .incr:
+            // Each joins its key's combiner queue now, in request order, so a
+            // key incremented twice in the run gets its two values in order.
+            let fe = self.fe
+            for (i, args) in batch.enumerated() {
+                switch Self.increment(args) {
+                case .bad(let e): results.set(i, e)
+                case .ok(let key, let delta):
+                    if fe.combiner.add(ByteKey(key), delta, { results.set(i, $0) }) {
+                        Task { await fe.combiner.run(key, client: client) }
+                    }
+                }
+            }
         case .get:
             for (i, args) in batch.enumerated() {
                 let key = args[1]
@@ -479,17 +517,12 @@ final class RedisSession: @unchecked Sendable {
     /// friends are combined instead (`IncrementCombiner`).
     func readModifyWrite(_ name: String, _ args: [Bytes]) async -> RESPValue {
         if name.hasPrefix("incr") || name.hasPrefix("decr") {
-            do { try WeftError.checkKey(args[1]) } catch { return .error("ERR \(error.message)") }
-            var by: Int64 = 1
-            if args.count == 3 {
-                guard let n = Self.parseInteger(args[2]) else { return .error("ERR value is not an integer or out of range") }
-                by = n
+            let key: Bytes, delta: Int64
+            switch Self.increment(args) {
+            case .bad(let e): return e
+            case .ok(let k, let d): (key, delta) = (k, d)
             }
-            if name.hasPrefix("decr") {
-                guard by != Int64.min else { return .error("ERR decrement would overflow") }
-                by = -by
-            }
-            let (key, delta, fe) = (args[1], by, self.fe)
+            let fe = self.fe
             return await withCheckedContinuation { (c: CheckedContinuation<RESPValue, Never>) in
                 if fe.combiner.add(ByteKey(key), delta, { c.resume(returning: $0) }) {
                     Task { await fe.combiner.run(key, client: fe.client) }
