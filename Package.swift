@@ -16,6 +16,8 @@ let package = Package(
     targets: [
         // Layer 0: C system library.
         .systemLibrary(name: "CLMDB", providers: [.apt(["liblmdb-dev"])]),
+        // OpenSSL's libcrypto: HMAC-SHA256 and random bytes for the handshake.
+        .systemLibrary(name: "CCrypto", providers: [.apt(["libssl-dev"])]),
         // Layer 1: value types, limits, binary codec.
         .target(name: "WeftCore"),
         // Layer 2: pure protocol logic (no I/O, no clock, no async).
@@ -26,7 +28,7 @@ let package = Package(
         .target(name: "WeftLMDB", dependencies: ["CLMDB"]),
         // Layer 4: runtime shells (nodes, storage, embedded cluster, client).
         .target(name: "WeftRuntime", dependencies: [
-            "WeftCore", "WeftProtocol", "WeftLMDB",
+            "WeftCore", "WeftProtocol", "WeftLMDB", "CCrypto",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),

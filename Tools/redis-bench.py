@@ -38,11 +38,12 @@ def wait_port(port, timeout=30):
     sys.exit(f"nothing listens on {port}")
 
 
-def bench(port, pipeline=1):
+def bench(port, pipeline=1, password=None):
     """Best rate per test over ROUNDS runs of redis-benchmark."""
     best = {}
     for _ in range(ROUNDS):
-        r = subprocess.run(["redis-benchmark", "-p", str(port), "-c", str(CLIENTS), "-d", "100", "-r", "1000000",
+        auth = ["-a", password] if password else []
+        r = subprocess.run(["redis-benchmark", "-p", str(port), *auth, "-c", str(CLIENTS), "-d", "100", "-r", "1000000",
                             "-n", str(N), "-P", str(pipeline), "-t", TESTS, "--csv"],
                            capture_output=True, text=True)
         if r.returncode != 0 or "ERR" in r.stdout or "Error" in r.stderr:
@@ -63,8 +64,12 @@ def main():
         subprocess.run([WEFT, "server", "start", "--data-dir", weft_dir, "--redis-port", str(wport)], check=True,
                        stdout=subprocess.DEVNULL, env=dict(os.environ, WEFT_DATA_DIR=""))
         wait_port(wport)
-        weft = bench(wport)
-        weft_p = bench(wport, PIPELINE) if PIPELINE > 1 else {}
+        # Weft's Redis clients AUTH with the client secret; Redis's baseline
+        # runs without a password (AUTH is once per connection, not per request).
+        with open(os.path.join(weft_dir, "client.secret")) as f:
+            pw = f.read().strip()
+        weft = bench(wport, password=pw)
+        weft_p = bench(wport, PIPELINE, password=pw) if PIPELINE > 1 else {}
         subprocess.run([WEFT, "server", "stop", "--data-dir", weft_dir], stdout=subprocess.DEVNULL)
         redis = subprocess.Popen(["redis-server", "--port", str(rport), "--dir", redis_dir, "--appendonly", "yes",
                                   "--appendfsync", "always", "--save", "", "--daemonize", "no"], stdout=subprocess.DEVNULL)

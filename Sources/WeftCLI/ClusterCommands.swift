@@ -12,8 +12,10 @@ struct NodeCommand: ParsableCommand {
     )
     @Option(help: "The cluster directory or cluster file.") var cluster: String
     @Option(help: "This node's id in the cluster file.") var id: String
+    @Option(name: .customLong("secret-file"), help: "The cluster's node secret (default: DIR/secret beside the cluster file).") var secretFile: String?
     @Option(name: .customLong("redis-port"), help: "Serve Redis clients on this port (default: the node's redis=PORT in the cluster file, if any).") var redisPort: Int?
-    @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD; none if unset).") var redisPassword: String?
+    @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the cluster's client secret, the hex line in DIR/client.secret).") var redisPassword: String?
+    @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
 
     func run() throws {
         let config: ClusterConfig
@@ -21,7 +23,7 @@ struct NodeCommand: ParsableCommand {
         sayNow("weft node \(id): main entered \(wallMillis() - processStartMillis) ms after the process started")
         do {
             config = try ClusterConfig.load(cluster)
-            node = try ClusterNode(config: config, id: id)
+            node = try ClusterNode(config: config, id: id, secretFile: secretFile)
         } catch {
             printErr("weft node \(id): error: \(error.message)")
             throw ExitCode(1)
@@ -34,7 +36,7 @@ struct NodeCommand: ParsableCommand {
         var redisNote = ""
         if let port = redisPort ?? node.spec.redisPort {
             do {
-                let at = try node.startRedis(port: port, password: redisPassword ?? ProcessInfo.processInfo.environment["WEFT_REDIS_PASSWORD"])
+                let at = try node.startRedis(port: port, password: redisPasswordChoice(redisPassword, noAuth: redisNoAuth))
                 redisNote = ", Redis clients at \(at)"
             } catch {
                 printErr("weft node \(id): error: \(error.message)")
@@ -91,6 +93,16 @@ final class StopSignals: @unchecked Sendable {
     }
 }
 
+/// The Redis password a node or server is started with: "" (none) with
+/// `--redis-no-auth`; else `--redis-password` or $WEFT_REDIS_PASSWORD;
+/// nil for the default, the client secret.
+func redisPasswordChoice(_ password: String?, noAuth: Bool) -> String? {
+    if noAuth { return "" }
+    if let p = password, !p.isEmpty { return p }
+    if let p = ProcessInfo.processInfo.environment["WEFT_REDIS_PASSWORD"], !p.isEmpty { return p }
+    return nil
+}
+
 /// Writes a line to stdout at once (unbuffered), for logs read while the node runs.
 func sayNow(_ s: String) { FileHandle.standardOutput.write(Data((s + "\n").utf8)) }
 
@@ -121,7 +133,8 @@ struct ClusterCommand: ParsableCommand {
         @Option(help: "Participants for a new cluster.") var participants = 3
         @Option(name: .customLong("base-port"), help: "Coordinator port; participants use the next ports.") var basePort = 7400
         @Option(name: .customLong("redis-port"), help: "Serve Redis clients too: the coordinator on this port, participants on the next ports (recorded in the cluster file).") var redisPort: Int?
-        @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD; none if unset).") var redisPassword: String?
+        @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the cluster's client secret, the hex line in DIR/client.secret).") var redisPassword: String?
+        @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
 
         func validate() throws {
             if !(1...64).contains(participants) { throw ValidationError("--participants must be 1...64") }
@@ -152,20 +165,28 @@ struct ClusterCommand: ParsableCommand {
             } catch {
                 fail(WeftError(.storage, "cannot create cluster directory \(dir): \(error.localizedDescription)"), json: false)
             }
+            // The cluster secret every connection proves (DIR/secret for
+            // nodes, DIR/client.secret for clients), made once, mode 0600.
+            let credentials: Credentials
+            do {
+                credentials = Credentials(clusterId: config.clusterId, nodeKey: try ClusterSecret.nodeKey(dir: config.clusterDirectory, create: true))
+            } catch {
+                fail(error, json: false)
+            }
             let me = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
             var launched: [String: Process] = [:]
             for n in config.nodes {
-                if let pid = readPid(config.clusterDirectory + "/\(n.id).pid"), processAlive(pid), NetworkTransport.ping(n.endpoint) != nil {
+                if let pid = readPid(config.clusterDirectory + "/\(n.id).pid"), processAlive(pid), NetworkTransport.ping(n.endpoint, credentials: credentials) != nil {
                     print("\(n.id): already running (pid \(pid))")
                     continue
                 }
                 let log = config.clusterDirectory + "/\(n.id).log"
-                if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+                if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil, attributes: [.posixPermissions: 0o600]) }
                 guard let out = FileHandle(forWritingAtPath: log) else { fail(WeftError(.storage, "cannot write \(log)"), json: false) }
                 out.seekToEndOfFile()
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: me)
-                p.arguments = ["node", "--cluster", config.path, "--id", n.id]
+                p.arguments = ["node", "--cluster", config.path, "--id", n.id] + (redisNoAuth ? ["--redis-no-auth"] : [])
                 p.standardOutput = out
                 p.standardError = out
                 p.standardInput = FileHandle.nullDevice
@@ -180,7 +201,7 @@ struct ClusterCommand: ParsableCommand {
             let deadline = wallMillis() + 20_000
             for n in config.nodes {
                 while true {
-                    if let info = NetworkTransport.ping(n.endpoint, timeoutMillis: 500), info.contains("\"serving\"") || launched[n.id] == nil { break }
+                    if let info = NetworkTransport.ping(n.endpoint, credentials: credentials, timeoutMillis: 500), info.contains("\"serving\"") || launched[n.id] == nil { break }
                     if let p = launched[n.id], !p.isRunning {
                         let tail = (try? String(contentsOfFile: config.clusterDirectory + "/\(n.id).log", encoding: .utf8))?.split(separator: "\n").suffix(3).joined(separator: "\n") ?? ""
                         fail(WeftError(.unavailable, "node \(n.id) exited with status \(p.terminationStatus):\n\(tail)"), json: false)
@@ -192,6 +213,9 @@ struct ClusterCommand: ParsableCommand {
             print("cluster \(config.clusterId) is up (\(config.path)):")
             for n in config.nodes { print("  \(n.id)\t\(n.role.rawValue)\t\(n.endpoint)\tpid \(readPid(config.clusterDirectory + "/\(n.id).pid").map(String.init) ?? "?")" + (n.redisPort.map { "\tredis \(n.endpoint.host):\($0)" } ?? "")) }
             print("use it with: --cluster \(config.clusterDirectory)   (or export WEFT_CLUSTER=\(config.clusterDirectory))")
+            if config.nodes.contains(where: { $0.redisPort != nil }), !redisNoAuth, redisPasswordChoice(redisPassword, noAuth: false) == nil {
+                print("Redis clients AUTH with the client secret: redis-cli -p PORT -a \"$(cat \(config.clusterDirectory)/\(ClusterSecret.clientFileName))\"")
+            }
         }
     }
 
@@ -226,15 +250,20 @@ struct ClusterCommand: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "status", abstract: "Each node's id, role, address, pid and health.")
         @Option(help: "Cluster directory or cluster file.") var dir: String
         @Flag(help: "JSON output, one object per node.") var json = false
+        @Option(name: .customLong("secret-file"), help: "The cluster's client secret (default: client.secret beside the cluster file).") var secretFile: String?
 
         func run() throws {
             let config: ClusterConfig
-            do { config = try ClusterConfig.load(dir) } catch { fail(error, json: json) }
+            let credentials: Credentials
+            do {
+                config = try ClusterConfig.load(dir)
+                credentials = Credentials(clusterId: config.clusterId, clientKey: try ClusterSecret.clientKey(dir: config.clusterDirectory, secretFile: secretFile))
+            } catch { fail(error, json: json) }
             var allUp = true
             for n in config.nodes {
                 let pid = readPid(config.clusterDirectory + "/\(n.id).pid").flatMap { processAlive($0) ? $0 : nil }
                 var health = "down"
-                if let info = NetworkTransport.ping(n.endpoint, timeoutMillis: 500),
+                if let info = NetworkTransport.ping(n.endpoint, credentials: credentials, timeoutMillis: 500),
                    let obj = try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any] {
                     health = obj["state"] as? String ?? "up"
                 }

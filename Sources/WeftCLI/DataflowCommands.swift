@@ -300,7 +300,8 @@ struct JobCommand: AsyncParsableCommand {
             // to the data (its executor): only the request and the answer
             // cross the connection.
             if g.resolvedCluster == nil, case .running(let f) = ServerFile.probe(g.resolvedDataDir) {
-                let remote = ServerClient(f)
+                let remote: ServerClient
+                do { remote = try ServerClient(f, dataDir: g.resolvedDataDir, secretFile: g.secretFile) } catch { fail(error, json: g.json) }
                 defer { remote.close() }
                 let request = jobRequest(name, p, threads: threads, memory: memory)
                 let answer: Bytes

@@ -139,12 +139,17 @@ struct Demo: AsyncParsableCommand {
             if status != 0 { fail(WeftError(.unavailable, "the demo's `weft \(args.joined(separator: " "))` failed"), json: false) }
         }
         say("\n8. The same server speaks the Redis protocol (redis-cli, redis-py, ... work unchanged)")
-        let redisSteps: [[String]] = [["MSET", "bob", "50", "dave", "10"], ["INCRBY", "alice", "5"], ["MGET", "alice", "bob", "dave"],
+        // Redis clients AUTH with the directory's client secret (mode 0600).
+        let secret = (try? ClusterSecret.clientKey(dir: dir, secretFile: nil)).map(ClusterSecret.hex) ?? ""
+        let redisSteps: [[String]] = [["AUTH", secret], ["MSET", "bob", "50", "dave", "10"], ["INCRBY", "alice", "5"], ["MGET", "alice", "bob", "dave"],
                                       ["MULTI"], ["DECRBY", "alice", "25"], ["INCRBY", "dave", "25"], ["EXEC"], ["MGET", "alice", "dave"]]
         // Port 0 asked for any free port; the SERVER file says which.
         let redisPort = ServerFile.read(dir)?.redis?.port ?? 0
         if let answers = DemoRESP.exchange(port: redisPort, redisSteps) {
-            for (cmd, answer) in zip(redisSteps, answers) { say("   > \(cmd.joined(separator: " "))\n     \(answer)") }
+            for (cmd, answer) in zip(redisSteps, answers) {
+                let shown = cmd[0] == "AUTH" ? "AUTH $(cat \(dir)/\(ClusterSecret.clientFileName))" : cmd.joined(separator: " ")
+                say("   > \(shown)\n     \(answer)")
+            }
         } else {
             say("   (could not reach the Redis port \(redisPort); skipped)")
         }

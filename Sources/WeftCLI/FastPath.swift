@@ -40,7 +40,8 @@ enum FastPath {
         default: return nil
         }
         let dir = dataDir ?? env("WEFT_DATA_DIR") ?? "./weft-data"
-        guard case .running(let server) = ServerFile.probe(dir), let conn = BlockingConnection(server) else { return nil }
+        guard case .running(let server) = ServerFile.probe(dir), let key = try? ClusterSecret.clientKey(dir: dir, secretFile: nil),
+              let conn = BlockingConnection(server, credentials: Credentials(clusterId: server.id, clientKey: key)) else { return nil }
         defer { conn.close() }
         do {
             return try op.run(conn, json: json)
@@ -113,8 +114,9 @@ enum FastPath {
     }
 }
 
-/// One blocking TCP connection to a `weft server`: HELLO, then one request
-/// at a time, each answered before the next is sent.
+/// One blocking TCP connection to a `weft server`: the handshake (proving
+/// the directory's client secret), then one request at a time, each
+/// answered before the next is sent.
 final class BlockingConnection {
     let server: ServerFile
     let fd: Int32
@@ -123,7 +125,7 @@ final class BlockingConnection {
 
     /// nil if the server cannot be reached this way (the caller then takes
     /// the usual path, which reports errors in full).
-    init?(_ server: ServerFile) {
+    init?(_ server: ServerFile, credentials: Credentials) {
         self.server = server
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
@@ -138,7 +140,9 @@ final class BlockingConnection {
         var tv = timeval(tv_sec: 30, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard ok == 0, send(.hello(clusterId: server.id, sender: me)), case .hello? = try? readFrame() else {
+        var handshake = ConnectorHandshake(credentials: credentials, me: me)
+        guard ok == 0, send(handshake.hello), case .challenge(let nonce)? = try? readFrame(), let auth = handshake.answer(challenge: nonce), send(auth),
+              case let .welcome(sender, proof)? = try? readFrame(), handshake.accepts(welcome: sender, proof: proof) else {
             Glibc.close(fd)
             return nil
         }

@@ -21,7 +21,8 @@ struct ServerCommand: ParsableCommand {
         @Option(help: "Address to listen on, HOST:PORT (port 0: any free port).") var listen = "127.0.0.1:0"
         @Flag(help: "Run in this process until SIGTERM or SIGINT.") var foreground = false
         @Option(name: .customLong("redis-port"), help: "Also serve Redis clients (RESP2/RESP3) on this port of the --listen host (0: any free port).") var redisPort: Int?
-        @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD; none if unset).") var redisPassword: String?
+        @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the client secret, the hex line in DIR/client.secret).") var redisPassword: String?
+        @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
 
         func validate() throws {
             if let p = redisPort, !(0...65535).contains(p) { throw ValidationError("--redis-port must be 0...65535") }
@@ -41,13 +42,13 @@ struct ServerCommand: ParsableCommand {
                 fail(WeftError(.readOnly, "cannot create data directory \(dir): \(error.localizedDescription)"), json: g.json)
             }
             let log = dir + "/server.log"
-            if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+            if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil, attributes: [.posixPermissions: 0o600]) }
             guard let out = FileHandle(forWritingAtPath: log) else { fail(WeftError(.storage, "cannot write \(log)"), json: g.json) }
             out.seekToEndOfFile()
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
             p.arguments = ["server", "start", "--foreground", "--data-dir", dir, "--listen", listen] + (g.participants.map { ["--participants", String($0)] } ?? [])
-                + (redisPort.map { ["--redis-port", String($0)] } ?? [])
+                + (redisPort.map { ["--redis-port", String($0)] } ?? []) + (redisNoAuth ? ["--redis-no-auth"] : [])
             if let pw = redisPassword {
                 // Passed in the environment, not argv: other users can read argv.
                 var env = ProcessInfo.processInfo.environment
@@ -60,11 +61,14 @@ struct ServerCommand: ParsableCommand {
             do { try p.run() } catch { fail(WeftError(.unavailable, "cannot launch the server: \(error.localizedDescription)"), json: g.json) }
             let deadline = wallMillis() + UInt64(Limits.serverStartMillisMax)
             while true {
-                if case .running(let f) = ServerFile.probe(dir), f.pid == p.processIdentifier, NetworkTransport.ping(f.endpoint, timeoutMillis: 500) != nil {
+                if case .running(let f) = ServerFile.probe(dir), f.pid == p.processIdentifier, let c = try? serverCredentials(f, dir, g), NetworkTransport.ping(f.endpoint, credentials: c, timeoutMillis: 500) != nil {
                     var o: [String: Any] = ["pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir, "participants": f.participants, "log": log]
                     if let r = f.redis { o["redis"] = "\(r)" }
                     print(g.json ? jsonLine(o)
                                  : "weft server pid \(f.pid) serving \(dir) at \(f.endpoint)" + (f.redis.map { ", Redis clients at \($0)" } ?? "") + " (log: \(log))")
+                    if !g.json, let r = f.redis, !redisNoAuth, redisPasswordChoice(redisPassword, noAuth: false) == nil {
+                        print("Redis clients AUTH with the client secret: redis-cli -p \(r.port) -a \"$(cat \(dir)/\(ClusterSecret.clientFileName))\"")
+                    }
                     return
                 }
                 if !p.isRunning {
@@ -81,7 +85,7 @@ struct ServerCommand: ParsableCommand {
         func runForeground(_ dir: String, _ endpoint: Endpoint, _ g: GlobalOptions) -> Never {
             let server: WeftServer
             do {
-                let password = redisPassword ?? ProcessInfo.processInfo.environment["WEFT_REDIS_PASSWORD"]
+                let password = redisPasswordChoice(redisPassword, noAuth: redisNoAuth)
                 server = try WeftServer(dataDir: dir, listen: endpoint, participants: g.participants, lockWaitMillis: Limits.dataDirLockWaitMillis,
                                         redisListen: redisPort.map { Endpoint(host: endpoint.host, port: $0) }, redisPassword: password)
             } catch {
@@ -167,7 +171,9 @@ struct ServerCommand: ParsableCommand {
                 print(g.json ? jsonLine(["running": false, "data_dir": dir]) : "no server is running for \(dir)")
                 throw ExitCode(1)
             }
-            let health = NetworkTransport.ping(f.endpoint).flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            let credentials: Credentials
+            do { credentials = try serverCredentials(f, dir, g) } catch { fail(error, json: g.json) }
+            let health = NetworkTransport.ping(f.endpoint, credentials: credentials).flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
             let state = health?["state"] as? String ?? "not answering"
             let uptime = health?["uptime_ms"] as? Int
             if g.json {
@@ -183,6 +189,11 @@ struct ServerCommand: ParsableCommand {
             if health == nil { throw ExitCode(1) }
         }
     }
+}
+
+/// What a client of the server at `f` proves: the directory's client secret.
+func serverCredentials(_ f: ServerFile, _ dir: String, _ g: GlobalOptions) throws(WeftError) -> Credentials {
+    Credentials(clusterId: f.id, clientKey: try ClusterSecret.clientKey(dir: dir, secretFile: g.secretFile))
 }
 
 func parseEndpoint(_ s: String) -> Endpoint? {

@@ -39,6 +39,9 @@ struct GlobalOptions: ParsableArguments {
     @Option(help: "Talk to a running cluster (its directory or cluster file) instead of opening a data directory (default: $WEFT_CLUSTER).")
     var cluster: String?
 
+    @Option(name: .customLong("secret-file"), help: "The client secret this client proves to the cluster or server (default: client.secret in the cluster's or data directory).")
+    var secretFile: String?
+
     var resolvedDataDir: String {
         dataDir ?? ProcessInfo.processInfo.environment["WEFT_DATA_DIR"] ?? "./weft-data"
     }
@@ -173,7 +176,7 @@ func withSession<T>(_ g: GlobalOptions, _ body: (WeftClient, EmbeddedCluster?) a
     var embedded: EmbeddedCluster?
     do {
         if let c = g.resolvedCluster {
-            let remote = ClusterClient(config: try ClusterConfig.load(c))
+            let remote = try ClusterClient(config: try ClusterConfig.load(c), secretFile: g.secretFile)
             client = remote.client
             close = { remote.close() }
         } else {
@@ -223,7 +226,7 @@ func openDataDirectory(_ g: GlobalOptions) throws(WeftError) -> DataDirectorySes
             if let p = g.participants, p != f.participants {
                 throw WeftError(.invalidArgument, "data directory \(dir) was created with \(f.participants) participants, not \(p)")
             }
-            return .server(ServerClient(f))
+            return .server(try ServerClient(f, dataDir: dir, secretFile: g.secretFile))
         case .stale(let f):
             if !noticed {
                 printErr("weft: the server recorded in \(ServerFile.path(dir)) (pid \(f.pid), \(f.endpoint)) is gone; opening the data directory directly")

@@ -265,3 +265,31 @@ public func adviseHugePages(_ p: UnsafeMutableRawPointer, _ n: Int) {
     if end > start { _ = madvise(UnsafeMutableRawPointer(bitPattern: start), end - start, 14 /* MADV_HUGEPAGE */) }
     #endif
 }
+
+/// The checksum that ends every durable record (PREPARED, commit and
+/// decision records, format 2): `blockChecksum` of every byte before it,
+/// u64 little-endian. Verified whenever a record is read, at recovery and
+/// by tools, so a flipped byte on disk is an error naming the record,
+/// never a wrong value served.
+public enum RecordChecksum {
+    public static let bytes = 8
+
+    /// Appends the checksum of everything written to `w` so far.
+    public static func seal(_ w: inout ByteWriter) {
+        let sum = w.bytes.withUnsafeBytes { blockChecksum($0) }
+        w.u64(sum)
+    }
+
+    /// `buf` without its checksum, once the checksum matches.
+    public static func verified(_ buf: UnsafeRawBufferPointer) throws(DecodeError) -> UnsafeRawBufferPointer {
+        guard buf.count >= bytes else { throw DecodeError("record of \(buf.count) bytes has no room for its checksum") }
+        let body = UnsafeRawBufferPointer(rebasing: buf[..<(buf.count - bytes)])
+        var stored: UInt64 = 0
+        withUnsafeMutableBytes(of: &stored) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: buf[(buf.count - bytes)...])) }
+        let want = blockChecksum(body)
+        guard UInt64(littleEndian: stored) == want else {
+            throw DecodeError("checksum mismatch (stored \(String(UInt64(littleEndian: stored), radix: 16)), computed \(String(want, radix: 16))): the record was damaged on disk")
+        }
+        return body
+    }
+}

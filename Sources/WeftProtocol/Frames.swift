@@ -5,8 +5,15 @@ import WeftCore
 /// carries the version, so a peer speaking another version is detected on
 /// its first frame and told so.
 public enum Frame: Sendable, Equatable {
-    /// First frame on every connection, both ways.
-    case hello(clusterId: String, sender: NodeAddress)
+    /// The handshake (see `Handshake` in WeftRuntime): the connector's
+    /// first frame, a fresh random nonce.
+    case hello(nonce: Bytes)
+    /// The acceptor's answer to HELLO: its own fresh nonce, nothing more.
+    case challenge(nonce: Bytes)
+    /// The connector says who it is and proves the key of that role.
+    case auth(sender: NodeAddress, proof: Bytes)
+    /// The acceptor, once AUTH is checked: who it is, and its own proof.
+    case welcome(sender: NodeAddress, proof: Bytes)
     case envelope(Envelope)
     /// The sender is closing the connection because of this problem.
     case error(String)
@@ -30,10 +37,20 @@ public enum Frame: Sendable, Equatable {
         w.u32(0)
         w.u8(WireCodec.version)
         switch self {
-        case let .hello(clusterId, sender):
+        case .hello(let nonce):
             w.u8(1)
-            w.string(clusterId)
+            w.blob(nonce)
+        case .challenge(let nonce):
+            w.u8(8)
+            w.blob(nonce)
+        case let .auth(sender, proof):
+            w.u8(9)
             WireCodec.address(sender, &w)
+            w.blob(proof)
+        case let .welcome(sender, proof):
+            w.u8(10)
+            WireCodec.address(sender, &w)
+            w.blob(proof)
         case .envelope(let env):
             w.u8(2)
             WireCodec.encode(env, into: &w)
@@ -83,7 +100,10 @@ public enum Frame: Sendable, Equatable {
             if v != WireCodec.version { throw DecodeFailure.version(v) }
             let frame: Frame
             switch try r.u8() {
-            case 1: frame = .hello(clusterId: try r.string(max: 256), sender: try WireCodec.address(&r))
+            case 1: frame = .hello(nonce: try r.blob(max: 64))
+            case 8: frame = .challenge(nonce: try r.blob(max: 64))
+            case 9: frame = .auth(sender: try WireCodec.address(&r), proof: try r.blob(max: 64))
+            case 10: frame = .welcome(sender: try WireCodec.address(&r), proof: try r.blob(max: 64))
             case 2: frame = .envelope(try WireCodec.decodeEnvelope(&r))
             case 3: frame = .error(try r.string(max: 1 << 16))
             case 4: frame = .ping(req: try r.u64())

@@ -145,3 +145,51 @@ public enum Partitioner {
         return Int(stableHash(key) % UInt64(count))
     }
 }
+
+/// Which role may send which message to whom. Applied by the network shell
+/// to every envelope that arrives on an authenticated connection (after
+/// its `from` was checked against the connection's proven identity): a
+/// client can ask, but only the coordinator can tell a participant to
+/// prepare, commit or decide, and only participants vote or answer peers.
+public enum Authorization {
+    /// nil if `env` is allowed; else why not.
+    public static func refusal(_ env: Envelope) -> String? {
+        let ok: Bool
+        switch (env.from, env.message) {
+        // A client asks the coordinator for timestamps and commits, and
+        // participants for reads, scans and snapshot leases; anyone for status.
+        case (.client, .begin), (.client, .commit):
+            ok = env.to == .coordinator
+        case (.client, .read), (.client, .scan), (.client, .pin):
+            if case .participant = env.to { ok = true } else { ok = false }
+        case (.client, .status):
+            if case .client = env.to { ok = false } else { ok = true }
+        // The coordinator answers clients and directs participants.
+        case (.coordinator, .began), (.coordinator, .commitResult):
+            if case .client = env.to { ok = true } else { ok = false }
+        case (.coordinator, .prepare), (.coordinator, .commitOnePhase), (.coordinator, .decide), (.coordinator, .clock):
+            if case .participant = env.to { ok = true } else { ok = false }
+        case (.coordinator, .statusResult), (.coordinator, .failed):
+            ok = true
+        // A participant answers clients, votes and acknowledges to the
+        // coordinator, and asks its peers, always in its own name.
+        case (.participant, .readResult), (.participant, .scanResult), (.participant, .pinned),
+             (.participant, .statusResult), (.participant, .failed):
+            ok = true
+        case let (.participant(p), .vote(_, from, _)), let (.participant(p), .onePhaseResult(_, from, _)),
+             let (.participant(p), .ack(_, from)), let (.participant(p), .queryOutcome(_, from)), let (.participant(p), .clockQuery(from)):
+            ok = p == from && env.to == .coordinator
+        case let (.participant(p), .peerQuery(_, _, from)), let (.participant(p), .peerOutcome(_, from, _)):
+            if case .participant(let q) = env.to { ok = p == from && q != p } else { ok = false }
+        default:
+            ok = false
+        }
+        return ok ? nil : "\(env.from) may not send \(kind(env.message)) to \(env.to)"
+    }
+
+    /// A message's or frame's case name, for error messages.
+    public static func kind(_ m: some Any) -> String {
+        let s = "\(m)"
+        return String(s.prefix { $0 != "(" })
+    }
+}

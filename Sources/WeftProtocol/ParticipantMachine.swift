@@ -123,9 +123,7 @@ public struct ParticipantMachine: Sendable {
     /// place: keys and values go from the buffer to the store's arena with
     /// no intermediate arrays.
     public mutating func replayCommit(_ ts: Timestamp, encoded buf: UnsafeRawBufferPointer) throws(DecodeError) {
-        var r = ByteReader(buf)
-        let v = try r.u8()
-        if v != CommitRecord.formatVersion { throw DecodeError("commit record format \(v), expected \(CommitRecord.formatVersion)") }
+        var r = try RecordFormat.open(buf, "commit record")
         let txn = try r.u64()
         let n = try r.int(max: Limits.txnWritesMax)
         for _ in 0..<n {

@@ -108,8 +108,46 @@ extension ByteReader {
     }
 }
 
+/// Durable records have format 2: format 1's fields, then a
+/// `RecordChecksum`. Format 1 (no checksum, written before) is still read.
+public enum RecordFormat {
+    public static let unchecked: UInt8 = 1
+    public static let checksummed: UInt8 = 2
+
+    /// A reader over the record's fields (checksum verified and cut off
+    /// for format 2), positioned after the format byte.
+    public static func open(_ buf: UnsafeRawBufferPointer, _ what: String) throws(DecodeError) -> ByteReader {
+        guard let v = buf.first else { throw DecodeError("empty \(what)") }
+        switch v {
+        case unchecked:
+            var r = ByteReader(buf)
+            _ = try r.u8()
+            return r
+        case checksummed:
+            var r = ByteReader(try RecordChecksum.verified(buf))
+            _ = try r.u8()
+            return r
+        default:
+            throw DecodeError("\(what) format \(v), expected \(unchecked) or \(checksummed)")
+        }
+    }
+
+    /// `open`, then `body` over the fields.
+    public static func read<T>(_ b: Bytes, _ what: String, _ body: (inout ByteReader) throws(DecodeError) -> T) throws(DecodeError) -> T {
+        let r: Result<T, DecodeError> = b.withUnsafeBytes { buf in
+            do throws(DecodeError) {
+                var reader = try open(buf, what)
+                return .success(try body(&reader))
+            } catch {
+                return .failure(error)
+            }
+        }
+        return try r.get()
+    }
+}
+
 extension PreparedTxn {
-    public static let formatVersion: UInt8 = 1
+    public static let formatVersion = RecordFormat.checksummed
 
     public func encoded() -> Bytes {
         var w = ByteWriter(capacity: 64)
@@ -120,13 +158,12 @@ extension PreparedTxn {
         w.participants(participants)
         w.u64(preparedAtMillis)
         w.writes(writes)
+        RecordChecksum.seal(&w)
         return w.bytes
     }
 
     public static func decode(_ b: Bytes) throws(DecodeError) -> PreparedTxn {
-        try b.decode { (r: inout ByteReader) throws(DecodeError) -> PreparedTxn in
-            let v = try r.u8()
-            if v != formatVersion { throw DecodeError("PREPARED record format \(v), expected \(formatVersion)") }
+        try RecordFormat.read(b, "PREPARED record") { (r: inout ByteReader) throws(DecodeError) -> PreparedTxn in
             let txn = try r.u64(), s = try r.u64(), c = try r.u64()
             let ps = try r.participants()
             let at = try r.u64()
@@ -140,7 +177,7 @@ extension PreparedTxn {
 /// The value of a durable commit record: which transaction, and its writes
 /// at this participant.
 public struct CommitRecord: Sendable, Equatable {
-    public static let formatVersion: UInt8 = 1
+    public static let formatVersion = RecordFormat.checksummed
     public var txn: TxnId
     public var writes: [WriteOp]
 
@@ -154,13 +191,12 @@ public struct CommitRecord: Sendable, Equatable {
         w.u8(Self.formatVersion)
         w.u64(txn)
         w.writes(writes)
+        RecordChecksum.seal(&w)
         return w.bytes
     }
 
     public static func decode(_ buf: UnsafeRawBufferPointer) throws(DecodeError) -> CommitRecord {
-        var r = ByteReader(buf)
-        let v = try r.u8()
-        if v != formatVersion { throw DecodeError("commit record format \(v), expected \(formatVersion)") }
+        var r = try RecordFormat.open(buf, "commit record")
         let txn = try r.u64()
         let ws = try r.writes()
         try r.expectEnd()
@@ -169,7 +205,7 @@ public struct CommitRecord: Sendable, Equatable {
 }
 
 extension Decision {
-    public static let formatVersion: UInt8 = 1
+    public static let formatVersion = RecordFormat.checksummed
 
     public func encoded() -> Bytes {
         var w = ByteWriter(capacity: 32)
@@ -177,13 +213,12 @@ extension Decision {
         w.u64(txn)
         w.u64(commitTs)
         w.participants(participants)
+        RecordChecksum.seal(&w)
         return w.bytes
     }
 
     public static func decode(_ b: Bytes) throws(DecodeError) -> Decision {
-        try b.decode { (r: inout ByteReader) throws(DecodeError) -> Decision in
-            let v = try r.u8()
-            if v != formatVersion { throw DecodeError("decision record format \(v), expected \(formatVersion)") }
+        try RecordFormat.read(b, "decision record") { (r: inout ByteReader) throws(DecodeError) -> Decision in
             let d = Decision(txn: try r.u64(), commitTs: try r.u64(), participants: try r.participants())
             try r.expectEnd()
             return d

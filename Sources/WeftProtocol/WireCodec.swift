@@ -1,6 +1,7 @@
 import WeftCore
 
-/// The binary encoding of every `Message` and `Envelope`, version 1.
+/// The binary encoding of every `Message` and `Envelope`, version 2
+/// (version 2: connections open with the authenticated handshake).
 ///
 /// An envelope is `from`, `to`, then the message: a one-byte tag followed by
 /// its fields in declaration order. Integers are LEB128 varints, timestamps
@@ -8,7 +9,7 @@ import WeftCore
 /// then the bytes, optionals a presence byte. Tags are stable: a new
 /// message gets a new tag, and an unknown tag is a decode error, never a crash.
 public enum WireCodec {
-    public static let version: UInt8 = 1
+    public static let version: UInt8 = 2
 
     public static func encode(_ env: Envelope) -> Bytes {
         var w = ByteWriter(capacity: 64)
@@ -30,7 +31,7 @@ public enum WireCodec {
 
     // MARK: Addresses
 
-    static func address(_ a: NodeAddress, _ w: inout ByteWriter) {
+    public static func address(_ a: NodeAddress, _ w: inout ByteWriter) {
         switch a {
         case .coordinator: w.u8(0)
         case .participant(let p): w.u8(1); w.int(p)

@@ -42,7 +42,14 @@ public final class WeftServer: @unchecked Sendable {
         cluster = opened!
         openMillis = wallMillis() - started
         let id = String(UInt64.random(in: 1...UInt64.max), radix: 16)
-        transport = NetworkTransport(me: .coordinator, clusterId: id, directory: [:])
+        let credentials: Credentials
+        do {
+            credentials = Credentials(clusterId: id, nodeKey: try ClusterSecret.nodeKey(dir: dataDir, create: true))
+        } catch {
+            cluster.close()
+            throw error
+        }
+        transport = NetworkTransport(me: .coordinator, credentials: credentials, directory: [:])
         let forward = ForwardSink(cluster.router)
         transport.register(.coordinator, forward)
         for p in 0..<cluster.layout.participants { transport.register(.participant(p), forward) }
@@ -57,7 +64,7 @@ public final class WeftServer: @unchecked Sendable {
         var file = ServerFile(pid: getpid(), endpoint: Endpoint(host: listen.host, port: transport.boundPort ?? listen.port), id: id,
                               participants: cluster.layout.participants, startedMillis: started)
         if let redisListen {
-            let fe = RedisFrontEnd(client: cluster.client(), password: redisPassword)
+            let fe = RedisFrontEnd(client: cluster.client(), password: redisPassword ?? credentials.redisPassword)
             fe.infoLines = { ["weft_role:server", "weft_data_dir:\(dataDir)"] }
             do {
                 try fe.listen(redisListen)
@@ -129,12 +136,15 @@ public final class ServerClient: @unchecked Sendable {
     let transport: NetworkTransport
     public let client: WeftClient
 
-    public init(_ server: ServerFile) {
+    /// `dataDir`: the served directory, whose `client.secret` this client
+    /// proves (or `secretFile`).
+    public init(_ server: ServerFile, dataDir: String, secretFile: String? = nil) throws(WeftError) {
         self.server = server
         let id = UInt64.random(in: 1...UInt64.max)
         var directory: [NodeAddress: Endpoint] = [.coordinator: server.endpoint]
         for p in 0..<server.participants { directory[.participant(p)] = server.endpoint }
-        transport = NetworkTransport(me: .client(id), clusterId: server.id, directory: directory, gateway: true)
+        let key = try ClusterSecret.clientKey(dir: dataDir, secretFile: secretFile)
+        transport = NetworkTransport(me: .client(id), credentials: Credentials(clusterId: server.id, clientKey: key), directory: directory, gateway: true)
         client = WeftClient(id: id, router: transport, participantCount: server.participants)
     }
 

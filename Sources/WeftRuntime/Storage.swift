@@ -107,7 +107,8 @@ public final class ParticipantStorage: @unchecked Sendable {
         do {
             try env.read { txn in
                 try txn.forEach(commits) { k, v in
-                    try m.replayCommit(try readBE(k), encoded: v)
+                    let ts = try readBE(k)
+                    do { try m.replayCommit(ts, encoded: v) } catch { throw DecodeError("commit record commitTs=\(ts): \((error as? DecodeError)?.reason ?? "\(error)")") }
                     return true
                 }
             }
@@ -126,8 +127,8 @@ public final class ParticipantStorage: @unchecked Sendable {
                 if let h = try txn.get(meta, Array("gc-horizon".utf8)) {
                     r.gcHorizon = try h.withUnsafeBytes { b throws(DecodeError) in try readBE(b) }
                 }
-                try txn.forEach(prepared) { _, v in
-                    r.prepared.append(try PreparedTxn.decode(Array(v)))
+                try txn.forEach(prepared) { k, v in
+                    do { r.prepared.append(try PreparedTxn.decode(Array(v))) } catch { throw DecodeError("PREPARED record of transaction \((try? readBE(k)).map(String.init) ?? "?"): \((error as? DecodeError)?.reason ?? "\(error)")") }
                     return true
                 }
                 try txn.forEach(refused) { k, _ in
@@ -146,7 +147,8 @@ public final class ParticipantStorage: @unchecked Sendable {
         do {
             try env.read { txn in
                 try txn.forEach(commits) { k, v in
-                    visit(try readBE(k), try CommitRecord.decode(v))
+                    let ts = try readBE(k)
+                    do { visit(ts, try CommitRecord.decode(v)) } catch { throw DecodeError("commit record commitTs=\(ts): \((error as? DecodeError)?.reason ?? "\(error)")") }
                     return true
                 }
             }
@@ -210,8 +212,8 @@ public final class CoordinatorStorage: @unchecked Sendable {
                 if let h = try txn.get(meta, Array("reserved-ts".utf8)) {
                     r.reservedTs = try h.withUnsafeBytes { b throws(DecodeError) in try readBE(b) }
                 }
-                try txn.forEach(decisions) { _, v in
-                    r.decisions.append(try Decision.decode(Array(v)))
+                try txn.forEach(decisions) { k, v in
+                    do { r.decisions.append(try Decision.decode(Array(v))) } catch { throw DecodeError("decision record of transaction \((try? readBE(k)).map(String.init) ?? "?"): \((error as? DecodeError)?.reason ?? "\(error)")") }
                     return true
                 }
                 return r

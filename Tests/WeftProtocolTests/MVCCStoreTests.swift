@@ -84,12 +84,52 @@ final class CodecTests: XCTestCase {
         }
         XCTAssertThrowsError(try PreparedTxn.decode(p + [0]), "trailing bytes")
         var huge = ByteWriter()
-        huge.u8(1); huge.u64(1); huge.u64(1); huge.u64(2); huge.int(1); huge.int(0); huge.u64(0)
+        huge.u8(RecordFormat.unchecked); huge.u64(1); huge.u64(1); huge.u64(2); huge.int(1); huge.int(0); huge.u64(0)
         huge.varint(UInt64(Int32.max)) // a write count far over Limits.txnWritesMax
         XCTAssertThrowsError(try PreparedTxn.decode(huge.bytes))
         var wrongVersion = p
         wrongVersion[0] = 99
         XCTAssertThrowsError(try PreparedTxn.decode(wrongVersion)) { XCTAssertTrue("\($0)".contains("format 99")) }
+    }
+
+    /// Issue "Security and integrity", item 5: every byte of a PREPARED,
+    /// commit or decision record is covered by its checksum; a flipped
+    /// one is an error, never a different value.
+    func testEveryFlippedByteOfARecordIsDetected() {
+        let writes = [WriteOp(key: Array("balance".utf8), value: Array("100".utf8)), WriteOp(key: [4], value: nil)]
+        let records: [(String, Bytes, (Bytes) throws -> Void)] = [
+            ("prepared", PreparedTxn(txn: 5, startTs: 5, commitTs: 9, participants: [0, 1], writes: writes, preparedAtMillis: 7).encoded(), { _ = try PreparedTxn.decode($0) }),
+            ("commit", CommitRecord(txn: 3, writes: writes).encoded(), { b in _ = try b.withUnsafeBytes { try CommitRecord.decode($0) } }),
+            ("decision", Decision(txn: 1, commitTs: 2, participants: [1, 2]).encoded(), { _ = try Decision.decode($0) }),
+        ]
+        for (name, bytes, decode) in records {
+            XCTAssertEqual(bytes[0], RecordFormat.checksummed, name)
+            XCTAssertNoThrow(try decode(bytes), name)
+            for i in 1..<bytes.count {
+                for bit in [0, 3, 7] {
+                    var bad = bytes
+                    bad[i] ^= UInt8(1 << bit)
+                    XCTAssertThrowsError(try decode(bad), "\(name): byte \(i) bit \(bit)") { e in
+                        XCTAssertTrue("\(e)".contains("checksum mismatch"), "\(name) byte \(i): \(e)")
+                    }
+                }
+            }
+        }
+        // Replay, the path recovery takes, checks it too.
+        var m = ParticipantMachine(id: 0, recovery: ParticipantRecovery(), readFloor: 0, nowMillis: 0)
+        var bad = CommitRecord(txn: 3, writes: writes).encoded()
+        bad[12] ^= 1
+        XCTAssertThrowsError(try bad.withUnsafeBytes { try m.replayCommit(9, encoded: $0) })
+    }
+
+    /// Records written before checksums (format 1) are still read.
+    func testFormatOneRecordsAreStillRead() throws {
+        var w = ByteWriter()
+        w.u8(RecordFormat.unchecked); w.u64(1); w.u64(2); w.participants([1, 2])
+        XCTAssertEqual(try Decision.decode(w.bytes), Decision(txn: 1, commitTs: 2, participants: [1, 2]))
+        var c = ByteWriter()
+        c.u8(RecordFormat.unchecked); c.u64(3); c.writes([WriteOp(key: [1], value: [2])])
+        XCTAssertEqual(try c.bytes.withUnsafeBytes { try CommitRecord.decode($0) }, CommitRecord(txn: 3, writes: [WriteOp(key: [1], value: [2])]))
     }
 }
 

@@ -1,5 +1,8 @@
 import Foundation
 import XCTest
+import WeftCore
+import WeftProtocol
+import WeftRuntime
 
 /// A local cluster of real `weft node` processes on random loopback ports.
 final class TestCluster {
@@ -62,7 +65,7 @@ final class TestCluster {
         let deadline = Date(timeIntervalSinceNow: 10)
         while Date() < deadline {
             if !p.isRunning { break }
-            let info = pingNode(port: port)
+            let info = pingNode(port: port, clusterDir: dir)
             if info.contains("\"serving\"") || (info.contains("recovering") && !isAlive("coordinator")) { break }
             usleep(10_000)
         }
@@ -258,11 +261,25 @@ final class ClusterTests: XCTestCase {
         let replies = [
             rawExchange(port: port, Array((0..<100).map { _ in UInt8.random(in: 0...255) })),
             rawExchange(port: port, [0xff, 0xff, 0xff, 0x7f]),
-            rawExchange(port: port, [5, 0, 0, 0, 2, 1, 0, 0, 0]),
+            rawExchange(port: port, [5, 0, 0, 0, 9, 1, 0, 0, 0]),
             rawExchange(port: port, Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8)),
         ]
-        XCTAssertTrue(replies[1].contains("before HELLO exceeds Limits.preHelloFrameBytesMax"), replies[1])
-        XCTAssertTrue(replies[2].contains("protocol version 2 is not supported"), replies[2])
+        XCTAssertTrue(replies[1].contains("before the handshake exceeds Limits.preHelloFrameBytesMax"), replies[1])
+        XCTAssertTrue(replies[2].contains("protocol version 9 is not supported"), replies[2])
+        // The forged coordinator: the old HELLO (version 1, naming
+        // the cluster id and the coordinator), then a one-phase commit
+        // with a poisoned timestamp. Refused, and told nothing.
+        let config = try ClusterConfig.load(c.dir)
+        var forged = ByteWriter()
+        forged.u8(1); forged.u8(1); forged.string(config.clusterId); forged.u8(0)
+        let forgedHello = withUnsafeBytes(of: UInt32(forged.bytes.count).littleEndian) { Array($0) } + forged.bytes
+        let answer = rawExchange(port: port, forgedHello)
+        XCTAssertTrue(answer.contains("not supported"), answer)
+        XCTAssertFalse(answer.contains(config.clusterId), "the cluster id leaked: \(answer)")
+        let noSecret = rawExchange(port: port, Frame.hello(nonce: Array(repeating: 7, count: 32)).encoded()
+                                   + Frame.auth(sender: .coordinator, proof: Array(repeating: 0, count: 32)).encoded())
+        XCTAssertTrue(noSecret.contains("authentication failed"), noSecret)
+        XCTAssertFalse(noSecret.contains(config.clusterId) || noSecret.contains("participant"), "learned something: \(noSecret)")
         XCTAssertTrue(c.isAlive("participant-0"), "a malformed frame must not crash the node")
         XCTAssertEqual(try c.weft(["kv", "get", "keep"]).stdout, "me\n")
 
@@ -285,7 +302,7 @@ final class ClusterTests: XCTestCase {
         let hungStart = Date()
         let hung = try c.weft(["kv", "scan"])
         XCTAssertEqual(hung.status, 1)
-        XCTAssertTrue(hung.stderr.contains("no HELLO within"), hung.stderr)
+        XCTAssertTrue(hung.stderr.contains("no handshake within"), hung.stderr)
         XCTAssertLessThan(Date().timeIntervalSince(hungStart), 10)
         close(blocker)
         XCTAssertEqual(busy.status, 1)
@@ -339,23 +356,11 @@ func rawExchange(port: Int, _ bytes: [UInt8]) -> String {
 }
 
 /// The node's health JSON from a PING frame, or "" if it does not answer.
-func pingNode(port: Int) -> String {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_port = in_port_t(UInt16(port).bigEndian)
-    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-    guard ok == 0 else { return "" }
-    // length 10, version 1, kind 4 (ping), req 1
-    let frame: [UInt8] = [10, 0, 0, 0, 1, 4, 1, 0, 0, 0, 0, 0, 0, 0]
-    _ = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-    var tv = timeval(tv_sec: 1, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    var buf = [UInt8](repeating: 0, count: 4096)
-    let n = recv(fd, &buf, buf.count, 0)
-    return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : ""
+/// A health ping after the handshake, as a client of the cluster in
+/// `clusterDir` (its client secret); "" if it does not answer.
+func pingNode(port: Int, clusterDir: String) -> String {
+    guard let config = try? ClusterConfig.load(clusterDir), let key = try? ClusterSecret.clientKey(dir: config.clusterDirectory, secretFile: nil) else { return "" }
+    return NetworkTransport.ping(Endpoint(host: "127.0.0.1", port: port), credentials: Credentials(clusterId: config.clusterId, clientKey: key), timeoutMillis: 1000) ?? ""
 }
 
 func listenOn(port: Int) throws -> Int32 {

@@ -10,7 +10,7 @@ import WeftProtocol
 /// or pile up partial frames; idle clients are closed.
 final class ConnectionBoundsTests: XCTestCase {
     func listening() throws -> (NetworkTransport, Int) {
-        let t = NetworkTransport(me: .coordinator, clusterId: "bounds-test", directory: [:])
+        let t = NetworkTransport(me: .coordinator, credentials: Credentials(clusterId: "bounds-test", nodeKey: testNodeKey), directory: [:])
         try t.listen(Endpoint(host: "127.0.0.1", port: 0))
         return (t, t.boundPort!)
     }
@@ -19,7 +19,11 @@ final class ConnectionBoundsTests: XCTestCase {
         withUnsafeBytes(of: UInt32(length).littleEndian) { Array($0) }
     }
 
-    func hello(_ id: UInt64) -> [UInt8] { Frame.hello(clusterId: "bounds-test", sender: .client(id)).encoded() }
+    /// Completes the handshake on `c` as client `id`: afterwards the
+    /// connection is authenticated.
+    func authenticate(_ c: RawSocket, _ id: UInt64) throws {
+        try c.handshake(Credentials(clusterId: "bounds-test", nodeKey: testNodeKey), as: .client(id))
+    }
 
     func testALargeFrameBeforeHelloIsRefusedAtItsHeader() throws {
         let (t, port) = try listening()
@@ -43,7 +47,7 @@ final class ConnectionBoundsTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(wallMillis() - start, 150)
         // One that says HELLO stays.
         let ok = try RawSocket(port: port)
-        try ok.send(hello(7))
+        try authenticate(ok, 7)
         usleep(500_000)
         XCTAssertTrue(ok.isOpen(), "a connection that said HELLO is kept")
     }
@@ -53,8 +57,8 @@ final class ConnectionBoundsTests: XCTestCase {
         defer { t.close() }
         t.inboundConnectionsMax = 2
         let a = try RawSocket(port: port), b = try RawSocket(port: port)
-        try a.send(hello(1))
-        try b.send(hello(2))
+        try authenticate(a, 1)
+        try authenticate(b, 2)
         usleep(200_000)
         let c = try RawSocket(port: port)
         let (closed, got) = c.readUntilClosed(timeoutMillis: 3000)
@@ -65,7 +69,7 @@ final class ConnectionBoundsTests: XCTestCase {
         a.close()
         usleep(200_000)
         let d = try RawSocket(port: port)
-        try d.send(hello(4))
+        try authenticate(d, 4)
         usleep(200_000)
         XCTAssertTrue(d.isOpen())
     }
@@ -75,7 +79,7 @@ final class ConnectionBoundsTests: XCTestCase {
         defer { t.close() }
         t.clientIdleMillis = 300
         let c = try RawSocket(port: port)
-        try c.send(hello(9))
+        try authenticate(c, 9)
         let start = wallMillis()
         let (closed, _) = c.readUntilClosed(timeoutMillis: 5000)
         XCTAssertTrue(closed)
@@ -87,10 +91,12 @@ final class ConnectionBoundsTests: XCTestCase {
         defer { t.close() }
         t.inboundBudget = ByteBudget(limit: 3 << 20)
         let a = try RawSocket(port: port), b = try RawSocket(port: port)
-        try a.send(hello(1) + frameHeader(2 << 20) + [UInt8](repeating: 1, count: 100_000))
+        try authenticate(a, 1)
+        try a.send(frameHeader(2 << 20) + [UInt8](repeating: 1, count: 100_000))
         usleep(200_000)
         XCTAssertEqual(t.inboundBudget.used, 2 << 20, "the first partial frame holds its length")
-        try b.send(hello(2) + frameHeader(2 << 20) + [UInt8](repeating: 1, count: 100_000))
+        try authenticate(b, 2)
+        try b.send(frameHeader(2 << 20) + [UInt8](repeating: 1, count: 100_000))
         let (closed, got) = b.readUntilClosed(timeoutMillis: 3000)
         XCTAssertTrue(closed, "the second would pass the budget")
         XCTAssertTrue(String(decoding: got, as: UTF8.self).contains("Limits.inboundBufferedBytesMax"))
@@ -100,6 +106,9 @@ final class ConnectionBoundsTests: XCTestCase {
         XCTAssertEqual(t.inboundBudget.used, 0, "a closed connection gives its bytes back")
     }
 }
+
+/// A fixed node secret for tests.
+let testNodeKey: Bytes = Array(0..<32)
 
 /// A blocking TCP socket for forging frames.
 final class RawSocket {
@@ -129,6 +138,39 @@ final class RawSocket {
             guard n > 0 else { throw WeftError(.unavailable, "send failed") }
             off += n
         }
+    }
+
+    /// One whole frame, or nil if the peer closed or `timeoutMillis` passed.
+    func readFrame(timeoutMillis: Int = 3000) -> Frame? {
+        let deadline = wallMillis() + UInt64(timeoutMillis)
+        while true {
+            if pending.count >= 4 {
+                let n = Int(UInt32(pending[0]) | UInt32(pending[1]) << 8 | UInt32(pending[2]) << 16 | UInt32(pending[3]) << 24)
+                if pending.count >= 4 + n {
+                    let body = Array(pending[4..<(4 + n)])
+                    pending.removeFirst(4 + n)
+                    return body.withUnsafeBytes { try? Frame.decode(body: $0) }
+                }
+            }
+            guard wallMillis() < deadline else { return nil }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 50) <= 0 { continue }
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { return nil }
+            pending += chunk[..<n]
+        }
+    }
+    var pending: [UInt8] = []
+
+    /// The connector's side of the handshake, proving `credentials` as `me`.
+    func handshake(_ credentials: Credentials, as me: NodeAddress) throws {
+        var h = ConnectorHandshake(credentials: credentials, me: me)
+        try send(h.hello.encoded())
+        guard case .challenge(let nonce)? = readFrame(), let auth = h.answer(challenge: nonce) else { throw WeftError(.unavailable, "no CHALLENGE") }
+        try send(auth.encoded())
+        guard case let .welcome(sender, proof)? = readFrame() else { throw WeftError(.unavailable, "no WELCOME") }
+        guard h.accepts(welcome: sender, proof: proof) else { throw WeftError(.unavailable, "WELCOME without a valid proof") }
     }
 
     /// Reads until the peer closes (true) or `timeoutMillis` pass (false).

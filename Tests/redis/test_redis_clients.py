@@ -158,13 +158,29 @@ def wait_ping(port, password=None, timeout=15.0):
     raise AssertionError(f"redis port {port} did not answer PING within {timeout} s: {last!r}")
 
 
+def read_secret(path):
+    mode = os.stat(path).st_mode & 0o777
+    if mode != 0o600:
+        raise AssertionError(f"{path} has mode {mode:o}, expected 600")
+    with open(path) as f:
+        return f.read().strip()
+
+
+def auth_bytes(password):
+    """AUTH as a RESP multibulk request."""
+    pw = password.encode()
+    return b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw)
+
+
 class WeftServer:
     """`weft server start --redis-port P` in its own data directory."""
 
-    def __init__(self, password=None):
+    def __init__(self, password=None, no_auth=False):
         self.tmp = tempfile.mkdtemp(prefix="weft-redis-test-")
         self.data_dir = os.path.join(self.tmp, "data")
         self.password = password
+        self.no_auth = no_auth
+        self.auth = None  # what clients AUTH with
         self.port = None
         self.pid = None
 
@@ -173,6 +189,8 @@ class WeftServer:
         args = [WEFT, "server", "start", "--data-dir", self.data_dir, "--redis-port", str(self.port), "--json"]
         if self.password:
             args += ["--redis-password", self.password]
+        if self.no_auth:
+            args += ["--redis-no-auth"]
         p = run(args, timeout=60, check=True)
         info = None
         for line in p.stdout.decode().splitlines():
@@ -184,7 +202,12 @@ class WeftServer:
         self.pid = info.get("pid")
         if info.get("redis") != f"{HOST}:{self.port}":
             raise AssertionError(f"server start --json: redis is {info.get('redis')!r}, expected {HOST}:{self.port}")
-        wait_ping(self.port, self.password)
+        # By default Redis clients AUTH with the directory's client secret.
+        if self.password:
+            self.auth = self.password
+        elif not self.no_auth:
+            self.auth = read_secret(os.path.join(self.data_dir, "client.secret"))
+        wait_ping(self.port, self.auth)
         log(f"server pid {self.pid} redis {HOST}:{self.port} ({self.data_dir})")
         return self
 
@@ -207,18 +230,36 @@ class WeftServer:
 
 class ServerTest(unittest.TestCase):
     password = None
+    no_auth = False
 
     def setUp(self):
         log(f"--- {self.id().split('.', 1)[1]}")
-        self.server = WeftServer(self.password)
+        self.server = WeftServer(self.password, self.no_auth)
         self.addCleanup(self.server.stop)
         self.server.start()
         self.port = self.server.port
+        self.auth = self.server.auth
 
     def r(self, protocol=2, **kw):
-        c = client(self.port, protocol=protocol, password=self.password, **kw)
+        c = client(self.port, protocol=protocol, password=self.auth, **kw)
         self.addCleanup(c.close)
         return c
+
+    def raw(self):
+        """A socket that has sent AUTH (and read its +OK)."""
+        s = socket.create_connection((HOST, self.port), timeout=10)
+        if self.auth:
+            s.sendall(auth_bytes(self.auth))
+            got = b""
+            while not got.endswith(b"\r\n"):
+                chunk = s.recv(1)
+                self.assertTrue(chunk, "closed during AUTH")
+                got += chunk
+            self.assertEqual(got, b"+OK\r\n")
+        return s
+
+    def auth_opts(self):
+        return ["--no-auth-warning", "-a", self.auth] if self.auth else []
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +268,7 @@ class ServerTest(unittest.TestCase):
 
 class RedisCliTests(ServerTest):
     def cli(self, *args, input=None, opts=()):
-        p = run(["redis-cli", "-h", HOST, "-p", str(self.port), *opts, *args], input=input, timeout=30)
+        p = run(["redis-cli", "-h", HOST, "-p", str(self.port), *self.auth_opts(), *opts, *args], input=input, timeout=30)
         self.assertEqual(p.returncode, 0, f"redis-cli {args}: exit {p.returncode}, stderr {p.stderr!r}")
         return p.stdout
 
@@ -369,7 +410,7 @@ class RedisCliTests(ServerTest):
 class RedisBenchmarkTest(ServerTest):
     def test_benchmark_and_exact_incr_count(self):
         self.assertEqual(BENCH_N % 16, 0, "WEFT_BENCH_N must be a multiple of the pipeline depth 16")
-        args = ["redis-benchmark", "-h", HOST, "-p", str(self.port), "-t", "ping,set,get,incr,mset",
+        args = ["redis-benchmark", "-h", HOST, "-p", str(self.port), *(["-a", self.auth] if self.auth else []), "-t", "ping,set,get,incr,mset",
                 "-P", "16", "-n", str(BENCH_N), "-q", "--csv"]
         log(f"{' '.join(args)} (50 clients)")
         t = time.monotonic()
@@ -422,7 +463,7 @@ class RedisPyTests(ServerTest):
             self.assertIsInstance(r.config_get("maxmemory"), dict)
             self.assertEqual(r.config_get("no-such-parameter"), {})
         # the null reply on the wire: `$-1` in RESP2, `_` in RESP3
-        with socket.create_connection((HOST, self.port), timeout=10) as s:
+        with self.raw() as s:
             f = s.makefile("rb")
             s.sendall(b"*2\r\n$3\r\nGET\r\n$7\r\nmissing\r\n")
             self.assertEqual(f.readline(), b"$-1\r\n")
@@ -615,14 +656,59 @@ class RedisPasswordTest(ServerTest):
         self.assertEqual(out, "1")
 
 
+class DefaultAuthTest(ServerTest):
+    """With no --redis-password, Redis clients must AUTH with the client
+    secret (DIR/client.secret, mode 0600): a stranger on loopback gets
+    -NOAUTH for everything, and bad input before AUTH still closes."""
+
+    def test_client_secret_is_the_default_password(self):
+        self.assertTrue(self.auth and len(self.auth) == 64, "client.secret holds 64 hex digits")
+        with socket.create_connection((HOST, self.port), timeout=10) as s:
+            f = s.makefile("rb")
+            for req in (b"GET a\r\n", b"SET a 1\r\n", b"KEYS *\r\n", b"SCAN 0\r\n", b"DBSIZE\r\n", b"MULTI\r\n", b"INFO\r\n"):
+                s.sendall(req)
+                line = f.readline()
+                self.assertTrue(line.startswith(b"-NOAUTH"), f"{req!r} before AUTH answered {line!r}")
+        anon = client(self.port)
+        self.addCleanup(anon.close)
+        with self.assertRaises((AuthenticationError, ResponseError)):
+            anon.set("a", "1")
+        node_secret = read_secret(os.path.join(self.server.data_dir, "secret"))
+        wrong = client(self.port, password=node_secret)
+        self.addCleanup(wrong.close)
+        with self.assertRaises((AuthenticationError, ResponseError)):
+            wrong.ping()
+        self.assertTrue(self.r().set("a", "1"))
+        self.assertEqual(self.r().get("a"), b"1")
+        out = run(["redis-cli", "-h", HOST, "-p", str(self.port), "get", "a"]).stdout.decode()
+        self.assertIn("NOAUTH", out)
+        # a protocol error before AUTH closes the connection too
+        with socket.create_connection((HOST, self.port), timeout=10) as s:
+            s.sendall(b"*1\r\n$1099511627776\r\n")
+            data = s.recv(65536)
+            self.assertTrue(data.startswith(b"-ERR Protocol error"), data)
+            self.assertEqual(s.recv(65536), b"")
+
+
+class NoAuthTest(ServerTest):
+    """--redis-no-auth: Redis's own default, chosen explicitly."""
+    no_auth = True
+
+    def test_anonymous_clients_are_served(self):
+        anon = client(self.port)
+        self.addCleanup(anon.close)
+        self.assertTrue(anon.set("a", "1"))
+        self.assertEqual(anon.get("a"), b"1")
+
+
 # ---------------------------------------------------------------------------
 # 4. Bad input on raw sockets
 # ---------------------------------------------------------------------------
 
 class BadInputTests(ServerTest):
     def send_bad(self, payload):
-        """Sends payload; returns (everything read until EOF, closed?)."""
-        s = socket.create_connection((HOST, self.port), timeout=10)
+        """Sends payload after AUTH; returns (everything read until EOF, closed?)."""
+        s = self.raw()
         try:
             s.sendall(payload)
             data = b""
@@ -797,15 +883,16 @@ class ClusterBankTest(unittest.TestCase):
         participants = [n["id"] for n in nodes if n.get("role") == "participant"]
         self.assertEqual(len(participants), 3, nodes)
         log(f"cluster up: redis ports {ports}, participants {participants}")
+        pw = read_secret(os.path.join(self.cdir, "client.secret"))
         for port in ports:
-            wait_ping(port)
+            wait_ping(port, pw)
 
         accounts = [f"acct:{i}" for i in range(ACCOUNTS)]
-        boot = client(ports[0])
+        boot = client(ports[0], password=pw)
         self.addCleanup(boot.close)
         self.assertTrue(boot.mset({k: INITIAL for k in accounts}))
         for port in ports:  # every node sees the same committed data
-            c = client(port)
+            c = client(port, password=pw)
             self.assertEqual(sum(int(v) for v in c.mget(accounts)), ACCOUNTS * INITIAL, f"node redis port {port}")
             c.close()
 
@@ -826,7 +913,7 @@ class ClusterBankTest(unittest.TestCase):
             r = None
             while not stop.is_set():
                 if r is None:
-                    r = redis.Redis(host=HOST, port=port, socket_timeout=8, socket_connect_timeout=2,
+                    r = redis.Redis(host=HOST, port=port, password=pw, socket_timeout=8, socket_connect_timeout=2,
                                     retry=Retry(NoBackoff(), 0), decode_responses=True)
                 a, b = rnd.sample(range(ACCOUNTS), 2)
                 ka, kb = accounts[a], accounts[b]
@@ -957,7 +1044,7 @@ class ClusterBankTest(unittest.TestCase):
             last = None
             while True:
                 try:
-                    c = client(port, socket_timeout=10)
+                    c = client(port, password=pw, socket_timeout=10)
                     balances = c.mget(accounts)
                     markers = set(k.decode()[2:] for k in c.scan_iter(match="t:*", count=1000))
                     c.close()

@@ -144,7 +144,7 @@ func runWorkload(_ name: String, clients: Int, keysPerTxn: Int, on target: Targe
             return commits
         }
     case .tcp(let config):
-        let remote = ClusterClient(config: config)
+        let remote = try ClusterClient(config: config, secretFile: nil)
         client = remote.client
         finish = {
             remote.close()
@@ -221,12 +221,14 @@ let weftPath = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathCo
 
 final class LocalCluster {
     let config: ClusterConfig
+    let credentials: Credentials
     var procs: [String: Process] = [:]
 
     init(dir: String, participants: Int = 3, basePort: Int) throws {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort)
         try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
+        credentials = Credentials(clusterId: config.clusterId, nodeKey: try ClusterSecret.nodeKey(dir: config.clusterDirectory, create: true))
     }
 
     /// Starts node `id`; returns ms until it answers a ping as serving.
@@ -250,7 +252,7 @@ final class LocalCluster {
         procs[id] = p
         let node = try config.node(id)
         while true {
-            if let info = NetworkTransport.ping(node.endpoint, timeoutMillis: 200), info.contains(state) { break }
+            if let info = NetworkTransport.ping(node.endpoint, credentials: credentials, timeoutMillis: 200), info.contains(state) { break }
             guard p.isRunning else { throw WeftError(.unavailable, "\(id) exited with status \(p.terminationStatus)") }
             usleep(20_000)
         }

@@ -126,13 +126,20 @@ public final class ClusterNode: @unchecked Sendable {
     var redis: RedisFrontEnd?
     var redisClient: ClusterClient?
 
-    public init(config: ClusterConfig, id: String, options: StorageOptions = .init()) throws(WeftError) {
+    /// What this node proves to its peers and checks on every connection.
+    public let credentials: Credentials
+
+    /// `secretFile`: the node secret, else `secret` in the cluster's directory.
+    public init(config: ClusterConfig, id: String, options: StorageOptions = .init(), secretFile: String? = nil) throws(WeftError) {
         let started = wallMillis()
         self.config = config
         spec = try config.node(id)
+        let nodeKey: Bytes
+        if let secretFile { nodeKey = try ClusterSecret.read(secretFile) } else { nodeKey = try ClusterSecret.nodeKey(dir: config.clusterDirectory, create: false) }
+        credentials = Credentials(clusterId: config.clusterId, nodeKey: nodeKey)
         lock = try DataDirectoryLock(directory: spec.dataDir)
         try Self.checkIdentity(dir: spec.dataDir, clusterId: config.clusterId, nodeId: id)
-        transport = NetworkTransport(me: spec.address, clusterId: config.clusterId, directory: config.directory)
+        transport = NetworkTransport(me: spec.address, credentials: credentials, directory: config.directory)
         let now = wallMillis()
         switch spec.role {
         case .coordinator:
@@ -198,8 +205,8 @@ public final class ClusterNode: @unchecked Sendable {
     /// are transactions of the whole cluster, through a client of it in
     /// this process, so any node answers for every key.
     public func startRedis(port: Int, password: String?) throws(WeftError) -> Endpoint {
-        let cc = ClusterClient(config: config)
-        let fe = RedisFrontEnd(client: cc.client, password: password)
+        let cc = ClusterClient(config: config, credentials: credentials)
+        let fe = RedisFrontEnd(client: cc.client, password: password ?? credentials.redisPassword)
         let (role, nodeId) = (spec.role.rawValue, spec.id)
         fe.infoLines = { ["weft_role:\(role)", "weft_node:\(nodeId)"] }
         do {
@@ -243,11 +250,18 @@ public final class ClusterClient: @unchecked Sendable {
     let transport: NetworkTransport
     public let client: WeftClient
 
-    public init(config: ClusterConfig) {
+    public init(config: ClusterConfig, credentials: Credentials) {
         self.config = config
         let id = UInt64.random(in: 1...UInt64.max)
-        transport = NetworkTransport(me: .client(id), clusterId: config.clusterId, directory: config.directory)
+        transport = NetworkTransport(me: .client(id), credentials: credentials, directory: config.directory)
         client = WeftClient(id: id, router: transport, participantCount: config.participantCount)
+    }
+
+    /// A client proving the cluster's client secret: `secretFile` if
+    /// given, else the one in the cluster's directory.
+    public convenience init(config: ClusterConfig, secretFile: String?) throws(WeftError) {
+        let key = try ClusterSecret.clientKey(dir: config.clusterDirectory, secretFile: secretFile)
+        self.init(config: config, credentials: Credentials(clusterId: config.clusterId, clientKey: key))
     }
 
     public func close() {

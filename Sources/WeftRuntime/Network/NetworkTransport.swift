@@ -38,7 +38,7 @@ final class FrameDecoder: ByteToMessageDecoder {
         guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return .needMoreData }
         state.lastActivityMillis = wallMillis()
         if !state.helloDone && Int(length) > Limits.preHelloFrameBytesMax {
-            throw Frame.DecodeFailure.malformed("frame of \(length) bytes before HELLO exceeds Limits.preHelloFrameBytesMax (\(Limits.preHelloFrameBytesMax))")
+            throw Frame.DecodeFailure.malformed("frame of \(length) bytes before the handshake exceeds Limits.preHelloFrameBytesMax (\(Limits.preHelloFrameBytesMax))")
         }
         if Int(length) > Limits.frameBytesMax {
             throw Frame.DecodeFailure.malformed("frame of \(length) bytes exceeds Limits.frameBytesMax (\(Limits.frameBytesMax))")
@@ -98,9 +98,11 @@ final class ByteBudget: @unchecked Sendable {
     func give(_ n: Int) { lock.withLock { used -= n } }
 }
 
-/// One connection's protocol: HELLO first (cluster id and who is speaking),
-/// then envelopes, pings and errors. Anything else closes the connection
-/// with a logged reason; the node itself is never affected.
+/// One connection's protocol: the authenticated handshake first (see
+/// `Handshake`), then envelopes, pings, calls and errors. Anything else
+/// closes the connection with a logged reason; the node itself is never
+/// affected. Before the handshake is done a peer is told nothing but a
+/// CHALLENGE or "authentication failed".
 final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = Frame
 
@@ -109,6 +111,8 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
     var remote: NodeAddress?
     let state: ConnectionState
     var idleCheck: Scheduled<Void>?
+    var connector: ConnectorHandshake?
+    var acceptor: AcceptorHandshake?
 
     init(transport: NetworkTransport, outbound: NodeAddress?, state: ConnectionState = ConnectionState()) {
         self.transport = transport
@@ -121,18 +125,69 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             // Recorded here, on the channel's own loop, so that its
             // channelInactive always finds it (see outboundClosed).
             transport.outboundActive(to, context.channel)
-            write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me))
+            let c = ConnectorHandshake(credentials: transport.credentials, me: transport.me)
+            connector = c
+            write(context.channel, c.hello)
         } else {
-            // A stranger gets `inboundHelloMillis` to say who it is.
+            acceptor = AcceptorHandshake(credentials: transport.credentials, me: transport.me)
+            // A stranger gets `inboundHelloMillis` to prove who it is.
             let channel = context.channel
             context.eventLoop.scheduleTask(in: .milliseconds(transport.inboundHelloMillis)) { [self] in
                 if remote == nil && channel.isActive {
-                    transport.logRejected("closing connection from \(channel.remoteAddress.map { "\($0)" } ?? "?"): no HELLO within \(transport.inboundHelloMillis) ms (Limits.inboundHelloMillisMax)")
+                    transport.logRejected("closing connection from \(channel.remoteAddress.map { "\($0)" } ?? "?"): not authenticated within \(transport.inboundHelloMillis) ms (Limits.inboundHelloMillisMax)")
                     channel.close(promise: nil)
                 }
             }
         }
         context.fireChannelActive()
+    }
+
+    /// The handshake's frames, before `remote` is known.
+    func handshake(_ context: ChannelHandlerContext, _ frame: Frame) {
+        switch frame {
+        case .hello(let nonce) where acceptor != nil:
+            guard let challenge = acceptor!.answer(hello: nonce) else { return refuse(context, "bad or repeated HELLO") }
+            write(context.channel, challenge)
+        case let .auth(sender, proof) where acceptor != nil:
+            guard let welcome = acceptor!.answer(auth: sender, proof: proof) else {
+                return refuse(context, "AUTH as \(sender) without a valid proof (wrong secret or cluster id)")
+            }
+            remote = sender
+            state.helloDone = true
+            write(context.channel, welcome)
+            if case .client(let id) = sender {
+                transport.registerClientChannel(id, context.channel)
+                watchIdle(context.channel)
+            } else {
+                transport.peerIsUp(sender)
+            }
+        case .challenge(let nonce) where connector != nil:
+            guard let auth = connector!.answer(challenge: nonce) else { return refuse(context, "bad or repeated CHALLENGE") }
+            write(context.channel, auth)
+        case let .welcome(sender, proof) where connector != nil:
+            guard connector!.accepts(welcome: sender, proof: proof) else {
+                return refuse(context, "the peer answered as \(sender) without a valid proof: it does not hold this cluster's secret")
+            }
+            if let expected = outbound, expected != sender {
+                return reject(context, "expected \(expected) at this address but \(sender) answered; check the cluster file")
+            }
+            remote = sender
+            state.helloDone = true
+            transport.outboundReady(sender)
+        case .error(let text):
+            transport.log("peer refused the connection: \(text)")
+            context.close(promise: nil)
+        default:
+            refuse(context, "\(Authorization.kind(frame)) before the handshake was done")
+        }
+    }
+
+    /// Closes an unauthenticated connection: the peer is told only
+    /// `Handshake.refusal`; the reason goes to this node's log.
+    func refuse(_ context: ChannelHandlerContext, _ reason: String) {
+        transport.logRejected("closing connection from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(Handshake.refusal): \(reason)")
+        write(context.channel, .error(Handshake.refusal))
+        context.close(promise: nil)
     }
 
     /// Closes a client's connection idle for `clientIdleMillis` (nothing
@@ -152,46 +207,20 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
+        guard let remote else { return handshake(context, frame) }
         switch (remote, frame) {
-        case let (nil, .hello(clusterId, sender)):
-            guard clusterId == transport.clusterId else {
-                return reject(context, "cluster id mismatch: this node belongs to cluster \(transport.clusterId), the peer to \(clusterId)")
-            }
-            if let expected = outbound, expected != sender {
-                return reject(context, "expected \(expected) at this address but \(sender) answered; check the cluster file")
-            }
-            remote = sender
-            state.helloDone = true
-            if outbound == nil {
-                write(context.channel, .hello(clusterId: transport.clusterId, sender: transport.me))
-                if case .client(let id) = sender {
-                    transport.registerClientChannel(id, context.channel)
-                    watchIdle(context.channel)
-                } else {
-                    transport.peerIsUp(sender)
-                }
-            } else {
-                transport.outboundReady(sender)
-            }
-        case (nil, .ping(let req)):
-            // Health checks may come without a hello.
-            write(context.channel, .pong(req: req, info: transport.healthInfo()))
-        case (nil, .error(let text)):
-            transport.log("peer refused the connection: \(text)")
-            context.close(promise: nil)
-        case (nil, _):
-            reject(context, "first frame must be HELLO")
-        case let (remote?, .envelope(env)):
+        case let (remote, .envelope(env)):
             // Behind a gateway (`weft server`) every node answers on the one connection.
             let viaGateway: Bool
             if transport.gateway, outbound != nil, case .client = env.from { viaGateway = false } else { viaGateway = transport.gateway && outbound != nil }
             guard env.from == remote || viaGateway else { return reject(context, "\(remote) sent an envelope claiming to be from \(env.from)") }
+            if let why = Authorization.refusal(env) { return reject(context, why) }
             transport.receive(env)
         case (_, .ping(let req)):
             write(context.channel, .pong(req: req, info: transport.healthInfo()))
         case (_, .pong(let req, let info)):
             transport.pongReceived(req, info)
-        case let (.client(_)?, .call(req, method, body)):
+        case let (.client, .call(req, method, body)):
             let channel = context.channel
             guard let handler = transport.onCall else {
                 return write(channel, .reply(req: req, ok: false, body: Array("{\"error\":\"invalid-argument\",\"message\":\"this node serves no calls\"}".utf8)))
@@ -207,10 +236,10 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
         case let (_, .reply(req, ok, body)):
             transport.replyReceived(req, ok, body)
         case (_, .error(let text)):
-            transport.log("\(remote.map { "\($0)" } ?? "peer") closed the connection: \(text)")
+            transport.log("\(remote) closed the connection: \(text)")
             context.close(promise: nil)
-        case (_, .hello):
-            reject(context, "duplicate HELLO")
+        case (_, .hello), (_, .challenge), (_, .auth), (_, .welcome):
+            reject(context, "handshake frame after the handshake")
         }
     }
 
@@ -255,7 +284,9 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
 /// (the protocol resends them).
 public final class NetworkTransport: Transport, @unchecked Sendable {
     public let me: NodeAddress
-    public let clusterId: String
+    /// What this process proves on its connections, and checks on others'.
+    public let credentials: Credentials
+    public var clusterId: String { credentials.clusterId }
     let directory: [NodeAddress: Endpoint]
     let group: MultiThreadedEventLoopGroup
     let ownsGroup: Bool
@@ -283,9 +314,9 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
     /// as the coordinator).
     let gateway: Bool
 
-    public init(me: NodeAddress, clusterId: String, directory: [NodeAddress: Endpoint], threads: Int = 1, gateway: Bool = false) {
+    public init(me: NodeAddress, credentials: Credentials, directory: [NodeAddress: Endpoint], threads: Int = 1, gateway: Bool = false) {
         self.me = me
-        self.clusterId = clusterId
+        self.credentials = credentials
         self.directory = directory
         self.gateway = gateway
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -504,7 +535,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         channel.eventLoop.scheduleTask(in: .milliseconds(Limits.handshakeMillisMax)) { [self] in
             let stuck = lock.withLock { peers[to]?.connecting == true && peers[to]?.channel === channel }
             if stuck {
-                log("\(to) accepted a connection but sent no HELLO within \(Limits.handshakeMillisMax) ms (Limits.handshakeMillisMax); closing it")
+                log("\(to) accepted a connection but did not complete the handshake within \(Limits.handshakeMillisMax) ms (Limits.handshakeMillisMax); closing it")
                 channel.close(promise: nil)
             }
         }
@@ -555,7 +586,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         let local = Array(sinks.values)
         lock.unlock()
         if wasConnecting, let endpoint = directory[to] {
-            for env in queued { undeliverable(env, unreachable(to, endpoint, "connection closed during handshake, or no HELLO within \(Limits.handshakeMillisMax) ms")) }
+            for env in queued { undeliverable(env, unreachable(to, endpoint, "connection closed during the handshake, or no handshake within \(Limits.handshakeMillisMax) ms")) }
         }
         // A client whose node went away fails its waiting requests at once
         // (behind a gateway, every node went with it).
@@ -663,25 +694,23 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         cb?(info)
     }
 
-    /// Pings `endpoint` on a fresh connection; the node's health JSON, or nil
-    /// if it does not answer within `timeoutMillis`.
-    public static func ping(_ endpoint: Endpoint, timeoutMillis: Int64 = 1000) -> String? {
+    /// Pings `endpoint` on a fresh connection, after the handshake (as a
+    /// client proving `credentials`); the node's health JSON, or nil if it
+    /// does not answer within `timeoutMillis`.
+    public static func ping(_ endpoint: Endpoint, credentials: Credentials, timeoutMillis: Int64 = 1000) -> String? {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let box = PingBox()
+        let handshake = ConnectorHandshake(credentials: credentials, me: .client(UInt64.random(in: 1...UInt64.max)))
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(.milliseconds(timeoutMillis))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
-                    try channel.pipeline.syncOperations.addHandler(PingHandler(box: box))
+                    try channel.pipeline.syncOperations.addHandler(PingHandler(box: box, handshake: handshake))
                 }
             }
         guard let ch = try? bootstrap.connect(host: endpoint.host, port: endpoint.port).wait() else { return nil }
-        let bytes = Frame.ping(req: 1).encoded()
-        var buf = ch.allocator.buffer(capacity: bytes.count)
-        buf.writeBytes(bytes)
-        ch.writeAndFlush(buf, promise: nil)
         let info = box.wait(timeoutMillis: timeoutMillis)
         try? ch.close().wait()
         return info
@@ -706,12 +735,38 @@ final class PingBox: @unchecked Sendable {
     }
 }
 
+/// A health ping's connection: the connector's handshake, then one PING.
 final class PingHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = Frame
     let box: PingBox
-    init(box: PingBox) { self.box = box }
+    var handshake: ConnectorHandshake
+    init(box: PingBox, handshake: ConnectorHandshake) {
+        self.box = box
+        self.handshake = handshake
+    }
+    func channelActive(context: ChannelHandlerContext) {
+        send(context, handshake.hello)
+        context.fireChannelActive()
+    }
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .pong(_, let info) = unwrapInboundIn(data) { box.set(info) }
+        switch unwrapInboundIn(data) {
+        case .challenge(let nonce):
+            guard let auth = handshake.answer(challenge: nonce) else { return context.close(promise: nil) }
+            send(context, auth)
+        case let .welcome(sender, proof):
+            guard handshake.accepts(welcome: sender, proof: proof) else { return context.close(promise: nil) }
+            send(context, .ping(req: 1))
+        case .pong(_, let info):
+            box.set(info)
+        default:
+            context.close(promise: nil)
+        }
+    }
+    func send(_ context: ChannelHandlerContext, _ frame: Frame) {
+        let bytes = frame.encoded()
+        var buf = context.channel.allocator.buffer(capacity: bytes.count)
+        buf.writeBytes(bytes)
+        context.writeAndFlush(NIOAny(buf), promise: nil)
     }
     func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
 }
