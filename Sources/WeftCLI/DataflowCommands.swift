@@ -35,7 +35,7 @@ struct TableCommand: AsyncParsableCommand {
                 partial = tmp
             }
             let out = fd, tmp = partial
-            let rows = try await withCluster(g) { c in
+            let rows = try await withCluster(g, reads: true) { c in
                 do {
                     return try await TableExchange.export(c, name, format: format, to: out, at: at)
                 } catch {
@@ -96,7 +96,7 @@ struct TableCommand: AsyncParsableCommand {
         @OptionGroup var global: GlobalOptions
         func run() async throws {
             let g = global
-            let infos = try await withCluster(g) { c in try await TableStore.list(c) }
+            let infos = try await withCluster(g, reads: true) { c in try await TableStore.list(c) }
             printTables(infos, json: g.json)
         }
     }
@@ -111,7 +111,7 @@ struct TableCommand: AsyncParsableCommand {
         func run() async throws {
             let g = global, name = self.name, limit = self.limit, at = self.at
             if limit < 0 { throw ValidationError("--limit must be at least 0") }
-            let rows = try await withCluster(g) { c -> [ScanRowBox] in
+            let rows = try await withCluster(g, reads: true) { c -> [ScanRowBox] in
                 var ts = at ?? 0
                 if at == nil { ts = try await c.now() }
                 guard let info = try await TableStore.info(c, name, at: ts) else { throw WeftError(.notFound, "unknown table \(name)") }
@@ -312,7 +312,9 @@ struct JobCommand: AsyncParsableCommand {
                 printJobResult(o, json: g.json)
                 return
             }
-            let result = try await withSession(g) { client, embedded -> JobResult in
+            // A job without --output writes nothing durable (its reliable
+            // blocks, in a read-only directory, stay in this process).
+            let result = try await withSession(g, reads: p.output == nil) { client, embedded -> JobResult in
                 let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: memory)
                 let tty = isatty(1) == 1
                 sc.onProgress = { pr in
@@ -337,7 +339,7 @@ struct JobCommand: AsyncParsableCommand {
         func run() async throws {
             let g = global
             let p = job.parameters, name = job.name
-            let text = try await withCluster(g) { client in
+            let text = try await withCluster(g, reads: true) { client in
                 try await onDriverThread {
                     let sc = DataflowContext()
                     return try BuiltinJobs.plan(name, p, sc: sc, client: client, malformed: sc.accumulator("malformed"), explainOnly: true).toDebugString()

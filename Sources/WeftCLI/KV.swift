@@ -57,7 +57,7 @@ struct KV: AsyncParsableCommand {
                 try WeftError.checkKey(k)
             } catch let err as WeftError { fail(err, json: g.json) }
             let at = self.at
-            let (value, version) = try await withCluster(g) { c in try await c.get(k, at: at) }
+            let (value, version) = try await withCluster(g, reads: true) { c in try await c.get(k, at: at) }
             guard let value else {
                 if g.json {
                     print(jsonLine(["key": e.show(key: k), "found": false]))
@@ -108,7 +108,7 @@ struct KV: AsyncParsableCommand {
             let p: Bytes
             do { p = try e.key(prefix) } catch let err as WeftError { fail(err, json: g.json) }
             let (limit, at) = (self.limit, self.at)
-            let (rows, ts) = try await withCluster(g) { c in try await c.scan(prefix: p, limit: limit, at: at) }
+            let (rows, ts) = try await withCluster(g, reads: true) { c in try await c.scan(prefix: p, limit: limit, at: at) }
             for r in rows {
                 if g.json {
                     print(jsonLine(["key": e.show(key: r.key), "value": e.show(value: r.value), "version": r.version]))

@@ -73,7 +73,7 @@ struct TxnStatusCommand: AsyncParsableCommand {
 
     func run() async throws {
         let g = global, id = self.id
-        let s = try await withCluster(g) { c in try await c.status(id) }
+        let s = try await withCluster(g, reads: true) { c in try await c.status(id) }
         switch s {
         case .committed(let ts): print(g.json ? jsonLine(["txn": id, "status": "committed", "committed_ts": ts]) : "committed at ts=\(ts)")
         case .aborted: print(g.json ? jsonLine(["txn": id, "status": "aborted"]) : "aborted")

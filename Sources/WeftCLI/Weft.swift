@@ -39,6 +39,9 @@ struct GlobalOptions: ParsableArguments {
     @Option(help: "Talk to a running cluster (its directory or cluster file) instead of opening a data directory (default: $WEFT_CLUSTER).")
     var cluster: String?
 
+    @Flag(name: .customLong("read-only"), help: "Open the data directory only to read (automatic for read commands on a directory this process may not write).")
+    var readOnly = false
+
     @Option(name: .customLong("secret-file"), help: "The client secret this client proves to the cluster or server (default: client.secret in the cluster's or data directory).")
     var secretFile: String?
 
@@ -156,8 +159,12 @@ func exitCode(for e: WeftError) -> Int32 {
 /// Runs `body` with a client: of a running cluster when `--cluster` (or
 /// `$WEFT_CLUSTER`) names one, else of an embedded cluster on the data
 /// directory. Weft errors become a clear message and a documented exit code.
-func withCluster<T>(_ g: GlobalOptions, _ body: (WeftClient) async throws -> T) async throws -> T {
-    try await withSession(g) { c, _ in try await body(c) }
+///
+/// `reads`: the command writes nothing, so it may open the directory
+/// read-only (`--read-only`, or automatically when this process may not
+/// write it). A writing command with `--read-only` is refused.
+func withCluster<T>(_ g: GlobalOptions, reads: Bool = false, _ body: (WeftClient) async throws -> T) async throws -> T {
+    try await withSession(g, reads: reads) { c, _ in try await body(c) }
 }
 
 /// Like `withCluster`, also handing over the embedded cluster (nil in
@@ -170,7 +177,7 @@ func withCluster<T>(_ g: GlobalOptions, _ body: (WeftClient) async throws -> T) 
 /// as with no server at all. A one-shot command waits up to
 /// `Limits.dataDirLockWaitMillis` for another one-shot command's lock,
 /// and switches to a server that starts meanwhile.
-func withSession<T>(_ g: GlobalOptions, _ body: (WeftClient, EmbeddedCluster?) async throws -> T) async throws -> T {
+func withSession<T>(_ g: GlobalOptions, reads: Bool = false, _ body: (WeftClient, EmbeddedCluster?) async throws -> T) async throws -> T {
     let client: WeftClient
     let close: () -> Void
     var embedded: EmbeddedCluster?
@@ -180,7 +187,7 @@ func withSession<T>(_ g: GlobalOptions, _ body: (WeftClient, EmbeddedCluster?) a
             client = remote.client
             close = { remote.close() }
         } else {
-            switch try openDataDirectory(g) {
+            switch try openDataDirectory(g, reads: reads) {
             case .server(let remote):
                 client = remote.client
                 close = { remote.close() }
@@ -213,8 +220,14 @@ enum DataDirectorySession {
     case embedded(EmbeddedCluster)
 }
 
-func openDataDirectory(_ g: GlobalOptions) throws(WeftError) -> DataDirectorySession {
+func openDataDirectory(_ g: GlobalOptions, reads: Bool = false) throws(WeftError) -> DataDirectorySession {
     let dir = g.resolvedDataDir
+    if g.readOnly && !reads {
+        throw WeftError(.readOnly, "this command writes, and --read-only was given")
+    }
+    // A read on a directory this process may not write (a read-only mount,
+    // another user's files) opens it read-only rather than failing.
+    let readOnly = g.readOnly || (reads && FileManager.default.fileExists(atPath: dir + "/weft.conf") && !DataDirectoryLock.writable(dir))
     // WEFT_LOCK_WAIT_MS overrides the wait (tests, scripts that prefer to fail fast).
     let wait = ProcessInfo.processInfo.environment["WEFT_LOCK_WAIT_MS"].flatMap { Int($0) } ?? Limits.dataDirLockWaitMillis
     var deadline = wallMillis() + UInt64(max(0, wait))
@@ -237,7 +250,7 @@ func openDataDirectory(_ g: GlobalOptions) throws(WeftError) -> DataDirectorySes
             break
         }
         do {
-            return .embedded(try EmbeddedCluster(dataDir: dir, participants: g.participants))
+            return .embedded(try EmbeddedCluster(dataDir: dir, participants: g.participants, readOnly: readOnly))
         } catch where error.code == .locked && wallMillis() < deadline {
             // A server still opening the directory (recovering) holds the
             // lock before it writes DIR/SERVER: wait for it to serve.

@@ -73,7 +73,14 @@ public final class LMDBEnvironment: @unchecked Sendable {
         var rc = mdb_env_create(&created)
         guard rc == 0, let env = created else { throw LMDBError(rc: rc, "creating an environment for \(directory)") }
         var flags = UInt32(MDB_NOTLS)
-        if options.readOnly { flags |= UInt32(MDB_RDONLY) }
+        if options.readOnly {
+            flags |= UInt32(MDB_RDONLY)
+            // A lock file this process may not write (a read-only
+            // directory): read without LMDB's reader table. The caller
+            // holds the data directory's shared lock, so no writer runs.
+            let lockFile = directory + "/lock.mdb"
+            if access(directory, W_OK) != 0 && (access(lockFile, F_OK) != 0 || access(lockFile, W_OK) != 0) { flags |= UInt32(MDB_NOLOCK) }
+        }
         if !options.durable { flags |= UInt32(MDB_NOSYNC) }
         rc = mdb_env_set_mapsize(env, options.mapSizeBytes)
         if rc == 0 { rc = mdb_env_set_maxdbs(env, MDB_dbi(options.databasesMax)) }
@@ -81,7 +88,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
         // Owner-only: the data is the user's, not every local account's.
         if rc == 0 { rc = mdb_env_open(env, directory, flags, 0o600) }
         var dead: Int32 = 0
-        if rc == 0 { rc = mdb_reader_check(env, &dead) }
+        if rc == 0 && flags & UInt32(MDB_NOLOCK) == 0 { rc = mdb_reader_check(env, &dead) }
         guard rc == 0 else {
             mdb_env_close(env)  // required after a failed mdb_env_open
             throw openError(rc, directory, readOnly: options.readOnly)
@@ -180,7 +187,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
                 }
                 let rc = mdb_txn_commit(raw)  // frees the txn whatever the outcome
                 if rc == MDB_MAP_FULL { return nil }
-                guard rc == 0 else { throw LMDBError(rc: rc, "committing to \(directory)") }
+                guard rc == 0 else { throw commitError(rc) }
                 return value
             }
             if let outcome { return outcome }
@@ -210,9 +217,26 @@ public final class LMDBEnvironment: @unchecked Sendable {
     public func stat(_ db: LMDBDatabase) throws -> Stat { try read { try $0.stat(db) } }
 
     func mapFullError(_ context: String) -> LMDBError {
-        LMDBError(.mapFull, errno: MDB_MAP_FULL, "LMDB map is full (map size \(formatBytes(mapSizeBytes)), "
+        LMDBError(.mapFull, errno: MDB_MAP_FULL, "LMDB map full (map size \(formatBytes(mapSizeBytes)), "
             + "limit \(formatBytes(mapSizeBytesMax))) while \(context)")
     }
+
+    /// A failed commit. A file system that ran out of space can fail the
+    /// write-back or the flush with EIO rather than ENOSPC; when the
+    /// directory's file system has (almost) no space left, that is what
+    /// the user is told.
+    func commitError(_ rc: Int32) -> LMDBError {
+        if rc == EIO {
+            var fs = statvfs()
+            if statvfs(directory, &fs) == 0, UInt64(fs.f_bavail) * UInt64(fs.f_frsize) < Self.nearlyFullBytes {
+                return LMDBError(.diskFull, errno: ENOSPC, "no space left on device (the commit failed with EIO and \(directory)'s file system has \(UInt64(fs.f_bavail) * UInt64(fs.f_frsize)) bytes free) while committing to \(directory)")
+            }
+        }
+        return LMDBError(rc: rc, "committing to \(directory)")
+    }
+
+    /// Free bytes under which an EIO on commit is reported as a full disk.
+    static let nearlyFullBytes: UInt64 = 4 << 20
 
     // MARK: Locking
 

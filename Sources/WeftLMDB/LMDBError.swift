@@ -32,8 +32,8 @@ public struct LMDBError: Error, Equatable, CustomStringConvertible, Sendable {
         let detail = (text.firstIndex(of: ":").map { String(text[$0...].dropFirst(2)) } ?? text).lowercased()
         let (code, words, advice): (Code, String, String?) = switch rc {
         case MDB_NOTFOUND: (.notFound, "not found", nil)
-        case MDB_MAP_FULL: (.mapFull, "LMDB map is full (MDB_MAP_FULL)", nil)
-        case ENOSPC: (.diskFull, "disk is full (ENOSPC)", nil)
+        case MDB_MAP_FULL: (.mapFull, "LMDB map full (MDB_MAP_FULL)", nil)
+        case ENOSPC: (.diskFull, "no space left on device (ENOSPC)", nil)
         case EDQUOT: (.diskFull, "disk quota exceeded (EDQUOT)", nil)
         case MDB_CORRUPTED: (.corrupted, "data file is corrupted (MDB_CORRUPTED: \(detail))", nil)
         case MDB_PAGE_NOTFOUND: (.corrupted, "data file is corrupted (MDB_PAGE_NOTFOUND: \(detail))", nil)

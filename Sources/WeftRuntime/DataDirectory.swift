@@ -40,8 +40,32 @@ public final class DataDirectoryLock: @unchecked Sendable {
         return WeftError(.storage, "cannot open data directory \(directory): \(String(cString: strerror(e)))")
     }
 
-    public func release() { close(fd) }
-    deinit { close(fd) }
+    /// A shared lock, for a process that only reads (`--read-only`, or a
+    /// read command on a directory it may not write): it waits out no
+    /// one, and refuses to read while a writer holds the directory. A
+    /// directory without `LOCK` has never been opened by a writer.
+    public init(readingDirectory directory: String) throws(WeftError) {
+        path = directory + "/LOCK"
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDir), isDir.boolValue else {
+            throw WeftError(.notFound, "\(directory) is not a Weft data directory (it does not exist)")
+        }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd >= 0 && flock(fd, LOCK_SH | LOCK_NB) != 0 {
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            close(fd)
+            throw WeftError(.locked, "data directory \(directory) is being written by another process (\(holder.isEmpty ? "holder unknown" : holder)); read it through that process or after it stops")
+        }
+        self.fd = fd
+    }
+
+    /// Whether this process may write `directory` (and so open it for writing).
+    public static func writable(_ directory: String) -> Bool {
+        access(directory, W_OK) == 0 && (access(directory + "/LOCK", F_OK) != 0 || access(directory + "/LOCK", W_OK) == 0)
+    }
+
+    public func release() { if fd >= 0 { close(fd) } }
+    deinit { if fd >= 0 { close(fd) } }
 }
 
 /// The layout of an embedded data directory:

@@ -15,16 +15,28 @@ public final class EmbeddedCluster: @unchecked Sendable {
     let participantStorages: [ParticipantStorage]
     let coordinator: NodeRunner<CoordinatorMachine>
     let participants: [NodeRunner<ParticipantMachine>]
+    /// Opened only to read (see `init`).
+    public let readOnly: Bool
     let idLock = NSLock()
     var nextClientId: UInt64 = 1
     var closed = false
 
     /// Opens (or creates) the data directory, recovers every node from its
     /// LMDB environment, and starts the nodes.
-    public init(dataDir: String, participants count: Int? = nil, options: StorageOptions = .init(), lockWaitMillis: Int = 0) throws(WeftError) {
-        let lock = try DataDirectoryLock(directory: dataDir, waitMillis: lockWaitMillis)
+    ///
+    /// `readOnly`: the directory is only read (`--read-only`, or a read
+    /// command on a directory this process may not write): a shared lock,
+    /// LMDB opened read-only, and nothing the nodes log is written (a
+    /// timestamp reservation, garbage collection and in-doubt resolution
+    /// stay in memory; only commands that write nothing open it this way).
+    public init(dataDir: String, participants count: Int? = nil, options: StorageOptions = .init(), lockWaitMillis: Int = 0,
+                readOnly: Bool = false) throws(WeftError) {
+        let lock = readOnly ? try DataDirectoryLock(readingDirectory: dataDir) : try DataDirectoryLock(directory: dataDir, waitMillis: lockWaitMillis)
         self.lock = lock
-        layout = try DataDirectoryLayout.resolve(root: dataDir, participants: count, create: true)
+        self.readOnly = readOnly
+        var options = options
+        options.readOnly = options.readOnly || readOnly
+        layout = try DataDirectoryLayout.resolve(root: dataDir, participants: count, create: !readOnly)
         coordinatorStorage = try CoordinatorStorage(directory: layout.coordinator, options: options)
         var storages: [ParticipantStorage] = []
         for p in 0..<layout.participants {
@@ -37,14 +49,14 @@ public final class EmbeddedCluster: @unchecked Sendable {
         let floor = coordRecovery.reservedTs > 0 ? coordRecovery.reservedTs - 1 : 0
         let cs = coordinatorStorage
         coordinator = NodeRunner(address: .coordinator, machine: CoordinatorMachine(recovery: coordRecovery, nowMillis: now), router: router) { (r) throws(WeftError) in
-            try cs.persist(r)
+            if !readOnly { try cs.persist(r) }
         }
         var runners: [NodeRunner<ParticipantMachine>] = []
         for p in 0..<layout.participants {
             let s = storages[p]
             let machine = try s.recoverMachine(id: p, readFloor: floor, nowMillis: now)
             runners.append(NodeRunner(address: .participant(p), machine: machine, router: router) { (r) throws(WeftError) in
-                try s.persist(r)
+                if !readOnly { try s.persist(r) }
             })
         }
         participants = runners

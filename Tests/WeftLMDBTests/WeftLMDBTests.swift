@@ -208,7 +208,7 @@ final class WeftLMDBTests: XCTestCase {
         }
         XCTAssertEqual(failure?.code, .mapFull)
         XCTAssertEqual(failedBodyRuns, 1, "no retry at the cap")
-        XCTAssertTrue(failure!.description.contains("map is full (map size 1 MiB, limit 1 MiB)"), "\(failure!)")
+        XCTAssertTrue(failure!.description.contains("map full (map size 1 MiB, limit 1 MiB)"), "\(failure!)")
         assertWords(failure!)
         XCTAssertGreaterThan(committed, 0)
         XCTAssertEqual(env.mapSizeBytes, 1 << 20)
@@ -355,7 +355,7 @@ final class WeftLMDBTests: XCTestCase {
             assertWords(error)
             XCTAssertTrue(error.description.contains("while committing to /tmp/x"), error.description)
         }
-        XCTAssertEqual(LMDBError(rc: ENOSPC, "committing to /d").description, "disk is full (ENOSPC) while committing to /d")
+        XCTAssertEqual(LMDBError(rc: ENOSPC, "committing to /d").description, "no space left on device (ENOSPC) while committing to /d")
         XCTAssertEqual(LMDBError(rc: ENOSPC, "x").code, .diskFull)
         XCTAssertEqual(LMDBError(rc: -30796, "x").code, .corrupted)
         XCTAssertEqual(LMDBError(rc: -30790, "x").code, .readersFull)

@@ -112,6 +112,66 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("is empty (0 bytes), but this environment held data"), r.stderr)
     }
 
+    /// The "flipped byte": a byte flipped inside a stored value is
+    /// an error naming the damaged record, never the wrong value.
+    func testAFlippedByteInAStoredValueIsAnErrorNotAWrongValue() throws {
+        let d = dir + "/data"
+        let value = "balance-0123456789-abcdefghij"
+        XCTAssertEqual(try runWeft(["kv", "put", "acct", value, "--data-dir", d]).status, 0)
+        XCTAssertEqual(try runWeft(["kv", "get", "acct", "--data-dir", d]).stdout, value + "\n")
+        // Flip one bit of every copy of the value in whichever participant holds it.
+        var flipped = 0
+        for p in 0..<3 {
+            let path = d + "/participant-\(p)/data.mdb"
+            guard var bytes = FileManager.default.contents(atPath: path).map(Array.init) else { continue }
+            let needle = Array(value.utf8)
+            var i = 0
+            while i + needle.count <= bytes.count {
+                if bytes[i] == needle[0] && Array(bytes[i..<(i + needle.count)]) == needle {
+                    bytes[i + 8] ^= 0x01   // "balance-0..." becomes "balance-1..."
+                    flipped += 1
+                    i += needle.count
+                } else {
+                    i += 1
+                }
+            }
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+        }
+        XCTAssertGreaterThan(flipped, 0, "the value is somewhere on disk")
+        let r = try runWeft(["kv", "get", "acct", "--data-dir", d])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertFalse(r.stdout.contains("balance-1"), "a damaged value was returned: \(r.stdout)")
+        XCTAssertTrue(r.stderr.contains("checksum mismatch") && r.stderr.contains("commit record commitTs="), r.stderr)
+    }
+
+    /// The full disk: reported as "no space left on device" (the
+    /// file system fails LMDB's write-back with EIO), and what was
+    /// committed before is intact. Needs root to mount a small tmpfs.
+    func testAFullDiskSaysNoSpaceLeftAndLosesNothing() throws {
+        let mnt = dir + "/small"
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        guard geteuid() == 0, mount("tmpfs", mnt, "tmpfs", 0, "size=3m") == 0 else { throw XCTSkip("cannot mount a small tmpfs here") }
+        defer { umount(mnt) }
+        let d = mnt + "/data"
+        XCTAssertEqual(try runWeft(["kv", "put", "keep", "me", "--data-dir", d]).status, 0)
+        let file = dir + "/big.txt"
+        var rng = SystemRandomNumberGenerator()
+        let text = (0..<8000).map { _ in String((0..<100).map { _ in "abcdefghijklmnopqrstuvwxyz0123456789".randomElement(using: &rng)! }) }.joined(separator: "\n") + "\n"
+        try text.write(toFile: file, atomically: true, encoding: .utf8)
+        var failure: RunResult?
+        for i in 0..<8 {
+            let r = try runWeft(["table", "load", "t\(i)", file, "--data-dir", d])
+            if r.status != 0 {
+                failure = r
+                break
+            }
+        }
+        let f = try XCTUnwrap(failure, "3 MiB filled up")
+        XCTAssertTrue(f.stderr.contains("no space left on device"), f.stderr)
+        XCTAssertFalse(f.stderr.contains("Input/output error"), f.stderr)
+        XCTAssertEqual(try runWeft(["kv", "get", "keep", "--data-dir", d]).stdout, "me\n", "committed data is intact")
+    }
+
     func testGetAtOldTimestampSeesOldVersion() throws {
         let first = try weft("kv", "put", "v", "old", "--json")
         let ts = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(first.stdout.utf8)) as? [String: Any])?["committed_ts"] as? UInt64)
@@ -260,10 +320,23 @@ final class CLITests: XCTestCase {
         if geteuid() == 0 {
             // Root ignores permissions: run the second command as nobody.
             guard FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else { throw XCTSkip("needs setpriv to drop root") }
+            // Readable by others, writable by root only: to nobody it is a
+            // read-only directory, which it can read but not write.
             chmod(dir, 0o755)
-            let r = try runWeft(["kv", "put", "b", "2", "--data-dir", dir], launcher: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            for sub in FileManager.default.enumerator(atPath: dir)?.compactMap({ $0 as? String }) ?? [] {
+                var isDir: ObjCBool = false
+                _ = FileManager.default.fileExists(atPath: dir + "/" + sub, isDirectory: &isDir)
+                chmod(dir + "/" + sub, isDir.boolValue ? 0o755 : 0o644)
+            }
+            let nobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            let r = try runWeft(["kv", "put", "b", "2", "--data-dir", dir], launcher: nobody)
             XCTAssertEqual(r.status, 1)
             XCTAssertTrue(r.stderr.contains("not writable") || r.stderr.contains("read-only") || r.stderr.contains("ermission"), r.stderr)
+            let read = try runWeft(["kv", "get", "a", "--data-dir", dir], launcher: nobody)
+            XCTAssertEqual(read.status, 0, read.stderr)
+            XCTAssertEqual(read.stdout, "1\n", "a read-only directory can be read")
+            let scan = try runWeft(["kv", "scan", "--data-dir", dir], launcher: nobody)
+            XCTAssertEqual(scan.stdout.split(separator: "\n").first, "a\t1", scan.stderr)
         } else {
             chmod(dir, 0o555)
             defer { chmod(dir, 0o755) }
@@ -272,6 +345,11 @@ final class CLITests: XCTestCase {
             XCTAssertTrue(r.stderr.contains("not writable") || r.stderr.contains("read-only"), r.stderr)
         }
         XCTAssertEqual(try weft("kv", "get", "a").stdout, "1\n", "nothing was lost")
+        // --read-only: reads work, writes are refused before anything opens.
+        XCTAssertEqual(try weft("kv", "get", "a", "--read-only").stdout, "1\n")
+        let put = try weft("kv", "put", "c", "3", "--read-only")
+        XCTAssertEqual(put.status, 1)
+        XCTAssertTrue(put.stderr.contains("--read-only"), put.stderr)
     }
 
     func testKillNineMidWorkloadLosesNoAcknowledgedTransferAndConservesTotal() throws {

@@ -161,7 +161,7 @@ final class EmbeddedTests: XCTestCase {
         }
         let f = try XCTUnwrap(failure, "a 1 MiB map cannot hold 6 MB")
         XCTAssertEqual(f.code, .storageFull, f.message)
-        XCTAssertTrue(f.message.contains("map is full"), f.message)
+        XCTAssertTrue(f.message.contains("map full"), f.message)
         XCTAssertGreaterThan(committed.count, 3)
         // Reopen with room to grow: every acknowledged write is there.
         opts.mapSizeBytesMax = 64 << 20
