@@ -1,6 +1,7 @@
 # Weft: two commands on a fresh machine.
 #   make demo   - build and run the tour of the embedded store
 #   make test   - build and run every test (unit, LMDB, simulation, CLI end to end)
+SHELL := /bin/bash
 SWIFT ?= swift
 SIM_SEEDS ?= 2000
 # Release binaries link the Swift runtime and Foundation statically, as a
@@ -9,7 +10,7 @@ SIM_SEEDS ?= 2000
 # binary's own 88k pointers), which is most of a short command's cost.
 RELEASE = $(SWIFT) build -c release --static-swift-stdlib -Xlinker -no-pie
 
-.PHONY: demo test deps client-deps build release sim bench bench-server bench-redis clean
+.PHONY: demo test deps client-deps build release sim bench bench-server bench-redis fuzz fuzz-build clean
 
 deps:
 	@if [ ! -f /usr/include/lmdb.h ] || [ ! -f /usr/include/openssl/hmac.h ]; then \
@@ -67,6 +68,35 @@ bench-server: deps
 bench-redis: deps client-deps
 	$(RELEASE) --product weft
 	python3 Tools/redis-bench.py
+
+# libFuzzer targets (Tools/WeftFuzz): wire frames, durable records, table
+# blocks, RESP requests. Instrumented (ASan + libFuzzer coverage) in their
+# own build directory; libFuzzer's library comes with the Swift toolchain.
+# FUZZ_SECONDS per target (CI runs a short pass; docs/benchmarks.md has a
+# long one). A crash leaves its input in .build/fuzz/crashes/.
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS ?= wire records block resp
+FUZZER_LIB = $(firstword $(wildcard $(dir $(realpath $(shell command -v swiftc)))../lib/clang/*/lib/linux/libclang_rt.fuzzer_no_main-x86_64.a))
+FUZZ_BUILD = $(SWIFT) build -c release --build-path .build/fuzz \
+	-Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inline-8bit-counters,pc-table,trace-cmp \
+	-Xlinker --undefined=LLVMFuzzerRunDriver -Xlinker $(FUZZER_LIB) -Xlinker -lstdc++ --product weft-fuzz
+
+fuzz-build: deps
+	@test -n "$(FUZZER_LIB)" || { echo "libclang_rt.fuzzer_no_main not found beside swiftc"; exit 1; }
+	$(FUZZ_BUILD)
+
+fuzz: fuzz-build
+	@mkdir -p .build/fuzz/crashes
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p .build/fuzz/corpus/$$t; \
+		echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
+		WEFT_FUZZ_TARGET=$$t timeout -s KILL $$(( $(FUZZ_SECONDS) + 60 )) .build/fuzz/release/weft-fuzz \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 \
+			-artifact_prefix=.build/fuzz/crashes/$$t- .build/fuzz/corpus/$$t Tools/fuzz-seeds/$$t 2>&1 \
+			| grep -E "^(stat::number_of_executed_units|stat::average_exec_per_sec|Done|==[0-9]+==|SUMMARY|.*crashed|.*ERROR)" ; \
+		status=$${PIPESTATUS[0]}; \
+		if [ $$status -ne 0 ]; then echo "weft-fuzz $$t failed ($$status); inputs in .build/fuzz/crashes/"; exit 1; fi; \
+	done
 
 clean:
 	rm -rf .build

@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "weft", targets: ["WeftCLI"]),
         .executable(name: "weft-bench", targets: ["WeftBench"]),
         .executable(name: "weft-dataflow-bench", targets: ["DataflowBench"]),
+        .executable(name: "weft-fuzz", targets: ["WeftFuzz"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -43,6 +44,10 @@ let package = Package(
         .testTarget(name: "WeftProtocolTests", dependencies: ["WeftProtocol", "WeftCore", "WeftSimulation"]),
         .executableTarget(name: "DataflowBench", dependencies: ["WeftDataflow", "WeftCore"], path: "Tools/DataflowBench"),
         .executableTarget(name: "WeftSim", dependencies: ["WeftSimulation"], path: "Tools/WeftSim"),
+        // libFuzzer targets (`make fuzz`); the driver links weakly to libFuzzer.
+        .target(name: "CFuzzDriver"),
+        .executableTarget(name: "WeftFuzz", dependencies: ["CFuzzDriver", "WeftCore", "WeftProtocol", "WeftRuntime", "WeftDataflow",
+                                                           .product(name: "NIOCore", package: "swift-nio")], path: "Tools/WeftFuzz"),
         .testTarget(name: "WeftLMDBTests", dependencies: ["WeftLMDB"]),
         .testTarget(name: "WeftDataflowTests", dependencies: ["WeftDataflow", "WeftCore", "WeftRuntime"]),
         .testTarget(name: "WeftRuntimeTests", dependencies: ["WeftRuntime", "WeftProtocol", "WeftCore", "WeftLMDB"]),

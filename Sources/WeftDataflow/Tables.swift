@@ -267,7 +267,7 @@ public enum TableStore {
     /// Hands every row of a block to `body`: (row key, value). A `lines`
     /// block's key is its line number. The buffers are valid only during
     /// the call.
-    static func forEachRow(_ block: Bytes, what: @autoclosure () -> String,
+    public static func forEachRow(_ block: Bytes, what: @autoclosure () -> String,
                            _ body: (_ line: UInt64, _ key: UnsafeRawBufferPointer?, _ value: UnsafeRawBufferPointer) throws -> Void) throws {
         try block.withUnsafeBytes { buf in
             let kind = try Blocks.verify(buf, what: what())
@@ -276,14 +276,14 @@ public enum TableStore {
             case .lines:
                 var line = try r.varint()
                 while !r.atEnd {
-                    let v = try r.slice(Int(try r.varint()))
+                    let v = try r.slice(length: try r.varint())
                     try body(line, nil, v)
-                    line += 1
+                    line &+= 1
                 }
             case .kv:
                 while !r.atEnd {
-                    let k = try r.slice(Int(try r.varint()))
-                    let v = try r.slice(Int(try r.varint()))
+                    let k = try r.slice(length: try r.varint())
+                    let v = try r.slice(length: try r.varint())
                     try body(0, k, v)
                 }
             case .piece:
@@ -344,6 +344,12 @@ struct RawCursor {
             if b < 0x80 { return v }
             shift += 7
         }
+    }
+    /// A length as read from the block: checked against what is left
+    /// before it becomes an Int (a forged 2^63 must not trap).
+    mutating func slice(length: UInt64) throws -> UnsafeRawBufferPointer {
+        guard length <= UInt64(buf.count - offset) else { throw WeftError(.corrupted, "block row runs past the block's end") }
+        return try slice(Int(length))
     }
     mutating func slice(_ n: Int) throws -> UnsafeRawBufferPointer {
         guard n >= 0, n <= buf.count - offset else { throw WeftError(.corrupted, "block row runs past the block's end") }

@@ -135,10 +135,19 @@ public struct MVCCStore: Sendable {
     /// The same from borrowed bytes (recovery replays records straight
     /// from the LMDB map, copying each key and value once, into the arena).
     public mutating func apply(key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?, ts: Timestamp) {
+        let newest = applyIfNewer(key: key, value: value, ts: ts)
+        precondition(newest == nil, "MVCCStore: version \(ts) is not newer than \(newest ?? 0)")
+    }
+
+    /// `apply`, unless the key already has a version at or above `ts`:
+    /// then nothing changes and that version is returned (recovery turns
+    /// it into an error naming the damaged record, not a trap).
+    public mutating func applyIfNewer(key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?, ts: Timestamp) -> Timestamp? {
+        let found = find(key)
+        if let i = found, entries[Int(i)].ts >= ts { return entries[Int(i)].ts }
         let valueRef = value.map { arena.append($0) } ?? Self.tombstone
-        if let i = find(key) {
+        if let i = found {
             var e = entries[Int(i)]
-            precondition(ts > e.ts, "MVCCStore: version \(ts) is not newer than \(e.ts)")
             if e.dead {
                 e.dead = false
                 deadEntries -= 1
@@ -159,7 +168,7 @@ public struct MVCCStore: Sendable {
             e.ts = ts
             e.valueRef = valueRef
             entries[Int(i)] = e
-            return
+            return nil
         }
         let keyRef = arena.append(key)
         let index = Int32(entries.count)
@@ -169,6 +178,7 @@ public struct MVCCStore: Sendable {
         insertSlot(index, hash: keyHash(key))
         pending.append(index)
         if !bulk { mergePendingIfNeeded(force: false) }
+        return nil
     }
 
     /// Installs the writes of one commit at `ts`. A write set larger than

@@ -128,10 +128,12 @@ public struct ParticipantMachine: Sendable {
         let n = try r.int(max: Limits.txnWritesMax)
         for _ in 0..<n {
             let k = try r.borrowedBlob(max: Limits.keyBytesMax)
-            if try r.bool() {
-                store.apply(key: k, value: try r.borrowedBlob(max: Limits.valueBytesMax), ts: ts)
-            } else {
-                store.apply(key: k, value: nil, ts: ts)
+            // Records replay in commit order, so every version is newer than
+            // the key's last; a record that says otherwise (a key written
+            // twice, or out of order) is damaged: an error, not a trap.
+            let value: UnsafeRawBufferPointer? = try r.bool() ? try r.borrowedBlob(max: Limits.valueBytesMax) : nil
+            if let newest = store.applyIfNewer(key: k, value: value, ts: ts) {
+                throw DecodeError("commit record at \(ts) writes a key whose newest version is already \(newest)")
             }
         }
         try r.expectEnd()

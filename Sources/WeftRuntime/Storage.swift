@@ -173,7 +173,10 @@ public final class ParticipantStorage: @unchecked Sendable {
                     case .releaseCommit(let ts):
                         try txn.delete(commits, beKey(ts))
                     case .gcHorizon(let ts):
-                        try txn.put(meta, Array("gc-horizon".utf8), beKey(ts))
+                        // Monotonic, as the simulator's disk keeps it (ParityTests).
+                        let key = Array("gc-horizon".utf8)
+                        let old = try txn.get(meta, key).map { b in try b.withUnsafeBytes { r in try readBE(r) } } ?? 0
+                        if ts > old { try txn.put(meta, key, beKey(ts)) }
                     case .refused(let id):
                         try txn.put(refused, beKey(id), [1])
                     }
@@ -229,7 +232,10 @@ public final class CoordinatorStorage: @unchecked Sendable {
                 for r in records {
                     switch r {
                     case .reserveTimestamps(let upTo):
-                        try txn.put(meta, Array("reserved-ts".utf8), beKey(upTo))
+                        // Monotonic: a reservation never moves back.
+                        let key = Array("reserved-ts".utf8)
+                        let old = try txn.get(meta, key).map { b in try b.withUnsafeBytes { r in try readBE(r) } } ?? 0
+                        if upTo > old { try txn.put(meta, key, beKey(upTo)) }
                     case .decided(let d):
                         try txn.put(decisions, beKey(d.txn), d.encoded())
                     case .ended(let id):

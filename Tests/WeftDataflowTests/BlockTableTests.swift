@@ -7,6 +7,30 @@ import WeftRuntime
 /// cover a missing or corrupt block, a damaged table is an error naming
 /// the block (never wrong rows), and the per-row layout is still read.
 final class BlockTableTests: XCTestCase {
+    /// Found by the block fuzz target: a row length of 2^63 in a block
+    /// with a valid checksum trapped converting it to Int; now an error.
+    func testAForgedRowLengthIsAnErrorNotATrap() throws {
+        for kind: UInt8 in [1, 2] {
+            var body: [UInt8] = kind == 1 ? [0] : []   // a lines block starts with its first line number
+            body += [0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01]   // varint 2^63
+            var block = Array("WBLK".utf8) + [Blocks.version, kind]
+            withUnsafeBytes(of: body.withUnsafeBytes { blockChecksum($0) }.littleEndian) { block += $0 }
+            block += body
+            XCTAssertThrowsError(try TableStore.forEachRow(block, what: "forged") { _, _, _ in }) { e in
+                XCTAssertTrue("\(e)".contains("past the block's end"), "\(e)")
+            }
+        }
+        // A first line number of 2^64 - 1 and two lines: the count wraps, no trap.
+        var body: [UInt8] = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 1, 65, 1, 66]
+        var block = Array("WBLK".utf8) + [Blocks.version, 1]
+        withUnsafeBytes(of: body.withUnsafeBytes { blockChecksum($0) }.littleEndian) { block += $0 }
+        block += body
+        var lines = 0
+        try TableStore.forEachRow(block, what: "wrap") { _, _, _ in lines += 1 }
+        XCTAssertEqual(lines, 2)
+        body.removeAll()
+    }
+
     var dir = ""
     override func setUp() {
         dir = NSTemporaryDirectory() + "weft-blocks-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"

@@ -122,6 +122,23 @@ final class CodecTests: XCTestCase {
         XCTAssertThrowsError(try bad.withUnsafeBytes { try m.replayCommit(9, encoded: $0) })
     }
 
+    /// Found by the records fuzz target: a (format 1, unchecked) commit
+    /// record writing one key twice made replay trap on the store's
+    /// precondition; now recovery reports the damaged record.
+    func testReplayOfARecordWritingAKeyTwiceIsAnError() {
+        var w = ByteWriter()
+        w.u8(RecordFormat.unchecked); w.u64(3); w.writes([WriteOp(key: [1], value: [2]), WriteOp(key: [1], value: [3])])
+        var m = ParticipantMachine(id: 0, recovery: ParticipantRecovery(), readFloor: 0, nowMillis: 0)
+        XCTAssertThrowsError(try w.bytes.withUnsafeBytes { try m.replayCommit(9, encoded: $0) }) { e in
+            XCTAssertTrue("\(e)".contains("newest version is already 9"), "\(e)")
+        }
+        // Out of order (an older record after a newer one) is refused too.
+        var ok = ByteWriter()
+        ok.u8(RecordFormat.unchecked); ok.u64(4); ok.writes([WriteOp(key: [7], value: [1])])
+        XCTAssertNoThrow(try ok.bytes.withUnsafeBytes { try m.replayCommit(20, encoded: $0) })
+        XCTAssertThrowsError(try ok.bytes.withUnsafeBytes { try m.replayCommit(15, encoded: $0) })
+    }
+
     /// Records written before checksums (format 1) are still read.
     func testFormatOneRecordsAreStillRead() throws {
         var w = ByteWriter()
