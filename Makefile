@@ -1,6 +1,6 @@
 # Weft: two commands on a fresh machine.
 #   make demo   - build and run the tour of the embedded store
-#   make test   - build and run every test (unit, LMDB, simulation, CLI end to end)
+#   make test   - build and run every test (unit, LMDB, simulation, CLI end to end, a short fuzz pass)
 SHELL := /bin/bash
 SWIFT ?= swift
 SIM_SEEDS ?= 2000
@@ -47,6 +47,7 @@ test: deps client-deps
 	WEFT_BENCH_N=4000 python3 Tests/redis/test_redis_clients.py
 	$(RELEASE) --product WeftSim
 	./.build/release/WeftSim --seeds $(SIM_SEEDS)
+	$(MAKE) fuzz FUZZ_CONFIG=debug FUZZ_SECONDS=10
 
 sim: deps
 	$(RELEASE) --product WeftSim
@@ -76,8 +77,11 @@ bench-redis: deps client-deps
 # long one). A crash leaves its input in .build/fuzz/crashes/.
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS ?= wire records block resp
+# release for long runs; `make test` uses debug, which builds in about half the time.
+FUZZ_CONFIG ?= release
+FUZZ_BIN = .build/fuzz-$(FUZZ_CONFIG)/$(FUZZ_CONFIG)/weft-fuzz
 FUZZER_LIB = $(firstword $(wildcard $(dir $(realpath $(shell command -v swiftc)))../lib/clang/*/lib/linux/libclang_rt.fuzzer_no_main-x86_64.a))
-FUZZ_BUILD = $(SWIFT) build -c release --build-path .build/fuzz \
+FUZZ_BUILD = $(SWIFT) build -c $(FUZZ_CONFIG) --build-path .build/fuzz-$(FUZZ_CONFIG) \
 	-Xswiftc -sanitize=address -Xswiftc -sanitize-coverage=edge,inline-8bit-counters,pc-table,trace-cmp \
 	-Xlinker --undefined=LLVMFuzzerRunDriver -Xlinker $(FUZZER_LIB) -Xlinker -lstdc++ --product weft-fuzz
 
@@ -90,7 +94,7 @@ fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 		mkdir -p .build/fuzz/corpus/$$t; \
 		echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
-		WEFT_FUZZ_TARGET=$$t timeout -s KILL $$(( $(FUZZ_SECONDS) + 60 )) .build/fuzz/release/weft-fuzz \
+		WEFT_FUZZ_TARGET=$$t timeout -s KILL $$(( $(FUZZ_SECONDS) + 60 )) $(FUZZ_BIN) \
 			-max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 \
 			-artifact_prefix=.build/fuzz/crashes/$$t- .build/fuzz/corpus/$$t Tools/fuzz-seeds/$$t 2>&1 \
 			| grep -E "^(stat::number_of_executed_units|stat::average_exec_per_sec|Done|==[0-9]+==|SUMMARY|.*crashed|.*ERROR)" ; \
