@@ -19,6 +19,8 @@ let package = Package(
         .systemLibrary(name: "CLMDB", providers: [.apt(["liblmdb-dev"])]),
         // OpenSSL's libcrypto: HMAC-SHA256 and random bytes for the handshake.
         .systemLibrary(name: "CCrypto", providers: [.apt(["libssl-dev"])]),
+        // TLS over memory buffers with the system's libssl (see TLS.swift).
+        .target(name: "CWeftTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         // Layer 1: value types, limits, binary codec.
         .target(name: "WeftCore"),
         // Layer 2: pure protocol logic (no I/O, no clock, no async).
@@ -29,7 +31,7 @@ let package = Package(
         .target(name: "WeftLMDB", dependencies: ["CLMDB"]),
         // Layer 4: runtime shells (nodes, storage, embedded cluster, client).
         .target(name: "WeftRuntime", dependencies: [
-            "WeftCore", "WeftProtocol", "WeftLMDB", "CCrypto",
+            "WeftCore", "WeftProtocol", "WeftLMDB", "CCrypto", "CWeftTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),

@@ -13,6 +13,7 @@ struct NodeCommand: ParsableCommand {
     @Option(help: "The cluster directory or cluster file.") var cluster: String
     @Option(help: "This node's id in the cluster file.") var id: String
     @Option(name: .customLong("secret-file"), help: "The cluster's node secret (default: DIR/secret beside the cluster file).") var secretFile: String?
+    @Option(name: .customLong("certs-dir"), help: "This node's TLS certificates (ca.crt, node.crt, node.key) when the cluster uses TLS (default: DIR/certs).") var certsDir: String?
     @Option(name: .customLong("redis-port"), help: "Serve Redis clients on this port (default: the node's redis=PORT in the cluster file, if any).") var redisPort: Int?
     @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the cluster's client secret, the hex line in DIR/client.secret).") var redisPassword: String?
     @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
@@ -23,7 +24,7 @@ struct NodeCommand: ParsableCommand {
         sayNow("weft node \(id): main entered \(wallMillis() - processStartMillis) ms after the process started")
         do {
             config = try ClusterConfig.load(cluster)
-            node = try ClusterNode(config: config, id: id, secretFile: secretFile)
+            node = try ClusterNode(config: config, id: id, secretFile: secretFile, certsDir: certsDir)
         } catch {
             printErr("weft node \(id): error: \(error.message)")
             throw ExitCode(1)
@@ -132,6 +133,7 @@ struct ClusterCommand: ParsableCommand {
         @Option(help: "Cluster directory (cluster file, node data, logs, pid files).") var dir: String
         @Option(help: "Participants for a new cluster.") var participants = 3
         @Option(name: .customLong("base-port"), help: "Coordinator port; participants use the next ports.") var basePort = 7400
+        @Flag(help: "TLS on every connection (recorded in the cluster file); certificates in DIR/certs, made if missing (weft cert).") var tls = false
         @Option(name: .customLong("redis-port"), help: "Serve Redis clients too: the coordinator on this port, participants on the next ports (recorded in the cluster file).") var redisPort: Int?
         @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the cluster's client secret, the hex line in DIR/client.secret).") var redisPassword: String?
         @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
@@ -148,15 +150,24 @@ struct ClusterCommand: ParsableCommand {
             do {
                 if FileManager.default.fileExists(atPath: file) {
                     config = try ClusterConfig.load(file)
-                    // Redis ports asked for a cluster that has none yet are recorded.
+                    // Redis ports asked for a cluster that has none yet are recorded, and so is --tls.
+                    var changed = false
                     if let r = redisPort, config.nodes.allSatisfy({ $0.redisPort == nil }) {
                         for i in config.nodes.indices { config.nodes[i].redisPort = r + i }
+                        changed = true
+                    }
+                    if tls && !config.tls {
+                        config.tls = true
+                        changed = true
+                    }
+                    if changed {
                         try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
                         chmod(config.path, 0o600)
                     }
                 } else {
                     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
                     config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort, redisBasePort: redisPort)
+                    config.tls = tls
                     try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
                     chmod(config.path, 0o600)
                 }
@@ -168,15 +179,18 @@ struct ClusterCommand: ParsableCommand {
             // The cluster secret every connection proves (DIR/secret for
             // nodes, DIR/client.secret for clients), made once, mode 0600.
             let credentials: Credentials
+            let clientTLS: TLSSetup?
             do {
                 credentials = Credentials(clusterId: config.clusterId, nodeKey: try ClusterSecret.nodeKey(dir: config.clusterDirectory, create: true))
+                if config.tls { try ensureCertificates(config.certsDirectory) }
+                clientTLS = try config.clientTLS()
             } catch {
                 fail(error, json: false)
             }
             let me = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
             var launched: [String: Process] = [:]
             for n in config.nodes {
-                if let pid = readPid(config.clusterDirectory + "/\(n.id).pid"), processAlive(pid), NetworkTransport.ping(n.endpoint, credentials: credentials) != nil {
+                if let pid = readPid(config.clusterDirectory + "/\(n.id).pid"), processAlive(pid), NetworkTransport.ping(n.endpoint, credentials: credentials, tls: clientTLS) != nil {
                     print("\(n.id): already running (pid \(pid))")
                     continue
                 }
@@ -201,7 +215,7 @@ struct ClusterCommand: ParsableCommand {
             let deadline = wallMillis() + 20_000
             for n in config.nodes {
                 while true {
-                    if let info = NetworkTransport.ping(n.endpoint, credentials: credentials, timeoutMillis: 500), info.contains("\"serving\"") || launched[n.id] == nil { break }
+                    if let info = NetworkTransport.ping(n.endpoint, credentials: credentials, tls: clientTLS, timeoutMillis: 500), info.contains("\"serving\"") || launched[n.id] == nil { break }
                     if let p = launched[n.id], !p.isRunning {
                         let tail = (try? String(contentsOfFile: config.clusterDirectory + "/\(n.id).log", encoding: .utf8))?.split(separator: "\n").suffix(3).joined(separator: "\n") ?? ""
                         fail(WeftError(.unavailable, "node \(n.id) exited with status \(p.terminationStatus):\n\(tail)"), json: false)
@@ -251,19 +265,22 @@ struct ClusterCommand: ParsableCommand {
         @Option(help: "Cluster directory or cluster file.") var dir: String
         @Flag(help: "JSON output, one object per node.") var json = false
         @Option(name: .customLong("secret-file"), help: "The cluster's client secret (default: client.secret beside the cluster file).") var secretFile: String?
+        @Option(name: .customLong("certs-dir"), help: "TLS certificates of this client (default: DIR/certs).") var certsDir: String?
 
         func run() throws {
             let config: ClusterConfig
             let credentials: Credentials
+            let clientTLS: TLSSetup?
             do {
                 config = try ClusterConfig.load(dir)
                 credentials = Credentials(clusterId: config.clusterId, clientKey: try ClusterSecret.clientKey(dir: config.clusterDirectory, secretFile: secretFile))
+                clientTLS = try config.clientTLS(certsDir: certsDir)
             } catch { fail(error, json: json) }
             var allUp = true
             for n in config.nodes {
                 let pid = readPid(config.clusterDirectory + "/\(n.id).pid").flatMap { processAlive($0) ? $0 : nil }
                 var health = "down"
-                if let info = NetworkTransport.ping(n.endpoint, credentials: credentials, timeoutMillis: 500),
+                if let info = NetworkTransport.ping(n.endpoint, credentials: credentials, tls: clientTLS, timeoutMillis: 500),
                    let obj = try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any] {
                     health = obj["state"] as? String ?? "up"
                 }

@@ -301,7 +301,7 @@ struct JobCommand: AsyncParsableCommand {
             // cross the connection.
             if g.resolvedCluster == nil, case .running(let f) = ServerFile.probe(g.resolvedDataDir) {
                 let remote: ServerClient
-                do { remote = try ServerClient(f, dataDir: g.resolvedDataDir, secretFile: g.secretFile) } catch { fail(error, json: g.json) }
+                do { remote = try ServerClient(f, dataDir: g.resolvedDataDir, secretFile: g.secretFile, certsDir: g.certsDir) } catch { fail(error, json: g.json) }
                 defer { remote.close() }
                 let request = jobRequest(name, p, threads: threads, memory: memory)
                 let answer: Bytes

@@ -40,7 +40,8 @@ enum FastPath {
         default: return nil
         }
         let dir = dataDir ?? env("WEFT_DATA_DIR") ?? "./weft-data"
-        guard case .running(let server) = ServerFile.probe(dir), let key = try? ClusterSecret.clientKey(dir: dir, secretFile: nil),
+        // TLS needs the full client; the fast path speaks plain TCP only.
+        guard case .running(let server) = ServerFile.probe(dir), !server.tls, let key = try? ClusterSecret.clientKey(dir: dir, secretFile: nil),
               let conn = BlockingConnection(server, credentials: Credentials(clusterId: server.id, clientKey: key)) else { return nil }
         defer { conn.close() }
         do {

@@ -23,6 +23,7 @@ struct ServerCommand: ParsableCommand {
         @Option(name: .customLong("redis-port"), help: "Also serve Redis clients (RESP2/RESP3) on this port of the --listen host (0: any free port).") var redisPort: Int?
         @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the client secret, the hex line in DIR/client.secret).") var redisPassword: String?
         @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
+        @Flag(help: "TLS on every client connection, certificates in DIR/certs (made on first use: a CA, a node and a client certificate).") var tls = false
 
         func validate() throws {
             if let p = redisPort, !(0...65535).contains(p) { throw ValidationError("--redis-port must be 0...65535") }
@@ -37,6 +38,9 @@ struct ServerCommand: ParsableCommand {
             if case .running(let f) = ServerFile.probe(dir) {
                 fail(WeftError(.locked, "data directory \(dir) is already served by weft server pid \(f.pid) at \(f.endpoint)"), json: g.json)
             }
+            if tls {
+                do { try ensureCertificates(dir + "/certs") } catch { fail(error, json: g.json) }
+            }
             if foreground { runForeground(dir, endpoint, g) }
             do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
                 fail(WeftError(.readOnly, "cannot create data directory \(dir): \(error.localizedDescription)"), json: g.json)
@@ -48,7 +52,7 @@ struct ServerCommand: ParsableCommand {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
             p.arguments = ["server", "start", "--foreground", "--data-dir", dir, "--listen", listen] + (g.participants.map { ["--participants", String($0)] } ?? [])
-                + (redisPort.map { ["--redis-port", String($0)] } ?? []) + (redisNoAuth ? ["--redis-no-auth"] : [])
+                + (redisPort.map { ["--redis-port", String($0)] } ?? []) + (redisNoAuth ? ["--redis-no-auth"] : []) + (tls ? ["--tls"] : [])
             if let pw = redisPassword {
                 // Passed in the environment, not argv: other users can read argv.
                 var env = ProcessInfo.processInfo.environment
@@ -61,8 +65,9 @@ struct ServerCommand: ParsableCommand {
             do { try p.run() } catch { fail(WeftError(.unavailable, "cannot launch the server: \(error.localizedDescription)"), json: g.json) }
             let deadline = wallMillis() + UInt64(Limits.serverStartMillisMax)
             while true {
-                if case .running(let f) = ServerFile.probe(dir), f.pid == p.processIdentifier, let c = try? serverCredentials(f, dir, g), NetworkTransport.ping(f.endpoint, credentials: c, timeoutMillis: 500) != nil {
-                    var o: [String: Any] = ["pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir, "participants": f.participants, "log": log]
+                if case .running(let f) = ServerFile.probe(dir), f.pid == p.processIdentifier, let c = try? serverCredentials(f, dir, g),
+                   NetworkTransport.ping(f.endpoint, credentials: c, tls: try? serverTLS(f, dir, g), timeoutMillis: 500) != nil {
+                    var o: [String: Any] = ["pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir, "participants": f.participants, "log": log, "tls": f.tls]
                     if let r = f.redis { o["redis"] = "\(r)" }
                     print(g.json ? jsonLine(o)
                                  : "weft server pid \(f.pid) serving \(dir) at \(f.endpoint)" + (f.redis.map { ", Redis clients at \($0)" } ?? "") + " (log: \(log))")
@@ -87,7 +92,7 @@ struct ServerCommand: ParsableCommand {
             do {
                 let password = redisPasswordChoice(redisPassword, noAuth: redisNoAuth)
                 server = try WeftServer(dataDir: dir, listen: endpoint, participants: g.participants, lockWaitMillis: Limits.dataDirLockWaitMillis,
-                                        redisListen: redisPort.map { Endpoint(host: endpoint.host, port: $0) }, redisPassword: password)
+                                        redisListen: redisPort.map { Endpoint(host: endpoint.host, port: $0) }, redisPassword: password, tls: tls)
             } catch {
                 fail(error, json: g.json)
             }
@@ -172,13 +177,17 @@ struct ServerCommand: ParsableCommand {
                 throw ExitCode(1)
             }
             let credentials: Credentials
-            do { credentials = try serverCredentials(f, dir, g) } catch { fail(error, json: g.json) }
-            let health = NetworkTransport.ping(f.endpoint, credentials: credentials).flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            let tls: TLSSetup?
+            do {
+                credentials = try serverCredentials(f, dir, g)
+                tls = try serverTLS(f, dir, g)
+            } catch { fail(error, json: g.json) }
+            let health = NetworkTransport.ping(f.endpoint, credentials: credentials, tls: tls).flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
             let state = health?["state"] as? String ?? "not answering"
             let uptime = health?["uptime_ms"] as? Int
             if g.json {
                 var o: [String: Any] = ["running": true, "pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir,
-                                        "participants": f.participants, "state": state]
+                                        "participants": f.participants, "state": state, "tls": f.tls]
                 if let uptime { o["uptime_ms"] = uptime }
                 if let jobs = health?["jobs_running"] as? Int { o["jobs_running"] = jobs }
                 if let r = f.redis { o["redis"] = "\(r)" }
@@ -194,6 +203,20 @@ struct ServerCommand: ParsableCommand {
 /// What a client of the server at `f` proves: the directory's client secret.
 func serverCredentials(_ f: ServerFile, _ dir: String, _ g: GlobalOptions) throws(WeftError) -> Credentials {
     Credentials(clusterId: f.id, clientKey: try ClusterSecret.clientKey(dir: dir, secretFile: g.secretFile))
+}
+
+/// A client's TLS for the server at `f`, if it uses TLS.
+func serverTLS(_ f: ServerFile, _ dir: String, _ g: GlobalOptions) throws(WeftError) -> TLSSetup? {
+    f.tls ? try TLSSetup(files: CertFiles(g.certsDir ?? dir + "/certs"), asNode: false) : nil
+}
+
+/// A CA, a node and a client certificate in `dir`, made where missing
+/// (`--tls` on a cluster or server that has none yet).
+func ensureCertificates(_ dir: String) throws(WeftError) {
+    let files = CertFiles(dir)
+    if !FileManager.default.fileExists(atPath: files.caCert) { try files.createCA(days: 3650, overwrite: false) }
+    if !FileManager.default.fileExists(atPath: files.nodeCert) { try files.createLeaf(.node, hosts: ["127.0.0.1", "localhost"], days: 3650, overwrite: false) }
+    if !FileManager.default.fileExists(atPath: files.clientCert) { try files.createLeaf(.client, hosts: [], days: 3650, overwrite: false) }
 }
 
 func parseEndpoint(_ s: String) -> Endpoint? {

@@ -11,7 +11,7 @@ struct Weft: AsyncParsableCommand {
         discussion: """
         Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (a conflict, or a participant that did not vote in time), 4 key not found, 5 outcome unknown.
         """,
-        subcommands: [Demo.self, ServerCommand.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, Debug.self]
+        subcommands: [Demo.self, ServerCommand.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, CertCommand.self, Debug.self]
     )
 
     /// `kv get`, `kv put` and `table list` through a running server skip
@@ -44,6 +44,9 @@ struct GlobalOptions: ParsableArguments {
 
     @Option(name: .customLong("secret-file"), help: "The client secret this client proves to the cluster or server (default: client.secret in the cluster's or data directory).")
     var secretFile: String?
+
+    @Option(name: .customLong("certs-dir"), help: "TLS certificates of this client (ca.crt, client.crt, client.key) for a cluster or server with --tls (default: its certs directory).")
+    var certsDir: String?
 
     var resolvedDataDir: String {
         dataDir ?? ProcessInfo.processInfo.environment["WEFT_DATA_DIR"] ?? "./weft-data"
@@ -183,7 +186,7 @@ func withSession<T>(_ g: GlobalOptions, reads: Bool = false, _ body: (WeftClient
     var embedded: EmbeddedCluster?
     do {
         if let c = g.resolvedCluster {
-            let remote = try ClusterClient(config: try ClusterConfig.load(c), secretFile: g.secretFile)
+            let remote = try ClusterClient(config: try ClusterConfig.load(c), secretFile: g.secretFile, certsDir: g.certsDir)
             client = remote.client
             close = { remote.close() }
         } else {
@@ -239,7 +242,7 @@ func openDataDirectory(_ g: GlobalOptions, reads: Bool = false) throws(WeftError
             if let p = g.participants, p != f.participants {
                 throw WeftError(.invalidArgument, "data directory \(dir) was created with \(f.participants) participants, not \(p)")
             }
-            return .server(try ServerClient(f, dataDir: dir, secretFile: g.secretFile))
+            return .server(try ServerClient(f, dataDir: dir, secretFile: g.secretFile, certsDir: g.certsDir))
         case .stale(let f):
             if !noticed {
                 printErr("weft: the server recorded in \(ServerFile.path(dir)) (pid \(f.pid), \(f.endpoint)) is gone; opening the data directory directly")

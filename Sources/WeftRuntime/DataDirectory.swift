@@ -136,6 +136,8 @@ public struct ServerFile: Sendable, Equatable {
     public var startedMillis: UInt64
     /// Where it serves Redis clients (`--redis-port`), if it does.
     public var redis: Endpoint?
+    /// It speaks TLS (`--tls`; certificates in `DIR/certs`).
+    public var tls = false
 
     public static func path(_ dir: String) -> String { dir + "/SERVER" }
 
@@ -161,11 +163,12 @@ public struct ServerFile: Sendable, Equatable {
         if let r = f["redis"], let c = r.lastIndex(of: ":"), let rp = Int(r[r.index(after: c)...]) {
             file.redis = Endpoint(host: String(r[..<c]), port: rp)
         }
+        file.tls = f["tls"] == "1"
         return file
     }
 
     public func write(_ dir: String) throws(WeftError) {
-        let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n" + (redis.map { "redis=\($0)\n" } ?? "")
+        let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n" + (redis.map { "redis=\($0)\n" } ?? "") + (tls ? "tls=1\n" : "")
         do { try text.write(toFile: Self.path(dir), atomically: true, encoding: .utf8); chmod(Self.path(dir), 0o600) } catch {
             throw WeftError(.storage, "cannot write \(Self.path(dir)): \(error.localizedDescription)")
         }

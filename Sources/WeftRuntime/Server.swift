@@ -23,7 +23,7 @@ public final class WeftServer: @unchecked Sendable {
     public private(set) var redis: RedisFrontEnd?
 
     public init(dataDir: String, listen: Endpoint, participants: Int? = nil, lockWaitMillis: Int = 0,
-                redisListen: Endpoint? = nil, redisPassword: String? = nil) throws(WeftError) {
+                redisListen: Endpoint? = nil, redisPassword: String? = nil, tls: Bool = false) throws(WeftError) {
         let started = wallMillis()
         self.dataDir = dataDir
         // Wait for a one-shot command's lock, but not for another server:
@@ -43,13 +43,15 @@ public final class WeftServer: @unchecked Sendable {
         openMillis = wallMillis() - started
         let id = String(UInt64.random(in: 1...UInt64.max), radix: 16)
         let credentials: Credentials
+        let tlsSetup: TLSSetup?
         do {
             credentials = Credentials(clusterId: id, nodeKey: try ClusterSecret.nodeKey(dir: dataDir, create: true))
+            tlsSetup = tls ? try TLSSetup(files: CertFiles(dataDir + "/certs"), asNode: true) : nil
         } catch {
             cluster.close()
             throw error
         }
-        transport = NetworkTransport(me: .coordinator, credentials: credentials, directory: [:])
+        transport = NetworkTransport(me: .coordinator, credentials: credentials, directory: [:], tls: tlsSetup)
         let forward = ForwardSink(cluster.router)
         transport.register(.coordinator, forward)
         for p in 0..<cluster.layout.participants { transport.register(.participant(p), forward) }
@@ -63,6 +65,7 @@ public final class WeftServer: @unchecked Sendable {
         }
         var file = ServerFile(pid: getpid(), endpoint: Endpoint(host: listen.host, port: transport.boundPort ?? listen.port), id: id,
                               participants: cluster.layout.participants, startedMillis: started)
+        file.tls = tls
         if let redisListen {
             let fe = RedisFrontEnd(client: cluster.client(), password: redisPassword ?? credentials.redisPassword)
             fe.infoLines = { ["weft_role:server", "weft_data_dir:\(dataDir)"] }
@@ -138,13 +141,14 @@ public final class ServerClient: @unchecked Sendable {
 
     /// `dataDir`: the served directory, whose `client.secret` this client
     /// proves (or `secretFile`).
-    public init(_ server: ServerFile, dataDir: String, secretFile: String? = nil) throws(WeftError) {
+    public init(_ server: ServerFile, dataDir: String, secretFile: String? = nil, certsDir: String? = nil) throws(WeftError) {
         self.server = server
         let id = UInt64.random(in: 1...UInt64.max)
         var directory: [NodeAddress: Endpoint] = [.coordinator: server.endpoint]
         for p in 0..<server.participants { directory[.participant(p)] = server.endpoint }
         let key = try ClusterSecret.clientKey(dir: dataDir, secretFile: secretFile)
-        transport = NetworkTransport(me: .client(id), credentials: Credentials(clusterId: server.id, clientKey: key), directory: directory, gateway: true)
+        let tls = server.tls ? try TLSSetup(files: CertFiles(certsDir ?? dataDir + "/certs"), asNode: false) : nil
+        transport = NetworkTransport(me: .client(id), credentials: Credentials(clusterId: server.id, clientKey: key), directory: directory, gateway: true, tls: tls)
         client = WeftClient(id: id, router: transport, participantCount: server.participants)
     }
 

@@ -29,6 +29,10 @@ public struct ClusterConfig: Sendable, Equatable {
     public var clusterId: String
     public var nodes: [Node]
     public var path: String
+    /// Every connection uses TLS (a `tls on` line), with the certificates
+    /// in `certsDirectory`.
+    public var tls = false
+    public var certsDirectory: String { clusterDirectory + "/certs" }
 
     public var participantCount: Int { nodes.filter { $0.role == .participant }.count }
     public var directory: [NodeAddress: Endpoint] { Dictionary(uniqueKeysWithValues: nodes.map { ($0.address, $0.endpoint) }) }
@@ -48,6 +52,7 @@ public struct ClusterConfig: Sendable, Equatable {
 
     public static func parse(_ text: String, path: String) throws(WeftError) -> ClusterConfig {
         var clusterId: String?
+        var tls = false
         var nodes: [Node] = []
         for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let line = raw.trimmingCharacters(in: .whitespaces)
@@ -58,6 +63,9 @@ public struct ClusterConfig: Sendable, Equatable {
             case "cluster-id":
                 guard f.count == 2 else { throw bad("expected `cluster-id ID`") }
                 clusterId = f[1]
+            case "tls":
+                guard f.count == 2, f[1] == "on" || f[1] == "off" else { throw bad("expected `tls on` or `tls off`") }
+                tls = f[1] == "on"
             case "node":
                 guard f.count == 5 || f.count == 6, let role = Role(rawValue: f[1]) else { throw bad("expected `node coordinator|participant ID HOST:PORT DATADIR [redis=PORT]`") }
                 var redisPort: Int?
@@ -77,13 +85,20 @@ public struct ClusterConfig: Sendable, Equatable {
         guard let clusterId else { throw WeftError(.invalidArgument, "\(path): missing `cluster-id`") }
         guard nodes.filter({ $0.role == .coordinator }).count == 1 else { throw WeftError(.invalidArgument, "\(path): needs exactly one coordinator") }
         guard !nodes.filter({ $0.role == .participant }).isEmpty else { throw WeftError(.invalidArgument, "\(path): needs at least one participant") }
-        return ClusterConfig(clusterId: clusterId, nodes: nodes, path: path)
+        var config = ClusterConfig(clusterId: clusterId, nodes: nodes, path: path)
+        config.tls = tls
+        return config
     }
 
     public func render() -> String {
-        var s = "# Weft cluster file: node ROLE ID HOST:PORT DATADIR\ncluster-id \(clusterId)\n"
+        var s = "# Weft cluster file: node ROLE ID HOST:PORT DATADIR\ncluster-id \(clusterId)\n" + (tls ? "tls on\n" : "")
         for n in nodes { s += "node \(n.role.rawValue) \(n.id) \(n.endpoint) \(n.dataDir)" + (n.redisPort.map { " redis=\($0)" } ?? "") + "\n" }
         return s
+    }
+
+    /// A client's TLS (its `client.crt`), if the cluster uses TLS.
+    public func clientTLS(certsDir: String? = nil) throws(WeftError) -> TLSSetup? {
+        tls ? try TLSSetup(files: CertFiles(certsDir ?? certsDirectory), asNode: false) : nil
     }
 
     public func node(_ id: String) throws(WeftError) -> Node {
@@ -130,16 +145,20 @@ public final class ClusterNode: @unchecked Sendable {
     public let credentials: Credentials
 
     /// `secretFile`: the node secret, else `secret` in the cluster's directory.
-    public init(config: ClusterConfig, id: String, options: StorageOptions = .init(), secretFile: String? = nil) throws(WeftError) {
+    /// TLS of this node's connections (the cluster file's `tls on`).
+    public let tls: TLSSetup?
+
+    public init(config: ClusterConfig, id: String, options: StorageOptions = .init(), secretFile: String? = nil, certsDir: String? = nil) throws(WeftError) {
         let started = wallMillis()
         self.config = config
         spec = try config.node(id)
         let nodeKey: Bytes
         if let secretFile { nodeKey = try ClusterSecret.read(secretFile) } else { nodeKey = try ClusterSecret.nodeKey(dir: config.clusterDirectory, create: false) }
         credentials = Credentials(clusterId: config.clusterId, nodeKey: nodeKey)
+        tls = config.tls ? try TLSSetup(files: CertFiles(certsDir ?? config.certsDirectory), asNode: true) : nil
         lock = try DataDirectoryLock(directory: spec.dataDir)
         try Self.checkIdentity(dir: spec.dataDir, clusterId: config.clusterId, nodeId: id)
-        transport = NetworkTransport(me: spec.address, credentials: credentials, directory: config.directory)
+        transport = NetworkTransport(me: spec.address, credentials: credentials, directory: config.directory, tls: tls)
         let now = wallMillis()
         switch spec.role {
         case .coordinator:
@@ -205,7 +224,7 @@ public final class ClusterNode: @unchecked Sendable {
     /// are transactions of the whole cluster, through a client of it in
     /// this process, so any node answers for every key.
     public func startRedis(port: Int, password: String?) throws(WeftError) -> Endpoint {
-        let cc = ClusterClient(config: config, credentials: credentials)
+        let cc = ClusterClient(config: config, credentials: credentials, tls: tls)
         let fe = RedisFrontEnd(client: cc.client, password: password ?? credentials.redisPassword)
         let (role, nodeId) = (spec.role.rawValue, spec.id)
         fe.infoLines = { ["weft_role:\(role)", "weft_node:\(nodeId)"] }
@@ -250,18 +269,18 @@ public final class ClusterClient: @unchecked Sendable {
     let transport: NetworkTransport
     public let client: WeftClient
 
-    public init(config: ClusterConfig, credentials: Credentials) {
+    public init(config: ClusterConfig, credentials: Credentials, tls: TLSSetup? = nil) {
         self.config = config
         let id = UInt64.random(in: 1...UInt64.max)
-        transport = NetworkTransport(me: .client(id), credentials: credentials, directory: config.directory)
+        transport = NetworkTransport(me: .client(id), credentials: credentials, directory: config.directory, tls: tls)
         client = WeftClient(id: id, router: transport, participantCount: config.participantCount)
     }
 
     /// A client proving the cluster's client secret: `secretFile` if
     /// given, else the one in the cluster's directory.
-    public convenience init(config: ClusterConfig, secretFile: String?) throws(WeftError) {
+    public convenience init(config: ClusterConfig, secretFile: String?, certsDir: String? = nil) throws(WeftError) {
         let key = try ClusterSecret.clientKey(dir: config.clusterDirectory, secretFile: secretFile)
-        self.init(config: config, credentials: Credentials(clusterId: config.clusterId, clientKey: key))
+        self.init(config: config, credentials: Credentials(clusterId: config.clusterId, clientKey: key), tls: try config.clientTLS(certsDir: certsDir))
     }
 
     public func close() {

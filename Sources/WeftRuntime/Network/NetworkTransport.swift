@@ -314,9 +314,14 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
     /// as the coordinator).
     let gateway: Bool
 
-    public init(me: NodeAddress, credentials: Credentials, directory: [NodeAddress: Endpoint], threads: Int = 1, gateway: Bool = false) {
+    /// TLS on every connection (`--tls`), or nil for plain TCP.
+    public let tls: TLSSetup?
+
+    public init(me: NodeAddress, credentials: Credentials, directory: [NodeAddress: Endpoint], threads: Int = 1, gateway: Bool = false,
+                tls: TLSSetup? = nil) {
         self.me = me
         self.credentials = credentials
+        self.tls = tls
         self.directory = directory
         self.gateway = gateway
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -382,6 +387,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
                         return
                     }
                     channel.closeFuture.whenComplete { [self] _ in lock.withLock { inboundOpen -= 1 } }
+                    try tls?.addServerHandler(channel)
                     let state = ConnectionState()
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(state: state, budget: inboundBudget)))
                     try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: nil, state: state))
@@ -518,6 +524,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             .connectTimeout(.seconds(2))
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
+                    try self.tls?.addClientHandler(channel)
                     let state = ConnectionState()
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(state: state)))
                     try channel.pipeline.syncOperations.addHandler(FrameHandler(transport: self, outbound: to, state: state))
@@ -697,7 +704,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
     /// Pings `endpoint` on a fresh connection, after the handshake (as a
     /// client proving `credentials`); the node's health JSON, or nil if it
     /// does not answer within `timeoutMillis`.
-    public static func ping(_ endpoint: Endpoint, credentials: Credentials, timeoutMillis: Int64 = 1000) -> String? {
+    public static func ping(_ endpoint: Endpoint, credentials: Credentials, tls: TLSSetup? = nil, timeoutMillis: Int64 = 1000) -> String? {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         let box = PingBox()
@@ -706,6 +713,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             .connectTimeout(.milliseconds(timeoutMillis))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    try tls?.addClientHandler(channel)
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
                     try channel.pipeline.syncOperations.addHandler(PingHandler(box: box, handshake: handshake))
                 }
