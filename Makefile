@@ -13,9 +13,9 @@ RELEASE = $(SWIFT) build -c release --static-swift-stdlib -Xlinker -no-pie
 .PHONY: demo test deps client-deps build release sim bench bench-server bench-redis fuzz fuzz-build clean
 
 deps:
-	@if [ ! -f /usr/include/lmdb.h ] || [ ! -f /usr/include/openssl/hmac.h ]; then \
-		echo "installing liblmdb-dev and libssl-dev"; \
-		(apt-get update -qq && apt-get install -y -qq liblmdb-dev libssl-dev) >/dev/null || { echo "could not install liblmdb-dev and libssl-dev (need root and Debian's package registry)"; exit 1; }; \
+	@if [ ! -f /usr/include/lmdb.h ] || [ ! -f /usr/include/openssl/ssl.h ] || ! command -v openssl >/dev/null; then \
+		echo "installing liblmdb-dev, libssl-dev and openssl"; \
+		(apt-get update -qq && apt-get install -y -qq liblmdb-dev libssl-dev openssl) >/dev/null || { echo "could not install liblmdb-dev, libssl-dev and openssl (need root and Debian's package registry)"; exit 1; }; \
 	fi
 
 # Real Redis clients for the front end's tests and benchmark: Debian's
