@@ -355,7 +355,7 @@ public struct ParticipantMachine: Sendable {
         for k in part.reads { noteRead(k, commitTs) }
         if part.isReadOnly { return send(.coordinator, .vote(txn: txn, from: id, vote: .readOnly)) }
         let p = PreparedTxn(txn: txn, startTs: startTs, commitTs: commitTs, participants: participants, writes: part.writes, preparedAtMillis: nowMillis)
-        prepared[txn] = p
+        enter(txn, .prepared(p))
         for w in part.writes { locks[ByteKey(w.key)] = txn }
         lastQueryMillis[txn] = nowMillis
         out.records.append(.prepared(p))
@@ -366,24 +366,28 @@ public struct ParticipantMachine: Sendable {
         if alreadyApplied(commitTs: commitTs, part: part) {
             return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(commitTs)))
         }
+        // A duplicate whose versions were collected since: still committed.
+        if case .committed(let ts) = state(of: txn) {
+            return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(ts)))
+        }
         if refused.contains(txn) {
             return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .aborted(WeftError(.unavailable, "transaction \(txn) was reported aborted to a status query before it arrived"))))
         }
         if let err = validate(txn: txn, startTs: startTs, commitTs: commitTs, part: part) {
             // Remember the refusal, so a duplicate of this request arriving
             // later cannot commit what the client was told is aborted.
-            refused.insert(txn)
+            enter(txn, .refused)
             out.records.append(.refused(txn: txn))
             return send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .aborted(err)))
         }
         for k in part.reads { noteRead(k, commitTs) }
         apply(txn: txn, commitTs: commitTs, writes: part.writes)
-        rememberCommitted(txn, commitTs)
+        enter(txn, .committed(commitTs))
         send(.coordinator, .onePhaseResult(txn: txn, from: id, outcome: .committed(commitTs)))
     }
 
     mutating func onDecide(txn: TxnId, commit: Bool) {
-        guard let p = prepared.removeValue(forKey: txn) else {
+        guard case .prepared(let p) = state(of: txn) else {
             // Already resolved (a duplicate or a resend): COMMIT is acked again
             // so the coordinator can finish; ABORT needs no answer.
             if commit { send(.coordinator, .ack(txn: txn, from: id)) }
@@ -392,10 +396,11 @@ public struct ParticipantMachine: Sendable {
         lastQueryMillis[txn] = nil
         for w in p.writes where locks[ByteKey(w.key)] == txn { locks[ByteKey(w.key)] = nil }
         if commit {
+            enter(txn, .committed(p.commitTs))
             apply(txn: txn, commitTs: p.commitTs, writes: p.writes)
-            rememberCommitted(txn, p.commitTs)
             send(.coordinator, .ack(txn: txn, from: id))
         } else {
+            enter(txn, .unknown)
             out.records.append(.aborted(txn: txn))
         }
         if let waiting = parked.removeValue(forKey: txn) {
@@ -408,6 +413,55 @@ public struct ParticipantMachine: Sendable {
         if !writes.isEmpty {
             commitRefs[commitTs] = writes.count
             out.records.append(.committed(txn: txn, commitTs: commitTs, writes: writes))
+        }
+    }
+
+    // MARK: Per-transaction state
+
+    /// What this participant knows of one transaction, and the one place
+    /// it changes (`enter`). Its parts are kept where each is cheapest to
+    /// use — PREPARED records beside their locks, the bounded outcome cache,
+    /// the durable refusals — but every change goes through `enter`, which
+    /// refuses a transition the protocol never makes:
+    ///
+    /// ```
+    /// unknown --prepare--> prepared --decide(commit)--> committed
+    ///    |                    '------decide(abort)----> unknown (presumed abort)
+    ///    |--one-phase commit--> committed
+    ///    '--refuse (peer query, status query, refused one-phase)--> refused
+    /// committed and refused are final; a forgotten outcome reads as unknown.
+    /// ```
+    public enum TxnState: Equatable, Sendable {
+        case unknown
+        case prepared(PreparedTxn)
+        case committed(Timestamp)
+        case refused
+    }
+
+    public func state(of txn: TxnId) -> TxnState {
+        if let p = prepared[txn] { return .prepared(p) }
+        if let ts = committedAt(txn) { return .committed(ts) }
+        if refused.contains(txn) { return .refused }
+        return .unknown
+    }
+
+    mutating func enter(_ txn: TxnId, _ next: TxnState) {
+        let now = state(of: txn)
+        switch (now, next) {
+        case (.unknown, .prepared(let p)):
+            prepared[txn] = p
+        case (.unknown, .committed(let ts)):
+            rememberCommitted(txn, ts)
+        case (.unknown, .refused):
+            refused.insert(txn)
+        case (.prepared(let p), .committed(let ts)):
+            precondition(p.commitTs == ts, "participant \(id): transaction \(txn) prepared at \(p.commitTs) cannot commit at \(ts)")
+            prepared[txn] = nil
+            rememberCommitted(txn, ts)
+        case (.prepared, .unknown):
+            prepared[txn] = nil
+        default:
+            preconditionFailure("participant \(id): transaction \(txn) cannot go from \(now) to \(next)")
         }
     }
 
@@ -440,7 +494,7 @@ public struct ParticipantMachine: Sendable {
         } else if txn <= outcomeFloor || txn <= gcHorizon {
             status = .unknown
         } else {
-            refused.insert(txn)
+            enter(txn, .refused)
             out.records.append(.refused(txn: txn))
             status = .aborted
         }
@@ -462,7 +516,7 @@ public struct ParticipantMachine: Sendable {
         } else if commitTs <= outcomeFloor || commitTs <= gcHorizon {
             answer = nil
         } else {
-            refused.insert(txn)
+            enter(txn, .refused)
             out.records.append(.refused(txn: txn))
             answer = false
         }

@@ -32,6 +32,8 @@ final class ScriptedRecoveryTests: XCTestCase {
         p0.step(prepare(10, commitTs: 20, to: 0))
         XCTAssertEqual(p0.takeOutput().messages.map(\.message), [.vote(txn: 10, from: 0, vote: .yes)])
         XCTAssertEqual(p0.lockCount, 1)
+        guard case .prepared = p0.state(of: 10) else { return XCTFail("P0 holds it prepared") }
+        XCTAssertEqual(p1.state(of: 10), .unknown)
         // Before the peer delay, only the coordinator is asked.
         p0.tick(nowMillis: 300)
         XCTAssertEqual(p0.takeOutput().messages.map(\.to), [.coordinator])
@@ -41,10 +43,12 @@ final class ScriptedRecoveryTests: XCTestCase {
         p1.step(Envelope(from: .participant(0), to: .participant(1), .peerQuery(txn: 10, commitTs: 20, from: 0)))
         let answer = p1.takeOutput()
         XCTAssertEqual(answer.records, [.refused(txn: 10)], "the refusal is forced before the answer leaves")
+        XCTAssertEqual(p1.state(of: 10), .refused)
         XCTAssertEqual(answer.messages.map(\.message), [.peerOutcome(txn: 10, from: 1, committed: false)])
         p0.step(answer.messages[0])
         let resolved = p0.takeOutput()
         XCTAssertEqual(resolved.records, [.aborted(txn: 10)])
+        XCTAssertEqual(p0.state(of: 10), .unknown, "aborted: presumed from here on")
         XCTAssertEqual(p0.lockCount, 0)
         XCTAssertTrue(p0.inDoubt.isEmpty)
         // The late PREPARE at P1 is refused: the coordinator cannot commit.
@@ -70,6 +74,7 @@ final class ScriptedRecoveryTests: XCTestCase {
         XCTAssertEqual(answer.messages.map(\.message), [.peerOutcome(txn: 10, from: 1, committed: true)])
         p0.step(answer.messages[0])
         XCTAssertEqual(p0.takeOutput().records, [.committed(txn: 10, commitTs: 20, writes: [WriteOp(key: k, value: [0])])])
+        XCTAssertEqual(p0.state(of: 10), .committed(20))
         // A peer itself in doubt knows nothing.
         var p2 = participant(2)
         p2.step(prepare(11, commitTs: 21, to: 2, participants: [0, 2]))
