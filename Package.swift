@@ -13,6 +13,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // Layer 0: C system library.
@@ -34,6 +36,9 @@ let package = Package(
             "WeftCore", "WeftProtocol", "WeftLMDB", "CCrypto", "CWeftTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // Layer 4b: the lineage dataflow engine (RDDs, scheduler, jobs).
         .target(name: "WeftDataflow", dependencies: ["WeftCore", "WeftProtocol", "WeftRuntime"]),

@@ -14,6 +14,7 @@ struct NodeCommand: ParsableCommand {
     @Option(help: "This node's id in the cluster file.") var id: String
     @Option(name: .customLong("secret-file"), help: "The cluster's node secret (default: DIR/secret beside the cluster file).") var secretFile: String?
     @Option(name: .customLong("certs-dir"), help: "This node's TLS certificates (ca.crt, node.crt, node.key) when the cluster uses TLS (default: DIR/certs).") var certsDir: String?
+    @Option(name: .customLong("http-port"), help: "Serve the status pages and /metrics on this port (default: the node's http=PORT in the cluster file, if any).") var httpPort: Int?
     @Option(name: .customLong("redis-port"), help: "Serve Redis clients on this port (default: the node's redis=PORT in the cluster file, if any).") var redisPort: Int?
     @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the cluster's client secret, the hex line in DIR/client.secret).") var redisPassword: String?
     @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
@@ -39,6 +40,16 @@ struct NodeCommand: ParsableCommand {
             do {
                 let at = try node.startRedis(port: port, password: redisPasswordChoice(redisPassword, noAuth: redisNoAuth))
                 redisNote = ", Redis clients at \(at)"
+            } catch {
+                printErr("weft node \(id): error: \(error.message)")
+                node.stop()
+                throw ExitCode(1)
+            }
+        }
+        if let port = httpPort ?? node.spec.httpPort {
+            do {
+                let at = try node.startHTTP(port: port)
+                redisNote += ", status page http://\(at)/"
             } catch {
                 printErr("weft node \(id): error: \(error.message)")
                 node.stop()
@@ -134,6 +145,7 @@ struct ClusterCommand: ParsableCommand {
         @Option(help: "Participants for a new cluster.") var participants = 3
         @Option(name: .customLong("base-port"), help: "Coordinator port; participants use the next ports.") var basePort = 7400
         @Flag(help: "TLS on every connection (recorded in the cluster file); certificates in DIR/certs, made if missing (weft cert).") var tls = false
+        @Option(name: .customLong("http-port"), help: "Status pages and /metrics: the coordinator on this port, participants on the next ports (recorded in the cluster file).") var httpPort: Int?
         @Option(name: .customLong("redis-port"), help: "Serve Redis clients too: the coordinator on this port, participants on the next ports (recorded in the cluster file).") var redisPort: Int?
         @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the cluster's client secret, the hex line in DIR/client.secret).") var redisPassword: String?
         @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
@@ -142,6 +154,7 @@ struct ClusterCommand: ParsableCommand {
             if !(1...64).contains(participants) { throw ValidationError("--participants must be 1...64") }
             if !(1024...65000).contains(basePort) { throw ValidationError("--base-port must be 1024...65000") }
             if let r = redisPort, !(1024...65000).contains(r) { throw ValidationError("--redis-port must be 1024...65000") }
+            if let h = httpPort, !(1024...65000).contains(h) { throw ValidationError("--http-port must be 1024...65000") }
         }
 
         func run() throws {
@@ -160,6 +173,10 @@ struct ClusterCommand: ParsableCommand {
                         config.tls = true
                         changed = true
                     }
+                    if let h = httpPort, config.nodes.allSatisfy({ $0.httpPort == nil }) {
+                        for i in config.nodes.indices { config.nodes[i].httpPort = h + i }
+                        changed = true
+                    }
                     if changed {
                         try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
                         chmod(config.path, 0o600)
@@ -168,6 +185,7 @@ struct ClusterCommand: ParsableCommand {
                     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
                     config = ClusterConfig.local(dir: dir, participants: participants, basePort: basePort, redisBasePort: redisPort)
                     config.tls = tls
+                    if let h = httpPort { for i in config.nodes.indices { config.nodes[i].httpPort = h + i } }
                     try config.render().write(toFile: config.path, atomically: true, encoding: .utf8)
                     chmod(config.path, 0o600)
                 }
@@ -289,6 +307,7 @@ struct ClusterCommand: ParsableCommand {
                     var o: [String: Any] = ["id": n.id, "role": n.role.rawValue, "address": n.endpoint.description, "health": health]
                     if let pid { o["pid"] = pid }
                     if let r = n.redisPort { o["redis"] = "\(n.endpoint.host):\(r)" }
+                    if let h = n.httpPort { o["http"] = "\(n.endpoint.host):\(h)" }
                     print(jsonLine(o))
                 } else {
                     print("\(n.id)\t\(n.role.rawValue)\t\(n.endpoint)\tpid \(pid.map(String.init) ?? "-")\t\(health)")

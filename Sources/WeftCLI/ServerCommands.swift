@@ -24,9 +24,11 @@ struct ServerCommand: ParsableCommand {
         @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the client secret, the hex line in DIR/client.secret).") var redisPassword: String?
         @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
         @Flag(help: "TLS on every client connection, certificates in DIR/certs (made on first use: a CA, a node and a client certificate).") var tls = false
+        @Option(name: .customLong("http-port"), help: "Serve the status pages and /metrics on this port of the --listen host (0: any free port).") var httpPort: Int?
 
         func validate() throws {
             if let p = redisPort, !(0...65535).contains(p) { throw ValidationError("--redis-port must be 0...65535") }
+            if let p = httpPort, !(0...65535).contains(p) { throw ValidationError("--http-port must be 0...65535") }
             if global.cluster != nil { throw ValidationError("weft server serves a data directory, not a cluster (--cluster)") }
             guard parseEndpoint(listen) != nil else { throw ValidationError("--listen must be HOST:PORT, not \(listen)") }
         }
@@ -52,7 +54,7 @@ struct ServerCommand: ParsableCommand {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
             p.arguments = ["server", "start", "--foreground", "--data-dir", dir, "--listen", listen] + (g.participants.map { ["--participants", String($0)] } ?? [])
-                + (redisPort.map { ["--redis-port", String($0)] } ?? []) + (redisNoAuth ? ["--redis-no-auth"] : []) + (tls ? ["--tls"] : [])
+                + (redisPort.map { ["--redis-port", String($0)] } ?? []) + (redisNoAuth ? ["--redis-no-auth"] : []) + (tls ? ["--tls"] : []) + (httpPort.map { ["--http-port", String($0)] } ?? [])
             if let pw = redisPassword {
                 // Passed in the environment, not argv: other users can read argv.
                 var env = ProcessInfo.processInfo.environment
@@ -69,8 +71,10 @@ struct ServerCommand: ParsableCommand {
                    NetworkTransport.ping(f.endpoint, credentials: c, tls: try? serverTLS(f, dir, g), timeoutMillis: 500) != nil {
                     var o: [String: Any] = ["pid": Int(f.pid), "address": "\(f.endpoint)", "data_dir": dir, "participants": f.participants, "log": log, "tls": f.tls]
                     if let r = f.redis { o["redis"] = "\(r)" }
+                    if let h = f.http { o["http"] = "\(h)" }
                     print(g.json ? jsonLine(o)
-                                 : "weft server pid \(f.pid) serving \(dir) at \(f.endpoint)" + (f.redis.map { ", Redis clients at \($0)" } ?? "") + " (log: \(log))")
+                                 : "weft server pid \(f.pid) serving \(dir) at \(f.endpoint)" + (f.redis.map { ", Redis clients at \($0)" } ?? "")
+                                   + (f.http.map { ", status page http://\($0)/" } ?? "") + " (log: \(log))")
                     if !g.json, let r = f.redis, !redisNoAuth, redisPasswordChoice(redisPassword, noAuth: false) == nil {
                         print("Redis clients AUTH with the client secret: redis-cli -p \(r.port) -a \"$(cat \(dir)/\(ClusterSecret.clientFileName))\"")
                     }
@@ -92,7 +96,8 @@ struct ServerCommand: ParsableCommand {
             do {
                 let password = redisPasswordChoice(redisPassword, noAuth: redisNoAuth)
                 server = try WeftServer(dataDir: dir, listen: endpoint, participants: g.participants, lockWaitMillis: Limits.dataDirLockWaitMillis,
-                                        redisListen: redisPort.map { Endpoint(host: endpoint.host, port: $0) }, redisPassword: password, tls: tls)
+                                        redisListen: redisPort.map { Endpoint(host: endpoint.host, port: $0) }, redisPassword: password, tls: tls,
+                                        httpListen: httpPort.map { Endpoint(host: endpoint.host, port: $0) })
             } catch {
                 fail(error, json: g.json)
             }
@@ -191,6 +196,7 @@ struct ServerCommand: ParsableCommand {
                 if let uptime { o["uptime_ms"] = uptime }
                 if let jobs = health?["jobs_running"] as? Int { o["jobs_running"] = jobs }
                 if let r = f.redis { o["redis"] = "\(r)" }
+                if let h = f.http { o["http"] = "\(h)" }
                 print(jsonLine(o))
             } else {
                 print("weft server pid \(f.pid) at \(f.endpoint)" + (f.redis.map { " (Redis \($0))" } ?? "") + ": \(state)" + (uptime.map { ", up \($0 / 1000) s" } ?? "") + ", \(f.participants) participants, data directory \(dir)")

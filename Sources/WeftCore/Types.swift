@@ -104,6 +104,13 @@ public enum Limits {
     /// is closed. One connection buffers at most one frame
     /// (`frameBytesMax`).
     public static let inboundBufferedBytesMax = 256 << 20
+    /// Bytes of one request to the status port (request line, headers and
+    /// body); more is answered 413 and the connection closed.
+    public static let httpRequestBytesMax = 16 << 10
+    /// A status-port connection that sends nothing for this long is closed, in ms.
+    public static let httpIdleMillisMax: Int64 = 30_000
+    /// Connections the status port holds at once; more are closed at accept.
+    public static let httpConnectionsMax = 256
     /// Lines about refused connections a node logs per second; the rest are
     /// counted and reported in the next line.
     public static let rejectLogLinesPerSecondMax = 10

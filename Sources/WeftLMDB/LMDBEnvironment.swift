@@ -216,6 +216,18 @@ public final class LMDBEnvironment: @unchecked Sendable {
 
     public func stat(_ db: LMDBDatabase) throws -> Stat { try read { try $0.stat(db) } }
 
+    /// Bytes of the map in use (up to the last page written) and the map's
+    /// size; nil once closed.
+    public func usage() -> (usedBytes: Int, mapSizeBytes: Int)? {
+        try? shared { env in
+            var info = MDB_envinfo()
+            var st = MDB_stat()
+            mdb_env_info(env, &info)
+            mdb_env_stat(env, &st)
+            return ((info.me_last_pgno + 1) * Int(st.ms_psize), info.me_mapsize)
+        }
+    }
+
     func mapFullError(_ context: String) -> LMDBError {
         LMDBError(.mapFull, errno: MDB_MAP_FULL, "LMDB map full (map size \(formatBytes(mapSizeBytes)), "
             + "limit \(formatBytes(mapSizeBytesMax))) while \(context)")

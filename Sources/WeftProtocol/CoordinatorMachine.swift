@@ -76,6 +76,17 @@ public struct CoordinatorMachine: Sendable {
 
     public var inFlight: Int { txns.count }
 
+    /// What the coordinator knows of `txn`: committed (a forced decision),
+    /// pending (voting), or unknown (ENDed, aborted, or never two-phase:
+    /// presumed abort for a participant that asks).
+    public func status(of txn: TxnId) -> TxnStatus {
+        switch txns[txn] {
+        case .committed(let ts, _, _)?: return .committed(ts)
+        case .preparing?, .onePhase?: return .pending
+        case nil: return .unknown
+        }
+    }
+
     // MARK: Inputs
 
     public mutating func step(_ env: Envelope) {
@@ -108,13 +119,7 @@ public struct CoordinatorMachine: Sendable {
         case let .clockQuery(from):
             send(.participant(from), .clock(ts: allocateTimestamp()))
         case let .status(req, txn):
-            let status: TxnStatus
-            switch txns[txn] {
-            case .committed(let ts, _, _)?: status = .committed(ts)
-            case .preparing?, .onePhase?: status = .pending
-            case nil: status = .unknown // ENDed, aborted, or one-phase: participants know
-            }
-            send(env.from, .statusResult(req: req, txn: txn, status: status))
+            send(env.from, .statusResult(req: req, txn: txn, status: status(of: txn)))
         default:
             break
         }

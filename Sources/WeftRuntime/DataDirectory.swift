@@ -138,6 +138,8 @@ public struct ServerFile: Sendable, Equatable {
     public var redis: Endpoint?
     /// It speaks TLS (`--tls`; certificates in `DIR/certs`).
     public var tls = false
+    /// Its status port (`--http-port`: metrics and pages), if any.
+    public var http: Endpoint?
 
     public static func path(_ dir: String) -> String { dir + "/SERVER" }
 
@@ -164,11 +166,14 @@ public struct ServerFile: Sendable, Equatable {
             file.redis = Endpoint(host: String(r[..<c]), port: rp)
         }
         file.tls = f["tls"] == "1"
+        if let r = f["http"], let c = r.lastIndex(of: ":"), let hp = Int(r[r.index(after: c)...]) {
+            file.http = Endpoint(host: String(r[..<c]), port: hp)
+        }
         return file
     }
 
     public func write(_ dir: String) throws(WeftError) {
-        let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n" + (redis.map { "redis=\($0)\n" } ?? "") + (tls ? "tls=1\n" : "")
+        let text = "pid=\(pid)\naddress=\(endpoint)\nid=\(id)\nparticipants=\(participants)\nstarted=\(startedMillis)\n" + (redis.map { "redis=\($0)\n" } ?? "") + (tls ? "tls=1\n" : "") + (http.map { "http=\($0)\n" } ?? "")
         do { try text.write(toFile: Self.path(dir), atomically: true, encoding: .utf8); chmod(Self.path(dir), 0o600) } catch {
             throw WeftError(.storage, "cannot write \(Self.path(dir)): \(error.localizedDescription)")
         }

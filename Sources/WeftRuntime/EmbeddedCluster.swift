@@ -17,6 +17,20 @@ public final class EmbeddedCluster: @unchecked Sendable {
     let participants: [NodeRunner<ParticipantMachine>]
     /// Opened only to read (see `init`).
     public let readOnly: Bool
+    let mapGauges: MapUsageGauges?
+
+    /// Commit outcomes and recent latencies (when `observed`).
+    var coordinatorObserver: CoordinatorObserver? { coordinator.observer }
+
+    /// The coordinator's view of `txn`, for the status page.
+    public func coordinatorStatus(_ txn: TxnId) -> TxnStatus { coordinator.withMachine { $0.status(of: txn) } }
+
+    /// Bytes used by each node's LMDB map.
+    public var storageUsage: [(node: String, usedBytes: Int, mapSizeBytes: Int)] {
+        ([(NodeAddress.coordinator, coordinatorStorage.env)] + participantStorages.enumerated().map { (.participant($0), $1.env) }).compactMap { a, env in
+            env.usage().map { (a.description, $0.usedBytes, $0.mapSizeBytes) }
+        }
+    }
     let idLock = NSLock()
     var nextClientId: UInt64 = 1
     var closed = false
@@ -29,8 +43,11 @@ public final class EmbeddedCluster: @unchecked Sendable {
     /// LMDB opened read-only, and nothing the nodes log is written (a
     /// timestamp reservation, garbage collection and in-doubt resolution
     /// stay in memory; only commands that write nothing open it this way).
+    ///
+    /// `observed`: record metrics (commit outcomes and latency, in-doubt
+    /// gauges, map usage) for a long-lived process (`weft server`).
     public init(dataDir: String, participants count: Int? = nil, options: StorageOptions = .init(), lockWaitMillis: Int = 0,
-                readOnly: Bool = false) throws(WeftError) {
+                readOnly: Bool = false, observed: Bool = false) throws(WeftError) {
         let lock = readOnly ? try DataDirectoryLock(readingDirectory: dataDir) : try DataDirectoryLock(directory: dataDir, waitMillis: lockWaitMillis)
         self.lock = lock
         self.readOnly = readOnly
@@ -51,15 +68,21 @@ public final class EmbeddedCluster: @unchecked Sendable {
         coordinator = NodeRunner(address: .coordinator, machine: CoordinatorMachine(recovery: coordRecovery, nowMillis: now), router: router) { (r) throws(WeftError) in
             if !readOnly { try cs.persist(r) }
         }
+        if observed { coordinator.observer = CoordinatorObserver() }
         var runners: [NodeRunner<ParticipantMachine>] = []
         for p in 0..<layout.participants {
             let s = storages[p]
             let machine = try s.recoverMachine(id: p, readFloor: floor, nowMillis: now)
-            runners.append(NodeRunner(address: .participant(p), machine: machine, router: router) { (r) throws(WeftError) in
+            let gauges = observed ? InDoubtGauges(.participant(p)) : nil
+            runners.append(NodeRunner(address: .participant(p), machine: machine, router: router, summarize: { m in
+                gauges?.update(m)
+                return ""
+            }) { (r) throws(WeftError) in
                 if !readOnly { try s.persist(r) }
             })
         }
         participants = runners
+        mapGauges = observed ? MapUsageGauges([(.coordinator, coordinatorStorage.env)] + storages.enumerated().map { (.participant($0), $1.env) }) : nil
         router.register(.coordinator, coordinator)
         for r in runners { router.register(r.address, r) }
         coordinator.start()
@@ -83,6 +106,7 @@ public final class EmbeddedCluster: @unchecked Sendable {
         }
         closed = true
         idLock.unlock()
+        mapGauges?.stop()
         coordinator.stop()
         for p in participants { p.stop() }
         coordinatorStorage.close()

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import WeftCore
 import WeftProtocol
@@ -58,6 +59,14 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
     let summarize: (M) -> String
     var lastSummary: String
 
+    /// Metrics of this node's group commit (no-ops unless the process
+    /// bootstrapped `WeftMetrics`).
+    let commitsCounter: CoreMetrics.Counter
+    let commitTimer: CoreMetrics.Timer
+    let groupSize: Recorder
+    /// The coordinator's observer (commit outcomes and latency), if set.
+    var observer: CoordinatorObserver?
+
     init(address: NodeAddress, machine: M, router: any Transport, summarize: @escaping (M) -> String = { _ in "" },
          persist: @escaping ([M.Record]) throws(WeftError) -> Void) {
         self.address = address
@@ -66,6 +75,9 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
         self.persist = persist
         self.summarize = summarize
         self.lastSummary = summarize(machine)
+        commitsCounter = CoreMetrics.Counter(label: "weft_lmdb_commits_total", dimensions: [("node", address.description)])
+        commitTimer = CoreMetrics.Timer(label: "weft_lmdb_commit_seconds", dimensions: [("node", address.description)])
+        groupSize = Recorder(label: "weft_group_commit_records", dimensions: [("node", address.description)])
     }
 
     public var summary: String {
@@ -161,9 +173,12 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
             }
             cond.unlock()
 
+            let arrived = observer == nil ? 0 : monoNanos()
             for item in items {
                 switch item {
-                case .envelope(let e): machine.step(e)
+                case .envelope(let e):
+                    observer?.arrived(e, nanos: arrived)
+                    machine.step(e)
                 case .job(let j): j(&machine)
                 }
             }
@@ -177,7 +192,11 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
                 let kinds = CrashPoints.target == nil ? [] : CrashPoints.kinds(out.records)
                 for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).before-\(k)-forced") }
                 do {
+                    let t0 = monoNanos()
                     try persist(out.records)
+                    commitTimer.recordNanoseconds(Int64(monoNanos() - t0))
+                    commitsCounter.increment()
+                    groupSize.record(out.records.count)
                     for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).after-\(k)-forced") }
                     commits += 1
                     recordsCommitted += out.records.count
@@ -190,6 +209,7 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
             cond.lock()
             lastSummary = now2
             cond.unlock()
+            observer?.sent(out.messages, nanos: monoNanos())
             router.sendAll(out.messages)
         }
     }

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import WeftCore
 import WeftProtocol
@@ -21,11 +22,15 @@ public final class WeftServer: @unchecked Sendable {
 
     /// The Redis-protocol listener, when started with `redisListen`.
     public private(set) var redis: RedisFrontEnd?
+    /// The status port (metrics and pages), when started with `httpListen`.
+    public private(set) var http: StatusServer?
 
     public init(dataDir: String, listen: Endpoint, participants: Int? = nil, lockWaitMillis: Int = 0,
-                redisListen: Endpoint? = nil, redisPassword: String? = nil, tls: Bool = false) throws(WeftError) {
+                redisListen: Endpoint? = nil, redisPassword: String? = nil, tls: Bool = false, httpListen: Endpoint? = nil) throws(WeftError) {
         let started = wallMillis()
         self.dataDir = dataDir
+        // A long-lived process: its metrics are recorded (and served with --http-port).
+        WeftMetrics.bootstrap()
         // Wait for a one-shot command's lock, but not for another server:
         // one that starts meanwhile is named at once.
         var opened: EmbeddedCluster?
@@ -34,13 +39,14 @@ public final class WeftServer: @unchecked Sendable {
                 throw WeftError(.locked, "data directory \(dataDir) is already served by weft server pid \(f.pid) at \(f.endpoint); stop it with `weft server stop --data-dir \(dataDir)`")
             }
             do {
-                opened = try EmbeddedCluster(dataDir: dataDir, participants: participants)
+                opened = try EmbeddedCluster(dataDir: dataDir, participants: participants, observed: true)
             } catch where error.code == .locked && wallMillis() < started + UInt64(max(0, lockWaitMillis)) {
                 usleep(50_000)
             }
         }
         cluster = opened!
         openMillis = wallMillis() - started
+        CoreMetrics.Gauge(label: "weft_recovery_seconds", dimensions: [("node", "server")]).record(Double(openMillis) / 1000)
         let id = String(UInt64.random(in: 1...UInt64.max), radix: 16)
         let credentials: Credentials
         let tlsSetup: TLSSetup?
@@ -80,7 +86,21 @@ public final class WeftServer: @unchecked Sendable {
             redis = fe
             file.redis = Endpoint(host: redisListen.host, port: fe.boundPort ?? redisListen.port)
         }
+        if let httpListen {
+            let status = StatusServer(token: credentials.redisPassword)
+            do {
+                try status.listen(httpListen)
+            } catch {
+                redis?.close()
+                transport.close()
+                cluster.close()
+                throw error
+            }
+            http = status
+            file.http = Endpoint(host: httpListen.host, port: status.boundPort ?? httpListen.port)
+        }
         self.file = file
+        http?.source = self
         let (participantCount, dir) = (cluster.layout.participants, dataDir)
         let cluster = self.cluster
         let running = self.running
@@ -118,10 +138,42 @@ public final class WeftServer: @unchecked Sendable {
     public let running = CallCount()
 
     public func stop() {
+        http?.close()
         redis?.close()
         transport.close()
         if ServerFile.read(dataDir)?.pid == getpid() { ServerFile.remove(dataDir) }
         cluster.close()
+    }
+}
+
+extension WeftServer: StatusSource {
+    public func statusPage(_ name: String) -> [String: Any]? {
+        switch name {
+        case "overview":
+            var nodes: [[String: Any]] = [["id": "server", "role": "server", "state": cluster.firstFailure == nil ? "serving" : "failed",
+                                           "address": "\(file.endpoint)", "uptime_ms": Int(wallMillis() - file.startedMillis),
+                                           "pid": Int(getpid()), "data_dir": dataDir]]
+            for u in cluster.storageUsage {
+                nodes.append(["id": u.node, "role": u.node == "coordinator" ? "coordinator" : "participant", "state": cluster.firstFailure == nil ? "serving" : "failed",
+                              "address": "in process \(getpid())", "data_bytes": u.usedBytes, "map_bytes": u.mapSizeBytes])
+            }
+            return ["nodes": nodes, "recovery_ms": Int(openMillis)]
+        case "transactions":
+            let now = wallMillis()
+            let rows: [[String: Any]] = cluster.inDoubt().map { p, t in
+                let decision: String
+                switch cluster.coordinatorStatus(t.txn) {
+                case .committed: decision = "commit"
+                case .pending: decision = "undecided"
+                case .aborted, .unknown: decision = "none (presumed abort)"
+                }
+                return ["txn": String(t.txn), "participant": p, "participants": t.participants.map(String.init).joined(separator: ","),
+                        "age_ms": Int(now > t.preparedAtMillis ? now - t.preparedAtMillis : 0), "commit_ts": String(t.commitTs), "coordinator": decision]
+            }
+            return ["in_doubt": rows, "commit_latency": StatusPages.latency(cluster.coordinatorObserver?.recentQuantiles() ?? [:])]
+        default:
+            return nil
+        }
     }
 }
 

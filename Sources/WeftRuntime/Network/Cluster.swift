@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import WeftCore
 import WeftProtocol
@@ -24,6 +25,8 @@ public struct ClusterConfig: Sendable, Equatable {
         public var address: NodeAddress
         /// Where this node serves Redis clients (`redis=PORT` on its line), if it does.
         public var redisPort: Int?
+        /// Its status port (`http=PORT`): metrics and pages.
+        public var httpPort: Int?
     }
 
     public var clusterId: String
@@ -67,17 +70,23 @@ public struct ClusterConfig: Sendable, Equatable {
                 guard f.count == 2, f[1] == "on" || f[1] == "off" else { throw bad("expected `tls on` or `tls off`") }
                 tls = f[1] == "on"
             case "node":
-                guard f.count == 5 || f.count == 6, let role = Role(rawValue: f[1]) else { throw bad("expected `node coordinator|participant ID HOST:PORT DATADIR [redis=PORT]`") }
+                guard (5...7).contains(f.count), let role = Role(rawValue: f[1]) else { throw bad("expected `node coordinator|participant ID HOST:PORT DATADIR [redis=PORT] [http=PORT]`") }
                 var redisPort: Int?
-                if f.count == 6 {
-                    guard f[5].hasPrefix("redis="), let rp = Int(f[5].dropFirst(6)), (1...65535).contains(rp) else { throw bad("expected `redis=PORT` after the data directory, not \(f[5])") }
-                    redisPort = rp
+                var httpPort: Int?
+                for extra in f.dropFirst(5) {
+                    if extra.hasPrefix("redis="), let rp = Int(extra.dropFirst(6)), (1...65535).contains(rp), redisPort == nil {
+                        redisPort = rp
+                    } else if extra.hasPrefix("http="), let hp = Int(extra.dropFirst(5)), (1...65535).contains(hp), httpPort == nil {
+                        httpPort = hp
+                    } else {
+                        throw bad("expected `redis=PORT` or `http=PORT` after the data directory, not \(extra)")
+                    }
                 }
                 let hp = f[3].split(separator: ":")
                 guard hp.count == 2, let port = Int(hp[1]), (1...65535).contains(port) else { throw bad("bad address \(f[3])") }
                 if nodes.contains(where: { $0.id == f[2] }) { throw bad("duplicate node id \(f[2])") }
                 let address: NodeAddress = role == .coordinator ? .coordinator : .participant(nodes.filter { $0.role == .participant }.count)
-                nodes.append(Node(role: role, id: f[2], endpoint: Endpoint(host: String(hp[0]), port: port), dataDir: f[4], address: address, redisPort: redisPort))
+                nodes.append(Node(role: role, id: f[2], endpoint: Endpoint(host: String(hp[0]), port: port), dataDir: f[4], address: address, redisPort: redisPort, httpPort: httpPort))
             default:
                 throw bad("unknown line `\(f[0])`")
             }
@@ -92,7 +101,7 @@ public struct ClusterConfig: Sendable, Equatable {
 
     public func render() -> String {
         var s = "# Weft cluster file: node ROLE ID HOST:PORT DATADIR\ncluster-id \(clusterId)\n" + (tls ? "tls on\n" : "")
-        for n in nodes { s += "node \(n.role.rawValue) \(n.id) \(n.endpoint) \(n.dataDir)" + (n.redisPort.map { " redis=\($0)" } ?? "") + "\n" }
+        for n in nodes { s += "node \(n.role.rawValue) \(n.id) \(n.endpoint) \(n.dataDir)" + (n.redisPort.map { " redis=\($0)" } ?? "") + (n.httpPort.map { " http=\($0)" } ?? "") + "\n" }
         return s
     }
 
@@ -137,8 +146,12 @@ public final class ClusterNode: @unchecked Sendable {
     var coordinatorStorage: CoordinatorStorage?
     var participantStorage: ParticipantStorage?
     public let recoveryMillis: UInt64
+    let startedMillis = wallMillis()
     /// The Redis front end (`startRedis`) and the cluster client it uses.
     var redis: RedisFrontEnd?
+    /// The status port (`startHTTP`).
+    var http: StatusServer?
+    var mapGauges: MapUsageGauges?
     var redisClient: ClusterClient?
 
     /// What this node proves to its peers and checks on every connection.
@@ -150,6 +163,7 @@ public final class ClusterNode: @unchecked Sendable {
 
     public init(config: ClusterConfig, id: String, options: StorageOptions = .init(), secretFile: String? = nil, certsDir: String? = nil) throws(WeftError) {
         let started = wallMillis()
+        WeftMetrics.bootstrap()
         self.config = config
         spec = try config.node(id)
         let nodeKey: Bytes
@@ -166,6 +180,8 @@ public final class ClusterNode: @unchecked Sendable {
             coordinatorStorage = s
             let machine = CoordinatorMachine(recovery: try s.recover(), nowMillis: now)
             coordinatorRunner = NodeRunner(address: .coordinator, machine: machine, router: transport) { (r) throws(WeftError) in try s.persist(r) }
+            coordinatorRunner!.observer = CoordinatorObserver()
+            mapGauges = MapUsageGauges([(.coordinator, s.env)])
             transport.register(.coordinator, coordinatorRunner!)
         case .participant:
             guard case .participant(let p) = spec.address else { preconditionFailure() }
@@ -174,15 +190,22 @@ public final class ClusterNode: @unchecked Sendable {
             // readFloor nil: the participant asks the coordinator's clock
             // before it accepts a PREPARE (see ParticipantMachine).
             let machine = try s.recoverMachine(id: p, readFloor: nil, nowMillis: now)
+            let gauges = InDoubtGauges(spec.address)
             participantRunner = NodeRunner(address: spec.address, machine: machine, router: transport,
-                                           summarize: { $0.awaitingClock ? "recovering" : "serving" }) { (r) throws(WeftError) in try s.persist(r) }
+                                           summarize: { m in
+                                               gauges.update(m)
+                                               return m.awaitingClock ? "recovering" : "serving"
+                                           }) { (r) throws(WeftError) in try s.persist(r) }
+            mapGauges = MapUsageGauges([(spec.address, s.env)])
             transport.register(spec.address, participantRunner!)
         }
         recoveryMillis = wallMillis() - started
+        CoreMetrics.Gauge(label: "weft_recovery_seconds", dimensions: [("node", id)]).record(Double(recoveryMillis) / 1000)
         let role = spec.role.rawValue, nodeId = id
         transport.healthInfo = { [weak self] in
             let state = self?.healthState() ?? "stopping"
-            return "{\"role\":\"\(role)\",\"id\":\"\(nodeId)\",\"pid\":\(getpid()),\"state\":\"\(state)\"}"
+            let used = self?.mapGauges?.entries.first?.0.usage()?.usedBytes ?? 0
+            return "{\"role\":\"\(role)\",\"id\":\"\(nodeId)\",\"pid\":\(getpid()),\"state\":\"\(state)\",\"started_ms\":\(started),\"data_bytes\":\(used)}"
         }
         do {
             try transport.listen(spec.endpoint)
@@ -240,8 +263,20 @@ public final class ClusterNode: @unchecked Sendable {
         return Endpoint(host: spec.endpoint.host, port: fe.boundPort ?? port)
     }
 
+    /// Serves the status pages and /metrics on `port` of this node's host;
+    /// requests show the cluster's client secret.
+    public func startHTTP(port: Int) throws(WeftError) -> Endpoint {
+        let status = StatusServer(token: credentials.redisPassword)
+        try status.listen(Endpoint(host: spec.endpoint.host, port: port))
+        status.source = self
+        http = status
+        return Endpoint(host: spec.endpoint.host, port: status.boundPort ?? port)
+    }
+
     /// Stops after the current round and releases the data directory.
     public func stop() {
+        http?.close()
+        mapGauges?.stop()
         redis?.close()
         redisClient?.close()
         coordinatorRunner?.stop()
@@ -260,6 +295,55 @@ public final class ClusterNode: @unchecked Sendable {
     public var onFailure: @Sendable (WeftError) -> Void {
         get { transport.onNodeFailed }
         set { transport.onNodeFailed = newValue }
+    }
+}
+
+extension ClusterNode: StatusSource {
+    public func statusPage(_ name: String) -> [String: Any]? {
+        switch name {
+        case "overview":
+            // Every node of the cluster file, as its health ping reports it.
+            let nodes: [[String: Any]] = config.nodes.map { n in
+                var row: [String: Any] = ["id": n.id, "role": n.role.rawValue, "address": "\(n.endpoint)", "state": "down"]
+                if n.id == spec.id {
+                    row["state"] = healthState()
+                    row["pid"] = Int(getpid())
+                    if let u = mapGauges?.entries.first?.0.usage() {
+                        row["data_bytes"] = u.usedBytes
+                        row["map_bytes"] = u.mapSizeBytes
+                    }
+                } else if let info = NetworkTransport.ping(n.endpoint, credentials: Credentials(clusterId: config.clusterId, clientKey: credentials.clientKey), tls: tls, timeoutMillis: 500),
+                          let o = try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any] {
+                    row["state"] = o["state"] ?? "up"
+                    row["pid"] = o["pid"]
+                    row["data_bytes"] = o["data_bytes"]
+                    if let s = o["started_ms"] as? Int { row["uptime_ms"] = Int(wallMillis()) - s }
+                }
+                if n.id == spec.id { row["uptime_ms"] = Int(wallMillis() - startedMillis) }
+                if let h = n.httpPort { row["http"] = "\(n.endpoint.host):\(h)" }
+                return row
+            }
+            return ["nodes": nodes, "recovery_ms": Int(recoveryMillis), "this_node": spec.id]
+        case "transactions":
+            // This node's own view: a participant's in-doubt transactions
+            // (the coordinator's decision is in the coordinator's page).
+            let now = wallMillis()
+            var rows: [[String: Any]] = []
+            if let r = participantRunner, case .participant(let p) = spec.address {
+                rows = r.withMachine { $0.inDoubt }.map { t in
+                    ["txn": String(t.txn), "participant": p, "participants": t.participants.map(String.init).joined(separator: ","),
+                     "age_ms": Int(now > t.preparedAtMillis ? now - t.preparedAtMillis : 0), "commit_ts": String(t.commitTs), "coordinator": "ask the coordinator's page"]
+                }
+            }
+            if let c = coordinatorRunner {
+                let decided = c.withMachine { m in m.inFlight }
+                return ["in_doubt": rows, "coordinator_in_flight": decided,
+                        "commit_latency": StatusPages.latency(c.observer?.recentQuantiles() ?? [:])]
+            }
+            return ["in_doubt": rows, "commit_latency": ["count": 0]]
+        default:
+            return nil
+        }
     }
 }
 
