@@ -1,0 +1,118 @@
+import Foundation
+import XCTest
+import WeftCore
+import WeftProtocol
+@testable import WeftRuntime
+
+/// The status port (issue "Observability"): /metrics in the Prometheus
+/// text format moving with a known workload, the pages' JSON matching the
+/// state the test made, authentication, and bad requests.
+final class ObservabilityTests: XCTestCase {
+    var dir = ""
+    override func setUp() { dir = tempDir("weft-obs") }
+    override func tearDown() { removeDir(dir) }
+
+    /// One HTTP/1.1 request on a fresh connection: (status, body).
+    func get(_ port: Int, _ path: String, token: String?, extra: String = "") throws -> (Int, String) {
+        let s = try RawSocket(port: port)
+        var req = "GET \(path) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        if let token { req += "Authorization: Bearer \(token)\r\n" }
+        req += extra + "\r\n"
+        try s.send(Array(req.utf8))
+        let (_, got) = s.readUntilClosed(timeoutMillis: 5000)
+        let text = String(decoding: got, as: UTF8.self)
+        let code = Int(text.split(separator: " ").dropFirst().first ?? "") ?? 0
+        let body = text.range(of: "\r\n\r\n").map { String(text[$0.upperBound...]) } ?? ""
+        return (code, body)
+    }
+
+    /// Prometheus text format: sample name with labels -> value; checks
+    /// that every family has HELP and TYPE before its samples.
+    func parse(_ text: String) -> [String: Double] {
+        var samples: [String: Double] = [:]
+        var described: Set<String> = []
+        var typed: Set<String> = []
+        for line in text.split(separator: "\n") {
+            if line.hasPrefix("# HELP ") { described.insert(String(line.split(separator: " ")[2])) }
+            else if line.hasPrefix("# TYPE ") { typed.insert(String(line.split(separator: " ")[2])) }
+            else if !line.hasPrefix("#") {
+                guard let sp = line.lastIndex(of: " "), let v = Double(line[line.index(after: sp)...]) else {
+                    XCTFail("not a sample line: \(line)")
+                    continue
+                }
+                let name = String(line[..<sp])
+                samples[name] = v
+                let family = String(name.prefix { $0 != "{" })
+                let base = ["_bucket", "_sum", "_count"].reduce(family) { f, s in f.hasSuffix(s) ? String(f.dropLast(s.count)) : f }
+                XCTAssertTrue(base.hasPrefix("weft_"), "\(base) is not named weft_*")
+                XCTAssertTrue(described.contains(base) && typed.contains(base), "\(base) has no HELP or TYPE line before its samples")
+            }
+        }
+        return samples
+    }
+
+    func testMetricsMoveWithAWorkloadAndPagesShowTheState() throws {
+        let server = try WeftServer(dataDir: dir + "/data", listen: Endpoint(host: "127.0.0.1", port: 0), httpListen: Endpoint(host: "127.0.0.1", port: 0))
+        defer { server.stop() }
+        let port = try XCTUnwrap(server.http?.boundPort)
+        let token = try ClusterSecret.clientKey(dir: dir + "/data", secretFile: nil)
+        let secret = ClusterSecret.hex(token)
+        let committed = "weft_transactions_total{outcome=\"committed\",path=\"one_phase\"}"
+        let (c0, m0) = try get(port, "/metrics", token: secret)
+        XCTAssertEqual(c0, 200)
+        let before = parse(m0)[committed] ?? 0
+        let client = server.cluster.client()
+        defer { client.close() }
+        let done = expectation(description: "10 commits")
+        Task {
+            for i in 0..<10 { _ = try await client.put(Array("k\(i)".utf8), Array("v".utf8)) }
+            done.fulfill()
+        }
+        wait(for: [done], timeout: 30)
+        let (_, m1) = try get(port, "/metrics", token: secret)
+        let after = parse(m1)
+        XCTAssertEqual((after[committed] ?? 0) - before, 10, "10 commits give +10")
+        XCTAssertGreaterThanOrEqual(after["weft_commit_latency_seconds_count"] ?? 0, 10)
+        XCTAssertNotNil(after["weft_in_doubt_transactions{node=\"participant-0\"}"])
+        XCTAssertGreaterThan(after["weft_lmdb_map_used_bytes{node=\"coordinator\"}"] ?? 0, 0)
+
+        // An in-doubt transaction: participant 0 prepares one the
+        // coordinator never decided; the page names it and its participants.
+        server.cluster.participants[0].enqueue(Envelope(from: .coordinator, to: .participant(0),
+            .prepare(txn: 4242, startTs: 4242, commitTs: HLC.timestamp(millis: wallMillis()), participants: [0, 1], part: TxnPart(writes: [WriteOp(key: [9], value: [9])]))))
+        usleep(20_000)
+        let (c2, tx) = try get(port, "/api/transactions", token: secret)
+        XCTAssertEqual(c2, 200)
+        let o = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(tx.utf8)) as? [String: Any])
+        let rows = o["in_doubt"] as? [[String: Any]] ?? []
+        let row = try XCTUnwrap(rows.first { $0["txn"] as? String == "4242" }, "\(tx)")
+        XCTAssertEqual(row["participants"] as? String, "0,1")
+        XCTAssertEqual(row["participant"] as? Int, 0)
+        XCTAssertEqual(row["coordinator"] as? String, "none (presumed abort)")
+        XCTAssertGreaterThanOrEqual((o["commit_latency"] as? [String: Any])?["count"] as? Int ?? 0, 10)
+
+        let (c3, ov) = try get(port, "/api/overview", token: secret)
+        XCTAssertEqual(c3, 200)
+        let nodes = (try JSONSerialization.jsonObject(with: Data(ov.utf8)) as? [String: Any])?["nodes"] as? [[String: Any]] ?? []
+        XCTAssertEqual(Set(nodes.compactMap { $0["id"] as? String }), ["server", "coordinator", "participant-0", "participant-1", "participant-2"])
+        let (c4, html) = try get(port, "/?token=\(secret)", token: nil)
+        XCTAssertEqual(c4, 200)
+        XCTAssertTrue(html.contains("<table id=\"nodes\">") && html.contains("participant-2"), html)
+    }
+
+    func testRequestsAreAuthenticatedAndBounded() throws {
+        let server = try WeftServer(dataDir: dir + "/data", listen: Endpoint(host: "127.0.0.1", port: 0), httpListen: Endpoint(host: "127.0.0.1", port: 0))
+        defer { server.stop() }
+        let port = try XCTUnwrap(server.http?.boundPort)
+        let secret = ClusterSecret.hex(try ClusterSecret.clientKey(dir: dir + "/data", secretFile: nil))
+        XCTAssertEqual(try get(port, "/metrics", token: nil).0, 401)
+        XCTAssertEqual(try get(port, "/api/overview", token: "0123").0, 401)
+        let nodeSecret = ClusterSecret.hex(try ClusterSecret.read(dir + "/data/secret"))
+        XCTAssertEqual(try get(port, "/metrics", token: nodeSecret).0, 401, "the client secret, not the node secret")
+        XCTAssertEqual(try get(port, "/nope", token: secret).0, 404)
+        let big = "X-Pad: " + String(repeating: "a", count: Limits.httpRequestBytesMax) + "\r\n"
+        XCTAssertEqual(try get(port, "/metrics", token: secret, extra: big).0, 413)
+        // The server goes on serving.
+        XCTAssertEqual(try get(port, "/metrics", token: secret).0, 200)
+    }
+}
