@@ -112,7 +112,13 @@ final class ObservabilityTests: XCTestCase {
         XCTAssertEqual(try get(port, "/nope", token: secret).0, 404)
         let big = "X-Pad: " + String(repeating: "a", count: Limits.httpRequestBytesMax) + "\r\n"
         XCTAssertEqual(try get(port, "/metrics", token: secret, extra: big).0, 413)
+        // A peer without the secret on the cluster port is counted by reason.
+        let forged = try RawSocket(port: server.file.endpoint.port)
+        try forged.send(Frame.hello(nonce: Array(repeating: 7, count: 32)).encoded() + Frame.auth(sender: .coordinator, proof: Array(repeating: 0, count: 32)).encoded())
+        XCTAssertTrue(forged.readUntilClosed(timeoutMillis: 3000).0)
         // The server goes on serving.
-        XCTAssertEqual(try get(port, "/metrics", token: secret).0, 200)
+        let (code, text) = try get(port, "/metrics", token: secret)
+        XCTAssertEqual(code, 200)
+        XCTAssertGreaterThanOrEqual(parse(text)["weft_connections_rejected_total{node=\"coordinator\",reason=\"authentication\"}"] ?? 0, 1, text)
     }
 }

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import NIOCore
 import NIOPosix
@@ -339,6 +340,32 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
     var inboundConnectionsMax = Limits.inboundConnectionsMax
     var inboundBudget = ByteBudget(limit: Limits.inboundBufferedBytesMax)
     var inboundOpen = 0
+    lazy var openGauge = CoreMetrics.Gauge(label: "weft_connections_open", dimensions: [("node", me.description)])
+    var rejectedCounters: [String: CoreMetrics.Counter] = [:]
+
+    /// `weft_connections_rejected_total{reason}`.
+    func rejected(_ reason: String) -> CoreMetrics.Counter {
+        lock.withLock {
+            if let c = rejectedCounters[reason] { return c }
+            let c = CoreMetrics.Counter(label: "weft_connections_rejected_total", dimensions: [("node", me.description), ("reason", reason)])
+            rejectedCounters[reason] = c
+            return c
+        }
+    }
+
+    /// The reason of a refusal, as a label: authentication, handshake
+    /// timeout, idle, too many connections, budget, TLS, malformed, other.
+    func reasonClass(_ s: String) -> String {
+        if s.contains(Handshake.refusal) { return "authentication" }
+        if s.contains("not authenticated within") { return "handshake_timeout" }
+        if s.contains("idle connection") { return "idle" }
+        if s.contains("Limits.inboundConnectionsMax") { return "too_many_connections" }
+        if s.contains("Limits.inboundBufferedBytesMax") || s.contains("Limits.preHelloFrameBytesMax") || s.contains("Limits.frameBytesMax") { return "too_large" }
+        if s.contains("TLS") { return "tls" }
+        if s.contains("malformed") || s.contains("protocol version") { return "malformed" }
+        if s.contains("may not send") || s.contains("claiming to be") { return "unauthorized" }
+        return "other"
+    }
     var rejectLogSecond: UInt64 = 0
     var rejectLogLines = 0
     var rejectLogSuppressed = 0
@@ -347,6 +374,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
     /// `Limits.rejectLogLinesPerSecondMax` lines a second; the lines left
     /// out are counted in the next one.
     func logRejected(_ s: String) {
+        rejected(reasonClass(s)).increment()
         let second = wallMillis() / 1000
         let (write, suppressed): (Bool, Int) = lock.withLock {
             if second != rejectLogSecond {
@@ -376,6 +404,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
                     let admitted: Bool = lock.withLock {
                         if inboundOpen >= inboundConnectionsMax { return false }
                         inboundOpen += 1
+                        openGauge.record(inboundOpen)
                         return true
                     }
                     guard admitted else {
@@ -386,7 +415,12 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
                         channel.writeAndFlush(buf).whenComplete { _ in channel.close(promise: nil) }
                         return
                     }
-                    channel.closeFuture.whenComplete { [self] _ in lock.withLock { inboundOpen -= 1 } }
+                    channel.closeFuture.whenComplete { [self] _ in
+                        lock.withLock {
+                            inboundOpen -= 1
+                            openGauge.record(inboundOpen)
+                        }
+                    }
                     try tls?.addServerHandler(channel)
                     let state = ConnectionState()
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(state: state, budget: inboundBudget)))
