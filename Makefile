@@ -20,11 +20,16 @@ deps:
 
 # Real Redis clients for the front end's tests and benchmark: Debian's
 # redis-tools (redis-cli, redis-benchmark; redis-server for the benchmark's
-# baseline) and PyPI's redis (redis-py).
+# baseline) and PyPI's redis (redis-py); Debian's chromium for the status
+# pages' browser test.
 client-deps:
 	@if ! command -v redis-cli >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-server >/dev/null; then \
 		echo "installing redis-tools and redis-server"; \
 		(apt-get update -qq && apt-get install -y -qq redis-tools redis-server) >/dev/null || { echo "could not install redis-tools (need root and Debian's package registry)"; exit 1; }; \
+	fi
+	@if ! command -v chromium >/dev/null; then \
+		echo "installing chromium (the status pages' browser test)"; \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || echo "could not install chromium: the browser test will say it was skipped"; \
 	fi
 	@python3 -c "import redis" 2>/dev/null || pip install -q redis 2>/dev/null || pip install -q --break-system-packages redis || { echo "could not install redis-py"; exit 1; }
 
