@@ -363,7 +363,9 @@ func jobRequest(_ name: String, _ p: JobParameters, threads: Int, memory: Int) -
 /// Runs a `job.run` request in this process (the server), on its own
 /// driver thread, with the job's snapshot leased; its answer is what
 /// `weft job run --json` prints.
-func serveJobRun(_ body: Bytes, client: WeftClient, shouldStop: (@Sendable () -> Bool)? = nil) throws -> Bytes {
+/// `board`: where the status pages see the job; `jobPage`: the URL prefix
+/// of its page (`http://HOST:PORT/jobs/`), returned as `job_url`.
+func serveJobRun(_ body: Bytes, client: WeftClient, shouldStop: (@Sendable () -> Bool)? = nil, board: JobBoard? = nil, jobPage: String? = nil) throws -> Bytes {
     guard let o = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any],
           let name = o["job"] as? String, let input = o["input"] as? String else {
         throw WeftError(.invalidArgument, "malformed job.run request")
@@ -381,8 +383,23 @@ func serveJobRun(_ body: Bytes, client: WeftClient, shouldStop: (@Sendable () ->
     let memory = min(max(1 << 20, o["memory_bytes_max"] as? Int ?? DataflowContext.memoryBytesMaxDefault), DataflowContext.memoryBytesMaxLimit)
     let sc = DataflowContext(executor: LocalExecutor(threads: threads), memoryBytesMax: memory)
     sc.shouldStop = shouldStop
-    let result = try runLeased(name, p, sc: sc, client: client)
-    return Array(jsonLine(jobResultObject(name, p, result, threads: threads, memory: memory)).utf8)
+    let id = board?.start(name: name, input: input)
+    if let board, let id {
+        sc.onProgress = { pr in board.progress(id, stage: pr.stage, stages: pr.stages, tasksDone: pr.tasksDone, tasks: pr.tasks) }
+    }
+    let result: JobResult
+    do {
+        result = try runLeased(name, p, sc: sc, client: client)
+    } catch {
+        if let id { board?.finish(id, result: nil, error: (error as? WeftError)?.message ?? "\(error)") }
+        throw error
+    }
+    var answer = jobResultObject(name, p, result, threads: threads, memory: memory)
+    if let id {
+        board?.finish(id, result: answer, error: nil)
+        if let jobPage { answer["job_url"] = jobPage + String(id) }
+    }
+    return Array(jsonLine(answer).utf8)
 }
 
 func jobResultObject(_ name: String, _ p: JobParameters, _ result: JobResult, threads: Int, memory: Int) -> [String: Any] {
@@ -411,4 +428,5 @@ func printJobResult(_ o: [String: Any], json: Bool) {
         print("  \(n("bytes_spilled")) bytes spilled in \(n("spill_files")) files (memory bound \(n("memory_bytes_max") >> 20) MiB)")
     }
     if let out = o["output"], let ts = o["committed_ts"] { print("  output table \(out) committed at ts=\(ts)") }
+    if let url = o["job_url"] { print("  job page: \(url)") }
 }

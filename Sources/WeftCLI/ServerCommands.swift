@@ -103,6 +103,8 @@ struct ServerCommand: ParsableCommand {
             }
             // Jobs asked of the server run here, beside the data.
             let cluster = server.cluster
+            let board = server.jobs
+            let jobPage = server.file.http.map { "http://\($0)/jobs/" }
             server.serveCalls { call in
                 let t = Thread {
                     guard call.method == "job.run" else {
@@ -112,7 +114,7 @@ struct ServerCommand: ParsableCommand {
                     defer { client.close() }
                     do {
                         // A job whose client went away (Ctrl-C) stops at its next task.
-                        call.reply(true, try serveJobRun(call.body, client: client, shouldStop: call.clientGone))
+                        call.reply(true, try serveJobRun(call.body, client: client, shouldStop: call.clientGone, board: board, jobPage: jobPage))
                     } catch let e as WeftError {
                         call.reply(false, Array(jsonLine(["error": e.code.rawValue, "message": e.message]).utf8))
                     } catch {

@@ -137,6 +137,9 @@ public final class WeftServer: @unchecked Sendable {
     /// Calls (jobs) being served now.
     public let running = CallCount()
 
+    /// Running and recent jobs, for the status pages.
+    public let jobs = JobBoard()
+
     public func stop() {
         http?.close()
         redis?.close()
@@ -171,6 +174,10 @@ extension WeftServer: StatusSource {
                         "age_ms": Int(now > t.preparedAtMillis ? now - t.preparedAtMillis : 0), "commit_ts": String(t.commitTs), "coordinator": decision]
             }
             return ["in_doubt": rows, "commit_latency": StatusPages.latency(cluster.coordinatorObserver?.recentQuantiles() ?? [:])]
+        case "jobs":
+            return ["jobs": jobs.list]
+        case _ where name.hasPrefix("job/"):
+            return Int(name.dropFirst(4)).flatMap { jobs.job($0) }
         default:
             return nil
         }

@@ -136,6 +136,51 @@ final class ObservabilityTests: XCTestCase {
         XCTAssertGreaterThan((try? FileManager.default.attributesOfItem(atPath: dir + "/overview.png")[.size] as? Int) ?? 0, 1000, "a screenshot was taken")
     }
 
+    /// `job run` through a server with a status port prints its job page;
+    /// the page's JSON has the job's stages, and a browser renders them as
+    /// a DAG.
+    func testAJobRunThroughTheServerHasItsPage() throws {
+        let d = dir + "/data"
+        let start = try runWeft(["server", "start", "--data-dir", d, "--http-port", "0", "--json"])
+        XCTAssertEqual(start.status, 0, start.stderr)
+        defer { _ = try? runWeft(["server", "stop", "--data-dir", d]) }
+        let info = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(start.stdout.utf8)) as? [String: Any])
+        let http = try XCTUnwrap(info["http"] as? String, "server start --json lists http")
+        let port = try XCTUnwrap(Int(http.split(separator: ":").last!))
+        try "to be or not to be\nthat is the question\n".write(toFile: dir + "/words.txt", atomically: true, encoding: .utf8)
+        XCTAssertEqual(try runWeft(["table", "load", "words", dir + "/words.txt", "--data-dir", d]).status, 0)
+        let run = try runWeft(["job", "run", "wordcount", "--input", "words", "--data-dir", d])
+        XCTAssertEqual(run.status, 0, run.stderr)
+        XCTAssertTrue(run.stdout.contains("job page: http://\(http)/jobs/1"), run.stdout)
+        let secret = ClusterSecret.hex(try ClusterSecret.clientKey(dir: d, secretFile: nil))
+        let (code, body) = try get(port, "/api/jobs/1", token: secret)
+        XCTAssertEqual(code, 200)
+        let job = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any])
+        XCTAssertEqual(job["job"] as? String, "wordcount")
+        XCTAssertEqual(job["state"] as? String, "succeeded")
+        XCTAssertEqual(job["output_rows"] as? Int, 8, "distinct words")
+        let stages = job["stage_list"] as? [[String: Any]] ?? []
+        XCTAssertEqual(stages.count, job["stages"] as? Int, "one row per stage run")
+        XCTAssertEqual(try get(port, "/api/jobs/99", token: secret).0, 404)
+        let (_, list) = try get(port, "/api/jobs", token: secret)
+        XCTAssertTrue(list.contains("\"id\":1"), list)
+        if let browser = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: browser)
+            p.arguments = ["--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=\(dir)/chromium", "--dump-dom", "http://\(http)/jobs/1?token=\(secret)"]
+            let out = Pipe()
+            p.standardOutput = out
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            let dom = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            XCTAssertTrue(dom.contains("<svg id=\"dag\""), dom)
+            XCTAssertEqual(dom.components(separatedBy: "class=\"stage\"").count - 1, stages.count, "one box per stage in the DAG")
+        } else {
+            print("chromium is not installed: the job page's browser check did not run")
+        }
+    }
+
     func testRequestsAreAuthenticatedAndBounded() throws {
         let server = try WeftServer(dataDir: dir + "/data", listen: Endpoint(host: "127.0.0.1", port: 0), httpListen: Endpoint(host: "127.0.0.1", port: 0))
         defer { server.stop() }

@@ -149,9 +149,12 @@ final class StatusHandler: ChannelInboundHandler, @unchecked Sendable {
         case "/metrics":
             let body = WeftMetrics.exposition()
             respond(context, h, .ok, "text/plain; version=0.0.4; charset=utf-8", body, extra: extra)
-        case "/", "/overview", "/transactions", "/api/overview", "/api/transactions":
-            let name = path.hasSuffix("transactions") ? "transactions" : "overview"
+        case "/", "/overview", "/transactions", "/api/overview", "/api/transactions", "/jobs", "/api/jobs",
+             _ where path.hasPrefix("/jobs/") || path.hasPrefix("/api/jobs/"):
             let json = path.hasPrefix("/api/")
+            let page = json ? String(path.dropFirst(4)) : path
+            let name: String
+            if page.hasPrefix("/jobs/") { name = "job/" + page.dropFirst(6) } else if page == "/jobs" { name = "jobs" } else { name = page.hasSuffix("transactions") ? "transactions" : "overview" }
             let loop = context.eventLoop
             let bound = NIOLoopBound(context, eventLoop: loop)
             guard let source = server.source else {
@@ -159,7 +162,9 @@ final class StatusHandler: ChannelInboundHandler, @unchecked Sendable {
             }
             // The nodes' threads are asked off the event loop.
             DispatchQueue.global().async { [self] in
-                let data = source.statusPage(name) ?? [:]
+                guard let data = source.statusPage(name) else {
+                    return loop.execute { self.respond(bound.value, h, .notFound, "text/plain", Array("no \(name)\n".utf8)) }
+                }
                 let body = json ? StatusPages.json(data) : Array(StatusPages.html(name, data).utf8)
                 loop.execute {
                     self.respond(bound.value, h, .ok, json ? "application/json" : "text/html; charset=utf-8", body, extra: extra)
@@ -214,6 +219,37 @@ enum StatusPages {
             .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "\"", with: "&quot;")
     }
 
+    static func jobTable(_ rows: [[String: Any]]) -> String {
+        var s = "<table id=\"jobs\"><tr><th>id</th><th>job</th><th>input</th><th>state</th><th>duration_ms</th><th>stages</th><th>tasks</th></tr>\n"
+        for r in rows {
+            let id = esc(r["id"] ?? "")
+            s += "<tr><td><a href=\"/jobs/\(id)\">\(id)</a></td>" + ["job", "input", "state", "duration_ms", "stages", "tasks"].map { "<td>\(esc(r[$0] ?? ""))</td>" }.joined() + "</tr>\n"
+        }
+        return s + "</table>\n"
+    }
+
+    /// The stages as boxes joined by arrows, in the order they ran: each
+    /// map stage feeds the stages after it through its shuffle.
+    static func dag(_ stages: [[String: Any]]) -> String {
+        guard !stages.isEmpty else { return "<p>No stage ran.</p>\n" }
+        let w = 230, h = 70, gap = 40
+        var s = "<svg id=\"dag\" xmlns=\"http://www.w3.org/2000/svg\" width=\"\(stages.count * (w + gap))\" height=\"\(h + 20)\">\n"
+        s += "<defs><marker id=\"arrow\" markerWidth=\"10\" markerHeight=\"7\" refX=\"10\" refY=\"3.5\" orient=\"auto\"><polygon points=\"0 0, 10 3.5, 0 7\"/></marker></defs>\n"
+        for (i, st) in stages.enumerated() {
+            let x = i * (w + gap) + 5
+            let name = "\(st["name"] ?? "")"
+            let short = name.count > 34 ? String(name.prefix(33)) + "…" : name
+            let secs = (st["seconds"] as? Double).map { String(format: "%.3f s", $0) } ?? ""
+            s += "<g class=\"stage\"><rect x=\"\(x)\" y=\"10\" width=\"\(w)\" height=\"\(h)\" rx=\"6\" fill=\"#eef4ff\" stroke=\"#4a6fa5\"/>"
+            s += "<text x=\"\(x + 8)\" y=\"30\" font-size=\"12\">stage \(i + 1): \(esc(short))</text>"
+            s += "<text x=\"\(x + 8)\" y=\"50\" font-size=\"12\">\(esc(st["tasks"] ?? 0)) tasks · \(esc(secs))</text></g>\n"
+            if i + 1 < stages.count {
+                s += "<line x1=\"\(x + w)\" y1=\"\(10 + h / 2)\" x2=\"\(x + w + gap - 2)\" y2=\"\(10 + h / 2)\" stroke=\"#333\" marker-end=\"url(#arrow)\"/>\n"
+            }
+        }
+        return s + "</svg>\n"
+    }
+
     static func table(_ id: String, _ columns: [String], _ rows: [[String: Any]]) -> String {
         var s = "<table id=\"\(id)\"><tr>" + columns.map { "<th>\(esc($0))</th>" }.joined() + "</tr>\n"
         for r in rows { s += "<tr>" + columns.map { "<td>\(esc(r[$0] ?? ""))</td>" }.joined() + "</tr>\n" }
@@ -221,8 +257,23 @@ enum StatusPages {
     }
 
     static func html(_ name: String, _ o: [String: Any]) -> String {
-        var body = "<nav><a href=\"/\">Overview</a> · <a href=\"/transactions\">Transactions</a> · <a href=\"/metrics\">Metrics</a></nav>\n"
+        var body = "<nav><a href=\"/\">Overview</a> · <a href=\"/transactions\">Transactions</a> · <a href=\"/jobs\">Jobs</a> · <a href=\"/metrics\">Metrics</a></nav>\n"
         switch name {
+        case "jobs":
+            body += "<h1>Jobs</h1>\n"
+            let rows = (o["jobs"] as? [[String: Any]] ?? []).map { r -> [String: Any] in
+                var r = r
+                r["id"] = r["id"] ?? ""
+                return r
+            }
+            body += rows.isEmpty ? "<p id=\"no-jobs\">No job has run in this process yet.</p>\n"
+                : jobTable(rows)
+        case _ where name.hasPrefix("job/"):
+            body += "<h1>Job \(esc(o["id"] ?? "")): \(esc(o["job"] ?? "")) of \(esc(o["input"] ?? ""))</h1>\n"
+            body += "<p id=\"job-state\">\(esc(o["state"] ?? "")) · \(esc(o["duration_ms"] ?? 0)) ms · \(esc(o["tasks"] ?? 0)) tasks · \(esc(o["task_retries"] ?? 0)) retries · \(esc(o["recomputed_partitions"] ?? 0)) partitions recomputed · \(esc(o["bytes_spilled"] ?? 0)) bytes spilled</p>\n"
+            let stages = o["stage_list"] as? [[String: Any]] ?? []
+            body += dag(stages)
+            body += table("stages", ["index", "name", "tasks", "seconds"], stages)
         case "transactions":
             body += "<h1>Transactions</h1>\n<h2>In doubt</h2>\n"
             let rows = o["in_doubt"] as? [[String: Any]] ?? []
