@@ -162,6 +162,10 @@ final class ObservabilityTests: XCTestCase {
         let stages = job["stage_list"] as? [[String: Any]] ?? []
         XCTAssertEqual(stages.count, job["stages"] as? Int, "one row per stage run")
         XCTAssertEqual(try get(port, "/api/jobs/99", token: secret).0, 404)
+        let (_, metrics) = try get(port, "/metrics", token: secret)
+        let m = parse(metrics)
+        XCTAssertEqual(m["weft_jobs_total{result=\"succeeded\"}"], 1)
+        XCTAssertEqual(m["weft_tasks_total"], Double(job["tasks"] as? Int ?? -1))
         let (_, list) = try get(port, "/api/jobs", token: secret)
         XCTAssertTrue(list.contains("\"id\":1"), list)
         if let browser = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import WeftCore
 
@@ -50,6 +51,16 @@ public final class JobBoard: @unchecked Sendable {
 
     /// `result`: the job's JSON answer (its `stage_times` become the stages).
     public func finish(_ id: Int, result: [String: Any]?, error: String?) {
+        CoreMetrics.Counter(label: "weft_jobs_total", dimensions: [("result", error == nil ? "succeeded" : "failed")]).increment()
+        if let r = result {
+            let n = { (k: String) in (r[k] as? NSNumber)?.intValue ?? 0 }
+            CoreMetrics.Counter(label: "weft_stages_total").increment(by: n("stages"))
+            CoreMetrics.Counter(label: "weft_tasks_total").increment(by: n("tasks"))
+            CoreMetrics.Counter(label: "weft_task_retries_total").increment(by: n("task_retries"))
+            CoreMetrics.Counter(label: "weft_partitions_recomputed_total").increment(by: n("recomputed_partitions"))
+            CoreMetrics.Counter(label: "weft_partitions_read_from_replicas_total").increment(by: n("partitions_read_from_replicas"))
+            CoreMetrics.Counter(label: "weft_bytes_spilled_total").increment(by: n("bytes_spilled"))
+        }
         lock.withLock {
             entries[id]?.state = error == nil ? "succeeded" : "failed"
             entries[id]?.finishedMillis = wallMillis()

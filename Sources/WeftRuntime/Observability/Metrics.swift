@@ -27,6 +27,13 @@ public enum WeftMetrics {
         "weft_connections_rejected_total": "Inbound connections closed or refused, by reason.",
         "weft_recovery_seconds": "Time to open and recover the node's storage at its last start.",
         "weft_http_requests_total": "Requests to the status port, by path class and status code.",
+        "weft_jobs_total": "Dataflow jobs finished in this process, by result.",
+        "weft_stages_total": "Stages run by finished jobs.",
+        "weft_tasks_total": "Tasks run by finished jobs.",
+        "weft_task_retries_total": "Task attempts retried by finished jobs.",
+        "weft_partitions_recomputed_total": "Partitions finished jobs computed again from lineage.",
+        "weft_partitions_read_from_replicas_total": "Reliably persisted partitions finished jobs read back from a replica block.",
+        "weft_bytes_spilled_total": "Bytes finished jobs wrote to spill files (shuffle data and cache blocks).",
     ]
 
     static let durationBuckets: [Duration] = [
