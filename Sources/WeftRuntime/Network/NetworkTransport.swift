@@ -1,5 +1,6 @@
 import CoreMetrics
 import Foundation
+import Logging
 import NIOCore
 import NIOPosix
 import WeftCore
@@ -176,7 +177,7 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             state.helloDone = true
             transport.outboundReady(sender)
         case .error(let text):
-            transport.log("peer refused the connection: \(text)")
+            transport.log("peer refused the connection: \(text)", .warning)
             context.close(promise: nil)
         default:
             refuse(context, "\(Authorization.kind(frame)) before the handshake was done")
@@ -328,10 +329,14 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         self.ownsGroup = true
         self.logPrefix = "weft \(me)"
+        self.logger = Logger(label: "weft \(me)")
     }
 
-    func log(_ s: String) {
-        FileHandle.standardError.write(Data("\(logPrefix): \(s)\n".utf8))
+    /// One line per event through swift-log (stderr, with time and level).
+    let logger: Logger
+
+    func log(_ s: String, _ level: Logger.Level = .info) {
+        logger.log(level: level, "\(s)")
     }
 
     // Bounds on inbound connections (Limits; settable for tests).
@@ -389,7 +394,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             defer { rejectLogSuppressed = 0 }
             return (true, rejectLogSuppressed)
         }
-        if write { log(s + (suppressed > 0 ? " (\(suppressed) similar lines suppressed)" : "")) }
+        if write { log(s + (suppressed > 0 ? " (\(suppressed) similar lines suppressed)" : ""), .warning) }
     }
 
     // MARK: Server
@@ -576,7 +581,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         channel.eventLoop.scheduleTask(in: .milliseconds(Limits.handshakeMillisMax)) { [self] in
             let stuck = lock.withLock { peers[to]?.connecting == true && peers[to]?.channel === channel }
             if stuck {
-                log("\(to) accepted a connection but did not complete the handshake within \(Limits.handshakeMillisMax) ms (Limits.handshakeMillisMax); closing it")
+                log("\(to) accepted a connection but did not complete the handshake within \(Limits.handshakeMillisMax) ms (Limits.handshakeMillisMax); closing it", .warning)
                 channel.close(promise: nil)
             }
         }
@@ -679,7 +684,7 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
     public var onNodeFailed: @Sendable (WeftError) -> Void = { _ in }
 
     public func nodeFailed(_ address: NodeAddress, _ error: WeftError) {
-        log("node stopped: \(error.message)")
+        log("node stopped: \(error.message)", .error)
         onNodeFailed(error)
     }
 
