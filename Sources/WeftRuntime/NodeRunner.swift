@@ -66,6 +66,8 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
     let groupSize: Recorder
     /// The coordinator's observer (commit outcomes and latency), if set.
     var observer: CoordinatorObserver?
+    /// Sees each round's messages before they are sent (set before `start`).
+    var onSent: (([Envelope]) -> Void)?
 
     init(address: NodeAddress, machine: M, router: any Transport, summarize: @escaping (M) -> String = { _ in "" },
          persist: @escaping ([M.Record]) throws(WeftError) -> Void) {
@@ -210,6 +212,7 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
             lastSummary = now2
             cond.unlock()
             observer?.sent(out.messages, nanos: monoNanos())
+            onSent?(out.messages)
             router.sendAll(out.messages)
         }
     }

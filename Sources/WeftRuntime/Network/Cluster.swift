@@ -197,6 +197,8 @@ public final class ClusterNode: @unchecked Sendable {
                                                return m.awaitingClock ? "recovering" : "serving"
                                            }) { (r) throws(WeftError) in try s.persist(r) }
             mapGauges = MapUsageGauges([(spec.address, s.env)])
+            let t = transport
+            participantRunner!.onSent = logFutureTimestampRefusals { t.log($0, .warning) }
             transport.register(spec.address, participantRunner!)
         }
         recoveryMillis = wallMillis() - started

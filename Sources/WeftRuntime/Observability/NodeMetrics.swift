@@ -23,6 +23,23 @@ final class InDoubtGauges: @unchecked Sendable {
     }
 }
 
+/// Logs, as a warning, every commit a participant refused for a timestamp
+/// too far in the future (`Limits.futureCommitSlackMillis`): forged, or a
+/// broken clock; either way an operator should hear of it.
+func logFutureTimestampRefusals(_ log: @escaping @Sendable (String) -> Void) -> ([Envelope]) -> Void {
+    { envs in
+        for env in envs {
+            switch env.message {
+            case .vote(_, _, .no(let e)) where e.message.contains("Limits.futureCommitSlackMillis"),
+                 .onePhaseResult(_, _, .aborted(let e)) where e.message.contains("Limits.futureCommitSlackMillis"):
+                log(e.message)
+            default:
+                break
+            }
+        }
+    }
+}
+
 /// `weft_lmdb_map_used_bytes` and `weft_lmdb_map_size_bytes` of some
 /// environments, read at every scrape.
 final class MapUsageGauges: @unchecked Sendable {
