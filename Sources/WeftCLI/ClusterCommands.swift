@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import WeftCore
+import WeftDataflow
 import WeftProtocol
 import WeftRuntime
 
@@ -56,6 +57,20 @@ struct NodeCommand: ParsableCommand {
                 throw ExitCode(1)
             }
         }
+        // A participant runs a dataflow executor: drivers (`weft job run
+        // --cluster`) send it tasks over the cluster's connections.
+        var executor: ExecutorService?
+        var executorClient: ClusterClient?
+        if case .participant(let p) = node.spec.address {
+            let cc = node.makeClient()
+            let n = node
+            executor = ExecutorService(node: p, client: cc.client) { peer, method, body in
+                try await n.call(to: .participant(peer), method, body)
+            }
+            executorClient = cc
+            let e = executor!
+            node.onCall = { call in e.handle(call) }
+        }
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
         sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint)\(redisNote), recovered in \(node.recoveryMillis) ms")
@@ -71,6 +86,8 @@ struct NodeCommand: ParsableCommand {
         let stop = StopSignals()
         stop.done.wait()
         let sig = stop.received.value
+        executor?.stop()
+        executorClient?.close()
         node.stop()
         if (try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(getpid())\n" { try? FileManager.default.removeItem(atPath: pidFile) }
         sayNow("weft node \(id) stopped (signal \(sig))")

@@ -278,6 +278,7 @@ struct JobCommand: AsyncParsableCommand {
         var threads = min(ProcessInfo.processInfo.activeProcessorCount, DataflowContext.executorThreadsMax)
         @Option(help: "The engine's memory bound in MiB; past it, shuffle data, merge tables and caches spill to disk.")
         var memoryMb = DataflowContext.memoryBytesMaxDefault >> 20
+        @Flag(help: "With --cluster: run every task in this process instead of on the participants' executors.") var local = false
 
         func validate() throws {
             if threads < 1 || threads > DataflowContext.executorThreadsMax {
@@ -310,6 +311,46 @@ struct JobCommand: AsyncParsableCommand {
                     fail(WeftError(.corrupted, "the server's answer is not JSON"), json: g.json)
                 }
                 printJobResult(o, json: g.json)
+                return
+            }
+            // On a cluster this process is the driver and the participants'
+            // executors run the tasks, next to their blocks.
+            if let c = g.resolvedCluster, !local {
+                let remote: ClusterClient
+                do { remote = try ClusterClient(config: try ClusterConfig.load(c), secretFile: g.secretFile, certsDir: g.certsDir) } catch { fail(error, json: g.json) }
+                defer { remote.close() }
+                let nodes = Array(0..<remote.config.participantCount)
+                let tty = isatty(1) == 1
+                do {
+                    let (result, dist) = try await onDriverThread { () throws -> (JobResult, DistributedMetrics) in
+                        let client = remote.client
+                        let lease = LeaseHolder()
+                        return try BuiltinJobs.runOnCluster(name, p, client: client, nodes: nodes, parallelism: threads, memoryBytesMax: memory,
+                                                            call: { n, m, b, t in try await remote.call(to: .participant(n), m, b, timeoutMillis: t) },
+                                                            pin: { ts in lease.value = try blocking { try await SnapshotLease.take(client, at: ts) } },
+                                                            unpin: { _ in if let l = lease.value { _ = try? blocking { await l.release() } } },
+                                                            prepare: { _, sc in
+                                                                sc.onProgress = { pr in
+                                                                    if pr.tasksDone == pr.tasks || tty {
+                                                                        let line = "[stage \(pr.stage)/\(pr.stages)] \(pr.tasksDone)/\(pr.tasks) tasks"
+                                                                        FileHandle.standardError.write(Data((tty ? "\r" + line : line + "\n").utf8))
+                                                                    }
+                                                                }
+                                                            })
+                    }
+                    if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+                    var o = jobResultObject(name, p, result, threads: threads, memory: memory)
+                    o["executors"] = "cluster"
+                    o["tasks_by_executor"] = Dictionary(uniqueKeysWithValues: dist.tasksByExecutor.map { ("participant-\($0.key)", $0.value) })
+                    o["node_local_tasks"] = dist.nodeLocalTasks
+                    o["replica_reads"] = dist.replicaReads
+                    o["speculative_tasks"] = dist.speculativeTasks
+                    o["fetch_failures"] = dist.fetchFailures
+                    o["executors_lost"] = dist.executorsLost.map { "participant-\($0)" }
+                    printJobResult(o, json: g.json)
+                } catch {
+                    fail((error as? WeftError) ?? WeftError(.unavailable, "\(error)"), json: g.json)
+                }
                 return
             }
             // A job without --output writes nothing durable (its reliable

@@ -146,6 +146,7 @@ final class BlockManager: @unchecked Sendable {
     }
 
     func cachedPartitions(rdd: Int) -> Int { lock.withLock { blocks[rdd]?.count ?? 0 } }
+    func contains(rdd: Int, partition: Int) -> Bool { lock.withLock { blocks[rdd]?[partition] != nil } }
 
     func onDisk(rdd: Int) -> Int {
         lock.withLock { blocks[rdd]?.values.filter { if case .disk = $0.place { return true } else { return false } }.count ?? 0 }
@@ -430,6 +431,17 @@ final class WorkerPool: @unchecked Sendable {
 /// Thrown inside the scheduler when the executor running a stage is lost.
 struct ExecutorLost: Error {}
 
+/// The executor of a context whose tasks run elsewhere (a distributed
+/// driver, an executor's replica): it only states the parallelism that
+/// default partition counts come from.
+public final class RemoteTasksExecutor: Executor {
+    public let parallelism: Int
+    public init(parallelism: Int) { self.parallelism = max(1, parallelism) }
+    public func run(_ tasks: [TaskId], _ body: @escaping @Sendable (TaskId, TaskAttempt) -> Void) -> ExecutorOutcome {
+        preconditionFailure("a distributed context runs no task in process")
+    }
+}
+
 public final class Counter: @unchecked Sendable {
     let lock = NSLock()
     var n = 0
@@ -487,8 +499,23 @@ public final class DataflowContext: @unchecked Sendable {
     /// Reliably persisted RDDs, for `releaseReliableBlocks`.
     let reliableRegistry = ReliableRegistry()
 
-    /// Names this context's reliable blocks apart from every other run's.
-    public let runId = String(UInt64.random(in: 1...UInt64.max), radix: 36)
+    /// Names this context's reliable blocks apart from every other run's
+    /// (an executor's replica of a job takes its driver's).
+    public let runId: String
+
+    /// Where actions run when jobs are distributed: the driver's scheduler
+    /// (tasks go to executors) or an executor's replica of the driver's
+    /// program (actions wait for the driver's results). Nil: in this
+    /// process, on `executor`.
+    var actionRunner: ActionRunner?
+    var accumulators: [Accumulator] = []
+    /// In an executor's replica: where map outputs held by other executors
+    /// are fetched from.
+    var remoteShuffles: RemoteShuffles?
+    var nextAction = 0
+    /// False in an executor's replica: the driver deletes the job's
+    /// reliable blocks, once, when the job ends.
+    var ownsReliableBlocks = true
 
     /// The default memory bound of a context.
     public static let memoryBytesMaxDefault = 512 << 20
@@ -497,8 +524,9 @@ public final class DataflowContext: @unchecked Sendable {
     /// The most executor threads `weft job run --threads` takes.
     public static let executorThreadsMax = 256
 
-    public init(executor: Executor = LocalExecutor(), memoryBytesMax: Int = DataflowContext.memoryBytesMaxDefault) {
+    public init(executor: Executor = LocalExecutor(), memoryBytesMax: Int = DataflowContext.memoryBytesMaxDefault, runId: String? = nil) {
         self.executor = executor
+        self.runId = runId ?? String(UInt64.random(in: 1...UInt64.max), radix: 36)
         memory = MemoryPool(capacity: memoryBytesMax)
         spillDirectory = SpillDirectory(runId: String(UInt64.random(in: 1...UInt64.max), radix: 36))
         blocks = BlockManager(pool: memory, disk: spillDirectory)
@@ -517,7 +545,29 @@ public final class DataflowContext: @unchecked Sendable {
     func noteComputed(rdd: Int, partition: Int) {
         let key = Int64(rdd) << 32 | Int64(partition)
         lock.withLock {
+            if computedLog != nil { computedLog!.append(key) }
             if !computed.insert(key).inserted { jobMetrics.recomputedPartitions += 1 }
+        }
+    }
+
+    /// In an executor's replica: every partition computed since the last
+    /// `takeComputed`, for the driver, which counts recomputations across
+    /// every executor.
+    var computedLog: [Int64]?
+
+    func takeComputed() -> [Int64] {
+        lock.withLock {
+            defer { if computedLog != nil { computedLog = [] } }
+            return computedLog ?? []
+        }
+    }
+
+    /// The counters since the last call (an executor reports them with
+    /// each task's answer).
+    func takeMetrics() -> JobMetrics {
+        lock.withLock {
+            defer { jobMetrics = JobMetrics() }
+            return jobMetrics
         }
     }
 
@@ -543,7 +593,16 @@ public final class DataflowContext: @unchecked Sendable {
     }
 
     public func broadcast<T>(_ v: T) -> Broadcast<T> { Broadcast(v) }
-    public func accumulator(_ name: String) -> Accumulator { Accumulator(name: name) }
+
+    /// A new accumulator, numbered in creation order: a driver and the
+    /// executors replaying its program number theirs alike.
+    public func accumulator(_ name: String) -> Accumulator {
+        lock.withLock {
+            let a = Accumulator(name: name, index: accumulators.count)
+            accumulators.append(a)
+            return a
+        }
+    }
 
     /// Drops every cached partition and shuffle output: what losing an
     /// executor does. Jobs recompute what they need from lineage.
@@ -562,6 +621,10 @@ public final class DataflowContext: @unchecked Sendable {
     public func runJob<T, U>(_ rdd: RDD<T>, partitions: [Int]? = nil, _ f: @escaping ([T]) throws -> U) throws -> [U] {
         try runJob(rdd, partitions: partitions, task: { p, ctx in try f(try rdd.iterator(p, ctx)) })
     }
+
+    /// The number of actions this context has run: a driver and the
+    /// executors replaying its program count alike.
+    public var actionsRun: Int { lock.withLock { nextAction } }
 
     /// A job whose result tasks see each partition's rows one at a time
     /// (`each { row in ... }`) rather than as an array, so an action that
@@ -583,6 +646,19 @@ public final class DataflowContext: @unchecked Sendable {
             }
         }
         let parts = partitions ?? Array(0..<rdd.numPartitions)
+        if let runner = actionRunner {
+            // Distributed: tasks run in other processes, so results cross
+            // as bytes, through the codec of U.
+            guard let codec = BlockCodec<U>.forResults() else {
+                throw WeftError(.invalidArgument, "an action over \(rdd.name) returns \(U.self), which has no codec: it cannot cross processes (run the job with --local)")
+            }
+            let action = lock.withLock { () -> Int in
+                defer { nextAction += 1 }
+                return nextAction
+            }
+            let bytes = try runner.runAction(self, index: action, rdd: rdd, partitions: parts) { p, ctx in codec.encodeWhole(try task(p, ctx)) }
+            return try bytes.map { try codec.decodeWhole($0, what: "a task result of action \(action)") }
+        }
         var stageIndex = 0
         for attempt in 0..<maxStageAttempts {
             // Planned again on each attempt: a cached RDD whose stages were
@@ -798,6 +874,7 @@ extension DataflowContext {
     /// job's: they exist to survive a lost node while it runs, not after).
     /// A set that cannot be deleted stays registered; the first error is thrown.
     public func releaseReliableBlocks(since mark: Int = 0) throws {
+        if !ownsReliableBlocks { return }
         var failure: Error?
         for s in reliableRegistry.take(since: mark) {
             do { try s.state.deleteAll(s.partitions) } catch {

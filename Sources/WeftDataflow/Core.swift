@@ -74,10 +74,17 @@ public final class Accumulator: @unchecked Sendable {
     let lock = NSLock()
     var total: Double = 0
     public let name: String
-    init(name: String) { self.name = name }
+    /// Creation order in its context (see `DataflowContext.accumulator`).
+    public let index: Int
+    init(name: String, index: Int) {
+        self.name = name
+        self.index = index
+    }
     public var value: Double { lock.withLock { total } }
     public func add(_ v: Double, in ctx: TaskContext) { ctx.add(self, v) }
     func commit(_ v: Double) { lock.withLock { total += v } }
+    /// An executor's replica takes the driver's total after each action.
+    func set(_ v: Double) { lock.withLock { total = v } }
 }
 
 /// A read-only value shared with every task.

@@ -220,7 +220,7 @@ struct VertexIndexer<V: Hashable> {
 }
 
 /// The vertex partition of `v` among `n`: a multiplicative hash for Int
-/// (the same in every process), `hashValue` otherwise.
+/// (the same in every process), `StableHash` otherwise.
 @inline(__always)
 func vertexPartition<V: Hashable>(_ v: V, _ n: Int) -> Int {
     if V.self == Int.self {
@@ -233,8 +233,8 @@ func vertexPartition<V: Hashable>(_ v: V, _ n: Int) -> Int {
         h ^= h >> 33
         return Int(((h >> 32) &* UInt64(n)) >> 32)
     }
-    let h = v.hashValue % n
-    return h < 0 ? h + n : h
+    // Stable across processes: executors on other nodes route alike.
+    return Int(StableHash.of(v) % UInt64(n))
 }
 
 // MARK: PageRank

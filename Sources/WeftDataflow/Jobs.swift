@@ -3,7 +3,7 @@ import WeftCore
 import WeftRuntime
 
 /// What a built-in job needs: its input snapshot and parameters.
-public struct JobParameters: Sendable {
+public struct JobParameters: Sendable, Equatable {
     public var input: String
     public var output: String?
     public var at: Timestamp?

@@ -18,9 +18,11 @@ public final class HashPartitioner: Partitioner {
     }
     public func isSame(as other: Partitioner) -> Bool { (other as? HashPartitioner)?.numPartitions == numPartitions }
     public var description: String { "hash(\(numPartitions))" }
+    /// The same partition for the same key in every process and every run
+    /// (Swift's `hashValue` is seeded per process): a map task on one node
+    /// and the reducer on another must agree.
     func partition<K: Hashable>(_ k: K) -> Int {
-        let h = k.hashValue % numPartitions
-        return h < 0 ? h + numPartitions : h
+        Int(StableHash.of(k) % UInt64(numPartitions))
     }
 }
 
@@ -71,6 +73,12 @@ public protocol AnyShuffleDependency: AnyObject {
     var outputPartitions: Int { get }
     /// Computes map partition `p` of the parent and returns its buckets.
     func runMapTask(_ p: Int, _ ctx: TaskContext) throws -> ShuffleOutput
+    /// Bucket `bucket` of map output `map` held in this process, encoded
+    /// for a reducer in another process.
+    func encodeBucket(map: Int, bucket: Int) throws -> Bytes
+    /// Nil if this shuffle's map outputs can be read from another process
+    /// (its rows have a codec and its keys a stable hash); else why not.
+    var processBoundRefusal: String? { get }
 }
 
 /// One map task's output: a bucket per reduce partition, partly in memory
@@ -253,6 +261,23 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
 
     func runMapTask(_ p: Int, _ ctx: TaskContext) throws -> ShuffleOutput { try mapTask(p, ctx) }
 
+    func encodeBucket(map m: Int, bucket b: Int) throws -> Bytes {
+        if let why = processBoundRefusal { throw WeftError(.invalidArgument, why) }
+        let out = try parent.context.shuffles.output(shuffleId, map: m)
+        let rows = try readBucket(out, b)
+        var w = ByteWriter(capacity: 64 + rows.count * 16)
+        SpillFormat.encode(rows, count: rows.count, codec!, into: &w)
+        return w.bytes
+    }
+
+    var processBoundRefusal: String? {
+        if codec == nil { return "shuffle \(shuffleId) moves rows of type (\(K.self), \(C.self)), which have no codec: they cannot leave the process that made them" }
+        if partitioner is HashPartitioner, !StableHash.isStable(K.self) {
+            return "shuffle \(shuffleId) hashes keys of type \(K.self), which have no stable hash (conform it to StableHashable)"
+        }
+        return nil
+    }
+
     static func makeMapTask(_ parent: RDD<(K, V)>, _ id: Int, _ n: Int, _ partitionOf: @escaping (K) -> Int,
                             _ aggregator: Aggregator<V, C>?, _ combine: Bool, _ codec: BlockCodec<(K, C)>?) -> (Int, TaskContext) throws -> ShuffleOutput {
         let sc = parent.context
@@ -383,6 +408,13 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
 
     /// Bucket `b` of map output `m`; FetchFailed if that output is gone.
     func fetch(map m: Int, bucket b: Int) throws -> [(K, C)] {
+        let sc = parent.context
+        if let remote = sc.remoteShuffles, !sc.shuffles.has(shuffleId, map: m) {
+            // Held by another executor: fetched over the network.
+            let bytes = try remote.fetch(shuffle: shuffleId, map: m, bucket: b)
+            guard let codec else { throw FetchFailed(shuffleId: shuffleId, mapPartition: m) }
+            do { return try SpillFormat.decodeAll(bytes[...], codec) } catch { throw FetchFailed(shuffleId: shuffleId, mapPartition: m) }
+        }
         let out = try parent.context.shuffles.output(shuffleId, map: m)
         do {
             return try readBucket(out, b)

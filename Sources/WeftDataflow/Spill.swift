@@ -103,7 +103,9 @@ extension BlockCodec {
             return BlockCodec(encode: { x, w in (x as! SpillCodable).encode(to: &w) },
                               decode: { (r: inout ByteReader) throws(DecodeError) -> T in try c.decode(from: &r) as! T })
         }
-        return tuple()
+        // A pair known by its static types decodes in a process that never
+        // encoded one (a reducer fetching from another executor).
+        return knownPair() ?? tuple()
     }
 
     /// A tuple of `SpillCodable` components, by reflection: the components'

@@ -275,6 +275,23 @@ public final class ClusterNode: @unchecked Sendable {
         return Endpoint(host: spec.endpoint.host, port: status.boundPort ?? port)
     }
 
+    /// Answers calls from clients and peers (a participant's executor).
+    public var onCall: (@Sendable (ServerCall) -> Void)? {
+        get { transport.onCall }
+        set { transport.onCall = newValue }
+    }
+
+    /// Calls `method` on another node of the cluster (a peer executor).
+    public func call(to: NodeAddress, _ method: String, _ body: Bytes, timeoutMillis: Int64? = nil) async throws -> (ok: Bool, body: Bytes) {
+        try await transport.call(to: to, method, body, timeoutMillis: timeoutMillis)
+    }
+
+    /// A client of this cluster in this process (an executor reads table
+    /// blocks through it), proving the client secret.
+    public func makeClient() -> ClusterClient {
+        ClusterClient(config: config, credentials: Credentials(clusterId: config.clusterId, clientKey: credentials.clientKey), tls: tls)
+    }
+
     /// Stops after the current round and releases the data directory.
     public func stop() {
         http?.close()
@@ -367,6 +384,11 @@ public final class ClusterClient: @unchecked Sendable {
     public convenience init(config: ClusterConfig, secretFile: String?, certsDir: String? = nil) throws(WeftError) {
         let key = try ClusterSecret.clientKey(dir: config.clusterDirectory, secretFile: secretFile)
         self.init(config: config, credentials: Credentials(clusterId: config.clusterId, clientKey: key), tls: try config.clientTLS(certsDir: certsDir))
+    }
+
+    /// Calls `method` on a node (a driver's call to an executor).
+    public func call(to: NodeAddress, _ method: String, _ body: Bytes, timeoutMillis: Int64? = nil) async throws -> (ok: Bool, body: Bytes) {
+        try await transport.call(to: to, method, body, timeoutMillis: timeoutMillis)
     }
 
     public func close() {

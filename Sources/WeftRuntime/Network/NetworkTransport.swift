@@ -222,7 +222,9 @@ final class FrameHandler: ChannelInboundHandler, @unchecked Sendable {
             write(context.channel, .pong(req: req, info: transport.healthInfo()))
         case (_, .pong(let req, let info)):
             transport.pongReceived(req, info)
-        case let (.client, .call(req, method, body)):
+        case let (.client, .call(req, method, body)), let (.participant, .call(req, method, body)):
+            // Clients call a server's methods and executors' tasks; an
+            // executor calls another's (shuffle fetches).
             let channel = context.channel
             guard let handler = transport.onCall else {
                 return write(channel, .reply(req: req, ok: false, body: Array("{\"error\":\"invalid-argument\",\"message\":\"this node serves no calls\"}".utf8)))
@@ -307,6 +309,8 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         var channel: Channel?
         var connecting = false
         var queue: [Envelope] = []
+        /// `call` frames waiting for the connection's handshake.
+        var calls: [(req: UInt64, frame: Frame)] = []
         var failures = 0
         var retryAtMillis: UInt64 = 0
     }
@@ -591,7 +595,9 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         lock.lock()
         var peer = peers[to] ?? Peer()
         let queued = peer.queue
+        let pendingCalls = peer.calls
         peer.queue = []
+        peer.calls = []
         peer.connecting = false
         peer.channel = nil
         peer.failures += 1
@@ -600,13 +606,16 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         lock.unlock()
         let reason = why.contains("refused") || why.contains("111") ? "connection refused" : why
         for env in queued { undeliverable(env, unreachable(to, endpoint, reason)) }
+        for c in pendingCalls { failCall(c.req, unreachable(to, endpoint, reason)) }
     }
 
     func outboundReady(_ to: NodeAddress) {
         lock.lock()
         var peer = peers[to] ?? Peer()
         let queued = peer.queue
+        let pendingCalls = peer.calls
         peer.queue = []
+        peer.calls = []
         peer.connecting = false
         peer.failures = 0
         peer.retryAtMillis = 0
@@ -615,7 +624,10 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
         lock.unlock()
         // We run on the channel's loop, so a concurrent send's write is
         // queued behind these: order is kept.
-        if let ch { for env in queued { writeFrame(ch, .envelope(env)) } }
+        if let ch {
+            for env in queued { writeFrame(ch, .envelope(env)) }
+            for c in pendingCalls { sendCall(c.req, c.frame, on: ch, to: to) }
+        }
     }
 
     func outboundClosed(_ to: NodeAddress, _ channel: Channel) {
@@ -626,13 +638,16 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             return
         }
         let queued = peer.queue
+        let pendingCalls = peer.calls
         let wasConnecting = peer.connecting
         peer = Peer(failures: peer.failures + 1, retryAtMillis: wallMillis() + min(1000, 25 << min(peer.failures + 1, 6)))
         peers[to] = peer
         let local = Array(sinks.values)
         lock.unlock()
         if wasConnecting, let endpoint = directory[to] {
-            for env in queued { undeliverable(env, unreachable(to, endpoint, "connection closed during the handshake, or no handshake within \(Limits.handshakeMillisMax) ms")) }
+            let why = unreachable(to, endpoint, "connection closed during the handshake, or no handshake within \(Limits.handshakeMillisMax) ms")
+            for env in queued { undeliverable(env, why) }
+            for c in pendingCalls { failCall(c.req, why) }
         }
         // A client whose node went away fails its waiting requests at once
         // (behind a gateway, every node went with it).
@@ -727,6 +742,55 @@ public final class NetworkTransport: Transport, @unchecked Sendable {
             }
             writeFrame(ch, .call(req: req, method: method, body: body))
         }
+    }
+
+    /// Calls `method` on the node at `to` (a participant's executor, say),
+    /// connecting first if need be. Fails when the connection cannot be
+    /// made or is lost before the answer, or after `timeoutMillis`.
+    public func call(to: NodeAddress, _ method: String, _ body: Bytes, timeoutMillis: Int64? = nil) async throws -> (ok: Bool, body: Bytes) {
+        guard let endpoint = directory[to] else { throw WeftError(.invalidArgument, "no address for \(to) in the cluster file") }
+        return try await withCheckedThrowingContinuation { cont in
+            lock.lock()
+            let req = nextCall
+            nextCall += 1
+            calls[req] = cont
+            let frame = Frame.call(req: req, method: method, body: body)
+            let key = peerKey(to)
+            var peer = peers[key] ?? Peer()
+            if let ch = peer.channel, !peer.connecting {
+                lock.unlock()
+                sendCall(req, frame, on: ch, to: to)
+            } else {
+                let now = wallMillis()
+                if !peer.connecting && now < peer.retryAtMillis {
+                    lock.unlock()
+                    failCall(req, unreachable(to, endpoint, "connection refused recently; retrying in \(peer.retryAtMillis - now) ms"))
+                    return
+                }
+                peer.calls.append((req, frame))
+                let start = !peer.connecting
+                peer.connecting = true
+                peers[key] = peer
+                lock.unlock()
+                if start { connect(key, endpoint) }
+            }
+            if let timeoutMillis {
+                group.next().scheduleTask(in: .milliseconds(timeoutMillis)) { [self] in
+                    failCall(req, WeftError(.unavailable, "\(to) did not answer \(method) within \(timeoutMillis) ms"))
+                }
+            }
+        }
+    }
+
+    func sendCall(_ req: UInt64, _ frame: Frame, on ch: Channel, to: NodeAddress) {
+        ch.closeFuture.whenComplete { [self] _ in
+            failCall(req, WeftError(.unavailable, "lost the connection to \(to)"))
+        }
+        writeFrame(ch, frame)
+    }
+
+    func failCall(_ req: UInt64, _ error: WeftError) {
+        lock.withLock { calls.removeValue(forKey: req) }?.resume(throwing: error)
     }
 
     func replyReceived(_ req: UInt64, _ ok: Bool, _ body: Bytes) {

@@ -1,0 +1,420 @@
+import Foundation
+import WeftCore
+import WeftRuntime
+
+/// What a distributed job reports beyond `JobMetrics`.
+public struct DistributedMetrics: Sendable {
+    public var tasksByExecutor: [Int: Int] = [:]
+    public var nodeLocalTasks = 0
+    public var speculativeTasks = 0
+    public var fetchFailures = 0
+    public var executorsLost: [Int] = []
+    /// (rdd, partition) computed more than once across all executors.
+    public var recomputedPartitions = 0
+    public var replicaReads = 0
+}
+
+/// The driver of a distributed job: the DAG scheduler's stage loop (as in
+/// `DataflowContext.runJob`) with each stage's tasks sent to the executors
+/// of the participant nodes, placed by `TaskSetMachine`. It tracks where
+/// every map output and cached partition lives, notices lost executors by
+/// heartbeat, and hands each executor the earlier actions' results its
+/// replica of the program needs.
+public final class ClusterDriver: ActionRunner, @unchecked Sendable {
+    public let spec: JobSpec
+    let call: @Sendable (Int, String, Bytes, Int64?) async throws -> (ok: Bool, body: Bytes)
+    let nodes: [Int]
+    let lock = NSLock()
+    var live: Set<Int>
+    /// Action results each executor's replica is known to hold.
+    var delivered: [Int: Int] = [:]
+    var results: [ActionResult] = []
+    /// shuffle → map partition → node holding it.
+    var mapOutputs: [Int: [Int: Int]] = [:]
+    /// rdd → partition → node that cached it.
+    var cacheLocations: [Int: [Int: Int]] = [:]
+    var computed: Set<Int64> = []
+    var metrics = DistributedMetrics()
+    var mailboxes: [ObjectIdentifier: Mailbox] = [:]
+    var heartbeat: Thread?
+    var stopping = false
+    public var config = TaskSetMachine.Config()
+
+    /// How often the driver pings every executor.
+    public static let heartbeatMillis: UInt64 = 500
+    /// An executor that does not answer a ping for this long is lost: its
+    /// running tasks go elsewhere, its map outputs and cached partitions
+    /// are forgotten, and it gets tasks again once it answers.
+    public static let executorLostAfterMillis: Int64 = 3000
+    /// Test hook: called as each task is sent.
+    public var onLaunch: (@Sendable (_ action: Int, _ isMap: Bool, _ partition: Int, _ node: Int) -> Void)?
+
+    public init(spec: JobSpec, nodes: [Int], call: @escaping @Sendable (Int, String, Bytes, Int64?) async throws -> (ok: Bool, body: Bytes)) {
+        self.spec = spec
+        self.nodes = nodes
+        self.call = call
+        live = []
+    }
+
+    /// Pings every node once (the executors that answer are the job's
+    /// first), then keeps pinging in the background.
+    public func start() throws {
+        let answered = pingAll()
+        lock.withLock { live = Set(answered) }
+        if answered.isEmpty {
+            throw WeftError(.unavailable, "no participant's executor answered (nodes \(nodes.map(String.init).joined(separator: ", ")) are down?)")
+        }
+        let t = Thread { [weak self] in
+            while let s = self, !s.lock.withLock({ s.stopping }) {
+                usleep(UInt32(Self.heartbeatMillis * 1000))
+                s.beat()
+            }
+        }
+        t.name = "weft-driver-heartbeat"
+        heartbeat = t
+        t.start()
+    }
+
+    /// Stops the heartbeat and tells every executor to forget the job.
+    public func finish() {
+        lock.withLock { stopping = true }
+        let key = spec.key
+        let call = self.call
+        for n in nodes { _ = try? blocking { try await call(n, "exec.forget", ExecutorCodec.request(key, []), 1000) } }
+    }
+
+    public var report: DistributedMetrics { lock.withLock { metrics } }
+
+    func pingAll() -> [Int] {
+        let (key, call) = (spec.key, self.call)
+        let answers = (try? blocking { () async -> [(Int, Int?, Int?)] in
+            await withTaskGroup(of: (Int, Int?, Int?).self) { g in
+                for n in self.nodes {
+                    g.addTask {
+                        guard let (ok, body) = try? await call(n, "exec.ping", ExecutorCodec.request(key, []), Self.executorLostAfterMillis), ok,
+                              let (_, ints) = try? ExecutorCodec.parseRequest(body), ints.count >= 2 else { return (n, nil, nil) }
+                        return (n, ints[0], ints[1])
+                    }
+                }
+                var out: [(Int, Int?, Int?)] = []
+                for await a in g { out.append(a) }
+                return out
+            }
+        }) ?? []
+        var up: [Int] = []
+        lock.withLock {
+            for (n, have, slots) in answers {
+                guard let have else { continue }
+                up.append(n)
+                delivered[n] = have
+                if let slots { config.slotsPerExecutor = max(1, slots) }
+            }
+        }
+        return up.sorted()
+    }
+
+    func beat() {
+        let up = Set(pingAll())
+        var lostNow: [Int] = []
+        var added: [Int] = []
+        lock.withLock {
+            lostNow = live.subtracting(up).sorted()
+            added = up.subtracting(live).sorted()
+            live = up
+        }
+        for n in lostNow { executorLost(n) }
+        for n in added { post(.executorAdded(n)) }
+    }
+
+    /// Forgets what `n` held and tells the running stage.
+    func executorLost(_ n: Int) {
+        lock.withLock {
+            live.remove(n)
+            delivered[n] = 0
+            if !metrics.executorsLost.contains(n) { metrics.executorsLost.append(n) }
+            for s in mapOutputs.keys { mapOutputs[s] = mapOutputs[s]!.filter { $0.value != n } }
+            for r in cacheLocations.keys { cacheLocations[r] = cacheLocations[r]!.filter { $0.value != n } }
+        }
+        post(.executorLost(n))
+    }
+
+    func post(_ e: TaskSetMachine.Event) {
+        for m in lock.withLock({ Array(mailboxes.values) }) { m.post(.event(e)) }
+    }
+
+    // MARK: Actions
+
+    func runAction(_ sc: DataflowContext, index: Int, rdd: AnyRDD, partitions: [Int],
+                   encodeTask: @escaping (Int, TaskContext) throws -> Bytes) throws -> [Bytes] {
+        var stageIndex = 0
+        for attempt in 0..<sc.maxStageAttempts {
+            let plan = sc.stagePlan(rdd)
+            do {
+                for dep in plan {
+                    stageIndex += 1
+                    let missing = lock.withLock { () -> [Int] in
+                        let have = mapOutputs[dep.shuffleId] ?? [:]
+                        return (0..<dep.parentRDD.numPartitions).filter { have[$0] == nil }
+                    }
+                    if missing.isEmpty { continue }
+                    if let why = dep.processBoundRefusal { throw WeftError(.invalidArgument, "job \(spec.name) cannot run on executors: \(why) (run it with --local)") }
+                    let started = DispatchTime.now().uptimeNanoseconds
+                    let done = try runStage(sc, action: index, kind: .map(shuffle: dep.shuffleId), rdd: dep.parentRDD, partitions: missing,
+                                            stageIndex: stageIndex, stages: plan.count + 1)
+                    lock.withLock { for (p, r) in done { mapOutputs[dep.shuffleId, default: [:]][p] = r.node } }
+                    sc.metric {
+                        $0.stages += 1
+                        $0.tasks += missing.count
+                        $0.stageTimes.append(StageTime(name: "shuffle \(dep.shuffleId) of \(dep.parentRDD.name) [rdd \(dep.parentRDD.id)]", tasks: missing.count,
+                                                       seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+                    }
+                }
+                stageIndex += 1
+                let started = DispatchTime.now().uptimeNanoseconds
+                let done = try runStage(sc, action: index, kind: .result, rdd: rdd, partitions: partitions, stageIndex: stageIndex, stages: plan.count + 1)
+                sc.metric {
+                    $0.stages += 1
+                    $0.tasks += partitions.count
+                    $0.stageTimes.append(StageTime(name: "result of \(rdd.name) [rdd \(rdd.id)]", tasks: partitions.count,
+                                                   seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+                }
+                var out: [Bytes] = []
+                for p in partitions {
+                    let r = done[p]!
+                    out.append(try blocking { [call] in try await ExecutorService.bytes(of: r.payload, from: r.node) { try await call($0, $1, $2, nil) } })
+                }
+                let accs = sc.lock.withLock { sc.accumulators.map(\.value) }
+                let record = ActionResult(results: out, accumulators: accs)
+                lock.withLock {
+                    precondition(results.count == index, "actions run in order")
+                    results.append(record)
+                }
+                return out
+            } catch let f as FetchFailed {
+                if attempt + 1 == sc.maxStageAttempts {
+                    throw WeftError(.unavailable, "job \(spec.name) failed: map output \(f.mapPartition) of shuffle \(f.shuffleId) was lost \(sc.maxStageAttempts) times")
+                }
+                sc.metric { $0.stageResubmissions += 1 }
+                stageIndex = 0
+            }
+        }
+        throw WeftError(.unavailable, "job \(spec.name) failed after \(sc.maxStageAttempts) stage attempts")
+    }
+
+    struct Done {
+        let node: Int
+        let payload: Payload
+    }
+
+    /// The node to run partition `p` of `rdd` on: where it is cached, else
+    /// where its input block lives, else its first narrow parent's.
+    func preferredNode(_ rdd: AnyRDD, _ p: Int) -> Int? {
+        var r = rdd
+        var part = p
+        for _ in 0..<1000 {
+            if let n = lock.withLock({ cacheLocations[r.id]?[part] }) { return n }
+            if let loc = r.preferredLocation(part), loc.hasPrefix("participant-"), let n = Int(loc.dropFirst("participant-".count)) { return n }
+            guard case .narrow(let parent, let f)? = r.dependencies.first, let q = f(part).first else { return nil }
+            r = parent
+            part = q
+        }
+        return nil
+    }
+
+    enum Mail {
+        case event(TaskSetMachine.Event)
+        case reply(task: Int, attempt: Int, node: Int, TaskReply)
+        case callFailed(task: Int, attempt: Int, node: Int, String)
+    }
+
+    final class Mailbox: @unchecked Sendable {
+        let cond = NSCondition()
+        var items: [Mail] = []
+        func post(_ m: Mail) {
+            cond.withLock {
+                items.append(m)
+                cond.signal()
+            }
+        }
+        func take(waitMillis: UInt64) -> [Mail] {
+            cond.lock()
+            defer { cond.unlock() }
+            if items.isEmpty { _ = cond.wait(until: Date(timeIntervalSinceNow: Double(waitMillis) / 1000)) }
+            defer { items = [] }
+            return items
+        }
+    }
+
+    /// One stage's tasks, to completion: partition → the winning attempt.
+    func runStage(_ sc: DataflowContext, action: Int, kind: TaskRequest.Kind, rdd: AnyRDD, partitions: [Int], stageIndex: Int, stages: Int) throws -> [Int: Done] {
+        let preferred = partitions.map { preferredNode(rdd, $0) }
+        let mailbox = Mailbox()
+        let (executors, cfg) = lock.withLock { (live, config) }
+        var machine = TaskSetMachine(preferred: preferred, executors: executors, nowMillis: wallMillis(), config: cfg)
+        lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = mailbox }
+        defer { lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = nil } }
+        var won: [Int: Done] = [:]
+        sc.onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: 0, tasks: partitions.count))
+        var pendingActions = machine.start()
+        while true {
+            for a in pendingActions {
+                switch a {
+                case let .launch(t, attempt, node, speculative, local):
+                    lock.withLock {
+                        metrics.tasksByExecutor[node, default: 0] += 1
+                        if local { metrics.nodeLocalTasks += 1 }
+                        if speculative { metrics.speculativeTasks += 1 }
+                    }
+                    launch(action: action, kind: kind, task: t, partition: partitions[t], attempt: attempt, node: node, mailbox: mailbox)
+                case .finished:
+                    return won
+                case .failed(let why):
+                    throw WeftError(.unavailable, "job \(spec.name): stage \(stageIndex) failed: \(why)")
+                case let .abortForFetchFailure(s, m, node):
+                    lock.withLock {
+                        metrics.fetchFailures += 1
+                        // Spark unregisters the one output; a dead holder's
+                        // others go when it is declared lost.
+                        mapOutputs[s]?[m] = nil
+                        if let node, !live.contains(node) { for k in mapOutputs.keys { mapOutputs[k] = mapOutputs[k]!.filter { $0.value != node } } }
+                    }
+                    throw FetchFailed(shuffleId: s, mapPartition: m)
+                }
+            }
+            pendingActions = []
+            for mail in mailbox.take(waitMillis: 50) {
+                switch mail {
+                case .event(let e):
+                    pendingActions += machine.on(e)
+                case let .callFailed(t, attempt, node, why):
+                    // The executor is unreachable: lost, until it answers a ping.
+                    if lock.withLock({ live.contains(node) }) {
+                        executorLost(node)
+                    }
+                    pendingActions += machine.on(.executorLost(node))
+                    _ = (t, attempt, why)
+                case let .reply(t, attempt, node, reply):
+                    switch reply {
+                    case let .ok(payload, accs, computedNow, cached, m, have):
+                        let wasDone = machine.isTaskDone(t)
+                        let acts = machine.on(.taskFinished(task: t, attempt: attempt))
+                        if !wasDone && machine.isTaskDone(t) {
+                            won[partitions[t]] = Done(node: node, payload: payload)
+                            let all = sc.lock.withLock { sc.accumulators }
+                            for (i, v) in accs where i < all.count { all[i].commit(v) }
+                            lock.withLock {
+                                delivered[node] = max(delivered[node] ?? 0, have)
+                                for c in computedNow where !computed.insert(c).inserted { metrics.recomputedPartitions += 1 }
+                                for c in cached { cacheLocations[Int(c >> 32), default: [:]][Int(c & 0xffff_ffff)] = node }
+                                metrics.replicaReads += m.replicaReads
+                            }
+                            sc.metric {
+                                $0.cacheHits += m.cacheHits
+                                $0.bytesSpilled += m.bytesSpilled
+                                $0.spillFiles += m.spillFiles
+                                $0.diskBlockReads += m.diskBlockReads
+                                $0.partitionsReadFromReplicas += m.replicaReads
+                            }
+                            sc.onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: machine.doneCount, tasks: partitions.count))
+                        }
+                        pendingActions += acts
+                    case .failed(let why):
+                        sc.metric { $0.taskRetries += 1 }
+                        pendingActions += machine.on(.taskFailed(task: t, attempt: attempt, reason: "on node \(node): \(why)"))
+                    case let .fetchFailed(s, m, holder):
+                        pendingActions += machine.on(.fetchFailed(task: t, attempt: attempt, shuffle: s, map: m, executor: holder >= 0 ? holder : nil))
+                    case .needResults:
+                        // `launch` resends with what the replica lacks.
+                        pendingActions += machine.on(.taskFailed(task: t, attempt: attempt, reason: "replica on node \(node) was behind"))
+                    }
+                }
+            }
+            pendingActions += machine.on(.tick(nowMillis: wallMillis()))
+        }
+    }
+
+    func launch(action: Int, kind: TaskRequest.Kind, task t: Int, partition: Int, attempt: Int, node: Int, mailbox: Mailbox) {
+        let call = self.call
+        onLaunch?(action, { if case .map = kind { return true } else { return false } }(), partition, node)
+        Task.detached { [self] in
+            for _ in 0..<3 {
+                let request = self.request(action: action, kind: kind, partition: partition, attempt: attempt, node: node)
+                guard request.count <= ExecutorProtocol.requestBytesMax + (1 << 16) else {
+                    mailbox.post(.reply(task: t, attempt: attempt, node: node, .failed("the results of earlier actions are too large to send to executors (\(request.count) bytes; ExecutorProtocol.requestBytesMax)")))
+                    return
+                }
+                do {
+                    let (ok, body) = try await call(node, "exec.task", request, nil)
+                    guard ok else {
+                        mailbox.post(.reply(task: t, attempt: attempt, node: node, .failed(String(decoding: body, as: UTF8.self))))
+                        return
+                    }
+                    let reply = try TaskReply.decode(body)
+                    if case .needResults(let have) = reply {
+                        lock.withLock { delivered[node] = have }
+                        continue
+                    }
+                    mailbox.post(.reply(task: t, attempt: attempt, node: node, reply))
+                    return
+                } catch let e as WeftError where e.code == .unavailable {
+                    mailbox.post(.callFailed(task: t, attempt: attempt, node: node, e.message))
+                    return
+                } catch {
+                    mailbox.post(.reply(task: t, attempt: attempt, node: node, .failed(describe(error))))
+                    return
+                }
+            }
+            mailbox.post(.reply(task: t, attempt: attempt, node: node, .failed("replica on node \(node) kept asking for earlier results")))
+        }
+    }
+
+    func request(action: Int, kind: TaskRequest.Kind, partition: Int, attempt: Int, node: Int) -> Bytes {
+        lock.withLock {
+            let first = min(delivered[node] ?? 0, results.count)
+            var locs: [Int: [Int]] = [:]
+            for (s, outs) in mapOutputs {
+                let n = (outs.keys.max() ?? -1) + 1
+                var row = Array(repeating: -1, count: n)
+                for (m, holder) in outs { row[m] = holder }
+                locs[s] = row
+            }
+            return TaskRequest(spec: spec, action: action, kind: kind, partition: partition, attempt: attempt,
+                               mapLocations: locs, firstResult: first, results: Array(results[first...])).encoded()
+        }
+    }
+}
+
+extension TaskSetMachine {
+    func isTaskDone(_ t: Int) -> Bool {
+        if case .done = states[t] { return true }
+        return false
+    }
+}
+
+extension BuiltinJobs {
+    /// Runs a registry job with this process as the driver and the
+    /// participants' executors running its tasks. `call` reaches node i's
+    /// executor. The output table is written here, in one transaction,
+    /// from the results the executors return.
+    public static func runOnCluster(_ name: String, _ p: JobParameters, client: WeftClient, nodes: [Int], parallelism: Int, memoryBytesMax: Int,
+                                    call: @escaping @Sendable (Int, String, Bytes, Int64?) async throws -> (ok: Bool, body: Bytes),
+                                    pin: ((Timestamp) throws -> Void)? = nil, unpin: ((Timestamp) -> Void)? = nil,
+                                    prepare: ((ClusterDriver, DataflowContext) -> Void)? = nil) throws -> (JobResult, DistributedMetrics) {
+        var params = p
+        params.at = try params.at ?? blocking { try await client.now() }
+        let key = String(UInt64.random(in: 1...UInt64.max), radix: 36)
+        let spec = JobSpec(key: key, name: name, params: params, runId: String(UInt64.random(in: 1...UInt64.max), radix: 36),
+                           parallelism: parallelism, memoryBytesMax: memoryBytesMax)
+        let driver = ClusterDriver(spec: spec, nodes: nodes, call: call)
+        try driver.start()
+        defer { driver.finish() }
+        let sc = DataflowContext(executor: RemoteTasksExecutor(parallelism: parallelism), memoryBytesMax: memoryBytesMax, runId: spec.runId)
+        sc.actionRunner = driver
+        prepare?(driver, sc)
+        var result = try run(name, params, sc: sc, client: client, pin: pin, unpin: unpin)
+        let d = driver.report
+        result.metrics.recomputedPartitions = d.recomputedPartitions
+        result.metrics.executorsLost = d.executorsLost.count
+        return (result, d)
+    }
+}
