@@ -274,14 +274,14 @@ struct JobCommand: AsyncParsableCommand {
         @OptionGroup var job: JobOptions
         @Option(help: "Output table.") var output: String?
         @Flag(help: "Replace an existing output table atomically.") var overwrite = false
-        @Option(help: "Executor threads (default: every core, at most 256).")
-        var threads = min(ProcessInfo.processInfo.activeProcessorCount, DataflowContext.executorThreadsMax)
+        @Option(help: "Executor threads (default: every core, at most 256); on a cluster, the default partition count (default: 2 per participant).")
+        var threads: Int?
         @Option(help: "The engine's memory bound in MiB; past it, shuffle data, merge tables and caches spill to disk.")
         var memoryMb = DataflowContext.memoryBytesMaxDefault >> 20
         @Flag(help: "With --cluster: run every task in this process instead of on the participants' executors.") var local = false
 
         func validate() throws {
-            if threads < 1 || threads > DataflowContext.executorThreadsMax {
+            if let threads, threads < 1 || threads > DataflowContext.executorThreadsMax {
                 throw ValidationError("--threads must be 1...\(DataflowContext.executorThreadsMax)")
             }
             if memoryMb < 1 || memoryMb > DataflowContext.memoryBytesMaxLimit >> 20 {
@@ -291,7 +291,8 @@ struct JobCommand: AsyncParsableCommand {
 
         func run() async throws {
             let g = global
-            let (threads, memory) = (threads, memoryMb << 20)
+            let memory = memoryMb << 20
+            let threads = self.threads ?? min(ProcessInfo.processInfo.activeProcessorCount, DataflowContext.executorThreadsMax)
             var params = job.parameters
             params.output = output
             params.overwrite = overwrite
@@ -320,6 +321,7 @@ struct JobCommand: AsyncParsableCommand {
                 do { remote = try ClusterClient(config: try ClusterConfig.load(c), secretFile: g.secretFile, certsDir: g.certsDir) } catch { fail(error, json: g.json) }
                 defer { remote.close() }
                 let nodes = Array(0..<remote.config.participantCount)
+                let threads = self.threads ?? 2 * nodes.count
                 let tty = isatty(1) == 1
                 do {
                     let (result, dist) = try await onDriverThread { () throws -> (JobResult, DistributedMetrics) in

@@ -412,7 +412,7 @@ public enum BuiltinJobs {
             if let out = params.output {
                 let rows = ranks.map { RowBox(key: Array(String($0.0).utf8), value: Array("\($0.1)".utf8)) }
                 let ow = params.overwrite
-                result.committedTs = try blocking { try await TableStore.write(client, out, rows: rows.map { ($0.key, $0.value) }, format: "kv", overwrite: ow) }
+                result.committedTs = try writeOutput(client, out, rows.map { ($0.key, $0.value) }, overwrite: ow)
             }
             return result
         }
@@ -449,9 +449,29 @@ public enum BuiltinJobs {
         if let out = params.output {
             let boxed = rows.map { RowBox(key: $0.0, value: $0.1) }
             let ow = params.overwrite
-            result.committedTs = try blocking { try await TableStore.write(client, out, rows: boxed.map { ($0.key, $0.value) }, format: "kv", overwrite: ow) }
+            result.committedTs = try writeOutput(client, out, boxed.map { ($0.key, $0.value) }, overwrite: ow)
         }
         return result
+    }
+}
+
+/// How long a job keeps trying to write its output while a participant is
+/// unreachable (one killed during the job and restarting, say).
+public let outputWriteRetryMillis: UInt64 = 20_000
+
+/// The job's output table, in one transaction; retried while a
+/// participant is unreachable, up to `outputWriteRetryMillis`.
+func writeOutput(_ client: WeftClient, _ name: String, _ rows: [(Bytes, Bytes)], overwrite: Bool) throws -> Timestamp {
+    let boxed = rows.map { RowBox(key: $0.0, value: $0.1) }
+    let deadline = wallMillis() + outputWriteRetryMillis
+    var pause: UInt32 = 50_000
+    while true {
+        do {
+            return try blocking { try await TableStore.write(client, name, rows: boxed.map { ($0.key, $0.value) }, format: "kv", overwrite: overwrite) }
+        } catch let e as WeftError where e.code == .unavailable && wallMillis() < deadline {
+            usleep(pause)
+            pause = min(pause * 2, 1_000_000)
+        }
     }
 }
 

@@ -494,6 +494,7 @@ public final class TableWriter: @unchecked Sendable {
         // answer is lost may have happened): `abandon` must leave its
         // blocks; if the flip did not happen, the "loading" marker stays
         // and `table gc` collects them.
+        if CrashPoints.armed { CrashPoints.check("table.before-catalog-commit") }
         flipping = true
         let ts = try await t.commit()
         // The old generation is invisible from now on; deleting its blocks

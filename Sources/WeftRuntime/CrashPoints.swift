@@ -9,8 +9,18 @@ import WeftProtocol
 public enum CrashPoints {
     static let target: String? = ProcessInfo.processInfo.environment["WEFT_CRASH_AT"]
 
+    /// True when this process has a crash point armed (so callers can skip
+    /// building names).
+    public static var armed: Bool { target != nil }
+
+    /// Points of a dataflow job (see docs/dataflow.md): `executor.map-task-S`
+    /// (an executor about to run a map task of shuffle S),
+    /// `executor.fetch-S` (serving a bucket of shuffle S),
+    /// `executor.result-task`, `driver.stage-N` (the driver starting its
+    /// Nth stage), `table.before-catalog-commit` (a table or job output
+    /// fully written, before the catalog names it).
     @inline(__always)
-    static func check(_ name: String) {
+    public static func check(_ name: String) {
         guard let target, target == name else { return }
         FileHandle.standardError.write(Data("weft: crash point \(name) reached; killing this process (SIGKILL)\n".utf8))
         kill(getpid(), SIGKILL)

@@ -152,6 +152,7 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
             do {
                 for dep in plan {
                     stageIndex += 1
+                    if CrashPoints.armed { CrashPoints.check("driver.stage-\(stageIndex)") }
                     let missing = lock.withLock { () -> [Int] in
                         let have = mapOutputs[dep.shuffleId] ?? [:]
                         return (0..<dep.parentRDD.numPartitions).filter { have[$0] == nil }

@@ -82,7 +82,10 @@ public final class ExecutorService: @unchecked Sendable {
             blobs = blobs.filter { now &- $0.value.touched <= Self.jobLeaseMillis }
             return gone
         }
-        for r in dead { r.stop() }
+        for r in dead {
+            r.stop()
+            FileHandle.standardError.write(Data("weft executor on participant-\(node): dropped job \(r.spec.key) (\(r.spec.name)): its driver did not call for \(Self.jobLeaseMillis) ms (ExecutorService.jobLeaseMillis)\n".utf8))
+        }
     }
 
     /// Answers one call from a driver or a peer executor.
@@ -305,6 +308,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
             let payload: Payload
             switch req.kind {
             case .map(let s):
+                if CrashPoints.armed { CrashPoints.check("executor.map-task-\(s)") }
                 guard let dep = Self.shuffles(of: pub.rdd).first(where: { $0.shuffleId == s }) else {
                     return .failed("action \(req.action) of job \(spec.name) has no shuffle \(s) on node \(service.node): is the driver running another binary?")
                 }
@@ -313,6 +317,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
                 sc.shuffles.put(s, map: req.partition, out)
                 payload = .inline([])
             case .result:
+                if CrashPoints.armed { CrashPoints.check("executor.result-task") }
                 guard req.partition >= 0 && req.partition < pub.rdd.numPartitions else { return .failed("no partition \(req.partition) in action \(req.action)") }
                 payload = service.keep(try pub.encode(req.partition, ctx))
             }
@@ -331,6 +336,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
     }
 
     func encodeBucket(shuffle: Int, map: Int, bucket: Int) throws -> Bytes {
+        if CrashPoints.armed { CrashPoints.check("executor.fetch-\(shuffle)") }
         guard let dep = cond.withLock({ shuffles[shuffle]?.dep }) else {
             throw WeftError(.notFound, "shuffle \(shuffle) of job \(spec.key) is not known on node \(service.node)")
         }
