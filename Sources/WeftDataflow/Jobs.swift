@@ -47,6 +47,9 @@ public enum BuiltinJobs {
     /// weights, counts, samples); with `explainOnly` nothing runs, and the
     /// RDD returned is one iteration's lineage (kmeans, logreg), the first
     /// word's count (logmining), or the sort without its sampled bounds.
+    /// True if this binary's registry has a job of that name.
+    public static func knows(_ name: String) -> Bool { all.contains { $0.name == name } }
+
     public static func plan(_ name: String, _ p: JobParameters, sc: DataflowContext, client: WeftClient, malformed: Accumulator,
                             explainOnly: Bool = false) throws -> RDD<(Bytes, Bytes)> {
         guard all.contains(where: { $0.name == name }) else {

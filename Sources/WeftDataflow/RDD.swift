@@ -379,7 +379,7 @@ extension RDD where T: Comparable {
 struct EnoughRows: Error {}
 
 /// SplitMix64: small, seedable, and the same on every run.
-struct SplitMix {
+struct SplitMix: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {

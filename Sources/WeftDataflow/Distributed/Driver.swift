@@ -64,6 +64,15 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         if answered.isEmpty {
             throw WeftError(.unavailable, "no participant's executor answered (nodes \(nodes.map(String.init).joined(separator: ", ")) are down?)")
         }
+        // Every executor must know the job before any task runs.
+        let (name, call) = (spec.name, self.call)
+        for n in answered {
+            let (ok, body) = try blocking { try await call(n, "exec.knows", ExecutorCodec.request(name, []), Self.executorLostAfterMillis) }
+            let knows = ok ? ((try? ExecutorCodec.parseRequest(body))?.ints.first ?? 0) : 0
+            if knows != 1 {
+                throw WeftError(.invalidArgument, "participant-\(n) does not know job \(name) (is it running another weft binary?); no task was run")
+            }
+        }
         let t = Thread { [weak self] in
             while let s = self, !s.lock.withLock({ s.stopping }) {
                 usleep(UInt32(Self.heartbeatMillis * 1000))

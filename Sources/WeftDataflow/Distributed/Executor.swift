@@ -97,7 +97,7 @@ public final class ExecutorService: @unchecked Sendable {
             tasks.submit { [self] in
                 do { reply(true, try runTask(TaskRequest.decode(call.body)).encoded()) } catch { fail(describe(error)) }
             }
-        case "exec.fetch", "exec.blob", "exec.ping", "exec.forget":
+        case "exec.fetch", "exec.blob", "exec.ping", "exec.forget", "exec.knows":
             DispatchQueue.global().async { [self] in
                 do { reply(true, try small(call.method, call.body)) } catch { fail(describe(error)) }
             }
@@ -113,6 +113,10 @@ public final class ExecutorService: @unchecked Sendable {
             let r = lock.withLock { replicas[key] }
             r?.touch()
             return ExecutorCodec.request("", [r?.have ?? 0, slots])
+        case "exec.knows":
+            // Does this node's binary have the job (a node running an older
+            // binary may not)? The key field carries the job's name.
+            return ExecutorCodec.request("", [BuiltinJobs.knows(key) ? 1 : 0])
         case "exec.forget":
             if let r = lock.withLock({ replicas.removeValue(forKey: key) }) { r.stop() }
             return ExecutorCodec.request("", [])
