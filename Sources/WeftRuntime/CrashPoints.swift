@@ -11,7 +11,13 @@ public enum CrashPoints {
 
     /// True when this process has a crash point armed (so callers can skip
     /// building names).
-    public static var armed: Bool { target != nil }
+    public static var armed: Bool { target != nil || stopTarget != nil }
+
+    /// `WEFT_STOP_AT`: at that point the process stops itself with SIGSTOP
+    /// (once): alive, connections open, silent, as a straggler or a hung
+    /// machine is. SIGCONT resumes it.
+    static let stopTarget: String? = ProcessInfo.processInfo.environment["WEFT_STOP_AT"]
+    nonisolated(unsafe) static var stopped = false
 
     /// Points of a dataflow job (see docs/dataflow.md): `executor.map-task-S`
     /// (an executor about to run a map task of shuffle S),
@@ -21,6 +27,11 @@ public enum CrashPoints {
     /// fully written, before the catalog names it).
     @inline(__always)
     public static func check(_ name: String) {
+        if let stopTarget, stopTarget == name, !stopped {
+            stopped = true
+            FileHandle.standardError.write(Data("weft: stop point \(name) reached; stopping this process (SIGSTOP)\n".utf8))
+            kill(getpid(), SIGSTOP)
+        }
         guard let target, target == name else { return }
         FileHandle.standardError.write(Data("weft: crash point \(name) reached; killing this process (SIGKILL)\n".utf8))
         kill(getpid(), SIGKILL)

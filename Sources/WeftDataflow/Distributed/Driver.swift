@@ -156,6 +156,9 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
     func runAction(_ sc: DataflowContext, index: Int, rdd: AnyRDD, partitions: [Int],
                    encodeTask: @escaping (Int, TaskContext) throws -> Bytes) throws -> [Bytes] {
         var stageIndex = 0
+        // Result partitions already computed survive a resubmission: only
+        // the missing ones run again (Spark's missing partitions).
+        var won: [Int: Done] = [:]
         for attempt in 0..<sc.maxStageAttempts {
             let plan = sc.stagePlan(rdd)
             do {
@@ -169,9 +172,10 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                     if missing.isEmpty { continue }
                     if let why = dep.processBoundRefusal { throw WeftError(.invalidArgument, "job \(spec.name) cannot run on executors: \(why) (run it with --local)") }
                     let started = DispatchTime.now().uptimeNanoseconds
-                    let done = try runStage(sc, action: index, kind: .map(shuffle: dep.shuffleId), rdd: dep.parentRDD, partitions: missing,
-                                            stageIndex: stageIndex, stages: plan.count + 1)
-                    lock.withLock { for (p, r) in done { mapOutputs[dep.shuffleId, default: [:]][p] = r.node } }
+                    var done: [Int: Done] = [:]
+                    defer { lock.withLock { for (p, r) in done { mapOutputs[dep.shuffleId, default: [:]][p] = r.node } } }
+                    try runStage(sc, action: index, kind: .map(shuffle: dep.shuffleId), rdd: dep.parentRDD, partitions: missing,
+                                 stageIndex: stageIndex, stages: plan.count + 1, won: &done)
                     sc.metric {
                         $0.stages += 1
                         $0.tasks += missing.count
@@ -181,13 +185,17 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                 }
                 stageIndex += 1
                 let started = DispatchTime.now().uptimeNanoseconds
-                let done = try runStage(sc, action: index, kind: .result, rdd: rdd, partitions: partitions, stageIndex: stageIndex, stages: plan.count + 1)
-                sc.metric {
-                    $0.stages += 1
-                    $0.tasks += partitions.count
-                    $0.stageTimes.append(StageTime(name: "result of \(rdd.name) [rdd \(rdd.id)]", tasks: partitions.count,
-                                                   seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+                let missing = partitions.filter { won[$0] == nil }
+                defer {
+                    sc.metric {
+                        $0.stages += 1
+                        $0.tasks += missing.count
+                        $0.stageTimes.append(StageTime(name: "result of \(rdd.name) [rdd \(rdd.id)]", tasks: missing.count,
+                                                       seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+                    }
                 }
+                try runStage(sc, action: index, kind: .result, rdd: rdd, partitions: missing, stageIndex: stageIndex, stages: plan.count + 1, won: &won)
+                let done = won
                 var out: [Bytes] = []
                 for p in partitions {
                     let r = done[p]!
@@ -255,15 +263,16 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         }
     }
 
-    /// One stage's tasks, to completion: partition → the winning attempt.
-    func runStage(_ sc: DataflowContext, action: Int, kind: TaskRequest.Kind, rdd: AnyRDD, partitions: [Int], stageIndex: Int, stages: Int) throws -> [Int: Done] {
+    /// One stage's tasks, to completion; each partition's winning attempt
+    /// goes into `won` as it finishes (kept if the stage is aborted).
+    func runStage(_ sc: DataflowContext, action: Int, kind: TaskRequest.Kind, rdd: AnyRDD, partitions: [Int], stageIndex: Int, stages: Int,
+                  won: inout [Int: Done]) throws {
         let preferred = partitions.map { preferredNode(rdd, $0) }
         let mailbox = Mailbox()
         let (executors, cfg) = lock.withLock { (live, config) }
         var machine = TaskSetMachine(preferred: preferred, executors: executors, nowMillis: wallMillis(), config: cfg)
         lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = mailbox }
         defer { lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = nil } }
-        var won: [Int: Done] = [:]
         sc.onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: 0, tasks: partitions.count))
         var pendingActions = machine.start()
         while true {
@@ -277,7 +286,7 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                     }
                     launch(action: action, kind: kind, task: t, partition: partitions[t], attempt: attempt, node: node, mailbox: mailbox)
                 case .finished:
-                    return won
+                    return
                 case .failed(let why):
                     throw WeftError(.unavailable, "job \(spec.name): stage \(stageIndex) failed: \(why)")
                 case let .abortForFetchFailure(s, m, node):

@@ -96,7 +96,11 @@ public struct TaskSetMachine: Sendable {
 
     /// The first actions: launches, or `finished` for an empty set.
     public mutating func start() -> [Action] {
-        if executors.isEmpty && !preferred.isEmpty {
+        if preferred.isEmpty {
+            over = true
+            return [.finished]
+        }
+        if executors.isEmpty {
             over = true
             return [.failed("no executor is available")]
         }
