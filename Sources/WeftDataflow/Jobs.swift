@@ -463,7 +463,7 @@ public enum BuiltinJobs {
 public let outputWriteRetryMillis: UInt64 = 20_000
 
 /// The job's output table, in one transaction; retried while a
-/// participant is unreachable, up to `outputWriteRetryMillis`.
+/// participant is unreachable or restarting, up to `outputWriteRetryMillis`.
 func writeOutput(_ client: WeftClient, _ name: String, _ rows: [(Bytes, Bytes)], overwrite: Bool) throws -> Timestamp {
     let boxed = rows.map { RowBox(key: $0.0, value: $0.1) }
     let deadline = wallMillis() + outputWriteRetryMillis
@@ -471,7 +471,9 @@ func writeOutput(_ client: WeftClient, _ name: String, _ rows: [(Bytes, Bytes)],
     while true {
         do {
             return try blocking { try await TableStore.write(client, name, rows: boxed.map { ($0.key, $0.value) }, format: "kv", overwrite: overwrite) }
-        } catch let e as WeftError where e.code == .unavailable && wallMillis() < deadline {
+        } catch let e as WeftError where [.unavailable, .outcomeUnknown, .timeout, .aborted].contains(e.code) && wallMillis() < deadline {
+            // A block write whose outcome is unknown is written again under
+            // a new generation; the old one is left to `table gc`.
             usleep(pause)
             pause = min(pause * 2, 1_000_000)
         }

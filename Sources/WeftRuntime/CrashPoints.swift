@@ -22,7 +22,8 @@ public enum CrashPoints {
     /// Points of a dataflow job (see docs/dataflow.md): `executor.map-task-S`
     /// (an executor about to run a map task of shuffle S),
     /// `executor.fetch-S` (serving a bucket of shuffle S),
-    /// `executor.result-task`, `driver.stage-N` (the driver starting its
+    /// `executor.result-task-A` (a result task of the job's Ath action,
+    /// from 0), `driver.stage-N` (the driver starting its
     /// Nth stage), `table.before-catalog-commit` (a table or job output
     /// fully written, before the catalog names it).
     @inline(__always)

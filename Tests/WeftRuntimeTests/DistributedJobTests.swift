@@ -34,6 +34,9 @@ final class DistributedJobTests: XCTestCase {
         // Big enough for blocks (1 MiB) on every participant.
         write(c.dir + "/words.txt", (0..<100_000).map { _ in (0..<8).map { _ in words.randomElement(using: &rng)! }.joined(separator: " ") })
         write(c.dir + "/graph.txt", (0..<300_000).map { _ in "\(Int.random(in: 0..<5000, using: &rng)) \(Int.random(in: 0..<5000, using: &rng))" })
+        write(c.dir + "/logs.txt", (0..<120_000).map { i in
+            i % 3 == 0 ? "ERROR\tmod\(i % 7)\tfailed \(words.randomElement(using: &rng)!) at \(i)" : "INFO\tmod\(i % 7)\tserved request \(i)"
+        })
         write(c.dir + "/pts.txt", (0..<3000).map { i in "\(Double(i % 3) * 5 + Double.random(in: -1...1, using: &rng)) \(Double(i % 2) * 5 + Double.random(in: -1...1, using: &rng))" })
         write(c.dir + "/lr.txt", (0..<3000).map { _ in
             let (a, b) = (Double.random(in: 0...1, using: &rng), Double.random(in: 0...1, using: &rng))
@@ -42,7 +45,7 @@ final class DistributedJobTests: XCTestCase {
         write(c.dir + "/l.tsv", (0..<2000).map { "k\($0 * 2)\tL\($0)" })
         write(c.dir + "/r.tsv", (0..<2000).map { "k\($0 * 3)\tR\($0)" })
         write(c.dir + "/nums.tsv", (0..<3000).map { "n\($0)\t\(Int.random(in: 0..<100_000, using: &rng))" })
-        for (t, f, extra) in [("corpus", "words.txt", ["--replicas", "2"]), ("graph", "graph.txt", ["--replicas", "2"]), ("pts", "pts.txt", []),
+        for (t, f, extra) in [("corpus", "words.txt", ["--replicas", "2"]), ("logs", "logs.txt", ["--replicas", "2"]), ("graph", "graph.txt", ["--replicas", "2"]), ("pts", "pts.txt", []),
                               ("lr", "lr.txt", []), ("l", "l.tsv", ["--format", "kv"]), ("r", "r.tsv", ["--format", "kv"]),
                               ("nums", "nums.tsv", ["--format", "kv"])] {
             let r = try c.weft(["table", "load", t, c.dir + "/" + f] + extra)
@@ -55,7 +58,7 @@ final class DistributedJobTests: XCTestCase {
         ("pagerank", ["--input", "graph", "--iterations", "10"]),
         ("kmeans", ["--input", "pts", "--k", "3"]),
         ("logreg", ["--input", "lr"]),
-        ("logmining", ["--input", "corpus", "--words", "alpha,w7"]),
+        ("logmining", ["--input", "logs", "--words", "alpha,w7"]),
         ("join", ["--input", "l", "--input2", "r"]),
         ("sort", ["--input", "nums"]),
     ]
@@ -121,7 +124,10 @@ final class DistributedJobTests: XCTestCase {
             ("pagerank", ["--input", "graph", "--iterations", "10"], "participant-2", "executor.map-task-7"),
             ("wordcount", ["--input", "corpus"], "participant-1", "executor.map-task-1"),
             ("wordcount", ["--input", "corpus"], "participant-0", "executor.fetch-1"),
-            ("pagerank", ["--input", "graph", "--iterations", "10"], "participant-1", "executor.result-task"),
+            ("pagerank", ["--input", "graph", "--iterations", "10"], "participant-1", "executor.result-task-0"),
+            // Killed in the second word's count: the error messages it
+            // held are read back from their reliable replicas.
+            ("logmining", ["--input", "logs", "--words", "alpha,w7,w9"], "participant-2", "executor.result-task-1"),
         ]
         for (i, k) in cases.enumerated() {
             let ref = try c.weft(["job", "run", k.job] + k.args + ["--output", "ref\(i)", "--json"])
@@ -145,7 +151,10 @@ final class DistributedJobTests: XCTestCase {
             // A node killed before it computed anything leaves nothing to
             // recompute; one killed later does.
             let recomputed = o["recomputed_partitions"] as? Int ?? -1
-            if k.point == "executor.map-task-1" { XCTAssertGreaterThanOrEqual(recomputed, 0) } else {
+            if k.job == "logmining" {
+                XCTAssertGreaterThan(o["replica_reads"] as? Int ?? 0, 0, "reliable partitions are read from a replica")
+                XCTAssertEqual(recomputed, 0, "reliably persisted partitions are not recomputed")
+            } else if k.point == "executor.map-task-1" { XCTAssertGreaterThanOrEqual(recomputed, 0) } else {
                 XCTAssertGreaterThan(recomputed, 0, "\(k.point): the lost node's partitions were recomputed")
             }
             XCTAssertTrue(try c.waitNoInDoubt(), k.point)

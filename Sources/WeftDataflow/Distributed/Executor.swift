@@ -321,7 +321,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
                 sc.shuffles.put(s, map: req.partition, out)
                 payload = .inline([])
             case .result:
-                if CrashPoints.armed { CrashPoints.check("executor.result-task") }
+                if CrashPoints.armed { CrashPoints.check("executor.result-task-\(req.action)") }
                 guard req.partition >= 0 && req.partition < pub.rdd.numPartitions else { return .failed("no partition \(req.partition) in action \(req.action)") }
                 payload = service.keep(try pub.encode(req.partition, ctx))
             }
