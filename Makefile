@@ -10,7 +10,7 @@ SIM_SEEDS ?= 2000
 # binary's own 88k pointers), which is most of a short command's cost.
 RELEASE = $(SWIFT) build -c release --static-swift-stdlib -Xlinker -no-pie
 
-.PHONY: demo test deps client-deps build release sim bench bench-server bench-redis fuzz fuzz-build clean
+.PHONY: demo test deps client-deps build release sim bench bench-server bench-cluster bench-redis fuzz fuzz-build clean
 
 deps:
 	@if [ ! -f /usr/include/lmdb.h ] || [ ! -f /usr/include/openssl/ssl.h ] || ! command -v openssl >/dev/null; then \
@@ -47,6 +47,7 @@ demo: release
 # simulation seeds in release mode.
 test: deps client-deps
 	$(SWIFT) build --product weft
+	$(SWIFT) build --product weft-example-wordlengths
 	$(SWIFT) test
 	python3 Tests/cli/test_exchange.py
 	WEFT_BENCH_N=4000 python3 Tests/redis/test_redis_clients.py
@@ -68,6 +69,14 @@ bench-server: deps
 	$(RELEASE) --product weft
 	$(RELEASE) --product weft-dataflow-bench
 	python3 Tools/server-bench.py
+
+# Distributed jobs on a local 3-participant cluster (executors in the nodes)
+# beside weft server and --local, and PageRank with a node killed in
+# iteration 5 (docs/benchmarks.md).
+bench-cluster: deps
+	$(RELEASE) --product weft
+	$(RELEASE) --product weft-dataflow-bench
+	python3 Tools/cluster-bench.py
 
 # redis-benchmark against weft server and against redis-server with
 # appendfsync always, in the same run (docs/benchmarks.md).

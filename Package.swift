@@ -6,6 +6,10 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "weft", targets: ["WeftCLI"]),
+        // The dataflow engine as a library: a program registers its own
+        // jobs and serves as the cluster's nodes (Examples/WordLengths).
+        .library(name: "WeftDataflow", targets: ["WeftDataflow"]),
+        .executable(name: "weft-example-wordlengths", targets: ["WordLengthsExample"]),
         .executable(name: "weft-bench", targets: ["WeftBench"]),
         .executable(name: "weft-dataflow-bench", targets: ["DataflowBench"]),
         .executable(name: "weft-fuzz", targets: ["WeftFuzz"]),
@@ -52,6 +56,7 @@ let package = Package(
         .executableTarget(name: "WeftBench", dependencies: ["WeftRuntime", "WeftLMDB", "WeftCore", "WeftProtocol"], path: "Tools/WeftBench"),
         .testTarget(name: "WeftProtocolTests", dependencies: ["WeftProtocol", "WeftCore", "WeftSimulation"]),
         .executableTarget(name: "DataflowBench", dependencies: ["WeftDataflow", "WeftCore"], path: "Tools/DataflowBench"),
+        .executableTarget(name: "WordLengthsExample", dependencies: ["WeftDataflow", "WeftCore"], path: "Examples/WordLengths"),
         .executableTarget(name: "WeftSim", dependencies: ["WeftSimulation"], path: "Tools/WeftSim"),
         // libFuzzer targets (`make fuzz`); the driver links weakly to libFuzzer.
         .target(name: "CFuzzDriver"),

@@ -228,3 +228,79 @@ func isStopped(_ pid: Int32) -> Bool {
     guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
     return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first == "T"
 }
+
+/// A program's own job (Examples/WordLengths): its binary serves as the
+/// participants and as the driver. A node running plain `weft` (which does
+/// not know the job) is named before any task runs.
+final class UserJobTests: XCTestCase {
+    var exampleBinary: String { (weftBinary as NSString).deletingLastPathComponent + "/weft-example-wordlengths" }
+
+    func startExample(_ c: TestCluster, _ id: String) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exampleBinary)
+        p.arguments = ["node", "--cluster", c.dir, "--id", id]
+        let log = FileHandle(forWritingAtPath: c.dir + "/\(id).log") ?? FileHandle.standardError
+        log.seekToEndOfFile()
+        p.standardOutput = log
+        p.standardError = log
+        try p.run()
+        let port = c.basePort + (c.ids.firstIndex(of: id) ?? 0)
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while Date() < deadline && !pingNode(port: port, clusterDir: c.dir).contains("\"serving\"") { usleep(20_000) }
+        return p
+    }
+
+    func runExample(_ c: TestCluster, _ args: [String]) throws -> RunResult {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exampleBinary)
+        p.arguments = args + ["--cluster", c.dir]
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return RunResult(status: p.terminationStatus, signaled: false, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    func testProgramsOwnJobRunsOnItsOwnNodes() throws {
+        guard FileManager.default.isExecutableFile(atPath: exampleBinary) else {
+            throw WeftBinaryMissing(path: exampleBinary)
+        }
+        let c = try TestCluster()
+        defer { c.stop(keep: (testRun?.failureCount ?? 0) > 0) }
+        var rng = SeededGenerator(seed: 11)
+        let words = (0..<300).map { i in String(repeating: "x", count: 1 + i % 17) + "\(i)" }
+        let lines = (0..<60_000).map { _ in (0..<6).map { _ in words.randomElement(using: &rng)! }.joined(separator: " ") }
+        FileManager.default.createFile(atPath: c.dir + "/w.txt", contents: Data((lines.joined(separator: "\n") + "\n").utf8))
+        XCTAssertEqual(try c.weft(["table", "load", "corpus", c.dir + "/w.txt"]).status, 0)
+        var expected: [Int: Int] = [:]
+        for l in lines { for w in l.split(separator: " ") { expected[w.utf8.count, default: 0] += 1 } }
+
+        var children: [Process] = []
+        defer { for p in children where p.isRunning { p.terminate(); p.waitUntilExit() } }
+        for id in ["participant-0", "participant-1"] {
+            c.kill9(id)
+            children.append(try startExample(c, id))
+        }
+        // participant-2 still runs plain `weft node`: refused, naming it.
+        let refused = try runExample(c, ["run", "--input", "corpus", "--output", "lengths"])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.stderr.contains("participant-2 does not know job wordlengths"), refused.stderr)
+        XCTAssertNotEqual(try c.weft(["table", "export", "lengths"]).status, 0, "no output from a refused job")
+
+        c.kill9("participant-2")
+        children.append(try startExample(c, "participant-2"))
+        let r = try runExample(c, ["run", "--input", "corpus", "--output", "lengths"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("participant-0=") && r.stdout.contains("participant-1=") && r.stdout.contains("participant-2="), r.stdout)
+        let exported = try c.weft(["table", "export", "lengths", "--format", "kv"])
+        XCTAssertEqual(exported.status, 0, exported.stderr)
+        var got: [Int: Int] = [:]
+        for line in exported.stdout.split(separator: "\n") {
+            let f = line.split(separator: "\t")
+            got[Int(f[0])!] = Int(f[1])!
+        }
+        XCTAssertEqual(got, expected)
+    }
+}

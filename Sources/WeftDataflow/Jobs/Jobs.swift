@@ -42,18 +42,42 @@ public enum BuiltinJobs {
         ("sort", "sort key<TAB>value lines by key (numerically when every key is a number); output position -> key<TAB>value"),
     ]
 
+    /// A job a program registers (see `register`): its output rows, built
+    /// from the parameters over a context and the cluster's client.
+    public typealias Planner = @Sendable (_ params: JobParameters, _ sc: DataflowContext, _ client: WeftClient) throws -> RDD<(Bytes, Bytes)>
+
+    nonisolated(unsafe) static var registered: [String: (about: String, plan: Planner)] = [:]
+    static let registryLock = NSLock()
+
+    /// Registers a job of the program's own, by name. A program that
+    /// registers jobs and also serves as the cluster's nodes
+    /// (`WeftNode.serve`) runs them distributed: the driver and every
+    /// executor rebuild the same lineage from the name and parameters, so
+    /// `plan` must be deterministic given the results of the actions it
+    /// runs (no clock, no unseeded randomness). Register before serving.
+    public static func register(_ name: String, about: String, plan: @escaping Planner) {
+        precondition(!all.contains { $0.name == name }, "\(name) is a built-in job")
+        registryLock.withLock { registered[name] = (about, plan) }
+    }
+
+    static func registeredJob(_ name: String) -> (about: String, plan: Planner)? { registryLock.withLock { registered[name] } }
+
+    /// The built-in jobs and the program's own.
+    public static var names: [String] { all.map(\.name) + registryLock.withLock { registered.keys.sorted() } }
+
+    /// True if this binary's registry has a job of that name.
+    public static func knows(_ name: String) -> Bool { all.contains { $0.name == name } || registeredJob(name) != nil }
+
     /// Builds the job's final RDD (output rows). Iterative jobs (kmeans,
     /// logreg), logmining and sort run actions while they plan (centres,
     /// weights, counts, samples); with `explainOnly` nothing runs, and the
     /// RDD returned is one iteration's lineage (kmeans, logreg), the first
     /// word's count (logmining), or the sort without its sampled bounds.
-    /// True if this binary's registry has a job of that name.
-    public static func knows(_ name: String) -> Bool { all.contains { $0.name == name } }
-
     public static func plan(_ name: String, _ p: JobParameters, sc: DataflowContext, client: WeftClient, malformed: Accumulator,
                             explainOnly: Bool = false) throws -> RDD<(Bytes, Bytes)> {
+        if let job = registeredJob(name) { return try job.plan(p, sc, client) }
         guard all.contains(where: { $0.name == name }) else {
-            throw WeftError(.invalidArgument, "unknown job \(name); `weft job list` shows the jobs (\(all.map(\.name).joined(separator: ", ")))")
+            throw WeftError(.invalidArgument, "unknown job \(name); `weft job list` shows the jobs (\(names.joined(separator: ", ")))")
         }
         let rows = try sc.table(p.input, client: client, at: p.at)
         let input = textLines(rows)
@@ -443,6 +467,8 @@ public enum BuiltinJobs {
             result.summary.append(rows.map { "\(String(decoding: $0.0, as: UTF8.self)) \(String(decoding: $0.1, as: UTF8.self))" }.joined(separator: ", "))
         case "join":
             result.summary.append("\(rows.count) matching pairs")
+        case _ where registeredJob(name) != nil:
+            result.summary.append("\(rows.count) output rows")
         case "sort":
             let first = rows.min { compareBytes($0.0, $1.0) < 0 }.map { String(decoding: $0.1, as: UTF8.self).replacingOccurrences(of: "\t", with: " ") } ?? "-"
             result.summary.append("\(rows.count) rows sorted; first: \(first)")

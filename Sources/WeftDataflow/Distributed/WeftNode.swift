@@ -1,0 +1,71 @@
+import Foundation
+import WeftCore
+import WeftRuntime
+
+/// A program's own node and driver: a Swift program that registers jobs
+/// (`BuiltinJobs.register`) serves as the cluster's nodes with
+/// `WeftNode.serve` and runs its jobs with `WeftNode.run`, so the driver
+/// and every executor know the same jobs. (`weft node` is the same node
+/// with the built-in jobs only.)
+public enum WeftNode {
+    /// Runs node `id` of the cluster in `clusterPath` (directory or file)
+    /// until SIGTERM or SIGINT: its store, and on a participant an executor
+    /// that knows every job registered in this process.
+    public static func serve(clusterPath: String, id: String, secretFile: String? = nil) throws -> Never {
+        let config = try ClusterConfig.load(clusterPath)
+        let node = try ClusterNode(config: config, id: id, secretFile: secretFile)
+        node.onFailure = { error in
+            FileHandle.standardError.write(Data("node \(id): \(error.message); exiting, restart it to recover from disk\n".utf8))
+            exit(70)
+        }
+        var executor: ExecutorService?
+        var client: ClusterClient?
+        if case .participant(let p) = node.spec.address {
+            let cc = node.makeClient()
+            let e = ExecutorService(node: p, client: cc.client) { peer, method, body in
+                try await node.call(to: .participant(peer), method, body)
+            }
+            node.onCall = { call in e.handle(call) }
+            executor = e
+            client = cc
+        }
+        let pidFile = config.clusterDirectory + "/\(id).pid"
+        try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+        FileHandle.standardError.write(Data("node \(id) pid \(getpid()) listening on \(node.spec.endpoint); jobs: \(BuiltinJobs.names.joined(separator: ", "))\n".utf8))
+        let done = DispatchSemaphore(value: 0)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { done.signal() }
+            s.resume()
+            sources.append(s)
+        }
+        done.wait()
+        executor?.stop()
+        client?.close()
+        node.stop()
+        if (try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(getpid())\n" { try? FileManager.default.removeItem(atPath: pidFile) }
+        _ = sources
+        exit(0)
+    }
+
+    /// Runs job `name` on the cluster in `clusterPath` with this process as
+    /// the driver and the participants' executors running its tasks; the
+    /// snapshot is leased for the job's life, and `params.output`, if set,
+    /// is written in one transaction.
+    public static func run(_ name: String, _ params: JobParameters, clusterPath: String, secretFile: String? = nil,
+                           memoryBytesMax: Int = DataflowContext.memoryBytesMaxDefault) throws -> (JobResult, DistributedMetrics) {
+        let config = try ClusterConfig.load(clusterPath)
+        let remote = try ClusterClient(config: config, secretFile: secretFile)
+        defer { remote.close() }
+        let client = remote.client
+        let nodes = Array(0..<config.participantCount)
+        final class Lease: @unchecked Sendable { var value: SnapshotLease? }
+        let lease = Lease()
+        return try BuiltinJobs.runOnCluster(name, params, client: client, nodes: nodes, parallelism: 2 * nodes.count, memoryBytesMax: memoryBytesMax,
+                                            call: { n, m, b, t in try await remote.call(to: .participant(n), m, b, timeoutMillis: t) },
+                                            pin: { ts in lease.value = try blocking { try await SnapshotLease.take(client, at: ts) } },
+                                            unpin: { _ in if let l = lease.value { _ = try? blocking { await l.release() } } })
+    }
+}
