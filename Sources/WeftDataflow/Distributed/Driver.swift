@@ -173,28 +173,36 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                     if let why = dep.processBoundRefusal { throw WeftError(.invalidArgument, "job \(spec.name) cannot run on executors: \(why) (run it with --local)") }
                     let started = DispatchTime.now().uptimeNanoseconds
                     var done: [Int: Done] = [:]
-                    defer { lock.withLock { for (p, r) in done { mapOutputs[dep.shuffleId, default: [:]][p] = r.node } } }
+                    var aborted = true
+                    // Recorded whether it finished or was aborted by a fetch
+                    // failure (marked so): a killed iteration's time is all of it.
+                    defer {
+                        lock.withLock { for (p, r) in done { mapOutputs[dep.shuffleId, default: [:]][p] = r.node } }
+                        sc.metric {
+                            $0.stages += 1
+                            $0.tasks += missing.count
+                            $0.stageTimes.append(StageTime(name: "shuffle \(dep.shuffleId) of \(dep.parentRDD.name) [rdd \(dep.parentRDD.id)]\(aborted ? " (aborted)" : "")",
+                                                           tasks: missing.count, seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
+                        }
+                    }
                     try runStage(sc, action: index, kind: .map(shuffle: dep.shuffleId), rdd: dep.parentRDD, partitions: missing,
                                  stageIndex: stageIndex, stages: plan.count + 1, won: &done)
-                    sc.metric {
-                        $0.stages += 1
-                        $0.tasks += missing.count
-                        $0.stageTimes.append(StageTime(name: "shuffle \(dep.shuffleId) of \(dep.parentRDD.name) [rdd \(dep.parentRDD.id)]", tasks: missing.count,
-                                                       seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
-                    }
+                    aborted = false
                 }
                 stageIndex += 1
                 let started = DispatchTime.now().uptimeNanoseconds
                 let missing = partitions.filter { won[$0] == nil }
+                var aborted = true
                 defer {
                     sc.metric {
                         $0.stages += 1
                         $0.tasks += missing.count
-                        $0.stageTimes.append(StageTime(name: "result of \(rdd.name) [rdd \(rdd.id)]", tasks: missing.count,
+                        $0.stageTimes.append(StageTime(name: "result of \(rdd.name) [rdd \(rdd.id)]\(aborted ? " (aborted)" : "")", tasks: missing.count,
                                                        seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
                     }
                 }
                 try runStage(sc, action: index, kind: .result, rdd: rdd, partitions: missing, stageIndex: stageIndex, stages: plan.count + 1, won: &won)
+                aborted = false
                 let done = won
                 var out: [Bytes] = []
                 for p in partitions {
