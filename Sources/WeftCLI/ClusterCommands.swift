@@ -24,6 +24,7 @@ struct NodeCommand: ParsableCommand {
         let config: ClusterConfig
         let node: ClusterNode
         sayNow("weft node \(id): main entered \(wallMillis() - processStartMillis) ms after the process started")
+        if let fault = InjectedFault.active { printErr("weft node \(id): WARNING: running with the injected fault WEFT_FAULT=\(fault); this node is deliberately broken") }
         do {
             config = try ClusterConfig.load(cluster)
             node = try ClusterNode(config: config, id: id, secretFile: secretFile, certsDir: certsDir)

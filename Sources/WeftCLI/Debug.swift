@@ -14,8 +14,9 @@ struct Debug: AsyncParsableCommand {
 
     static func account(_ i: Int) -> Bytes { Array("acct/\(String(format: "%04d", i))".utf8) }
 
-    /// Concurrent transfers; prints `ack TXN COMMIT_TS` for every transfer
-    /// acknowledged as committed. `--kill-after N` SIGKILLs the process after
+    /// Concurrent transfers; prints `attempt TXN` as each begins, `ack TXN
+    /// COMMIT_TS` for every transfer acknowledged as committed, `abort TXN`
+    /// for a definite abort and `unknown TXN` for an unknown outcome. `--kill-after N` SIGKILLs the process after
     /// the N-th acknowledgement, with other transfers in flight.
     struct Bank: AsyncParsableCommand {
         @OptionGroup var global: GlobalOptions
@@ -63,6 +64,7 @@ struct Debug: AsyncParsableCommand {
                                 do {
                                     let t = try await client.begin()
                                     txnId = t.id
+                                    FileHandle.standardOutput.write(Data("attempt \(t.id)\n".utf8))
                                     let va = Int(String(decoding: try await t.get(Debug.account(a)) ?? [], as: UTF8.self)) ?? 0
                                     let vb = Int(String(decoding: try await t.get(Debug.account(b)) ?? [], as: UTF8.self)) ?? 0
                                     let amount = Int.random(in: 1...10, using: &rng)
@@ -73,6 +75,8 @@ struct Debug: AsyncParsableCommand {
                                     FileHandle.standardOutput.write(Data("ack \(t.id) \(ts)\n".utf8))
                                     if let k = killAfter, acks.increment() >= k { kill(getpid(), SIGKILL) }
                                 } catch let e as WeftError where e.code == .conflict || e.code == .aborted {
+                                    // A definite abort: it must never be applied.
+                                    if txnId != 0 { FileHandle.standardOutput.write(Data("abort \(txnId)\n".utf8)) }
                                     continue
                                 } catch let e as WeftError where resilient && e.code == .outcomeUnknown {
                                     FileHandle.standardOutput.write(Data("unknown \(txnId)\n".utf8))

@@ -11,7 +11,7 @@ struct Weft: AsyncParsableCommand {
         discussion: """
         Exit codes: 0 ok, 1 error, 2 usage, 3 transaction aborted (a conflict, or a participant that did not vote in time), 4 key not found, 5 outcome unknown.
         """,
-        subcommands: [Demo.self, ServerCommand.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, CertCommand.self, Debug.self]
+        subcommands: [Demo.self, ServerCommand.self, KV.self, Txn.self, TableCommand.self, JobCommand.self, Admin.self, ClusterCommand.self, NodeCommand.self, CertCommand.self, Check.self, Debug.self]
     )
 
     /// `kv get`, `kv put` and `table list` through a running server skip

@@ -128,6 +128,7 @@ public final class ParticipantStorage: @unchecked Sendable {
                     r.gcHorizon = try h.withUnsafeBytes { b throws(DecodeError) in try readBE(b) }
                 }
                 try txn.forEach(prepared) { k, v in
+                    if InjectedFault.active == "forget-prepared" { return true }
                     do { r.prepared.append(try PreparedTxn.decode(Array(v))) } catch { throw DecodeError("PREPARED record of transaction \((try? readBE(k)).map(String.init) ?? "?"): \((error as? DecodeError)?.reason ?? "\(error)")") }
                     return true
                 }
@@ -166,7 +167,9 @@ public final class ParticipantStorage: @unchecked Sendable {
                     case .prepared(let p):
                         try txn.put(prepared, beKey(p.txn), p.encoded())
                     case let .committed(id, ts, writes):
-                        try txn.put(commits, beKey(ts), CommitRecord(txn: id, writes: writes).encoded())
+                        if InjectedFault.active != "lose-commits" {
+                            try txn.put(commits, beKey(ts), CommitRecord(txn: id, writes: writes).encoded())
+                        }
                         try txn.delete(prepared, beKey(id))
                     case .aborted(let id):
                         try txn.delete(prepared, beKey(id))
@@ -313,4 +316,13 @@ final class PrefaultedChunks: ArenaChunkSource, @unchecked Sendable {
         cond.signal()
         cond.unlock()
     }
+}
+
+/// Deliberately broken builds, for testing the checkers (`weft check`):
+/// `WEFT_FAULT=lose-commits` makes a participant acknowledge commits it
+/// never writes to disk; `WEFT_FAULT=forget-prepared` makes it forget its
+/// PREPARED records on restart. Never set in production; a node with a
+/// fault says so in its log when it starts.
+public enum InjectedFault {
+    public static let active: String? = ProcessInfo.processInfo.environment["WEFT_FAULT"]
 }
