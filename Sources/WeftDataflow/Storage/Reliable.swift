@@ -286,9 +286,25 @@ final class ReliableState: @unchecked Sendable {
         if lock.withLock({ unreadable.contains(partition) }) { return nil }
         let (client, set) = (self.client, self.set)
         let box = DecodedBox(decode)
-        guard try blocking({ try await ReliableBlocks.read(client, set: set, partition: partition) { box.value = try box.decode($0) } }) != nil else { return nil }
-        return box.value
+        // The partition's directory entry is one key on one participant:
+        // while that participant is unreachable (restarting after a
+        // crash, say), wait for it a little before recomputing.
+        let deadline = wallMillis() + Self.directoryWaitMillis
+        var pause: UInt32 = 50_000
+        while true {
+            do {
+                guard try blocking({ try await ReliableBlocks.read(client, set: set, partition: partition) { box.value = try box.decode($0) } }) != nil else { return nil }
+                return box.value
+            } catch let e as WeftError where (e.code == .unavailable || e.code == .timeout) && wallMillis() < deadline {
+                usleep(pause)
+                pause = min(pause * 2, 500_000)
+            }
+        }
     }
+
+    /// How long a read waits for an unreachable participant holding a
+    /// partition's directory entry before the partition is recomputed.
+    static let directoryWaitMillis: UInt64 = 10_000
 
     func write(_ partition: Int, _ data: Any) throws {
         let block = encode(data)
