@@ -263,6 +263,10 @@ final class ShuffleDependency<K: Hashable, V, C>: AnyShuffleDependency {
 
     func encodeBucket(map m: Int, bucket b: Int) throws -> Bytes {
         if let why = processBoundRefusal { throw WeftError(.invalidArgument, why) }
+        // A request from another process is checked before it indexes anything.
+        guard (0..<parent.numPartitions).contains(m), (0..<partitioner.numPartitions).contains(b) else {
+            throw WeftError(.invalidArgument, "shuffle \(shuffleId) has no map output \(m) bucket \(b)")
+        }
         let out = try parent.context.shuffles.output(shuffleId, map: m)
         let rows = try readBucket(out, b)
         var w = ByteWriter(capacity: 64 + rows.count * 16)

@@ -129,9 +129,9 @@ public final class ExecutorService: @unchecked Sendable {
             return w.bytes
         default: // exec.blob
             guard ints.count == 2 else { throw WeftError(.invalidArgument, "malformed blob request") }
-            let id = UInt64(ints[0]), offset = ints[1]
+            let id = UInt64(bitPattern: Int64(ints[0])), offset = ints[1]
             return try lock.withLock { () throws -> Bytes in
-                guard let b = blobs[UInt64(id)] else { throw WeftError(.notFound, "no answer \(id) kept on node \(node) (expired?)") }
+                guard let b = blobs[id] else { throw WeftError(.notFound, "no answer \(id) kept on node \(node) (expired?)") }
                 guard offset >= 0 && offset <= b.bytes.count else { throw WeftError(.invalidArgument, "offset \(offset) outside answer \(id)") }
                 let end = min(b.bytes.count, offset + ExecutorProtocol.chunkBytesMax)
                 if end == b.bytes.count { blobs[id] = nil } else { blobs[id]!.touched = wallMillis() }
