@@ -8,7 +8,7 @@ struct Check: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Test a cluster's crash recovery: transfers under SIGKILL and SIGSTOP, with the invariants checked.",
-        subcommands: [Bank.self]
+        subcommands: [Bank.self, CrashPointsCheck.self]
     )
 
     /// `weft check bank`: read-modify-write transfers between accounts from
@@ -34,6 +34,7 @@ struct Check: ParsableCommand {
         @Option(name: .customLong("pause-every"), help: "Pause (SIGSTOP, then SIGCONT) a node this often instead of killing.") var pauseEvery: String?
         @Option(help: "Time allowed after the last restart for every in-doubt transaction to resolve.") var settle = "30s"
         @Option(help: "Seed of the kill schedule (printed; the same seed replays the same schedule).") var seed: UInt64?
+        @Option(help: "Write the history here as JSON lines: invoke, ok, fail and info events (format in docs/cli.md).") var history: String?
         @Flag(help: "Print the report as one JSON object.") var json = false
 
         func validate() throws {
@@ -80,13 +81,18 @@ struct Check: ParsableCommand {
             let expectedTotal = accounts * 1000
 
             // The workload, in its own process: its output is the history.
-            let history = cdir + "/check-bank-\(getpid()).out"
-            _ = FileManager.default.createFile(atPath: history, contents: nil)
+            let workloadOut = cdir + "/check-bank-\(getpid()).jsonl"
+            _ = FileManager.default.createFile(atPath: workloadOut, contents: nil, attributes: [.posixPermissions: 0o600])
+            let origin = wallNanos()
+            var nemesis: [[String: Any]] = []
+            func nemesisEvent(_ type: String, _ f: String, _ value: String) {
+                nemesis.append(["type": type, "f": f, "process": "nemesis", "time": wallNanos() &- origin, "value": value])
+            }
             let bank = Process()
             bank.executableURL = URL(fileURLWithPath: me)
             bank.arguments = ["debug", "bank", "--cluster", cdir, "--accounts", String(accounts), "--clients", String(clients),
-                              "--duration", String(Double(durationMs) / 1000), "--resilient"]
-            bank.standardOutput = FileHandle(forWritingAtPath: history)!
+                              "--duration", String(Double(durationMs) / 1000), "--resilient", "--jsonl", "--time-origin-ns", String(origin)]
+            bank.standardOutput = FileHandle(forWritingAtPath: workloadOut)!
             bank.standardError = FileHandle.nullDevice
             do { try bank.run() } catch { fail(WeftError(.unavailable, "cannot start the workload: \(error)"), json: json) }
 
@@ -109,16 +115,20 @@ struct Check: ParsableCommand {
                 guard let pid = readPid(cdir + "/\(victim).pid"), processAlive(pid) else { continue }
                 let role = victim == "coordinator" ? "coordinator" : "participant"
                 if pausing {
+                    nemesisEvent("info", "pause", victim)
                     Glibc.kill(pid, SIGSTOP)
                     usleep(UInt32(min(everyMs / 2, 10_000) * 1000))
                     Glibc.kill(pid, SIGCONT)
+                    nemesisEvent("info", "resume", victim)
                     report.pauses[role, default: 0] += 1
                 } else {
+                    nemesisEvent("info", "kill", victim)
                     Glibc.kill(pid, SIGKILL)
                     for _ in 0..<500 where processAlive(pid) { usleep(10_000) }
                     report.kills[role, default: 0] += 1
                     let t0 = wallMillis()
                     let r = runSelf(me, ["cluster", "start", "--dir", cdir])
+                    nemesisEvent("info", "restart", victim)
                     if r.status == 0 { report.recoveryMillis[role, default: []].append(Int(wallMillis() - t0)) } else {
                         report.violations.append("\(victim) did not restart: \(r.stderr.prefix(200))")
                     }
@@ -156,14 +166,23 @@ struct Check: ParsableCommand {
             if total != expectedTotal { report.violations.append("final total \(total), not \(expectedTotal)") }
             let applied = Set(final.stdout.split(separator: "\n").compactMap { $0.hasPrefix("log ") ? String($0.dropFirst(4)) : nil })
             var attempted = Set<String>(), acked: [String] = [], aborted: [String] = [], unknown: [String] = []
-            for line in ((try? String(contentsOfFile: history, encoding: .utf8)) ?? "").split(separator: "\n") {
-                let f = line.split(separator: " ")
-                guard f.count >= 2 else { continue }
-                switch f[0] {
-                case "attempt": attempted.insert(String(f[1]))
-                case "ack": acked.append(String(f[1]))
-                case "abort": aborted.append(String(f[1]))
-                case "unknown": unknown.append(String(f[1]))
+            var events: [[String: Any]] = []
+            for line in ((try? String(contentsOfFile: workloadOut, encoding: .utf8)) ?? "").split(separator: "\n") {
+                guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+                    report.violations.append("the workload wrote a history line that is not JSON: \(line.prefix(120))")
+                    continue
+                }
+                events.append(o)
+                guard let txn = (o["txn"] as? NSNumber).map({ String($0.uint64Value) }) else { continue }
+                switch o["type"] as? String {
+                case "invoke": attempted.insert(txn)
+                case "ok": acked.append(txn)
+                case "fail":
+                    // Only a conflict or an abort answered by the coordinator is a
+                    // definite "not applied" after the commit was asked for.
+                    let e = o["error"] as? String ?? ""
+                    if e.hasPrefix("conflict") || e.hasPrefix("aborted") { aborted.append(txn) }
+                case "info": unknown.append(txn)
                 default: break
                 }
             }
@@ -176,12 +195,30 @@ struct Check: ParsableCommand {
             for t in unknown {
                 let s = runSelf(me, ["txn", "status", t, "--cluster", cdir])
                 let committed = s.stdout.hasPrefix("committed")
+                let answer = s.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
                 if s.stdout.hasPrefix("pending") { report.violations.append("unknown outcome \(t) is still pending") }
                 if committed { report.unknownCommitted += 1 }
                 if committed != applied.contains(t) {
-                    report.violations.append("unknown outcome \(t): txn status says \(s.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) but the data says \(applied.contains(t) ? "applied" : "not applied")")
+                    report.violations.append("unknown outcome \(t): txn status says \(answer) but the data says \(applied.contains(t) ? "applied" : "not applied")")
+                }
+                nemesis.append(["type": "resolution", "process": "checker", "time": wallNanos() &- origin, "txn": UInt64(t) ?? 0,
+                                "committed": committed, "status": answer, "applied": applied.contains(t)])
+            }
+            if let path = history {
+                // The workload's events and the kills, in time order (stable, so
+                // each process's events keep their order).
+                let merged = (events + nemesis).enumerated().sorted {
+                    let (a, b) = (($0.element["time"] as? NSNumber)?.uint64Value ?? 0, ($1.element["time"] as? NSNumber)?.uint64Value ?? 0)
+                    return a != b ? a < b : $0.offset < $1.offset
+                }.map { jsonLine($0.element) }
+                do {
+                    try (merged.joined(separator: "\n") + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+                    report.historyPath = path
+                } catch {
+                    report.violations.append("cannot write the history to \(path): \(error.localizedDescription)")
                 }
             }
+            try? FileManager.default.removeItem(atPath: workloadOut)
             finish(report, ownCluster: ownCluster, dir: cdir, me: me)
         }
 
@@ -198,6 +235,233 @@ struct Check: ParsableCommand {
     }
 }
 
+/// `weft check crash-points`: every 2PC crash point (`WEFT_CRASH_AT`,
+/// docs/protocol.md) against a fresh local cluster. For each point the
+/// victim (the coordinator, or participant-0) is restarted with the point
+/// armed, a transaction that reaches it runs, the victim dies there by
+/// SIGKILL, and it is restarted. Checked per point:
+/// - the victim died at that point (its log says so);
+/// - the transaction is all or nothing across participants;
+/// - acknowledged ⇒ applied; definitely aborted ⇒ not applied; otherwise
+///   `txn status` resolves it one way, agreeing with the data;
+/// - nothing is in doubt `--settle` after the restart;
+/// - the cluster then commits again, at a later timestamp than any before.
+struct CrashPointsCheck: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "crash-points", abstract: "Kill a node at every 2PC crash point in turn; check atomicity, durability and recovery after each.")
+    @Option(help: "Participants of the local cluster (at least 2).") var participants = 3
+    @Option(help: "Only these points (comma-separated; default: all \(CrashPoints.all.count)).") var points: String?
+    @Option(help: "Time allowed after each restart for in-doubt transactions to resolve.") var settle = "30s"
+    @Flag(help: "Print one JSON object per point, then a summary object.") var json = false
+
+    /// A point's victim and the transaction that reaches it.
+    static func plan(_ point: String) -> (victim: String, kind: String) {
+        let victim = point.hasPrefix("coordinator.") ? "coordinator" : "participant-0"
+        if point.contains("-abort-") { return (victim, "abort") }
+        if point.contains("-refusal-") { return (victim, "refusal") }
+        return (victim, "commit")
+    }
+
+    func validate() throws {
+        guard (2...16).contains(participants) else { throw ValidationError("--participants must be 2...16 (a two-phase commit needs two)") }
+        guard let ms = parseMillis(settle), ms > 0 else { throw ValidationError("--settle must be a duration such as 30s") }
+        for p in selected where !CrashPoints.all.contains(p) {
+            throw ValidationError("unknown crash point '\(p)'; the points are: \(CrashPoints.all.joined(separator: ", "))")
+        }
+    }
+
+    var selected: [String] {
+        points.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty } } ?? CrashPoints.all
+    }
+
+    func run() throws {
+        let me = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
+        let settleMs = parseMillis(settle)!
+        var dir: String?
+        for attempt in 0..<3 {
+            let d = NSTemporaryDirectory() + "weft-crash-points-\(getpid())-\(attempt)"
+            let port = 20_000 + Int((UInt64(getpid()) &* 7 &+ UInt64(attempt) &* 131) % 1_000) * 10
+            if runSelf(me, ["cluster", "start", "--dir", d, "--participants", String(participants), "--base-port", String(port)]).status == 0 {
+                dir = d
+                break
+            }
+            _ = runSelf(me, ["cluster", "stop", "--dir", d])
+            try? FileManager.default.removeItem(atPath: d)
+        }
+        guard let dir else { fail(WeftError(.unavailable, "could not start a local cluster"), json: json) }
+        if !json { print("local cluster in \(dir); \(selected.count) crash points") }
+        var lastTs: UInt64 = 0
+        var failed = 0
+        var results: [[String: Any]] = []
+        for point in selected {
+            let r = runPoint(point, dir: dir, me: me, settleMs: settleMs, lastTs: &lastTs)
+            if !r.ok { failed += 1 }
+            results.append(r.json)
+            if json { print(jsonLine(r.json)) } else { print(r.line) }
+        }
+        _ = runSelf(me, ["cluster", "stop", "--dir", dir])
+        if failed == 0 { try? FileManager.default.removeItem(atPath: dir) }
+        if json {
+            print(jsonLine(["points": results.count, "passed": results.count - failed, "failed": failed, "ok": failed == 0,
+                            "kept_dir": failed == 0 ? NSNull() : dir]))
+        } else {
+            print(failed == 0 ? "OK: \(results.count) crash points passed" : "\(failed) of \(results.count) crash points FAILED; cluster directory kept: \(dir)")
+        }
+        Glibc.exit(failed == 0 ? 0 : 1)
+    }
+
+    struct PointResult {
+        var point: String
+        var victim: String
+        var reached = false
+        var outcome = "none"
+        var txn: UInt64 = 0
+        var checks: [String] = []
+        var violations: [String] = []
+        var recoveryMillis = 0
+        var ok: Bool { reached && violations.isEmpty }
+        var line: String {
+            let head = "\(ok ? "PASS" : "FAIL") \(point) (\(victim)): "
+            if !violations.isEmpty { return head + violations.joined(separator: "; ") }
+            return head + checks.joined(separator: "; ")
+        }
+        var json: [String: Any] {
+            ["point": point, "victim": victim, "reached": reached, "outcome": outcome, "txn": txn, "checked": checks,
+             "violations": violations, "recovery_ms": recoveryMillis, "ok": ok]
+        }
+    }
+
+    func runPoint(_ point: String, dir: String, me: String, settleMs: UInt64, lastTs: inout UInt64) -> PointResult {
+        let (victim, kind) = Self.plan(point)
+        var r = PointResult(point: point, victim: victim)
+        let tag = point.replacingOccurrences(of: ".", with: "-")
+        let log = dir + "/\(victim).log"
+        // Restart the victim with the point armed.
+        if let pid = readPid(dir + "/\(victim).pid"), processAlive(pid) {
+            Glibc.kill(pid, SIGKILL)
+            for _ in 0..<500 where processAlive(pid) { usleep(10_000) }
+        }
+        let logStart = (try? FileManager.default.attributesOfItem(atPath: log)[.size] as? Int) ?? 0
+        let node = Process()
+        node.executableURL = URL(fileURLWithPath: me)
+        node.arguments = ["node", "--cluster", dir, "--id", victim]
+        var env = ProcessInfo.processInfo.environment
+        env["WEFT_CRASH_AT"] = point
+        node.environment = env
+        if let out = FileHandle(forWritingAtPath: log) {
+            out.seekToEndOfFile()
+            node.standardOutput = out
+            node.standardError = out
+        }
+        node.standardInput = FileHandle.nullDevice
+        do { try node.run() } catch {
+            r.violations.append("cannot start \(victim): \(error)")
+            return r
+        }
+        // The transaction that reaches the point; tried again while the
+        // victim lives (a restarting node answers "unavailable" at first).
+        var answer: [Substring] = []
+        var keys: [String] = []
+        let deadline = wallMillis() + 20_000
+        while node.isRunning && wallMillis() < deadline {
+            let w = runSelf(me, ["debug", "crash-txn", "--cluster", dir, "--tag", tag, "--kind", kind, "--victim", "0"])
+            let lines = w.stdout.split(separator: "\n")
+            keys = lines.first { $0.hasPrefix("keys ") }.map { $0.split(separator: " ").dropFirst().map(String.init) } ?? keys
+            if let a = lines.last(where: { ["ack", "abort", "unknown", "fail"].contains($0.split(separator: " ").first ?? "") }) {
+                answer = a.split(separator: " ", maxSplits: 2)
+                if answer[0] != "fail" || !node.isRunning { break }
+            }
+            usleep(200_000)
+        }
+        for _ in 0..<1000 where node.isRunning { usleep(20_000) }
+        let logText = (try? String(contentsOfFile: log, encoding: .utf8)).map { String($0.utf8.dropFirst(logStart)) ?? "" } ?? ""
+        if node.isRunning {
+            node.terminate()
+            node.waitUntilExit()
+            r.violations.append("the victim did not reach \(point) within 40 s")
+        } else {
+            node.waitUntilExit()
+            r.reached = node.terminationReason == .uncaughtSignal && logText.contains("crash point \(point) reached")
+            if !r.reached { r.violations.append("the victim exited (status \(node.terminationStatus)) without reaching \(point)") }
+        }
+        if answer.count >= 2 {
+            r.outcome = String(answer[0])
+            r.txn = UInt64(answer[1]) ?? 0
+        }
+        if r.reached && r.txn == 0 { r.checks.append("reached before the transaction began (recovering an earlier one)") }
+        // Restart the victim; nothing may stay in doubt.
+        let t0 = wallMillis()
+        let start = runSelf(me, ["cluster", "start", "--dir", dir])
+        if start.status != 0 { r.violations.append("\(victim) did not restart: \(start.stderr.prefix(200))") }
+        r.recoveryMillis = Int(wallMillis() - t0)
+        var settled = false
+        while wallMillis() < t0 + settleMs {
+            let d = runSelf(me, ["admin", "in-doubt", "--cluster", dir])
+            if d.status == 0 && d.stdout.contains("no in-doubt transactions") {
+                settled = true
+                break
+            }
+            usleep(200_000)
+        }
+        if settled { r.checks.append("nothing in doubt \(wallMillis() - t0) ms after the restart") } else {
+            r.violations.append("transactions still in doubt \(settleMs) ms after the restart (weft admin in-doubt)")
+        }
+        // All or nothing, and consistent with what the client was told.
+        var values: [String: String] = [:]
+        let scan = runSelf(me, ["kv", "scan", "--prefix", "check/\(tag)/", "--limit", "1000", "--cluster", dir])
+        if scan.status != 0 { r.violations.append("cannot read the keys: \(scan.stderr.prefix(200))") }
+        for line in scan.stdout.split(separator: "\n") {
+            let f = line.split(separator: "\t", maxSplits: 1).map(String.init)
+            if f.count == 2 { values[f[0]] = f[1] }
+        }
+        let present = keys.filter { values[$0] == tag }
+        let applied = !keys.isEmpty && present.count == keys.count
+        if !present.isEmpty && !applied {
+            r.violations.append("partially applied: \(present.count) of \(keys.count) keys of transaction \(r.txn) hold its value")
+        } else if !keys.isEmpty {
+            r.checks.append(applied ? "all \(keys.count) keys applied" : "none of \(keys.count) keys applied")
+        }
+        switch r.outcome {
+        case "ack":
+            if !applied { r.violations.append("transaction \(r.txn) was acknowledged but is not in the data") }
+            if let ts = answer.count > 2 ? UInt64(answer[2]) : nil { lastTs = max(lastTs, ts) }
+            r.checks.append("acknowledged and kept")
+        case "abort":
+            if !present.isEmpty { r.violations.append("transaction \(r.txn) was reported aborted but is in the data") } else { r.checks.append("aborted and absent") }
+        default:
+            if r.txn != 0 {
+                let s = runSelf(me, ["txn", "status", String(r.txn), "--cluster", dir])
+                let said = s.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                if said.hasPrefix("pending") { r.violations.append("transaction \(r.txn) is still pending") }
+                if said.hasPrefix("committed") != applied {
+                    r.violations.append("transaction \(r.txn): txn status says '\(said)' but the data says \(applied ? "applied" : "not applied")")
+                } else {
+                    r.checks.append("outcome \(r.outcome): txn status '\(said.split(separator: " ").first ?? "")' agrees with the data")
+                }
+            }
+        }
+        // The cluster commits again, later than everything before.
+        var after = ""
+        for _ in 0..<50 {
+            let w = runSelf(me, ["debug", "crash-txn", "--cluster", dir, "--tag", tag + "-after", "--kind", "commit"])
+            if let a = w.stdout.split(separator: "\n").first(where: { $0.hasPrefix("ack ") }) {
+                after = String(a)
+                break
+            }
+            usleep(200_000)
+        }
+        let f = after.split(separator: " ")
+        if f.count == 3, let ts = UInt64(f[2]) {
+            if ts <= lastTs { r.violations.append("a commit after recovery got timestamp \(ts), not after \(lastTs)") } else {
+                r.checks.append("a new transaction commits at a later timestamp")
+            }
+            lastTs = ts
+        } else {
+            r.violations.append("no transaction could commit after the restart")
+        }
+        return r
+    }
+}
+
 /// What `weft check bank` found.
 struct CheckReport {
     let seed: UInt64
@@ -211,6 +475,7 @@ struct CheckReport {
     var unknownCommitted = 0
     var inDoubtResolvedMillis: Int?
     var violations: [String] = []
+    var historyPath: String?
 
     init(seed: UInt64) { self.seed = seed }
 
@@ -225,7 +490,8 @@ struct CheckReport {
         for (role, xs) in recoveryMillis { recovery[role] = ["count": xs.count, "p50_ms": Self.quantile(xs, 0.5) ?? 0, "max_ms": xs.max() ?? 0] }
         return ["seed": seed, "kills": kills, "pauses": pauses, "recovery": recovery, "snapshots_checked": snapshots,
                 "commits": commits, "aborts": aborts, "unknown": unknowns, "unknown_committed": unknownCommitted,
-                "in_doubt_resolved_ms": inDoubtResolvedMillis ?? -1, "violations": violations, "ok": violations.isEmpty]
+                "in_doubt_resolved_ms": inDoubtResolvedMillis ?? -1, "violations": violations, "ok": violations.isEmpty,
+                "history": historyPath ?? NSNull()]
     }
 
     var text: String {
@@ -237,6 +503,7 @@ struct CheckReport {
         }
         lines.append("transfers: \(commits) committed, \(aborts) aborted, \(unknowns) outcome unknown (\(unknownCommitted) of them committed); \(snapshots) snapshots checked during the run")
         lines.append("in doubt: " + (inDoubtResolvedMillis.map { "none \($0) ms after the last restart" } ?? "NOT resolved"))
+        if let historyPath { lines.append("history: \(historyPath) (JSON lines; see docs/cli.md)") }
         if violations.isEmpty {
             lines.append("OK: totals conserved, every acknowledged transfer kept, every unknown outcome resolved consistently (seed \(seed))")
         } else {
