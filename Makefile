@@ -10,7 +10,7 @@ SIM_SEEDS ?= 2000
 # binary's own 88k pointers), which is most of a short command's cost.
 RELEASE = $(SWIFT) build -c release --static-swift-stdlib -Xlinker -no-pie
 
-.PHONY: demo test deps client-deps build release sim bench bench-server bench-cluster bench-redis fuzz fuzz-build clean
+.PHONY: demo test deps client-deps build release sim bench bench-server bench-cluster bench-recovery bench-redis fuzz fuzz-build clean
 
 deps:
 	@if [ ! -f /usr/include/lmdb.h ] || [ ! -f /usr/include/openssl/ssl.h ] || ! command -v openssl >/dev/null; then \
@@ -77,6 +77,12 @@ bench-cluster: deps
 	$(RELEASE) --product weft
 	$(RELEASE) --product weft-dataflow-bench
 	python3 Tools/cluster-bench.py
+
+# Recovery time per SIGKILL for the coordinator and a participant, from a
+# 5-minute `weft check bank` run, against graceful restarts (docs/benchmarks.md).
+bench-recovery: deps
+	$(RELEASE) --product weft
+	python3 Tools/recovery-bench.py
 
 # redis-benchmark against weft server and against redis-server with
 # appendfsync always, in the same run (docs/benchmarks.md).

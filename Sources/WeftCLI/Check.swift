@@ -84,6 +84,8 @@ struct Check: ParsableCommand {
             let workloadOut = cdir + "/check-bank-\(getpid()).jsonl"
             _ = FileManager.default.createFile(atPath: workloadOut, contents: nil, attributes: [.posixPermissions: 0o600])
             let origin = wallNanos()
+            // Keys of this run only: a cluster may hold earlier runs' accounts.
+            let namespace = "check/bank-\(origin)/"
             var nemesis: [[String: Any]] = []
             func nemesisEvent(_ type: String, _ f: String, _ value: String) {
                 nemesis.append(["type": type, "f": f, "process": "nemesis", "time": wallNanos() &- origin, "value": value])
@@ -91,7 +93,7 @@ struct Check: ParsableCommand {
             let bank = Process()
             bank.executableURL = URL(fileURLWithPath: me)
             bank.arguments = ["debug", "bank", "--cluster", cdir, "--accounts", String(accounts), "--clients", String(clients),
-                              "--duration", String(Double(durationMs) / 1000), "--resilient", "--jsonl", "--time-origin-ns", String(origin)]
+                              "--duration", String(Double(durationMs) / 1000), "--resilient", "--jsonl", "--time-origin-ns", String(origin), "--namespace", namespace]
             bank.standardOutput = FileHandle(forWritingAtPath: workloadOut)!
             bank.standardError = FileHandle.nullDevice
             do { try bank.run() } catch { fail(WeftError(.unavailable, "cannot start the workload: \(error)"), json: json) }
@@ -99,7 +101,7 @@ struct Check: ParsableCommand {
             // Kills start once the workload has made its accounts.
             let setupDeadline = wallMillis() + 30_000
             while wallMillis() < setupDeadline {
-                let r = runSelf(me, ["debug", "bank-check", "--cluster", cdir])
+                let r = runSelf(me, ["debug", "bank-check", "--cluster", cdir, "--namespace", namespace])
                 if r.status == 0, r.stdout.contains("accounts \(accounts)\n") { break }
                 if !bank.isRunning { break }
                 usleep(100_000)
@@ -134,7 +136,7 @@ struct Check: ParsableCommand {
                     }
                 }
                 lastRestart = wallMillis()
-                let snap = runSelf(me, ["debug", "bank-check", "--cluster", cdir])
+                let snap = runSelf(me, ["debug", "bank-check", "--cluster", cdir, "--namespace", namespace])
                 if snap.status == 0, let total = bankTotal(snap.stdout) {
                     report.snapshots += 1
                     if total != expectedTotal { report.violations.append("a snapshot after killing \(victim) holds total \(total), not \(expectedTotal)") }
@@ -158,7 +160,7 @@ struct Check: ParsableCommand {
             if !settled { report.violations.append("transactions still in doubt \(settleMs) ms after the last restart (weft admin in-doubt)") }
 
             // The final state against the history.
-            let final = runSelf(me, ["debug", "bank-check", "--cluster", cdir])
+            let final = runSelf(me, ["debug", "bank-check", "--cluster", cdir, "--namespace", namespace])
             guard final.status == 0, let total = bankTotal(final.stdout) else {
                 report.violations.append("the final state cannot be read: \(final.stderr.prefix(200))")
                 finish(report, ownCluster: ownCluster, dir: cdir, me: me)
@@ -487,7 +489,10 @@ struct CheckReport {
 
     var json: [String: Any] {
         var recovery: [String: Any] = [:]
-        for (role, xs) in recoveryMillis { recovery[role] = ["count": xs.count, "p50_ms": Self.quantile(xs, 0.5) ?? 0, "max_ms": xs.max() ?? 0] }
+        for (role, xs) in recoveryMillis {
+            recovery[role] = ["count": xs.count, "min_ms": xs.min() ?? 0, "p50_ms": Self.quantile(xs, 0.5) ?? 0, "p90_ms": Self.quantile(xs, 0.9) ?? 0,
+                              "p99_ms": Self.quantile(xs, 0.99) ?? 0, "max_ms": xs.max() ?? 0, "samples_ms": xs]
+        }
         return ["seed": seed, "kills": kills, "pauses": pauses, "recovery": recovery, "snapshots_checked": snapshots,
                 "commits": commits, "aborts": aborts, "unknown": unknowns, "unknown_committed": unknownCommitted,
                 "in_doubt_resolved_ms": inDoubtResolvedMillis ?? -1, "violations": violations, "ok": violations.isEmpty,
@@ -499,7 +504,7 @@ struct CheckReport {
         lines.append("kills: \(kills.isEmpty ? "none" : kills.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))"
                      + (pauses.isEmpty ? "" : "; pauses: " + pauses.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
         for (role, xs) in recoveryMillis.sorted(by: { $0.key < $1.key }) {
-            lines.append("recovery of a killed \(role) (restart until it answers): p50 \(Self.quantile(xs, 0.5) ?? 0) ms, max \(xs.max() ?? 0) ms over \(xs.count)")
+            lines.append("recovery of a killed \(role) (restart until it answers): p50 \(Self.quantile(xs, 0.5) ?? 0) ms, p90 \(Self.quantile(xs, 0.9) ?? 0) ms, max \(xs.max() ?? 0) ms over \(xs.count)")
         }
         lines.append("transfers: \(commits) committed, \(aborts) aborted, \(unknowns) outcome unknown (\(unknownCommitted) of them committed); \(snapshots) snapshots checked during the run")
         lines.append("in doubt: " + (inDoubtResolvedMillis.map { "none \($0) ms after the last restart" } ?? "NOT resolved"))

@@ -72,6 +72,14 @@ struct NodeCommand: ParsableCommand {
             let e = executor!
             node.onCall = { call in e.handle(call) }
         }
+        // The tables page reads the catalog through a client of the cluster.
+        var pagesClient: ClusterClient?
+        if let status = node.statusServer {
+            let cc = node.makeClient()
+            let client = cc.client
+            status.addPage("tables") { tablesPage(client) }
+            pagesClient = cc
+        }
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
         sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint)\(redisNote), recovered in \(node.recoveryMillis) ms")
@@ -89,6 +97,7 @@ struct NodeCommand: ParsableCommand {
         let sig = stop.received.value
         executor?.stop()
         executorClient?.close()
+        pagesClient?.close()
         node.stop()
         if (try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(getpid())\n" { try? FileManager.default.removeItem(atPath: pidFile) }
         sayNow("weft node \(id) stopped (signal \(sig))")

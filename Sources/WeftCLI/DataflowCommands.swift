@@ -323,6 +323,9 @@ struct JobCommand: AsyncParsableCommand {
                 let nodes = Array(0..<remote.config.participantCount)
                 let threads = self.threads ?? 2 * nodes.count
                 let tty = isatty(1) == 1
+                // The coordinator's jobs pages show this job while it runs.
+                let reporter = JobReporter(remote: remote)
+                await reporter.start(job: name, input: p.input)
                 do {
                     let (result, dist) = try await onDriverThread { () throws -> (JobResult, DistributedMetrics) in
                         let client = remote.client
@@ -333,6 +336,7 @@ struct JobCommand: AsyncParsableCommand {
                                                             unpin: { _ in if let l = lease.value { _ = try? blocking { await l.release() } } },
                                                             prepare: { _, sc in
                                                                 sc.onProgress = { pr in
+                                                                    reporter.progress(stage: pr.stage, stages: pr.stages, tasksDone: pr.tasksDone, tasks: pr.tasks)
                                                                     if pr.tasksDone == pr.tasks || tty {
                                                                         let line = "[stage \(pr.stage)/\(pr.stages)] \(pr.tasksDone)/\(pr.tasks) tasks"
                                                                         FileHandle.standardError.write(Data((tty ? "\r" + line : line + "\n").utf8))
@@ -349,9 +353,13 @@ struct JobCommand: AsyncParsableCommand {
                     o["speculative_tasks"] = dist.speculativeTasks
                     o["fetch_failures"] = dist.fetchFailures
                     o["executors_lost"] = dist.executorsLost.map { "participant-\($0)" }
+                    if let url = reporter.url { o["job_url"] = url }
+                    await reporter.finish(result: o, error: nil)
                     printJobResult(o, json: g.json)
                 } catch {
-                    fail((error as? WeftError) ?? WeftError(.unavailable, "\(error)"), json: g.json)
+                    let e = (error as? WeftError) ?? WeftError(.unavailable, "\(error)")
+                    await reporter.finish(result: nil, error: e.message)
+                    fail(e, json: g.json)
                 }
                 return
             }
@@ -452,8 +460,10 @@ func jobResultObject(_ name: String, _ p: JobParameters, _ result: JobResult, th
                             "recomputed_partitions": result.metrics.recomputedPartitions,
                             "partitions_read_from_replicas": result.metrics.partitionsReadFromReplicas,
                             "bytes_spilled": result.metrics.bytesSpilled, "spill_files": result.metrics.spillFiles,
+                            "shuffle_bytes_written": result.metrics.shuffleBytesWritten, "shuffle_bytes_fetched": result.metrics.shuffleBytesFetched,
+                            "cache_hits": result.metrics.cacheHits, "cache_misses": result.metrics.cacheMisses,
                             "threads": threads, "memory_bytes_max": memory,
-                            "stage_times": result.metrics.stageTimes.map { ["stage": $0.name, "tasks": $0.tasks, "seconds": $0.seconds] as [String: Any] }]
+                            "stage_times": result.metrics.stageTimes.map(\.json)]
     if let out = p.output, let ts = result.committedTs {
         o["output"] = out
         o["committed_ts"] = ts

@@ -12,7 +12,7 @@ struct Debug: AsyncParsableCommand {
         subcommands: [Bank.self, BankCheck.self, CrashTxn.self]
     )
 
-    static func account(_ i: Int) -> Bytes { Array("acct/\(String(format: "%04d", i))".utf8) }
+    static func account(_ i: Int, _ namespace: String = "") -> Bytes { Array("\(namespace)acct/\(String(format: "%04d", i))".utf8) }
 
     /// Concurrent transfers; prints `attempt TXN` as each begins, `ack TXN
     /// COMMIT_TS` for every transfer acknowledged as committed, `abort TXN`
@@ -31,16 +31,18 @@ struct Debug: AsyncParsableCommand {
         @Flag(help: "Keep going through node failures (for random-kill tests).") var resilient = false
         @Flag(help: "Print the history as JSON lines (invoke, ok, fail, info).") var jsonl = false
         @Option(name: .customLong("time-origin-ns"), help: "Wall-clock nanoseconds that history times count from.") var timeOrigin: UInt64?
+        @Option(help: "A prefix for every key (acct/ and log/ keys live under it).") var namespace = ""
 
         func run() async throws {
             let (accounts, clients, transfers, killAfter, balance) = (self.accounts, self.clients, self.transfers, self.killAfter, self.balance)
             let (durationSeconds, resilient) = (duration, self.resilient)
-            let history = BankHistory(jsonl: jsonl, origin: timeOrigin ?? wallNanos())
+            let history = BankHistory(jsonl: jsonl, origin: timeOrigin ?? wallNanos(), namespace: namespace)
+            let ns = namespace
             try await withCluster(global) { client in
                 var ready = false
                 for attempt in 0..<50 where !ready {
                     do {
-                        ready = try await client.get(Debug.account(0)).value != nil
+                        ready = try await client.get(Debug.account(0, ns)).value != nil
                         break
                     } catch let e as WeftError where resilient && attempt < 49 {
                         _ = e
@@ -49,7 +51,7 @@ struct Debug: AsyncParsableCommand {
                 }
                 if !ready {
                     let t = try await client.begin()
-                    for i in 0..<accounts { try t.put(Debug.account(i), Array(String(balance).utf8)) }
+                    for i in 0..<accounts { try t.put(Debug.account(i, ns), Array(String(balance).utf8)) }
                     try await t.commit()
                 }
                 let acks = Counter()
@@ -68,21 +70,22 @@ struct Debug: AsyncParsableCommand {
                                 let a = Int.random(in: 0..<accounts, using: &rng)
                                 var b = Int.random(in: 0..<(accounts - 1), using: &rng)
                                 if b >= a { b += 1 }
-                                let (ka, kb) = (String(decoding: Debug.account(a), as: UTF8.self), String(decoding: Debug.account(b), as: UTF8.self))
+                                let (ka, kb) = (String(decoding: Debug.account(a, ns), as: UTF8.self), String(decoding: Debug.account(b, ns), as: UTF8.self))
                                 var op = BankOp(process: process, invokedAt: history.now(), keys: (ka, kb))
+                                op.logPrefix = ns + "log/"
                                 var committing = false
                                 do {
                                     let t = try await client.begin()
                                     op.txn = t.id
                                     history.invoke(op)
-                                    let va = Int(String(decoding: try await t.get(Debug.account(a)) ?? [], as: UTF8.self))
-                                    let vb = Int(String(decoding: try await t.get(Debug.account(b)) ?? [], as: UTF8.self))
+                                    let va = Int(String(decoding: try await t.get(Debug.account(a, ns)) ?? [], as: UTF8.self))
+                                    let vb = Int(String(decoding: try await t.get(Debug.account(b, ns)) ?? [], as: UTF8.self))
                                     op.reads = (va, vb)
                                     let amount = Int.random(in: 1...10, using: &rng)
                                     op.writes = ((va ?? 0) - amount, (vb ?? 0) + amount, "\(a) \(b) \(amount) client-\(c)")
-                                    try t.put(Debug.account(a), Array(String(op.writes!.0).utf8))
-                                    try t.put(Debug.account(b), Array(String(op.writes!.1).utf8))
-                                    try t.put(Array("log/\(t.id)".utf8), Array(op.writes!.2.utf8))
+                                    try t.put(Debug.account(a, ns), Array(String(op.writes!.0).utf8))
+                                    try t.put(Debug.account(b, ns), Array(String(op.writes!.1).utf8))
+                                    try t.put(Array("\(ns)log/\(t.id)".utf8), Array(op.writes!.2.utf8))
                                     committing = true
                                     let ts = try await t.commit()
                                     history.complete(op, "ok", commitTs: ts)
@@ -184,15 +187,17 @@ struct Debug: AsyncParsableCommand {
     struct BankCheck: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "bank-check")
         @OptionGroup var global: GlobalOptions
+        @Option var namespace = ""
 
         func run() async throws {
+            let ns = namespace
             try await withCluster(global) { client in
-                let (rows, _) = try await client.scan(prefix: Array("acct/".utf8), limit: Limits.scanLimitMax)
+                let (rows, _) = try await client.scan(prefix: Array("\(ns)acct/".utf8), limit: Limits.scanLimitMax)
                 let total = rows.reduce(0) { $0 + (Int(String(decoding: $1.value, as: UTF8.self)) ?? 0) }
                 print("accounts \(rows.count)")
                 print("total \(total)")
-                let (logs, _) = try await client.scan(prefix: Array("log/".utf8), limit: Limits.scanLimitMax)
-                for l in logs { print("log \(String(decoding: l.key.dropFirst(4), as: UTF8.self))") }
+                let (logs, _) = try await client.scan(prefix: Array("\(ns)log/".utf8), limit: Limits.scanLimitMax)
+                for l in logs { print("log \(String(decoding: l.key.dropFirst(ns.utf8.count + 4), as: UTF8.self))") }
             }
         }
     }
@@ -215,6 +220,7 @@ struct BankOp {
     var process: Int
     var invokedAt: UInt64
     var keys: (String, String)
+    var logPrefix = "log/"
     var txn: UInt64 = 0
     var reads: (Int?, Int?)?
     var writes: (Int, Int, String)?
@@ -228,7 +234,7 @@ struct BankOp {
     /// Jepsen's micro-operations: `["r", key, value]` and `["w", key, value]`,
     /// with null for a value not (yet) known.
     var value: [[Any]] {
-        let logKey = "log/\(txn)"
+        let logKey = "\(logPrefix)\(txn)"
         return [["r", keys.0, reads?.0 ?? NSNull()], ["r", keys.1, reads?.1 ?? NSNull()],
                 ["w", keys.0, writes?.0 ?? NSNull()], ["w", keys.1, writes?.1 ?? NSNull()],
                 ["w", logKey, writes?.2 ?? NSNull()]]
@@ -242,9 +248,12 @@ final class BankHistory: @unchecked Sendable {
     let origin: UInt64
     let lock = NSLock()
 
-    init(jsonl: Bool, origin: UInt64) {
+    let namespace: String
+
+    init(jsonl: Bool, origin: UInt64, namespace: String) {
         self.jsonl = jsonl
         self.origin = origin
+        self.namespace = namespace
     }
 
     func now() -> UInt64 { wallNanos() &- origin }

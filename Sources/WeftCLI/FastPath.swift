@@ -250,3 +250,25 @@ func printTables(_ infos: [TableStore.Info], json: Bool) {
     }
     if infos.isEmpty && !json { print("no tables") }
 }
+
+/// The status port's `tables` page: every committed table, its generation
+/// and blocks, and how many blocks (replicas included) each participant holds.
+func tablesPage(_ client: WeftClient) -> [String: Any]? {
+    let infos: [TableStore.Info]
+    do { infos = try blocking { try await TableStore.list(client) } } catch let e as WeftError {
+        return ["tables": [], "error": "cannot read the catalog: \(e.message)"]
+    } catch {
+        return ["tables": [], "error": "cannot read the catalog: \(error)"]
+    }
+    let n = client.participantCount
+    let rows: [[String: Any]] = infos.map { i in
+        var perParticipant: [String: Int] = [:]
+        for (p, count) in i.blockCounts.enumerated() where count > 0 {
+            for r in 0..<max(1, min(i.replicas, n)) { perParticipant["participant-\(Blocks.target(partition: p, replica: r, participants: n))", default: 0] += count }
+        }
+        return ["table": i.name, "rows": i.rows, "format": i.format, "layout": i.blocks ? "blocks" : "rows", "generation": i.generation,
+                "committed_ts": String(i.committedTs), "partitions": i.partitions, "blocks": i.blockCount, "bytes": i.bytes,
+                "replicas": i.replicas, "blocks_per_participant": perParticipant]
+    }
+    return ["tables": rows, "participants": n]
+}

@@ -103,6 +103,11 @@ struct ServerCommand: ParsableCommand {
             }
             // Jobs asked of the server run here, beside the data.
             let cluster = server.cluster
+            server.http?.addPage("tables") {
+                let client = cluster.client()
+                defer { client.close() }
+                return tablesPage(client)
+            }
             let board = server.jobs
             let jobPage = server.file.http.map { "http://\($0)/jobs/" }
             server.serveCalls { call in

@@ -161,7 +161,17 @@ final class ObservabilityTests: XCTestCase {
         XCTAssertEqual(job["output_rows"] as? Int, 8, "distinct words")
         let stages = job["stage_list"] as? [[String: Any]] ?? []
         XCTAssertEqual(stages.count, job["stages"] as? Int, "one row per stage run")
+        checkStages(stages, job: job)
         XCTAssertEqual(try get(port, "/api/jobs/99", token: secret).0, 404)
+        // The tables page: the loaded table and the job's output, with their blocks.
+        let (tc, tb) = try get(port, "/api/tables", token: secret)
+        XCTAssertEqual(tc, 200)
+        let tables = (try JSONSerialization.jsonObject(with: Data(tb.utf8)) as? [String: Any])?["tables"] as? [[String: Any]] ?? []
+        let words = try XCTUnwrap(tables.first { $0["table"] as? String == "words" }, tb)
+        XCTAssertEqual(words["rows"] as? Int, 2)
+        XCTAssertEqual(words["layout"] as? String, "blocks")
+        let per = words["blocks_per_participant"] as? [String: Int] ?? [:]
+        XCTAssertEqual(per.values.reduce(0, +), (words["blocks"] as? Int ?? -1) * (words["replicas"] as? Int ?? -1), tb)
         let (_, metrics) = try get(port, "/metrics", token: secret)
         let m = parse(metrics)
         XCTAssertEqual(m["weft_jobs_total{result=\"succeeded\"}"], 1)
@@ -182,6 +192,104 @@ final class ObservabilityTests: XCTestCase {
             XCTAssertEqual(dom.components(separatedBy: "class=\"stage\"").count - 1, stages.count, "one box per stage in the DAG")
         } else {
             print("chromium is not installed: the job page's browser check did not run")
+        }
+    }
+
+    /// Each stage row: its tasks' duration quantiles over all its tasks,
+    /// and per-stage counters that add up to the job's.
+    func checkStages(_ stages: [[String: Any]], job: [String: Any]) {
+        let n = { (o: [String: Any], k: String) in (o[k] as? NSNumber)?.doubleValue ?? -1 }
+        for st in stages {
+            XCTAssertGreaterThan(n(st, "task_p50_ms"), 0, "\(st)")
+            XCTAssertLessThanOrEqual(n(st, "task_p50_ms"), n(st, "task_p95_ms"), "\(st)")
+            XCTAssertLessThanOrEqual(n(st, "task_p95_ms"), n(st, "task_max_ms"), "\(st)")
+            XCTAssertLessThanOrEqual(n(st, "task_max_ms"), n(st, "seconds") * 1000 + 1, "a task is no longer than its stage: \(st)")
+        }
+        XCTAssertEqual(stages.map { n($0, "shuffle_bytes_written") }.reduce(0, +), n(job, "shuffle_bytes_written"))
+        XCTAssertEqual(stages.map { n($0, "shuffle_bytes_fetched") }.reduce(0, +), n(job, "shuffle_bytes_fetched"))
+        XCTAssertGreaterThan(n(stages.first ?? [:], "shuffle_bytes_written"), 0, "the map stage wrote its shuffle")
+    }
+
+    /// A job run on a cluster (this process the driver, the participants'
+    /// executors the tasks) appears on the coordinator's jobs pages; the
+    /// participants' /metrics count its tasks and shuffle bytes; every
+    /// node's tables page lists the tables with their blocks.
+    func testAClusterJobIsReportedToTheCoordinatorsPages() throws {
+        var d = ""
+        var base = 0
+        for attempt in 0..<3 {
+            d = tempDir("weft-obs-cluster")
+            base = 20_000 + Int.random(in: 0..<1_200) * 10
+            let r = try runWeft(["cluster", "start", "--dir", d, "--base-port", String(base), "--http-port", String(base + 5)])
+            if r.status == 0 { break }
+            _ = try? runWeft(["cluster", "stop", "--dir", d])
+            removeDir(d)
+            if attempt == 2 { throw XCTSkip("cluster did not start: \(r.stderr)") }
+        }
+        defer {
+            _ = try? runWeft(["cluster", "stop", "--dir", d])
+            removeDir(d)
+        }
+        let secret = ClusterSecret.hex(try ClusterSecret.clientKey(dir: d, secretFile: nil))
+        // About 3.6 MB: several blocks, so several map tasks on different
+        // nodes and buckets fetched over the network.
+        var lines = ""
+        for i in 0..<60_000 { lines += "a-rather-long-word-number-\(i % 97) a-rather-long-word-number-\(i % 13)\n" }
+        try lines.write(toFile: d + "/words.txt", atomically: true, encoding: .utf8)
+        XCTAssertEqual(try runWeft(["table", "load", "words", d + "/words.txt", "--cluster", d, "--replicas", "2"]).status, 0)
+        let run = try runWeft(["job", "run", "wordcount", "--input", "words", "--cluster", d, "--json"])
+        XCTAssertEqual(run.status, 0, run.stderr)
+        let answer = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data((run.stdout.split(separator: "\n").last ?? "").utf8)) as? [String: Any], run.stdout)
+        // The coordinator is node 0 (port base, status port base + 5).
+        XCTAssertEqual(answer["job_url"] as? String, "http://127.0.0.1:\(base + 5)/jobs/1", "\(answer)")
+        let (code, body) = try get(base + 5, "/api/jobs/1", token: secret)
+        XCTAssertEqual(code, 200, body)
+        let job = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any])
+        XCTAssertEqual(job["state"] as? String, "succeeded")
+        XCTAssertEqual(job["driver"] as? String, "remote")
+        XCTAssertEqual(job["executors"] as? String, "cluster")
+        XCTAssertEqual(job["output_rows"] as? Int, 97, "distinct words")
+        let stages = job["stage_list"] as? [[String: Any]] ?? []
+        XCTAssertEqual(stages.count, job["stages"] as? Int)
+        checkStages(stages, job: job)
+        XCTAssertGreaterThan(job["shuffle_bytes_fetched"] as? Int ?? 0, 0, "reducers fetched buckets over the network")
+        let (_, list) = try get(base + 5, "/api/jobs", token: secret)
+        XCTAssertTrue(list.contains("\"job\":\"wordcount\""), list)
+        // The participants' executors count what they ran.
+        var tasks = 0.0, written = 0.0
+        for i in 1...3 {
+            let (_, text) = try get(base + 5 + i, "/metrics", token: secret)
+            let m = parse(text)
+            tasks += m["weft_executor_tasks_total{result=\"succeeded\"}"] ?? 0
+            written += m["weft_shuffle_bytes_written_total"] ?? 0
+        }
+        XCTAssertEqual(tasks, Double(job["tasks"] as? Int ?? -1), "every task the driver counted ran on an executor")
+        XCTAssertEqual(written, Double(job["shuffle_bytes_written"] as? Int ?? -1))
+        // Any node's tables page reads the catalog.
+        let (tc, tb) = try get(base + 7, "/api/tables", token: secret)
+        XCTAssertEqual(tc, 200, tb)
+        let tables = (try JSONSerialization.jsonObject(with: Data(tb.utf8)) as? [String: Any])?["tables"] as? [[String: Any]] ?? []
+        let words = try XCTUnwrap(tables.first { $0["table"] as? String == "words" }, tb)
+        XCTAssertEqual(words["replicas"] as? Int, 2)
+        let per = words["blocks_per_participant"] as? [String: Int] ?? [:]
+        XCTAssertEqual(per.count, 3, tb)
+        XCTAssertEqual(per.values.reduce(0, +), 2 * (words["blocks"] as? Int ?? -1), tb)
+        if let browser = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) {
+            for (path, want) in [("/jobs/1", "<table id=\"stages\">"), ("/tables", "<table id=\"tables\">")] {
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: browser)
+                p.arguments = ["--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=\(d)/chromium", "--dump-dom", "http://127.0.0.1:\(base + 5)\(path)?token=\(secret)"]
+                let out = Pipe()
+                p.standardOutput = out
+                p.standardError = FileHandle.nullDevice
+                try p.run()
+                let dom = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                p.waitUntilExit()
+                XCTAssertTrue(dom.contains(want), "\(path): \(dom.prefix(400))")
+                if path == "/tables" { XCTAssertTrue(dom.contains("<td>words</td>"), dom) }
+            }
+        } else {
+            print("chromium is not installed: the cluster pages' browser check did not run")
         }
     }
 

@@ -94,12 +94,57 @@ public final class Broadcast<T>: @unchecked Sendable {
 }
 
 /// One stage run: a shuffle map stage is named after the shuffle and the
-/// RDD it reads, a result stage after the RDD the action runs on.
+/// RDD it reads, a result stage after the RDD the action runs on. With its
+/// tasks' durations (each task's successful attempt) and what the stage
+/// spilled, shuffled and ran again.
 public struct StageTime: Sendable, CustomStringConvertible {
     public let name: String
     public let tasks: Int
     public let seconds: Double
+    public var taskMillis = TaskDurations()
+    public var bytesSpilled = 0
+    public var shuffleBytesWritten = 0
+    /// Shuffle bytes read from other executors over the network (0 in one process).
+    public var shuffleBytesFetched = 0
+    public var retries = 0
+    public var recomputedPartitions = 0
+
+    public init(name: String, tasks: Int, seconds: Double) {
+        self.name = name
+        self.tasks = tasks
+        self.seconds = seconds
+    }
+
     public var description: String { String(format: "%@: %d tasks, %.3f s", name, tasks, seconds) }
+
+    public var json: [String: Any] {
+        ["stage": name, "tasks": tasks, "seconds": seconds, "task_ms": taskMillis.json, "bytes_spilled": bytesSpilled,
+         "shuffle_bytes_written": shuffleBytesWritten, "shuffle_bytes_fetched": shuffleBytesFetched,
+         "retries": retries, "recomputed_partitions": recomputedPartitions]
+    }
+}
+
+/// Quantiles of a stage's task durations, in milliseconds.
+public struct TaskDurations: Sendable {
+    public var count = 0
+    public var p50 = 0.0
+    public var p95 = 0.0
+    public var max = 0.0
+
+    public init() {}
+
+    public init(_ millis: [Double]) {
+        guard !millis.isEmpty else { return }
+        let s = millis.sorted()
+        count = s.count
+        p50 = s[(s.count - 1) / 2]
+        p95 = s[Swift.min(s.count - 1, Int((Double(s.count - 1) * 0.95).rounded(.up)))]
+        max = s[s.count - 1]
+    }
+
+    public var json: [String: Any] {
+        ["count": count, "p50": (p50 * 1000).rounded() / 1000, "p95": (p95 * 1000).rounded() / 1000, "max": (max * 1000).rounded() / 1000]
+    }
 }
 
 /// Counters a job reports.
@@ -114,6 +159,12 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
     /// this context (after cache eviction or lost shuffle output).
     public var recomputedPartitions = 0
     public var cacheHits = 0
+    /// Partitions of persisted RDDs not found in the cache (computed, or read from a replica).
+    public var cacheMisses = 0
+    /// Shuffle map output held by executors: in memory (estimated) and in spill files.
+    public var shuffleBytesWritten = 0
+    /// Shuffle buckets read from another executor over the network.
+    public var shuffleBytesFetched = 0
     /// Partitions of reliably persisted RDDs read back from a replica block.
     public var partitionsReadFromReplicas = 0
     /// Reliably persisted partitions none of whose replicas could be read
@@ -149,6 +200,9 @@ public struct JobMetrics: Sendable, CustomStringConvertible {
         executorsLost += o.executorsLost
         recomputedPartitions += o.recomputedPartitions
         cacheHits += o.cacheHits
+        cacheMisses += o.cacheMisses
+        shuffleBytesWritten += o.shuffleBytesWritten
+        shuffleBytesFetched += o.shuffleBytesFetched
         partitionsReadFromReplicas += o.partitionsReadFromReplicas
         unreadableReplicatedPartitions += o.unreadableReplicatedPartitions
         diskBlockReads += o.diskBlockReads

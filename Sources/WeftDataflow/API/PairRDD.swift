@@ -90,6 +90,10 @@ public final class ShuffleOutput: @unchecked Sendable {
     let memoryBytes: Int
     let runs: [SpillRun]
     let rows: Int
+    /// Bytes held: the in-memory estimate and the spill files.
+    var bytes: Int {
+        runs.reduce(memoryBytes) { $0 + ((try? FileManager.default.attributesOfItem(atPath: $1.file)[.size] as? Int) ?? 0) }
+    }
     /// Writes the in-memory buckets as one more run and returns the output
     /// without memory (nil when there is nothing to write or no codec).
     /// Built where the types are known; see `ShuffleManager.demote`.

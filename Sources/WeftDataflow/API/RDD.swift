@@ -40,9 +40,12 @@ open class RDD<T>: AnyRDD {
 
     /// The partition's data: from the cache if persisted there, else computed.
     public final func iterator(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
-        if storageLevel != .none, let cached = try context.blocks.get(rdd: id, partition: partition, ctx) as? [T] {
-            context.metric { $0.cacheHits += 1 }
-            return cached
+        if storageLevel != .none {
+            if let cached = try context.blocks.get(rdd: id, partition: partition, ctx) as? [T] {
+                context.metric { $0.cacheHits += 1 }
+                return cached
+            }
+            context.metric { $0.cacheMisses += 1 }
         }
         if let r = reliable {
             do {

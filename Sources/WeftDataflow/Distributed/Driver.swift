@@ -171,37 +171,26 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                     }
                     if missing.isEmpty { continue }
                     if let why = dep.processBoundRefusal { throw WeftError(.invalidArgument, "job \(spec.name) cannot run on executors: \(why) (run it with --local)") }
-                    let started = DispatchTime.now().uptimeNanoseconds
+                    let record = beginStage(sc)
                     var done: [Int: Done] = [:]
                     var aborted = true
                     // Recorded whether it finished or was aborted by a fetch
                     // failure (marked so): a killed iteration's time is all of it.
                     defer {
                         lock.withLock { for (p, r) in done { mapOutputs[dep.shuffleId, default: [:]][p] = r.node } }
-                        sc.metric {
-                            $0.stages += 1
-                            $0.tasks += missing.count
-                            $0.stageTimes.append(StageTime(name: "shuffle \(dep.shuffleId) of \(dep.parentRDD.name) [rdd \(dep.parentRDD.id)]\(aborted ? " (aborted)" : "")",
-                                                           tasks: missing.count, seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
-                        }
+                        endStage(sc, record, name: "shuffle \(dep.shuffleId) of \(dep.parentRDD.name) [rdd \(dep.parentRDD.id)]\(aborted ? " (aborted)" : "")", tasks: missing.count)
                     }
                     try runStage(sc, action: index, kind: .map(shuffle: dep.shuffleId), rdd: dep.parentRDD, partitions: missing,
-                                 stageIndex: stageIndex, stages: plan.count + 1, won: &done)
+                                 stageIndex: stageIndex, stages: plan.count + 1, won: &done, durations: record.durations)
                     aborted = false
                 }
                 stageIndex += 1
-                let started = DispatchTime.now().uptimeNanoseconds
+                let resultStage = beginStage(sc)
                 let missing = partitions.filter { won[$0] == nil }
                 var aborted = true
-                defer {
-                    sc.metric {
-                        $0.stages += 1
-                        $0.tasks += missing.count
-                        $0.stageTimes.append(StageTime(name: "result of \(rdd.name) [rdd \(rdd.id)]\(aborted ? " (aborted)" : "")", tasks: missing.count,
-                                                       seconds: Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9))
-                    }
-                }
-                try runStage(sc, action: index, kind: .result, rdd: rdd, partitions: missing, stageIndex: stageIndex, stages: plan.count + 1, won: &won)
+                defer { endStage(sc, resultStage, name: "result of \(rdd.name) [rdd \(rdd.id)]\(aborted ? " (aborted)" : "")", tasks: missing.count) }
+                try runStage(sc, action: index, kind: .result, rdd: rdd, partitions: missing, stageIndex: stageIndex, stages: plan.count + 1, won: &won,
+                             durations: resultStage.durations)
                 aborted = false
                 let done = won
                 var out: [Bytes] = []
@@ -271,10 +260,40 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         }
     }
 
+    /// What a stage's record starts from: the time, the counters, and its
+    /// winning tasks' run times as the executors measured them.
+    struct StageRecord {
+        let started: UInt64
+        let before: JobMetrics
+        let recomputedBefore: Int
+        let durations: TaskMillis
+    }
+
+    func beginStage(_ sc: DataflowContext) -> StageRecord {
+        StageRecord(started: DispatchTime.now().uptimeNanoseconds, before: sc.lock.withLock { sc.jobMetrics },
+                    recomputedBefore: lock.withLock { metrics.recomputedPartitions }, durations: TaskMillis())
+    }
+
+    func endStage(_ sc: DataflowContext, _ r: StageRecord, name: String, tasks: Int) {
+        let recomputed = lock.withLock { metrics.recomputedPartitions } - r.recomputedBefore
+        sc.metric {
+            $0.stages += 1
+            $0.tasks += tasks
+            var st = StageTime(name: name, tasks: tasks, seconds: Double(DispatchTime.now().uptimeNanoseconds - r.started) / 1e9)
+            st.taskMillis = TaskDurations(r.durations.values)
+            st.bytesSpilled = $0.bytesSpilled - r.before.bytesSpilled
+            st.shuffleBytesWritten = $0.shuffleBytesWritten - r.before.shuffleBytesWritten
+            st.shuffleBytesFetched = $0.shuffleBytesFetched - r.before.shuffleBytesFetched
+            st.retries = $0.taskRetries - r.before.taskRetries
+            st.recomputedPartitions = recomputed
+            $0.stageTimes.append(st)
+        }
+    }
+
     /// One stage's tasks, to completion; each partition's winning attempt
     /// goes into `won` as it finishes (kept if the stage is aborted).
     func runStage(_ sc: DataflowContext, action: Int, kind: TaskRequest.Kind, rdd: AnyRDD, partitions: [Int], stageIndex: Int, stages: Int,
-                  won: inout [Int: Done]) throws {
+                  won: inout [Int: Done], durations: TaskMillis) throws {
         let preferred = partitions.map { preferredNode(rdd, $0) }
         let mailbox = Mailbox()
         let (executors, cfg) = lock.withLock { (live, config) }
@@ -335,8 +354,12 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                                 for c in cached { cacheLocations[Int(c >> 32), default: [:]][Int(c & 0xffff_ffff)] = node }
                                 metrics.replicaReads += m.replicaReads
                             }
+                            durations.add(Double(m.taskMicros) / 1000)
                             sc.metric {
                                 $0.cacheHits += m.cacheHits
+                                $0.cacheMisses += m.cacheMisses
+                                $0.shuffleBytesWritten += m.shuffleBytesWritten
+                                $0.shuffleBytesFetched += m.shuffleBytesFetched
                                 $0.bytesSpilled += m.bytesSpilled
                                 $0.spillFiles += m.spillFiles
                                 $0.diskBlockReads += m.diskBlockReads

@@ -13,7 +13,7 @@ import WeftCore
 /// - `exec.ping`: the driver's heartbeat; renews the job's lease.
 /// - `exec.forget`: the job ended; drop everything it left here.
 public enum ExecutorProtocol {
-    public static let version: UInt8 = 1
+    public static let version: UInt8 = 2
     /// An answer larger than this is kept by the executor and read in
     /// chunks of this size (`exec.blob`): a frame's body stays well under
     /// `Limits.txnBytesMax`.
@@ -302,34 +302,45 @@ enum Payload: Sendable, Equatable {
     }
 }
 
-/// A task's counters that only the executor sees.
+/// A task's counters that only the executor sees, and its run time there.
 struct ReplyMetrics: Sendable, Equatable {
     var replicaReads = 0
     var cacheHits = 0
     var bytesSpilled = 0
     var spillFiles = 0
     var diskBlockReads = 0
+    var cacheMisses = 0
+    var shuffleBytesWritten = 0
+    var shuffleBytesFetched = 0
+    var taskMicros = 0
 
     init() {}
-    init(_ m: JobMetrics) {
+    init(_ m: JobMetrics, taskMicros: Int = 0) {
         replicaReads = m.partitionsReadFromReplicas
         cacheHits = m.cacheHits
         bytesSpilled = m.bytesSpilled
         spillFiles = m.spillFiles
         diskBlockReads = m.diskBlockReads
+        cacheMisses = m.cacheMisses
+        shuffleBytesWritten = m.shuffleBytesWritten
+        shuffleBytesFetched = m.shuffleBytesFetched
+        self.taskMicros = taskMicros
+    }
+
+    var fields: [Int] {
+        [replicaReads, cacheHits, bytesSpilled, spillFiles, diskBlockReads, cacheMisses, shuffleBytesWritten, shuffleBytesFetched, taskMicros]
     }
 
     func encode(_ w: inout ByteWriter) {
-        for v in [replicaReads, cacheHits, bytesSpilled, spillFiles, diskBlockReads] { w.int(v) }
+        for v in fields { w.int(v) }
     }
 
     static func decode(_ r: inout ByteReader) throws(DecodeError) -> ReplyMetrics {
+        var v: [Int] = []
+        for _ in 0..<9 { v.append(try r.int(max: Int(Int64.max))) }
         var m = ReplyMetrics()
-        m.replicaReads = try r.int(max: Int(Int64.max))
-        m.cacheHits = try r.int(max: Int(Int64.max))
-        m.bytesSpilled = try r.int(max: Int(Int64.max))
-        m.spillFiles = try r.int(max: Int(Int64.max))
-        m.diskBlockReads = try r.int(max: Int(Int64.max))
+        (m.replicaReads, m.cacheHits, m.bytesSpilled, m.spillFiles, m.diskBlockReads) = (v[0], v[1], v[2], v[3], v[4])
+        (m.cacheMisses, m.shuffleBytesWritten, m.shuffleBytesFetched, m.taskMicros) = (v[5], v[6], v[7], v[8])
         return m
     }
 }

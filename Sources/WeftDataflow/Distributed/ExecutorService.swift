@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import WeftCore
 import WeftRuntime
@@ -308,6 +309,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
         cond.unlock()
 
         let ctx = TaskContext(task: TaskId(job: req.action, stage: 0, partition: req.partition))
+        let started = DispatchTime.now().uptimeNanoseconds
         do {
             let payload: Payload
             switch req.kind {
@@ -318,6 +320,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
                 }
                 guard req.partition >= 0 && req.partition < dep.parentRDD.numPartitions else { return .failed("no map partition \(req.partition) in shuffle \(s)") }
                 let out = try dep.runMapTask(req.partition, ctx)
+                sc.metric { $0.shuffleBytesWritten += out.bytes }
                 sc.shuffles.put(s, map: req.partition, out)
                 payload = .inline([])
             case .result:
@@ -329,12 +332,15 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
             for (a, v) in ctx.pendingAccumulators { accs[a.index, default: 0] += v }
             let computed = sc.takeComputed()
             let cached = computed.filter { sc.blocks.contains(rdd: Int($0 >> 32), partition: Int($0 & 0xffff_ffff)) }
-            return .ok(result: payload, accumulators: accs, computed: computed, cached: cached,
-                       metrics: ReplyMetrics(sc.takeMetrics()), have: have)
+            let metrics = ReplyMetrics(sc.takeMetrics(), taskMicros: Int((DispatchTime.now().uptimeNanoseconds - started) / 1000))
+            ExecutorMetrics.record(metrics, result: "succeeded")
+            return .ok(result: payload, accumulators: accs, computed: computed, cached: cached, metrics: metrics, have: have)
         } catch let f as FetchFailed {
+            ExecutorMetrics.record(ReplyMetrics(sc.takeMetrics()), result: "fetch_failed")
             let node = cond.withLock { mapLocations[f.shuffleId].flatMap { f.mapPartition < $0.count ? $0[f.mapPartition] : nil } ?? -1 }
             return .fetchFailed(shuffle: f.shuffleId, map: f.mapPartition, node: node)
         } catch {
+            ExecutorMetrics.record(ReplyMetrics(sc.takeMetrics()), result: "failed")
             return .failed(describe(error))
         }
     }
@@ -352,7 +358,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
         guard holder >= 0, holder != service.node else { throw FetchFailed(shuffleId: shuffle, mapPartition: map) }
         let (call, key) = (service.callPeer, spec.key)
         do {
-            return try blocking {
+            let bytes = try blocking {
                 let (ok, body) = try await call(holder, "exec.fetch", ExecutorCodec.request(key, [shuffle, map, bucket]))
                 guard ok else { throw WeftError(.unavailable, String(decoding: body, as: UTF8.self)) }
                 let payload = try body.withUnsafeBytes { buf -> Payload in
@@ -361,6 +367,8 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
                 }
                 return try await ExecutorService.bytes(of: payload, from: holder, call: call)
             }
+            sc.metric { $0.shuffleBytesFetched += bytes.count }
+            return bytes
         } catch {
             throw FetchFailed(shuffleId: shuffle, mapPartition: map)
         }
@@ -414,5 +422,20 @@ final class ThreadQueue: @unchecked Sendable {
             done = true
             cond.broadcast()
         }
+    }
+}
+
+/// The executor's counters on this node's `/metrics`, counted per task as
+/// it ends (docs/observability: weft_executor_*).
+enum ExecutorMetrics {
+    static func record(_ m: ReplyMetrics, result: String) {
+        CoreMetrics.Counter(label: "weft_executor_tasks_total", dimensions: [("result", result)]).increment()
+        if m.taskMicros > 0 { CoreMetrics.Timer(label: "weft_executor_task_duration_seconds").recordNanoseconds(Int64(m.taskMicros) * 1000) }
+        let counts: [(String, Int)] = [
+            ("weft_shuffle_bytes_written_total", m.shuffleBytesWritten), ("weft_shuffle_bytes_fetched_total", m.shuffleBytesFetched),
+            ("weft_block_cache_hits_total", m.cacheHits), ("weft_block_cache_misses_total", m.cacheMisses),
+            ("weft_partitions_read_from_replicas_total", m.replicaReads), ("weft_bytes_spilled_total", m.bytesSpilled),
+        ]
+        for (label, n) in counts where n > 0 { CoreMetrics.Counter(label: label).increment(by: n) }
     }
 }

@@ -273,7 +273,9 @@ public final class DataflowContext: @unchecked Sendable {
         if missing.isEmpty { return false }
         _ = try runTasks(job: job, stage: stageIndex, stageIndex: stageIndex, stages: stages, partitions: missing,
                          name: "shuffle \(dep.shuffleId) of \(dep.parentRDD.name) [rdd \(dep.parentRDD.id)]", publish: { p, out in
-            self.shuffles.put(dep.shuffleId, map: p, out as! ShuffleOutput)
+            let out = out as! ShuffleOutput
+            self.metric { $0.shuffleBytesWritten += out.bytes }
+            self.shuffles.put(dep.shuffleId, map: p, out)
         }) { p, ctx in
             try dep.runMapTask(p, ctx)
         }
@@ -286,9 +288,20 @@ public final class DataflowContext: @unchecked Sendable {
     func runTasks(job: Int, stage: Int, stageIndex: Int, stages: Int, partitions: [Int], name: String, publish: ((Int, Any) -> Void)? = nil,
                   _ body: @escaping (Int, TaskContext) throws -> Any) throws -> [Any] {
         let started = DispatchTime.now().uptimeNanoseconds
+        let before = lock.withLock { jobMetrics }
+        let durations = TaskMillis()
         defer {
             let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
-            metric { $0.stageTimes.append(StageTime(name: name, tasks: partitions.count, seconds: seconds)) }
+            metric {
+                var st = StageTime(name: name, tasks: partitions.count, seconds: seconds)
+                st.taskMillis = TaskDurations(durations.values)
+                st.bytesSpilled = $0.bytesSpilled - before.bytesSpilled
+                st.shuffleBytesWritten = $0.shuffleBytesWritten - before.shuffleBytesWritten
+                st.shuffleBytesFetched = $0.shuffleBytesFetched - before.shuffleBytesFetched
+                st.retries = $0.taskRetries - before.taskRetries
+                st.recomputedPartitions = $0.recomputedPartitions - before.recomputedPartitions
+                $0.stageTimes.append(st)
+            }
         }
         let results = ResultSlots(partitions.count)
         let done = Counter()
@@ -310,9 +323,11 @@ public final class DataflowContext: @unchecked Sendable {
                     break
                 }
                 let ctx = TaskContext(task: t)
+                let taskStarted = DispatchTime.now().uptimeNanoseconds
                 do {
                     if let fail = failTask, fail(t, attempt) { throw WeftError(.unavailable, "\(t) attempt \(attempt) failed (injected)") }
                     let r = try body(t.partition, ctx)
+                    durations.add(Double(DispatchTime.now().uptimeNanoseconds - taskStarted) / 1e6)
                     // Only a live executor's result counts, accumulators included.
                     run.publish {
                         publish?(t.partition, r)
@@ -378,4 +393,12 @@ public final class DataflowContext: @unchecked Sendable {
         visit(rdd, 0)
         return lines.joined(separator: "\n")
     }
+}
+
+/// Task durations of one stage, from the threads that ran them.
+final class TaskMillis: @unchecked Sendable {
+    let lock = NSLock()
+    var values: [Double] { lock.withLock { all } }
+    private var all: [Double] = []
+    func add(_ ms: Double) { lock.withLock { all.append(ms) } }
 }

@@ -151,6 +151,8 @@ public final class ClusterNode: @unchecked Sendable {
     var redis: RedisFrontEnd?
     /// The status port (`startHTTP`).
     var http: StatusServer?
+    /// Jobs reported by drivers (on the coordinator), for the jobs pages.
+    public let jobs = JobBoard()
     var mapGauges: MapUsageGauges?
     var redisClient: ClusterClient?
 
@@ -208,6 +210,13 @@ public final class ClusterNode: @unchecked Sendable {
             let state = self?.healthState() ?? "stopping"
             let used = self?.mapGauges?.entries.first?.0.usage()?.usedBytes ?? 0
             return "{\"role\":\"\(role)\",\"id\":\"\(nodeId)\",\"pid\":\(getpid()),\"state\":\"\(state)\",\"started_ms\":\(started),\"data_bytes\":\(used)}"
+        }
+        if spec.role == .coordinator {
+            // Drivers report their jobs here, for the jobs pages.
+            transport.onCall = { [weak self] call in
+                guard let self else { return call.reply(false, Array("{\"error\":\"unavailable\",\"message\":\"stopping\"}".utf8)) }
+                self.handleJobReport(call)
+            }
         }
         do {
             try transport.listen(spec.endpoint)
@@ -275,6 +284,9 @@ public final class ClusterNode: @unchecked Sendable {
         return Endpoint(host: spec.endpoint.host, port: status.boundPort ?? port)
     }
 
+    /// The status pages' server, once `startHTTP` ran.
+    public var statusServer: StatusServer? { http }
+
     /// Answers calls from clients and peers (a participant's executor).
     public var onCall: (@Sendable (ServerCall) -> Void)? {
         get { transport.onCall }
@@ -318,8 +330,44 @@ public final class ClusterNode: @unchecked Sendable {
 }
 
 extension ClusterNode: StatusSource {
+    /// `jobs.report` calls from drivers (`weft job run --cluster`), on the
+    /// coordinator: JSON `{"event": "start", "job", "input"}` answered with
+    /// `{"id", "url"}`; `{"event": "progress", "id", "stage", "stages",
+    /// "tasks_done", "tasks"}`; `{"event": "finish", "id", "result",
+    /// "error"}` with the job's JSON answer. The jobs pages show them.
+    func handleJobReport(_ call: ServerCall) {
+        func answer(_ o: [String: Any]) { call.reply(true, Array(StatusPages.json(o))) }
+        func refuse(_ code: String, _ message: String) { call.reply(false, Array(StatusPages.json(["error": code, "message": message]))) }
+        guard call.method == "jobs.report" else { return refuse("invalid-argument", "unknown call \(call.method) on the coordinator") }
+        guard let o = (try? JSONSerialization.jsonObject(with: Data(call.body))) as? [String: Any], let event = o["event"] as? String else {
+            return refuse("malformed", "a jobs.report body is a JSON object with an event")
+        }
+        let n = { (k: String) in (o[k] as? NSNumber)?.intValue ?? 0 }
+        switch event {
+        case "start":
+            guard let id = jobs.startReported(name: String("\(o["job"] ?? "?")".prefix(200)), input: String("\(o["input"] ?? "")".prefix(200))) else {
+                return refuse("unavailable", "\(JobBoard.reportedRunningMax) reported jobs are running (JobBoard.reportedRunningMax)")
+            }
+            var a: [String: Any] = ["id": id]
+            if let h = http?.boundPort { a["url"] = "http://\(spec.endpoint.host):\(h)/jobs/\(id)" }
+            answer(a)
+        case "progress":
+            jobs.progress(n("id"), stage: n("stage"), stages: n("stages"), tasksDone: n("tasks_done"), tasks: n("tasks"))
+            answer([:])
+        case "finish":
+            jobs.finish(n("id"), result: o["result"] as? [String: Any], error: o["error"] as? String)
+            answer([:])
+        default:
+            refuse("invalid-argument", "unknown jobs.report event \(event)")
+        }
+    }
+
     public func statusPage(_ name: String) -> [String: Any]? {
         switch name {
+        case "jobs":
+            return ["jobs": jobs.list, "note": spec.role == .coordinator ? "jobs reported by their drivers (weft job run --cluster)" : "jobs are listed on the coordinator's page"]
+        case _ where name.hasPrefix("job/"):
+            return Int(name.dropFirst(4)).flatMap { jobs.job($0) }
         case "overview":
             // Every node of the cluster file, as its health ping reports it.
             let nodes: [[String: Any]] = config.nodes.map { n in

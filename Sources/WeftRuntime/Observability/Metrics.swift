@@ -32,8 +32,14 @@ public enum WeftMetrics {
         "weft_tasks_total": "Tasks run by finished jobs.",
         "weft_task_retries_total": "Task attempts retried by finished jobs.",
         "weft_partitions_recomputed_total": "Partitions finished jobs computed again from lineage.",
-        "weft_partitions_read_from_replicas_total": "Reliably persisted partitions finished jobs read back from a replica block.",
-        "weft_bytes_spilled_total": "Bytes finished jobs wrote to spill files (shuffle data and cache blocks).",
+        "weft_partitions_read_from_replicas_total": "Reliably persisted partitions read back from a replica block (by jobs run in this process and by this node's executor).",
+        "weft_bytes_spilled_total": "Bytes written to spill files, shuffle data and cache blocks (by jobs run in this process and by this node's executor).",
+        "weft_shuffle_bytes_written_total": "Shuffle map output held for reducers, in memory (estimated) and in spill files.",
+        "weft_shuffle_bytes_fetched_total": "Shuffle buckets this node's executor read from other executors over the network.",
+        "weft_block_cache_hits_total": "Partitions of persisted RDDs found in the block cache.",
+        "weft_block_cache_misses_total": "Partitions of persisted RDDs not in the block cache (computed, or read from a replica).",
+        "weft_executor_tasks_total": "Tasks this node's executor ran for a driver, by result (succeeded, failed, fetch_failed).",
+        "weft_executor_task_duration_seconds": "Run time of one task on this node's executor.",
     ]
 
     static let durationBuckets: [Duration] = [

@@ -34,6 +34,13 @@ public final class StatusServer: @unchecked Sendable {
     var channel: Channel?
     let lock = NSLock()
     var open = 0
+    /// Pages built above this layer (e.g. `tables`, from the dataflow
+    /// catalog), by name; asked before `source`.
+    var pages: [String: @Sendable () -> [String: Any]?] = [:]
+
+    public func addPage(_ name: String, _ build: @escaping @Sendable () -> [String: Any]?) {
+        lock.withLock { pages[name] = build }
+    }
 
     /// `token`: the secret every request must show; nil serves anyone
     /// (tests of the server alone).
@@ -149,12 +156,15 @@ final class StatusHandler: ChannelInboundHandler, @unchecked Sendable {
         case "/metrics":
             let body = WeftMetrics.exposition()
             respond(context, h, .ok, "text/plain; version=0.0.4; charset=utf-8", body, extra: extra)
-        case "/", "/overview", "/transactions", "/api/overview", "/api/transactions", "/jobs", "/api/jobs",
+        case "/", "/overview", "/transactions", "/api/overview", "/api/transactions", "/jobs", "/api/jobs", "/tables", "/api/tables",
              _ where path.hasPrefix("/jobs/") || path.hasPrefix("/api/jobs/"):
             let json = path.hasPrefix("/api/")
             let page = json ? String(path.dropFirst(4)) : path
             let name: String
-            if page.hasPrefix("/jobs/") { name = "job/" + page.dropFirst(6) } else if page == "/jobs" { name = "jobs" } else { name = page.hasSuffix("transactions") ? "transactions" : "overview" }
+            if page.hasPrefix("/jobs/") { name = "job/" + page.dropFirst(6) } else if page == "/jobs" { name = "jobs" } else if page == "/tables" { name = "tables" } else {
+                name = page.hasSuffix("transactions") ? "transactions" : "overview"
+            }
+            let provider = server.lock.withLock { server.pages[name] }
             let loop = context.eventLoop
             let bound = NIOLoopBound(context, eventLoop: loop)
             guard let source = server.source else {
@@ -162,7 +172,7 @@ final class StatusHandler: ChannelInboundHandler, @unchecked Sendable {
             }
             // The nodes' threads are asked off the event loop.
             DispatchQueue.global().async { [self] in
-                guard let data = source.statusPage(name) else {
+                guard let data = provider?() ?? source.statusPage(name) else {
                     return loop.execute { self.respond(bound.value, h, .notFound, "text/plain", Array("no \(name)\n".utf8)) }
                 }
                 let body = json ? StatusPages.json(data) : Array(StatusPages.html(name, data).utf8)
@@ -171,7 +181,7 @@ final class StatusHandler: ChannelInboundHandler, @unchecked Sendable {
                 }
             }
         default:
-            respond(context, h, .notFound, "text/plain", Array("no page \(path); try /, /transactions, /metrics, /api/overview, /api/transactions\n".utf8))
+            respond(context, h, .notFound, "text/plain", Array("no page \(path); try /, /transactions, /jobs, /tables, /metrics, /api/overview, /api/transactions, /api/jobs, /api/tables\n".utf8))
         }
     }
 
@@ -242,7 +252,8 @@ enum StatusPages {
             let secs = (st["seconds"] as? Double).map { String(format: "%.3f s", $0) } ?? ""
             s += "<g class=\"stage\"><rect x=\"\(x)\" y=\"10\" width=\"\(w)\" height=\"\(h)\" rx=\"6\" fill=\"#eef4ff\" stroke=\"#4a6fa5\"/>"
             s += "<text x=\"\(x + 8)\" y=\"30\" font-size=\"12\">stage \(i + 1): \(esc(short))</text>"
-            s += "<text x=\"\(x + 8)\" y=\"50\" font-size=\"12\">\(esc(st["tasks"] ?? 0)) tasks · \(esc(secs))</text></g>\n"
+            s += "<text x=\"\(x + 8)\" y=\"50\" font-size=\"12\">\(esc(st["tasks"] ?? 0)) tasks · \(esc(secs))</text>"
+            s += "<text x=\"\(x + 8)\" y=\"68\" font-size=\"11\">task p50 \(esc(st["task_p50_ms"] ?? 0)) ms · max \(esc(st["task_max_ms"] ?? 0)) ms</text></g>\n"
             if i + 1 < stages.count {
                 s += "<line x1=\"\(x + w)\" y1=\"\(10 + h / 2)\" x2=\"\(x + w + gap - 2)\" y2=\"\(10 + h / 2)\" stroke=\"#333\" marker-end=\"url(#arrow)\"/>\n"
             }
@@ -257,8 +268,20 @@ enum StatusPages {
     }
 
     static func html(_ name: String, _ o: [String: Any]) -> String {
-        var body = "<nav><a href=\"/\">Overview</a> · <a href=\"/transactions\">Transactions</a> · <a href=\"/jobs\">Jobs</a> · <a href=\"/metrics\">Metrics</a></nav>\n"
+        var body = "<nav><a href=\"/\">Overview</a> · <a href=\"/transactions\">Transactions</a> · <a href=\"/jobs\">Jobs</a> · <a href=\"/tables\">Tables</a> · <a href=\"/metrics\">Metrics</a></nav>\n"
         switch name {
+        case "tables":
+            body += "<h1>Tables</h1>\n"
+            if let e = o["error"] { body += "<p id=\"tables-error\">\(esc(e))</p>\n" }
+            let rows = (o["tables"] as? [[String: Any]] ?? []).map { r -> [String: Any] in
+                var r = r
+                let per = r["blocks_per_participant"] as? [String: Any] ?? [:]
+                r["blocks_per_participant"] = per.keys.sorted().map { "\($0): \(per[$0]!)" }.joined(separator: ", ")
+                return r
+            }
+            body += rows.isEmpty ? "<p id=\"no-tables\">No table is committed.</p>\n"
+                : table("tables", ["table", "rows", "format", "layout", "generation", "committed_ts", "partitions", "blocks", "bytes", "replicas",
+                                   "blocks_per_participant"], rows)
         case "jobs":
             body += "<h1>Jobs</h1>\n"
             let rows = (o["jobs"] as? [[String: Any]] ?? []).map { r -> [String: Any] in
@@ -273,7 +296,8 @@ enum StatusPages {
             body += "<p id=\"job-state\">\(esc(o["state"] ?? "")) · \(esc(o["duration_ms"] ?? 0)) ms · \(esc(o["tasks"] ?? 0)) tasks · \(esc(o["task_retries"] ?? 0)) retries · \(esc(o["recomputed_partitions"] ?? 0)) partitions recomputed · \(esc(o["bytes_spilled"] ?? 0)) bytes spilled</p>\n"
             let stages = o["stage_list"] as? [[String: Any]] ?? []
             body += dag(stages)
-            body += table("stages", ["index", "name", "tasks", "seconds"], stages)
+            body += table("stages", ["index", "name", "tasks", "seconds", "task_p50_ms", "task_p95_ms", "task_max_ms", "retries",
+                                     "recomputed_partitions", "bytes_spilled", "shuffle_bytes_written", "shuffle_bytes_fetched"], stages)
         case "transactions":
             body += "<h1>Transactions</h1>\n<h2>In doubt</h2>\n"
             let rows = o["in_doubt"] as? [[String: Any]] ?? []
