@@ -47,11 +47,13 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // Layer 4b: the lineage dataflow engine (RDDs, scheduler, jobs).
-        .target(name: "WeftDataflow", dependencies: ["WeftCore", "WeftProtocol", "WeftRuntime"]),
+        .target(name: "WeftDataflow", dependencies: ["WeftCore", "WeftProtocol", "WeftRuntime", .product(name: "Logging", package: "swift-log"),
+                                                     .product(name: "CoreMetrics", package: "swift-metrics")]),
         // Layer 5: CLI (argument parsing only).
         .executableTarget(
             name: "WeftCLI",
-            dependencies: ["WeftRuntime", "WeftCore", "WeftProtocol", "WeftDataflow", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["WeftRuntime", "WeftCore", "WeftProtocol", "WeftDataflow", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")]
         ),
         .executableTarget(name: "WeftBench", dependencies: ["WeftRuntime", "WeftLMDB", "WeftCore", "WeftProtocol"], path: "Tools/WeftBench"),
         .testTarget(name: "WeftProtocolTests", dependencies: ["WeftProtocol", "WeftCore", "WeftSimulation"]),

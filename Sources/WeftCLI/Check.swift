@@ -424,9 +424,8 @@ struct CrashPointsCheck: ParsableCommand {
         }
         switch r.outcome {
         case "ack":
-            if !applied { r.violations.append("transaction \(r.txn) was acknowledged but is not in the data") }
             if let ts = answer.count > 2 ? UInt64(answer[2]) : nil { lastTs = max(lastTs, ts) }
-            r.checks.append("acknowledged and kept")
+            if applied { r.checks.append("acknowledged and kept") } else { r.violations.append("transaction \(r.txn) was acknowledged but is not in the data") }
         case "abort":
             if !present.isEmpty { r.violations.append("transaction \(r.txn) was reported aborted but is in the data") } else { r.checks.append("aborted and absent") }
         default:

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Logging
 import WeftCore
 import WeftDataflow
 import WeftProtocol
@@ -19,22 +20,36 @@ struct NodeCommand: ParsableCommand {
     @Option(name: .customLong("redis-port"), help: "Serve Redis clients on this port (default: the node's redis=PORT in the cluster file, if any).") var redisPort: Int?
     @Option(name: .customLong("redis-password"), help: "Password Redis clients must give with AUTH (default: $WEFT_REDIS_PASSWORD, else the cluster's client secret, the hex line in DIR/client.secret).") var redisPassword: String?
     @Flag(name: .customLong("redis-no-auth"), help: "Serve Redis clients without AUTH: anyone who can reach the port reads and writes everything.") var redisNoAuth = false
+    @Option(name: .customLong("log-level"), help: "Least severe log line written: trace, debug, info, notice, warning, error or critical (default: $WEFT_LOG_LEVEL, else info).") var logLevel: String?
+
+    func validate() throws {
+        if let l = logLevel ?? ProcessInfo.processInfo.environment["WEFT_LOG_LEVEL"], Logger.Level(rawValue: l) == nil {
+            throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical (got \(l))")
+        }
+    }
 
     func run() throws {
         let config: ClusterConfig
         let node: ClusterNode
-        sayNow("weft node \(id): main entered \(wallMillis() - processStartMillis) ms after the process started")
-        if let fault = InjectedFault.active { printErr("weft node \(id): WARNING: running with the injected fault WEFT_FAULT=\(fault); this node is deliberately broken") }
+        // One line per event on stderr (the node's log file under `cluster start`).
+        let level = Logger.Level(rawValue: logLevel ?? ProcessInfo.processInfo.environment["WEFT_LOG_LEVEL"] ?? "info") ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let log = Logger(label: "weft node \(id)")
+        log.info("main entered \(wallMillis() - processStartMillis) ms after the process started")
+        if let fault = InjectedFault.active { log.warning("running with the injected fault WEFT_FAULT=\(fault); this node is deliberately broken") }
         do {
             config = try ClusterConfig.load(cluster)
             node = try ClusterNode(config: config, id: id, secretFile: secretFile, certsDir: certsDir)
         } catch {
-            printErr("weft node \(id): error: \(error.message)")
+            log.critical("error: \(error.message)")
             throw ExitCode(1)
         }
-        let nodeId = id
         node.onFailure = { error in
-            printErr("weft node \(nodeId): error: \(error.message); exiting, restart it to recover from disk")
+            log.critical("error: \(error.message); exiting, restart it to recover from disk")
             Glibc.exit(70)
         }
         var redisNote = ""
@@ -43,7 +58,7 @@ struct NodeCommand: ParsableCommand {
                 let at = try node.startRedis(port: port, password: redisPasswordChoice(redisPassword, noAuth: redisNoAuth))
                 redisNote = ", Redis clients at \(at)"
             } catch {
-                printErr("weft node \(id): error: \(error.message)")
+                log.critical("error: \(error.message)")
                 node.stop()
                 throw ExitCode(1)
             }
@@ -53,7 +68,7 @@ struct NodeCommand: ParsableCommand {
                 let at = try node.startHTTP(port: port)
                 redisNote += ", status page http://\(at)/"
             } catch {
-                printErr("weft node \(id): error: \(error.message)")
+                log.critical("error: \(error.message)")
                 node.stop()
                 throw ExitCode(1)
             }
@@ -82,12 +97,12 @@ struct NodeCommand: ParsableCommand {
         }
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
-        sayNow("weft node \(id) (\(node.spec.role.rawValue)) pid \(getpid()) listening on \(node.spec.endpoint)\(redisNote), recovered in \(node.recoveryMillis) ms")
+        log.notice("\(node.spec.role.rawValue) pid \(getpid()) listening on \(node.spec.endpoint)\(redisNote), recovered in \(node.recoveryMillis) ms")
         // When it first serves (a participant once the coordinator's clock
         // answered), counted from this process's start.
         let watcher = Thread {
             while node.healthState() == "recovering" { usleep(2_000) }
-            sayNow("weft node \(nodeId) serving \(wallMillis() - processStartMillis) ms after the process started")
+            log.notice("serving \(wallMillis() - processStartMillis) ms after the process started")
         }
         watcher.start()
         // SIGTERM and SIGINT stop the node gracefully: the current round
@@ -100,7 +115,7 @@ struct NodeCommand: ParsableCommand {
         pagesClient?.close()
         node.stop()
         if (try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(getpid())\n" { try? FileManager.default.removeItem(atPath: pidFile) }
-        sayNow("weft node \(id) stopped (signal \(sig))")
+        log.notice("stopped (signal \(sig))")
         _ = stop
         // Everything durable is closed; skip the runtime's teardown.
         Glibc.exit(0)

@@ -1,5 +1,6 @@
 import CoreMetrics
 import Foundation
+import Logging
 import WeftCore
 import WeftRuntime
 
@@ -34,6 +35,7 @@ public final class ExecutorService: @unchecked Sendable {
     let tasks: ThreadQueue
     var janitor: Thread?
     var stopped = false
+    let log: Logger
 
     /// A job whose driver has not called for this long is dropped, with
     /// its map outputs, cached blocks and spill files.
@@ -49,6 +51,7 @@ public final class ExecutorService: @unchecked Sendable {
         self.node = node
         self.client = client
         self.callPeer = callPeer
+        log = Logger(label: "weft executor participant-\(node)")
         self.slots = slots
         tasks = ThreadQueue(threads: slots, name: "weft-executor")
         let t = Thread { [weak self] in
@@ -85,7 +88,7 @@ public final class ExecutorService: @unchecked Sendable {
         }
         for r in dead {
             r.stop()
-            FileHandle.standardError.write(Data("weft executor on participant-\(node): dropped job \(r.spec.key) (\(r.spec.name)): its driver did not call for \(Self.jobLeaseMillis) ms (ExecutorService.jobLeaseMillis)\n".utf8))
+            log.notice("dropped job \(r.spec.key) (\(r.spec.name)): its driver did not call for \(Self.jobLeaseMillis) ms (ExecutorService.jobLeaseMillis)")
         }
     }
 
@@ -119,7 +122,10 @@ public final class ExecutorService: @unchecked Sendable {
             // binary may not)? The key field carries the job's name.
             return ExecutorCodec.request("", [BuiltinJobs.knows(key) ? 1 : 0])
         case "exec.forget":
-            if let r = lock.withLock({ replicas.removeValue(forKey: key) }) { r.stop() }
+            if let r = lock.withLock({ replicas.removeValue(forKey: key) }) {
+                r.stop()
+                log.info("job \(key) (\(r.spec.name)) ended: its driver forgot it")
+            }
             return ExecutorCodec.request("", [])
         case "exec.fetch":
             guard ints.count == 3 else { throw WeftError(.invalidArgument, "malformed fetch") }
@@ -157,6 +163,7 @@ public final class ExecutorService: @unchecked Sendable {
             if let r = replicas[req.spec.key] { return r }
             let r = JobReplica(spec: req.spec, service: self)
             replicas[req.spec.key] = r
+            log.info("job \(req.spec.key) (\(req.spec.name)) started: a driver sent its first task")
             r.start()
             return r
         }

@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import WeftCore
 import WeftRuntime
 
@@ -14,8 +15,9 @@ public enum WeftNode {
     public static func serve(clusterPath: String, id: String, secretFile: String? = nil) throws -> Never {
         let config = try ClusterConfig.load(clusterPath)
         let node = try ClusterNode(config: config, id: id, secretFile: secretFile)
+        let log = Logger(label: "weft node \(id)")
         node.onFailure = { error in
-            FileHandle.standardError.write(Data("node \(id): \(error.message); exiting, restart it to recover from disk\n".utf8))
+            log.critical("\(error.message); exiting, restart it to recover from disk")
             exit(70)
         }
         var executor: ExecutorService?
@@ -31,7 +33,7 @@ public enum WeftNode {
         }
         let pidFile = config.clusterDirectory + "/\(id).pid"
         try? "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
-        FileHandle.standardError.write(Data("node \(id) pid \(getpid()) listening on \(node.spec.endpoint); jobs: \(BuiltinJobs.names.joined(separator: ", "))\n".utf8))
+        log.notice("pid \(getpid()) listening on \(node.spec.endpoint); jobs: \(BuiltinJobs.names.joined(separator: ", "))")
         let done = DispatchSemaphore(value: 0)
         var sources: [DispatchSourceSignal] = []
         for sig in [SIGTERM, SIGINT] {
