@@ -293,6 +293,66 @@ final class ObservabilityTests: XCTestCase {
         }
     }
 
+    /// A transaction left in doubt by a crash point (the coordinator killed
+    /// before forcing its decision) is on every participant's transactions
+    /// page with its participants; the decision column says the coordinator
+    /// cannot be asked; once the coordinator is back, it is gone.
+    func testAnInDoubtTransactionFromACrashPointIsOnTheParticipantsPages() throws {
+        var d = ""
+        var base = 0
+        for attempt in 0..<3 {
+            d = tempDir("weft-obs-indoubt")
+            base = 20_000 + Int.random(in: 0..<1_200) * 10
+            let r = try runWeft(["cluster", "start", "--dir", d, "--base-port", String(base), "--http-port", String(base + 5)])
+            if r.status == 0 { break }
+            _ = try? runWeft(["cluster", "stop", "--dir", d])
+            removeDir(d)
+            if attempt == 2 { throw XCTSkip("cluster did not start: \(r.stderr)") }
+        }
+        defer {
+            _ = try? runWeft(["cluster", "stop", "--dir", d])
+            removeDir(d)
+        }
+        let secret = ClusterSecret.hex(try ClusterSecret.clientKey(dir: d, secretFile: nil))
+        // The coordinator again, with the crash point armed.
+        let pid = try XCTUnwrap(Int32((try String(contentsOfFile: d + "/coordinator.pid", encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines)))
+        kill(pid, SIGKILL)
+        usleep(200_000)
+        let coordinator = Process()
+        coordinator.executableURL = URL(fileURLWithPath: weftBinary)
+        coordinator.arguments = ["node", "--cluster", d, "--id", "coordinator"]
+        coordinator.environment = ProcessInfo.processInfo.environment.merging(["WEFT_CRASH_AT": "coordinator.before-decision-forced"]) { $1 }
+        coordinator.standardOutput = FileHandle.nullDevice
+        coordinator.standardError = FileHandle.nullDevice
+        try coordinator.run()
+        var txn = ""
+        for _ in 0..<50 where coordinator.isRunning {
+            let r = try runWeft(["debug", "crash-txn", "--cluster", d, "--tag", "indoubt", "--kind", "commit"])
+            if let line = r.stdout.split(separator: "\n").first(where: { $0.hasPrefix("unknown ") }) { txn = String(line.split(separator: " ")[1]) }
+            usleep(100_000)
+        }
+        coordinator.waitUntilExit()
+        XCTAssertEqual(coordinator.terminationReason, .uncaughtSignal, "the coordinator died at its crash point")
+        XCTAssertFalse(txn.isEmpty, "the client was told the outcome is unknown")
+        for i in 0..<3 {
+            let (code, body) = try get(base + 6 + i, "/api/transactions", token: secret)
+            XCTAssertEqual(code, 200, body)
+            let rows = (try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any])?["in_doubt"] as? [[String: Any]] ?? []
+            let row = try XCTUnwrap(rows.first { $0["txn"] as? String == txn }, "participant-\(i): \(body)")
+            XCTAssertEqual(row["participants"] as? String, "0,1,2")
+            XCTAssertEqual(row["participant"] as? Int, i)
+            XCTAssertEqual(row["coordinator"] as? String, "coordinator unreachable")
+        }
+        XCTAssertEqual(try runWeft(["cluster", "start", "--dir", d]).status, 0)
+        var cleared = false
+        for _ in 0..<100 where !cleared {
+            let (_, body) = try get(base + 6, "/api/transactions", token: secret)
+            cleared = ((try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any])?["in_doubt"] as? [[String: Any]])?.isEmpty == true
+            if !cleared { usleep(100_000) }
+        }
+        XCTAssertTrue(cleared, "the restarted coordinator resolves it (presumed abort)")
+    }
+
     func testRequestsAreAuthenticatedAndBounded() throws {
         let server = try WeftServer(dataDir: dir + "/data", listen: Endpoint(host: "127.0.0.1", port: 0), httpListen: Endpoint(host: "127.0.0.1", port: 0))
         defer { server.stop() }

@@ -155,6 +155,8 @@ public final class ClusterNode: @unchecked Sendable {
     public let jobs = JobBoard()
     var mapGauges: MapUsageGauges?
     var redisClient: ClusterClient?
+    var pagesClientRef: ClusterClient?
+    let pagesLock = NSLock()
 
     /// What this node proves to its peers and checks on every connection.
     public let credentials: Credentials
@@ -284,6 +286,16 @@ public final class ClusterNode: @unchecked Sendable {
         return Endpoint(host: spec.endpoint.host, port: status.boundPort ?? port)
     }
 
+    /// A client of the cluster for the status pages, made on first use.
+    func pagesClient() -> WeftClient {
+        pagesLock.withLock {
+            if let c = pagesClientRef { return c.client }
+            let c = makeClient()
+            pagesClientRef = c
+            return c.client
+        }
+    }
+
     /// The status pages' server, once `startHTTP` ran.
     public var statusServer: StatusServer? { http }
 
@@ -310,6 +322,7 @@ public final class ClusterNode: @unchecked Sendable {
         mapGauges?.stop()
         redis?.close()
         redisClient?.close()
+        pagesLock.withLock { pagesClientRef?.close() }
         coordinatorRunner?.stop()
         participantRunner?.stop()
         transport.close()
@@ -397,9 +410,34 @@ extension ClusterNode: StatusSource {
             let now = wallMillis()
             var rows: [[String: Any]] = []
             if let r = participantRunner, case .participant(let p) = spec.address {
-                rows = r.withMachine { $0.inDoubt }.map { t in
+                let held = r.withMachine { $0.inDoubt }
+                // The coordinator's decision, asked of the coordinator only
+                // (asking participants could refuse a transaction: a page
+                // view must change nothing), for the first 50.
+                var decisions: [TxnId: String] = [:]
+                if !held.isEmpty {
+                    let client = pagesClient()
+                    for t in held.prefix(50) {
+                        let box = DecisionBox()
+                        let done = DispatchSemaphore(value: 0)
+                        Task {
+                            if case let .statusResult(_, _, s)? = try? await client.call(.coordinator, { .status(req: $0, txn: t.txn) }) {
+                                switch s {
+                                case .committed: box.value = "commit"
+                                case .pending: box.value = "undecided"
+                                case .aborted, .unknown: box.value = "none (presumed abort)"
+                                }
+                            }
+                            done.signal()
+                        }
+                        _ = done.wait(timeout: .now() + .seconds(2))
+                        decisions[t.txn] = box.value ?? "coordinator unreachable"
+                    }
+                }
+                rows = held.map { t in
                     ["txn": String(t.txn), "participant": p, "participants": t.participants.map(String.init).joined(separator: ","),
-                     "age_ms": Int(now > t.preparedAtMillis ? now - t.preparedAtMillis : 0), "commit_ts": String(t.commitTs), "coordinator": "ask the coordinator's page"]
+                     "age_ms": Int(now > t.preparedAtMillis ? now - t.preparedAtMillis : 0), "commit_ts": String(t.commitTs),
+                     "coordinator": decisions[t.txn] ?? "not asked (over 50 in doubt)"]
                 }
             }
             if let c = coordinatorRunner {
@@ -443,4 +481,8 @@ public final class ClusterClient: @unchecked Sendable {
         client.close()
         transport.close()
     }
+}
+
+final class DecisionBox: @unchecked Sendable {
+    var value: String?
 }
