@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Logging
 import WeftCore
 import WeftDataflow
 import WeftRuntime
@@ -92,6 +93,14 @@ struct ServerCommand: ParsableCommand {
         }
 
         func runForeground(_ dir: String, _ endpoint: Endpoint, _ g: GlobalOptions) -> Never {
+            // One line per event on stderr (the server's log file when started in the background).
+            let level = Logger.Level(rawValue: ProcessInfo.processInfo.environment["WEFT_LOG_LEVEL"] ?? "info") ?? .info
+            LoggingSystem.bootstrap { label in
+                var h = StreamLogHandler.standardError(label: label)
+                h.logLevel = level
+                return h
+            }
+            let log = Logger(label: "weft server")
             let server: WeftServer
             do {
                 let password = redisPasswordChoice(redisPassword, noAuth: redisNoAuth)
@@ -129,20 +138,21 @@ struct ServerCommand: ParsableCommand {
                 t.stackSize = DataflowContext.driverStackBytes
                 t.start()
             }
-            sayNow("weft server pid \(getpid()) serving \(dir) at \(server.file.endpoint)" + (server.file.redis.map { ", Redis clients at \($0)" } ?? "") + " (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
+            let redisNote = server.file.redis.map { ", Redis clients at \($0)" } ?? ""
+            log.notice("pid \(getpid()) serving \(dir) at \(server.file.endpoint)\(redisNote) (\(server.file.participants) participants, opened in \(server.openMillis) ms)")
             let stop = StopSignals()
             // A node whose storage failed (disk or map full) stops; its
             // memory may be ahead of its disk, so the server exits and a
             // restart recovers from the disk.
             while stop.done.wait(timeout: .now() + 1) == .timedOut {
                 if let e = server.cluster.firstFailure {
-                    printErr("weft server: error: \(e.message); exiting, start it again to recover from disk")
+                    log.critical("error: \(e.message); exiting, start it again to recover from disk")
                     server.stop()
                     Glibc.exit(70)
                 }
             }
             server.stop()
-            sayNow("weft server pid \(getpid()) stopped (signal \(stop.received.value))")
+            log.notice("pid \(getpid()) stopped (signal \(stop.received.value))")
             Glibc.exit(0)
         }
     }

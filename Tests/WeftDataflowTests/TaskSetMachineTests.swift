@@ -87,13 +87,39 @@ final class TaskSetMachineTests: XCTestCase {
         XCTAssertEqual(m.speculativeLaunches, 1)
     }
 
-    func testEveryExecutorLostFailsNamingThem() {
+    func testEveryExecutorLostFailsNamingThemWhenNoneComesBack() {
         var m = TaskSetMachine(preferred: [nil, nil], executors: [0, 1], nowMillis: 0, config: config())
         _ = m.start()
         _ = m.on(.executorLost(0))
-        let out = m.on(.executorLost(1))
+        XCTAssertEqual(m.on(.executorLost(1)), [], "it waits for an executor to come back")
+        XCTAssertEqual(m.on(.tick(nowMillis: 9_999)), [])
+        let out = m.on(.tick(nowMillis: 10_000))
         guard case .failed(let why)? = out.first else { return XCTFail("\(out)") }
-        XCTAssertTrue(why.contains("0, 1"), why)
+        XCTAssertTrue(why.contains("0, 1") && why.contains("allLostWaitMillis"), why)
+    }
+
+    func testAnExecutorComingBackAfterAllWereLostRunsTheTasks() {
+        var m = TaskSetMachine(preferred: [nil, nil], executors: [0, 1], nowMillis: 0, config: config())
+        _ = m.start()
+        _ = m.on(.executorLost(0))
+        _ = m.on(.executorLost(1))
+        let again = launches(m.on(.executorAdded(1)))
+        XCTAssertEqual(Set(again.map(\.task)), [0, 1], "both tasks run again on the returned executor")
+        XCTAssertTrue(again.allSatisfy { $0.executor == 1 })
+        XCTAssertEqual(m.on(.taskFinished(task: 0, attempt: again[0].attempt)).filter { $0 == .finished }, [])
+        XCTAssertEqual(m.on(.taskFinished(task: 1, attempt: again[1].attempt)), [.finished])
+    }
+
+    func testEveryExecutorLostTooOftenFails() {
+        var m = TaskSetMachine(preferred: [nil], executors: [0], nowMillis: 0, config: config())
+        _ = m.start()
+        for i in 1...2 {
+            XCTAssertEqual(m.on(.executorLost(0)), [], "loss \(i) of 3")
+            _ = m.on(.executorAdded(0))
+        }
+        let out = m.on(.executorLost(0))
+        guard case .failed(let why)? = out.first else { return XCTFail("\(out)") }
+        XCTAssertTrue(why.contains("3 times") && why.contains("allLostTimesMax"), why)
     }
 
     func testFetchFailureAbortsTheStage() {

@@ -30,6 +30,13 @@ public struct TaskSetMachine: Sendable {
         /// siblings were.
         public var speculationMinMillis: UInt64 = 200
         public var slotsPerExecutor = 2
+        /// Every executor lost: how long the stage waits for one to come
+        /// back (a node restarted after `kill -9` rejoins within a few
+        /// seconds) before it fails.
+        public var allLostWaitMillis: UInt64 = 10_000
+        /// The stage fails when every executor has been lost this many
+        /// times, however quickly they came back.
+        public var allLostTimesMax = 3
         public init() {}
     }
 
@@ -75,6 +82,10 @@ public struct TaskSetMachine: Sendable {
     var executors: Set<Int>
     /// Executors ever lost during this task set (for error messages).
     var lost: [Int] = []
+    /// Since when no executor is left (nil while one is), and how many
+    /// times that happened.
+    var allLostSinceMillis: UInt64?
+    var allLostTimes = 0
     var busy: [Int: Int] = [:]
     var nowMillis: UInt64
     var durations: [UInt64] = []
@@ -115,6 +126,7 @@ public struct TaskSetMachine: Sendable {
         switch event {
         case .executorAdded(let e):
             executors.insert(e)
+            allLostSinceMillis = nil
         case .executorLost(let e):
             guard executors.remove(e) != nil else { return [] }
             lost.append(e)
@@ -125,8 +137,13 @@ public struct TaskSetMachine: Sendable {
                 if !gone.isEmpty, states[t] == .running, running[t].isEmpty { states[t] = .pending(sinceMillis: nowMillis) }
             }
             if executors.isEmpty {
-                over = true
-                return [.failed("every executor was lost (nodes \(lost.map(String.init).joined(separator: ", ")))")]
+                allLostTimes += 1
+                if allLostTimes >= config.allLostTimesMax {
+                    over = true
+                    return [.failed("every executor was lost \(allLostTimes) times (nodes \(lostNames); TaskSetMachine.Config.allLostTimesMax)")]
+                }
+                allLostSinceMillis = nowMillis
+                return []
             }
         case let .taskFinished(t, a):
             guard let att = running[t].removeValue(forKey: a) else { return schedule() }
@@ -154,11 +171,23 @@ public struct TaskSetMachine: Sendable {
             return [.abortForFetchFailure(shuffle: shuffle, map: map, executor: executor)]
         case .tick(let now):
             nowMillis = max(nowMillis, now)
+            if let since = allLostSinceMillis {
+                if nowMillis >= since + config.allLostWaitMillis {
+                    over = true
+                    return [.failed("every executor was lost (nodes \(lostNames)) and none came back within \(config.allLostWaitMillis) ms (TaskSetMachine.Config.allLostWaitMillis)")]
+                }
+                return []
+            }
             var out = schedule()
             out += speculate()
             return out
         }
         return schedule()
+    }
+
+    var lostNames: String {
+        var seen: Set<Int> = []
+        return lost.filter { seen.insert($0).inserted }.map(String.init).joined(separator: ", ")
     }
 
     mutating func release(_ e: Int) {
