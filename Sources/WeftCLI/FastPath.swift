@@ -245,7 +245,7 @@ func printTables(_ infos: [TableStore.Info], json: Bool) {
     for i in infos {
         print(json ? jsonLine(["table": i.name, "rows": i.rows, "format": i.format, "committed_ts": i.committedTs,
                                "layout": i.blocks ? "blocks" : "rows", "partitions": i.partitions, "blocks": i.blockCount,
-                               "bytes": i.bytes, "replicas": i.replicas])
+                               "bytes": i.bytes, "replicas": i.replicas, "written_by": i.partitionMajor ? "executors" : "one writer"])
               : "\(i.name)\t\(i.rows) rows\t\(i.format)\t" + (i.blocks ? "\(i.blockCount) blocks, \(i.bytes) bytes, \(i.replicas) replica\(i.replicas == 1 ? "" : "s")\t" : "per-row layout\t") + "committed at ts=\(i.committedTs)")
     }
     if infos.isEmpty && !json { print("no tables") }
@@ -268,7 +268,7 @@ func tablesPage(_ client: WeftClient) -> [String: Any]? {
         }
         return ["table": i.name, "rows": i.rows, "format": i.format, "layout": i.blocks ? "blocks" : "rows", "generation": i.generation,
                 "committed_ts": String(i.committedTs), "partitions": i.partitions, "blocks": i.blockCount, "bytes": i.bytes,
-                "replicas": i.replicas, "blocks_per_participant": perParticipant]
+                "replicas": i.replicas, "blocks_per_participant": perParticipant, "written_by": i.partitionMajor ? "executors" : "one writer"]
     }
     return ["tables": rows, "participants": n]
 }

@@ -79,6 +79,13 @@ final class DistributedJobTests: XCTestCase {
             let local = try c.weft(["job", "run", name] + args + ["--output", "\(name)_local", "--local", "--threads", "6"])
             XCTAssertEqual(local.status, 0, "\(name): \(local.stderr)")
             XCTAssertEqual(try export(c, "\(name)_dist"), try export(c, "\(name)_local"), "\(name): executors and the driver alone disagree")
+            // The executors wrote the output, partition by partition; the
+            // driver alone wrote the local run's.
+            let list = try c.weft(["table", "list", "--json"]).stdout.split(separator: "\n")
+                .compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            XCTAssertEqual(list.first { $0["table"] as? String == "\(name)_dist" }?["written_by"] as? String, "executors", name)
+            XCTAssertEqual(list.first { $0["table"] as? String == "\(name)_local" }?["written_by"] as? String, "one writer", name)
+            XCTAssertEqual(list.first { $0["table"] as? String == "\(name)_dist" }?["rows"] as? Int, o["output_rows"] as? Int, name)
             if name == "wordcount" || name == "pagerank" {
                 XCTAssertEqual(byExecutor.count, 3, "\(name) ran on every participant: \(byExecutor)")
                 XCTAssertGreaterThan(o["node_local_tasks"] as? Int ?? 0, 0, name)

@@ -59,6 +59,9 @@ public struct TaskId: Hashable, Sendable, CustomStringConvertible {
 /// Passed to every compute call: who is running, and counters.
 public final class TaskContext: @unchecked Sendable {
     public let task: TaskId
+    /// Which attempt of the task this is (retries and speculative copies
+    /// count up from 0); unique per partition within a stage.
+    public internal(set) var attempt = 0
     let accumulatorUpdates = NSLock()
     var pendingAccumulators: [(Accumulator, Double)] = []
     init(task: TaskId) { self.task = task }

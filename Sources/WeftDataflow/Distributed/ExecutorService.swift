@@ -230,10 +230,10 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
     func touch() { cond.withLock { lastContact = wallMillis() } }
 
     func start() {
-        var params = spec.params
-        // The driver writes the output table; a replica never gets that far.
-        params.output = nil
-        let (name, client, sc, replay) = (spec.name, service.client, self.sc, params)
+        // The output stays in the parameters, so the replica builds the same
+        // write action as the driver; its side effects (the loading marker,
+        // the catalog flip) happen only on the driver (`ownsReliableBlocks`).
+        let (name, client, sc, replay) = (spec.name, service.client, self.sc, spec.params)
         let t = Thread { [self] in
             do {
                 _ = try BuiltinJobs.run(name, replay, sc: sc, client: client)
@@ -316,6 +316,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
         cond.unlock()
 
         let ctx = TaskContext(task: TaskId(job: req.action, stage: 0, partition: req.partition))
+        ctx.attempt = req.attempt
         let started = DispatchTime.now().uptimeNanoseconds
         do {
             let payload: Payload

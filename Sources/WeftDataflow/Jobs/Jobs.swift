@@ -303,12 +303,14 @@ public enum BuiltinJobs {
     /// first, so a graph of named vertices goes straight to the String job;
     /// only one that starts with integers and has a non-integer line later
     /// computes twice.
-    static func integerPageRank(_ table: RDD<(Bytes, Bytes)>, iterations: Int, damping: Double) throws -> [(Int, Double)]? {
+    /// PageRank over integer vertices when the table's first lines are
+    /// integer edges; the count of lines that were not is read after the
+    /// ranks' action (nonzero: use the String job instead).
+    static func integerPageRankRDD(_ table: RDD<(Bytes, Bytes)>, iterations: Int, damping: Double) throws -> (RDD<(Int, Double)>, Accumulator)? {
         guard try startsWithIntegerEdges(table) else { return nil }
         let lines = textLines(table)
         let other = lines.context.accumulator("not integer edges")
-        let ranks = try pageRank(edges: integerEdges(lines, malformed: other, canonical: true), iterations: iterations, damping: damping).collect()
-        return other.value == 0 ? ranks : nil
+        return (try pageRank(edges: integerEdges(lines, malformed: other, canonical: true), iterations: iterations, damping: damping), other)
     }
 
     static let integerSniffLines = 1000
@@ -413,11 +415,37 @@ public enum BuiltinJobs {
         params.at = ts
         try pin?(ts)
         defer { unpin?(ts) }
+        // On a cluster the executors write the output (`PartitionedOutput`);
+        // the driver marks the generation first and flips the catalog last.
+        // An executor's replica builds the same actions and does neither.
+        let driver = sc.ownsReliableBlocks
+        var distributedOutput: (name: String, generation: String)?
         if let out = params.output {
             try TableStore.checkName(out)
-            if !params.overwrite, try blocking({ try await TableStore.info(client, out) }) != nil {
+            if sc.actionRunner != nil {
+                distributedOutput = (out, PartitionedOutput.generation(runId: sc.runId))
+                if driver { try PartitionedOutput.begin(client, out, generation: distributedOutput!.generation, overwrite: params.overwrite) }
+            } else if !params.overwrite, try blocking({ try await TableStore.info(client, out) }) != nil {
                 throw WeftError(.invalidArgument, "output table \(out) already exists; pass --overwrite to replace it atomically")
             }
+        }
+        final class Flag: @unchecked Sendable { var value = false }
+        let flipSent = Flag()
+        defer {
+            if let d = distributedOutput, driver, !flipSent.value { PartitionedOutput.abandon(client, d.name, generation: d.generation) }
+        }
+        /// Writes `rows` on the executors and flips the catalog; the parts
+        /// carry what the summary needs.
+        func writeDistributed(_ rows: RDD<(Bytes, Bytes)>, keep: @escaping ([(Bytes, Bytes)]) -> [(Bytes, Bytes)]) throws -> [OutputPart] {
+            let d = distributedOutput!
+            let parts = try rows.mapPartitionsWithIndex { p, part, ctx in
+                [try PartitionedOutput.write(client, d.name, generation: d.generation, partition: p, attempt: ctx.attempt, rows: part, keep: keep)]
+            }.collect()
+            return parts
+        }
+        func flip(_ parts: [OutputPart]) throws -> Timestamp? {
+            guard let d = distributedOutput, driver else { return nil }
+            return try PartitionedOutput.finish(client, d.name, generation: d.generation, overwrite: params.overwrite, parts: parts) { flipSent.value = true }
         }
         let malformed = sc.accumulator("malformed")
         // The job's reliable blocks (logmining's messages; only those made
@@ -429,58 +457,114 @@ public enum BuiltinJobs {
         result.snapshotTs = ts
         // PageRank over integer vertices keeps its ranks typed: the summary
         // takes the top 10 in one pass, and rows are made only for an output.
-        if name == "pagerank", let ranks = try integerPageRank(try sc.table(params.input, client: client, at: ts),
-                                                               iterations: params.iterations, damping: params.damping) {
-            result.metrics = sc.totalMetrics
-            result.outputRows = ranks.count
-            result.summary.append("\(ranks.count) ranked vertices after \(params.iterations) iterations (damping \(params.damping))")
-            let top = topRanks(ranks, 10)
-            result.summary.append("top \(top.count): " + top.map { String(format: "%@ %.6f", String($0.0), $0.1) }.joined(separator: ", "))
-            if let out = params.output {
-                let rows = ranks.map { RowBox(key: Array(String($0.0).utf8), value: Array("\($0.1)".utf8)) }
-                let ow = params.overwrite
-                result.committedTs = try writeOutput(client, out, rows.map { ($0.key, $0.value) }, overwrite: ow)
+        if name == "pagerank", let (ranksRDD, other) = try integerPageRankRDD(try sc.table(params.input, client: client, at: ts),
+                                                                             iterations: params.iterations, damping: params.damping) {
+            var ranks: [(Int, Double)] = []
+            var count = 0
+            var parts: [OutputPart] = []
+            if distributedOutput != nil {
+                // Each partition keeps its top 10 for the summary.
+                parts = try writeDistributed(ranksRDD.map { (Array(String($0.0).utf8), Array("\($0.1)".utf8)) }) { rows in
+                    topRanks(rows.map { (Int(String(decoding: $0.0, as: UTF8.self)) ?? 0, Double(String(decoding: $0.1, as: UTF8.self)) ?? 0) }, 10)
+                        .map { (Array(String($0.0).utf8), Array("\($0.1)".utf8)) }
+                }
+                count = parts.reduce(0) { $0 + $1.rows }
+                ranks = parts.flatMap(\.kept).map { (Int(String(decoding: $0.0, as: UTF8.self)) ?? 0, Double(String(decoding: $0.1, as: UTF8.self)) ?? 0) }
+            } else {
+                ranks = try ranksRDD.collect()
+                count = ranks.count
             }
-            return result
+            if other.value == 0 {
+                result.metrics = sc.totalMetrics
+                result.outputRows = count
+                result.summary.append("\(count) ranked vertices after \(params.iterations) iterations (damping \(params.damping))")
+                let top = topRanks(ranks, 10)
+                result.summary.append("top \(top.count): " + top.map { String(format: "%@ %.6f", String($0.0), $0.1) }.joined(separator: ", "))
+                if distributedOutput != nil {
+                    result.committedTs = try flip(parts)
+                } else if let out = params.output {
+                    let rows = ranks.map { RowBox(key: Array(String($0.0).utf8), value: Array("\($0.1)".utf8)) }
+                    let ow = params.overwrite
+                    result.committedTs = try writeOutput(client, out, rows.map { ($0.key, $0.value) }, overwrite: ow)
+                }
+                return result
+            }
+            // Not all integer edges after all: the String job below (the
+            // blocks written for the integer one stay unnamed, and go with
+            // the generation).
         }
         let rdd = try plan(name, params, sc: sc, client: client, malformed: malformed)
-        let rows = try rdd.collect()
+        let rows: [(Bytes, Bytes)]
+        let count: Int
+        let valueSum: Int
+        var parts: [OutputPart] = []
+        if distributedOutput != nil {
+            parts = try writeDistributed(rdd, keep: Self.summaryRows(name))
+            rows = parts.flatMap(\.kept)
+            count = parts.reduce(0) { $0 + $1.rows }
+            valueSum = parts.reduce(0) { $0 &+ $1.valueSum }
+        } else {
+            rows = try rdd.collect()
+            count = rows.count
+            valueSum = name == "wordcount" ? rows.reduce(0) { $0 &+ (Int(String(decoding: $1.1, as: UTF8.self)) ?? 0) } : 0
+        }
         result.metrics = sc.totalMetrics
-        result.outputRows = rows.count
+        result.outputRows = count
         result.malformedLines = Int(malformed.value)
         switch name {
         case "wordcount":
             let counts = rows.map { (String(decoding: $0.0, as: UTF8.self), Int(String(decoding: $0.1, as: UTF8.self)) ?? 0) }
-            result.summary.append("\(counts.count) distinct words, \(counts.reduce(0) { $0 + $1.1 }) words in all")
+            result.summary.append("\(count) distinct words, \(valueSum) words in all")
             let top = counts.sorted { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }.prefix(20)
             result.summary.append("top \(top.count): " + top.map { "\($0.0) \($0.1)" }.joined(separator: ", "))
         case "pagerank":
             let ranks = rows.map { (String(decoding: $0.0, as: UTF8.self), Double(String(decoding: $0.1, as: UTF8.self)) ?? 0) }
-            result.summary.append("\(ranks.count) ranked vertices after \(params.iterations) iterations (damping \(params.damping))")
+            result.summary.append("\(count) ranked vertices after \(params.iterations) iterations (damping \(params.damping))")
             let top = ranks.sorted { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }.prefix(10)
             result.summary.append("top \(top.count): " + top.map { String(format: "%@ %.6f", $0.0, $0.1) }.joined(separator: ", "))
         case "kmeans":
-            result.summary.append("\(rows.count) centres after \(params.iterations) iterations: " + rows.map { "[\(String(decoding: $0.1, as: UTF8.self))]" }.joined(separator: " "))
+            result.summary.append("\(count) centres after \(params.iterations) iterations: " + rows.map { "[\(String(decoding: $0.1, as: UTF8.self))]" }.joined(separator: " "))
         case "logreg":
             result.summary.append("weights after \(params.iterations) iterations: " + rows.map { String(decoding: $0.1, as: UTF8.self) }.joined(separator: " "))
         case "logmining":
             result.summary.append(rows.map { "\(String(decoding: $0.0, as: UTF8.self)) \(String(decoding: $0.1, as: UTF8.self))" }.joined(separator: ", "))
         case "join":
-            result.summary.append("\(rows.count) matching pairs")
+            result.summary.append("\(count) matching pairs")
         case _ where registeredJob(name) != nil:
-            result.summary.append("\(rows.count) output rows")
+            result.summary.append("\(count) output rows")
         case "sort":
             let first = rows.min { compareBytes($0.0, $1.0) < 0 }.map { String(decoding: $0.1, as: UTF8.self).replacingOccurrences(of: "\t", with: " ") } ?? "-"
-            result.summary.append("\(rows.count) rows sorted; first: \(first)")
+            result.summary.append("\(count) rows sorted; first: \(first)")
         default: break
         }
         if result.malformedLines > 0 { result.summary.append("\(result.malformedLines) malformed input lines were skipped (counted, not silently dropped)") }
-        if let out = params.output {
+        if distributedOutput != nil {
+            result.committedTs = try flip(parts)
+        } else if let out = params.output {
             let boxed = rows.map { RowBox(key: $0.0, value: $0.1) }
             let ow = params.overwrite
             result.committedTs = try writeOutput(client, out, boxed.map { ($0.key, $0.value) }, overwrite: ow)
         }
         return result
+    }
+
+    /// The rows of one output partition a job's summary needs, when the
+    /// executors write the output and only these reach the driver: word
+    /// count's 20 most frequent, PageRank's 10 highest, sort's first, every
+    /// row of the small outputs (k-means' centres, logistic regression's
+    /// weights, log mining's counts), and none for the rest.
+    static func summaryRows(_ name: String) -> ([(Bytes, Bytes)]) -> [(Bytes, Bytes)] {
+        func top(_ k: Int, _ rows: [(Bytes, Bytes)], _ score: (Bytes) -> Double) -> [(Bytes, Bytes)] {
+            let text = { (b: Bytes) in String(decoding: b, as: UTF8.self) }
+            return Array(rows.map { ($0, score($0.1)) }.sorted { $0.1 != $1.1 ? $0.1 > $1.1 : text($0.0.0) < text($1.0.0) }.prefix(k).map(\.0))
+        }
+        switch name {
+        case "wordcount": return { top(20, $0) { Double(Int(String(decoding: $0, as: UTF8.self)) ?? 0) } }
+        case "pagerank": return { top(10, $0) { Double(String(decoding: $0, as: UTF8.self)) ?? 0 } }
+        case "sort": return { rows in rows.min { compareBytes($0.0, $1.0) < 0 }.map { [$0] } ?? [] }
+        case "kmeans", "logreg", "logmining": return { $0 }
+        default: return { _ in [] }
+        }
     }
 }
 

@@ -323,6 +323,7 @@ public final class DataflowContext: @unchecked Sendable {
                     break
                 }
                 let ctx = TaskContext(task: t)
+                ctx.attempt = attempt
                 let taskStarted = DispatchTime.now().uptimeNanoseconds
                 do {
                     if let fail = failTask, fail(t, attempt) { throw WeftError(.unavailable, "\(t) attempt \(attempt) failed (injected)") }

@@ -89,6 +89,13 @@ public enum TableStore {
         public var replicas = 1
         /// Blocks per partition.
         public var blockCounts: [Int] = []
+        /// Written partition by partition (a job's output written by its
+        /// tasks): rows are in partition order, not dealt in turn.
+        public var partitionMajor = false
+        /// Index of each partition's first block (the task attempt that won
+        /// wrote from there; see `PartitionedOutput`); 0 when absent.
+        public var blockBases: [Int] = []
+        public func blockBase(_ partition: Int) -> Int { partition < blockBases.count ? blockBases[partition] : 0 }
         /// Stored bytes of one replica of every block.
         public var bytes = 0
         public var rowPrefix: Bytes { TableStore.rowPrefix(name, generation: generation) }
@@ -96,8 +103,17 @@ public enum TableStore {
         public var partitions: Int { blockCounts.count }
         public var blockCount: Int { blockCounts.reduce(0, +) }
         /// Partition and index of the table's `g`-th block in row order
-        /// (blocks are dealt to partitions in turn as they are cut).
-        public func block(_ g: Int) -> (partition: Int, index: Int) { (g % partitions, g / partitions) }
+        /// (blocks are dealt to partitions in turn as they are cut, or, for
+        /// a table written partition by partition, partition after partition).
+        public func block(_ g: Int) -> (partition: Int, index: Int) {
+            guard partitionMajor else { return (g % partitions, g / partitions) }
+            var g = g
+            for (p, n) in blockCounts.enumerated() {
+                if g < n { return (p, g) }
+                g -= n
+            }
+            return (max(0, partitions - 1), g)
+        }
     }
 
     public static func list(_ client: WeftClient, at ts: Timestamp? = nil) async throws -> [Info] {
@@ -118,14 +134,18 @@ public enum TableStore {
             case "replicas": i.replicas = Int(kv[1]) ?? 1
             case "bytes": i.bytes = Int(kv[1]) ?? 0
             case "blocks": i.blockCounts = kv[1].split(separator: ",").map { Int($0) ?? 0 }
+            case "order": i.partitionMajor = kv[1] == "partitions"
+            case "bases": i.blockBases = kv[1].split(separator: ",").map { Int($0) ?? 0 }
             default: break
             }
         }
         return i
     }
 
-    static func catalogValue(rows: Int, format: String, generation: String, replicas: Int, counts: [Int], bytes: Int) -> Bytes {
-        Array("rows=\(rows) format=\(format) gen=\(generation) layout=blocks replicas=\(replicas) bytes=\(bytes) blocks=\(counts.map(String.init).joined(separator: ","))".utf8)
+    static func catalogValue(rows: Int, format: String, generation: String, replicas: Int, counts: [Int], bytes: Int, bases: [Int]? = nil) -> Bytes {
+        var v = "rows=\(rows) format=\(format) gen=\(generation) layout=blocks replicas=\(replicas) bytes=\(bytes) blocks=\(counts.map(String.init).joined(separator: ","))"
+        if let bases { v += " order=partitions bases=\(bases.map(String.init).joined(separator: ","))" }
+        return Array(v.utf8)
     }
 
     public static func info(_ client: WeftClient, _ name: String, at ts: Timestamp? = nil) async throws -> Info? {
@@ -158,6 +178,37 @@ public enum TableStore {
             await w.abandon()
             throw error
         }
+    }
+
+    /// Makes a fully written generation the table, in one transaction
+    /// (replacing the old one when overwriting, whose blocks are then
+    /// deleted). `committing` runs just before the commit is sent: from then
+    /// on the catalog may name the generation (a commit whose answer is lost
+    /// may have happened), so its blocks must be left; if the flip did not
+    /// happen, the "loading" marker stays and `table gc` collects them.
+    static func flip(_ client: WeftClient, _ name: String, generation: String, overwrite: Bool, catalog: Bytes,
+                     committing: () -> Void = {}) async throws -> Timestamp {
+        let t = try await client.begin()
+        let old = try await t.get(catalogKey(name)).map { parseInfo(name: name, $0, 0) }
+        if old != nil && !overwrite {
+            throw WeftError(.invalidArgument, "table \(name) already exists; pass --overwrite to replace it atomically")
+        }
+        // The blocks must all still be there: a `table gc` (with
+        // --older-than, for a writer it could not see) may have taken them.
+        guard try await t.get(pendingKey(name, generation)) != nil else {
+            try? await Blocks.deleteSet(client, blockSet(name, generation))
+            throw WeftError(.conflict, "loading table \(name): its blocks were collected by `weft table gc` meanwhile; load it again")
+        }
+        try t.delete(pendingKey(name, generation))
+        try t.put(catalogKey(name), catalog)
+        if let old { try t.put(pendingKey(name, old.generation), pendingValue("replaced")) }
+        if CrashPoints.armed { CrashPoints.check("table.before-catalog-commit") }
+        committing()
+        let ts = try await t.commit()
+        // The old generation is invisible from now on; deleting its blocks
+        // is best effort (its "replaced" marker lets `table gc` finish).
+        if let old { try? await retire(client, name, old.generation) }
+        return ts
     }
 
     /// Deletes every row of the per-row layout under `prefix`.
@@ -260,7 +311,7 @@ public enum TableStore {
 
     /// Reads one block of a table (from the first good replica) and checks it.
     static func readBlock(_ client: WeftClient, _ info: Info, partition: Int, index: Int, at ts: Timestamp) async throws -> Bytes {
-        try await Blocks.read(client, info.blockSet, partition: partition, index: index, replicas: info.replicas, at: ts,
+        try await Blocks.read(client, info.blockSet, partition: partition, index: info.blockBase(partition) + index, replicas: info.replicas, at: ts,
                               what: "table \(info.name) (generation \(info.generation)) partition \(partition) block \(index)")
     }
 
@@ -476,31 +527,10 @@ public final class TableWriter: @unchecked Sendable {
         if builder.rows > 0 { try await submit(builder.seal()) }
         rowsSubmitted = rows
         while !inFlight.isEmpty { try await inFlight.removeFirst().value }
-        let t = try await client.begin()
-        let old = try await t.get(TableStore.catalogKey(name)).map { TableStore.parseInfo(name: name, $0, 0) }
-        if old != nil && !overwrite {
-            throw WeftError(.invalidArgument, "table \(name) already exists; pass --overwrite to replace it atomically")
+        return try await TableStore.flip(client, name, generation: generation, overwrite: overwrite,
+                                         catalog: TableStore.catalogValue(rows: rows, format: format, generation: generation, replicas: replicas, counts: counts, bytes: bytes)) {
+            self.flipping = true
         }
-        // The blocks must all still be there: a `table gc` (with
-        // --older-than, for a writer it could not see) may have taken them.
-        guard try await t.get(TableStore.pendingKey(name, generation)) != nil else {
-            try? await Blocks.deleteSet(client, set)
-            throw WeftError(.conflict, "loading table \(name): its blocks were collected by `weft table gc` meanwhile; load it again")
-        }
-        try t.delete(TableStore.pendingKey(name, generation))
-        try t.put(TableStore.catalogKey(name), TableStore.catalogValue(rows: rows, format: format, generation: generation, replicas: replicas, counts: counts, bytes: bytes))
-        if let old { try t.put(TableStore.pendingKey(name, old.generation), TableStore.pendingValue("replaced")) }
-        // From here the catalog may name this generation (a commit whose
-        // answer is lost may have happened): `abandon` must leave its
-        // blocks; if the flip did not happen, the "loading" marker stays
-        // and `table gc` collects them.
-        if CrashPoints.armed { CrashPoints.check("table.before-catalog-commit") }
-        flipping = true
-        let ts = try await t.commit()
-        // The old generation is invisible from now on; deleting its blocks
-        // is best effort (its "replaced" marker lets `table gc` finish).
-        if let old { try? await TableStore.retire(client, name, old.generation) }
-        return ts
     }
 
     /// After a failure: waits for writes under way, then deletes what was

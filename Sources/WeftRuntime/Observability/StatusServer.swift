@@ -281,7 +281,7 @@ enum StatusPages {
             }
             body += rows.isEmpty ? "<p id=\"no-tables\">No table is committed.</p>\n"
                 : table("tables", ["table", "rows", "format", "layout", "generation", "committed_ts", "partitions", "blocks", "bytes", "replicas",
-                                   "blocks_per_participant"], rows)
+                                   "blocks_per_participant", "written_by"], rows)
         case "jobs":
             body += "<h1>Jobs</h1>\n"
             let rows = (o["jobs"] as? [[String: Any]] ?? []).map { r -> [String: Any] in
