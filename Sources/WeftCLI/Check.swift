@@ -320,6 +320,7 @@ struct CrashPointsCheck: ParsableCommand {
         var checks: [String] = []
         var violations: [String] = []
         var recoveryMillis = 0
+        var attempts = 0
         var ok: Bool { reached && violations.isEmpty }
         var line: String {
             let head = "\(ok ? "PASS" : "FAIL") \(point) (\(victim)): "
@@ -327,7 +328,7 @@ struct CrashPointsCheck: ParsableCommand {
             return head + checks.joined(separator: "; ")
         }
         var json: [String: Any] {
-            ["point": point, "victim": victim, "reached": reached, "outcome": outcome, "txn": txn, "checked": checks,
+            ["point": point, "victim": victim, "reached": reached, "outcome": outcome, "txn": txn, "transactions": attempts, "checked": checks,
              "violations": violations, "recovery_ms": recoveryMillis, "ok": ok]
         }
     }
@@ -359,35 +360,43 @@ struct CrashPointsCheck: ParsableCommand {
             r.violations.append("cannot start \(victim): \(error)")
             return r
         }
-        // The transaction that reaches the point; tried again while the
-        // victim lives (a restarting node answers "unavailable" at first).
-        var answer: [Substring] = []
-        var keys: [String] = []
-        let deadline = wallMillis() + 20_000
-        while node.isRunning && wallMillis() < deadline {
-            let w = runSelf(me, ["debug", "crash-txn", "--cluster", dir, "--tag", tag, "--kind", kind, "--victim", "0"])
-            let lines = w.stdout.split(separator: "\n")
-            keys = lines.first { $0.hasPrefix("keys ") }.map { $0.split(separator: " ").dropFirst().map(String.init) } ?? keys
-            if let a = lines.last(where: { ["ack", "abort", "unknown", "fail"].contains($0.split(separator: " ").first ?? "") }) {
-                answer = a.split(separator: " ", maxSplits: 2)
-                if answer[0] != "fail" || !node.isRunning { break }
-            }
-            usleep(200_000)
+        // Transactions that reach the point, one after another while the
+        // victim lives (a restarting node refuses or aborts at first, and a
+        // transaction can end without reaching the point): each with its own
+        // keys (`check/TAG-N/`), each checked below.
+        struct Attempt {
+            var tag: String
+            var keys: [String] = []
+            var answer: [Substring] = []
         }
-        for _ in 0..<1000 where node.isRunning { usleep(20_000) }
+        var attempts: [Attempt] = []
+        let deadline = wallMillis() + 30_000
+        while node.isRunning && wallMillis() < deadline {
+            var a = Attempt(tag: "\(tag)-\(attempts.count + 1)")
+            let w = runSelf(me, ["debug", "crash-txn", "--cluster", dir, "--tag", a.tag, "--kind", kind, "--victim", "0"])
+            let lines = w.stdout.split(separator: "\n")
+            a.keys = lines.first { $0.hasPrefix("keys ") }.map { $0.split(separator: " ").dropFirst().map(String.init) } ?? []
+            if let line = lines.last(where: { ["ack", "abort", "unknown", "fail"].contains($0.split(separator: " ").first ?? "") }) {
+                a.answer = line.split(separator: " ", maxSplits: 2)
+            }
+            attempts.append(a)
+            // The point may come just after the answer (an END record, a GC round).
+            for _ in 0..<25 where node.isRunning { usleep(20_000) }
+        }
         let logText = (try? String(contentsOfFile: log, encoding: .utf8)).map { String($0.utf8.dropFirst(logStart)) ?? "" } ?? ""
         if node.isRunning {
             node.terminate()
             node.waitUntilExit()
-            r.violations.append("the victim did not reach \(point) within 40 s")
+            r.violations.append("the victim did not reach \(point) within 30 s (\(attempts.count) transactions)")
         } else {
             node.waitUntilExit()
             r.reached = node.terminationReason == .uncaughtSignal && logText.contains("crash point \(point) reached")
             if !r.reached { r.violations.append("the victim exited (status \(node.terminationStatus)) without reaching \(point)") }
         }
-        if answer.count >= 2 {
-            r.outcome = String(answer[0])
-            r.txn = UInt64(answer[1]) ?? 0
+        r.attempts = attempts.count
+        if let last = attempts.last, last.answer.count >= 2 {
+            r.outcome = String(last.answer[0])
+            r.txn = UInt64(last.answer[1]) ?? 0
         }
         if r.reached && r.txn == 0 { r.checks.append("reached before the transaction began (recovering an earlier one)") }
         // Restart the victim; nothing may stay in doubt.
@@ -407,39 +416,47 @@ struct CrashPointsCheck: ParsableCommand {
         if settled { r.checks.append("nothing in doubt \(wallMillis() - t0) ms after the restart") } else {
             r.violations.append("transactions still in doubt \(settleMs) ms after the restart (weft admin in-doubt)")
         }
-        // All or nothing, and consistent with what the client was told.
+        // Each transaction: all or nothing, and consistent with what its
+        // client was told.
         var values: [String: String] = [:]
-        let scan = runSelf(me, ["kv", "scan", "--prefix", "check/\(tag)/", "--limit", "1000", "--cluster", dir])
+        let scan = runSelf(me, ["kv", "scan", "--prefix", "check/\(tag)-", "--limit", "10000", "--cluster", dir])
         if scan.status != 0 { r.violations.append("cannot read the keys: \(scan.stderr.prefix(200))") }
         for line in scan.stdout.split(separator: "\n") {
             let f = line.split(separator: "\t", maxSplits: 1).map(String.init)
             if f.count == 2 { values[f[0]] = f[1] }
         }
-        let present = keys.filter { values[$0] == tag }
-        let applied = !keys.isEmpty && present.count == keys.count
-        if !present.isEmpty && !applied {
-            r.violations.append("partially applied: \(present.count) of \(keys.count) keys of transaction \(r.txn) hold its value")
-        } else if !keys.isEmpty {
-            r.checks.append(applied ? "all \(keys.count) keys applied" : "none of \(keys.count) keys applied")
-        }
-        switch r.outcome {
-        case "ack":
-            if let ts = answer.count > 2 ? UInt64(answer[2]) : nil { lastTs = max(lastTs, ts) }
-            if applied { r.checks.append("acknowledged and kept") } else { r.violations.append("transaction \(r.txn) was acknowledged but is not in the data") }
-        case "abort":
-            if !present.isEmpty { r.violations.append("transaction \(r.txn) was reported aborted but is in the data") } else { r.checks.append("aborted and absent") }
-        default:
-            if r.txn != 0 {
-                let s = runSelf(me, ["txn", "status", String(r.txn), "--cluster", dir])
-                let said = s.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-                if said.hasPrefix("pending") { r.violations.append("transaction \(r.txn) is still pending") }
-                if said.hasPrefix("committed") != applied {
-                    r.violations.append("transaction \(r.txn): txn status says '\(said)' but the data says \(applied ? "applied" : "not applied")")
+        var said: [String: Int] = [:]
+        for a in attempts where !a.keys.isEmpty {
+            let txn = a.answer.count >= 2 ? String(a.answer[1]) : "?"
+            let present = a.keys.filter { values[$0] == a.tag }
+            let applied = present.count == a.keys.count
+            if !present.isEmpty && !applied {
+                r.violations.append("partially applied: \(present.count) of \(a.keys.count) keys of transaction \(txn) hold its value")
+                continue
+            }
+            switch a.answer.first.map(String.init) ?? "none" {
+            case "ack":
+                if let ts = a.answer.count > 2 ? UInt64(a.answer[2]) : nil { lastTs = max(lastTs, ts) }
+                if applied { said["acknowledged and kept", default: 0] += 1 } else { r.violations.append("transaction \(txn) was acknowledged but is not in the data") }
+            case "abort":
+                if !present.isEmpty { r.violations.append("transaction \(txn) was reported aborted but is in the data") } else { said["aborted and absent", default: 0] += 1 }
+            default:
+                guard a.answer.count >= 2, UInt64(a.answer[1]) ?? 0 != 0 else {
+                    // No transaction began: nothing may be there.
+                    if !present.isEmpty { r.violations.append("keys of \(a.tag) hold a value although no transaction began") } else { said["not begun and absent", default: 0] += 1 }
+                    continue
+                }
+                let s = runSelf(me, ["txn", "status", txn, "--cluster", dir])
+                let status = s.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                if status.hasPrefix("pending") { r.violations.append("transaction \(txn) is still pending") }
+                if status.hasPrefix("committed") != applied {
+                    r.violations.append("transaction \(txn): txn status says '\(status)' but the data says \(applied ? "applied" : "not applied")")
                 } else {
-                    r.checks.append("outcome \(r.outcome): txn status '\(said.split(separator: " ").first ?? "")' agrees with the data")
+                    said["outcome \(a.answer[0]): txn status '\(status.split(separator: " ").first ?? "")' agrees with the data (\(applied ? "applied" : "absent"))", default: 0] += 1
                 }
             }
         }
+        for (what, n) in said.sorted(by: { $0.key < $1.key }) { r.checks.append(n == 1 ? what : "\(what) ×\(n)") }
         // The cluster commits again, later than everything before.
         var after = ""
         for _ in 0..<50 {

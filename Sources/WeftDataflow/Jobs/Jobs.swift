@@ -439,7 +439,8 @@ public enum BuiltinJobs {
         func writeDistributed(_ rows: RDD<(Bytes, Bytes)>, keep: @escaping ([(Bytes, Bytes)]) -> [(Bytes, Bytes)]) throws -> [OutputPart] {
             let d = distributedOutput!
             let parts = try rows.mapPartitionsWithIndex { p, part, ctx in
-                [try PartitionedOutput.write(client, d.name, generation: d.generation, partition: p, attempt: ctx.attempt, rows: part, keep: keep)]
+                [try PartitionedOutput.write(client, d.name, generation: d.generation, partition: p,
+                                                  base: PartitionedOutput.base(action: ctx.task.job, attempt: ctx.attempt), rows: part, keep: keep)]
             }.collect()
             return parts
         }

@@ -5,7 +5,7 @@ import WeftRuntime
 /// What one result task wrote of a job's output table (`PartitionedOutput`).
 public struct OutputPart: SpillCodable, Sendable {
     public var partition = 0
-    /// Index of the partition's first block: the attempt × `attemptStride`.
+    /// Index of the partition's first block (`PartitionedOutput.base`).
     public var base = 0
     public var blocks = 0
     public var rows = 0
@@ -46,7 +46,7 @@ public struct OutputPart: SpillCodable, Sendable {
 /// order), and returns what it wrote; the driver then flips the catalog in
 /// one transaction (`TableStore.flip`), so the table appears whole or not
 /// at all. Each attempt of a task writes from its own block index
-/// (attempt × `attemptStride`), so a retry or a speculative copy never
+/// (`base(action:attempt:)`), so a retry or a speculative copy never
 /// mixes its blocks with another attempt's; the catalog names the winner's
 /// first index per partition (`bases=`). Losers' blocks stay in the
 /// generation until the table is replaced or dropped.
@@ -68,14 +68,23 @@ public enum PartitionedOutput {
         }
     }
 
+    /// The first block index of attempt `attempt` of action `action`'s task:
+    /// distinct for every (action, attempt) of a job, so no two attempts,
+    /// even of two write actions (PageRank's integer path giving way to the
+    /// String one), write the same block.
+    public static func base(action: Int, attempt: Int) -> Int {
+        (action * attemptsPerAction + attempt % attemptsPerAction) * attemptStride
+    }
+    public static let attemptsPerAction = 256
+
     /// In a task: writes `rows` as kv blocks of table partition `partition`,
     /// each block (with its replicas) in one transaction, retrying while a
     /// participant is unreachable, up to `outputWriteRetryMillis`.
-    public static func write(_ client: WeftClient, _ name: String, generation: String, partition: Int, attempt: Int,
+    public static func write(_ client: WeftClient, _ name: String, generation: String, partition: Int, base: Int,
                              rows: [(Bytes, Bytes)], keep: ([(Bytes, Bytes)]) -> [(Bytes, Bytes)]) throws -> OutputPart {
         var part = OutputPart()
         part.partition = partition
-        part.base = attempt * attemptStride
+        part.base = base
         part.rows = rows.count
         var blocks: [Bytes] = []
         var builder = Blocks.Builder(kind: .kv)
@@ -93,7 +102,6 @@ public enum PartitionedOutput {
         if builder.rows > 0 { blocks.append(builder.seal()) }
         let set = TableStore.blockSet(name, generation)
         let n = client.participantCount
-        let base = part.base
         for (i, block) in blocks.enumerated() {
             let deadline = wallMillis() + outputWriteRetryMillis
             var pause: UInt32 = 50_000
