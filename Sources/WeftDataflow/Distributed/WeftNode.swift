@@ -65,9 +65,30 @@ public enum WeftNode {
         let nodes = Array(0..<config.participantCount)
         final class Lease: @unchecked Sendable { var value: SnapshotLease? }
         let lease = Lease()
-        return try BuiltinJobs.runOnCluster(name, params, client: client, nodes: nodes, parallelism: 2 * nodes.count, memoryBytesMax: memoryBytesMax,
-                                            call: { n, m, b, t in try await remote.call(to: .participant(n), m, b, timeoutMillis: t) },
-                                            pin: { ts in lease.value = try blocking { try await SnapshotLease.take(client, at: ts) } },
-                                            unpin: { _ in if let l = lease.value { _ = try? blocking { await l.release() } } })
+        // The coordinator's jobs pages show the job, as for `weft job run --cluster`.
+        let reporter = JobReporter(remote: remote)
+        _ = try? blocking { await reporter.start(job: name, input: params.input) }
+        do {
+            let (result, dist) = try BuiltinJobs.runOnCluster(name, params, client: client, nodes: nodes, parallelism: 2 * nodes.count, memoryBytesMax: memoryBytesMax,
+                                                              call: { n, m, b, t in try await remote.call(to: .participant(n), m, b, timeoutMillis: t) },
+                                                              pin: { ts in lease.value = try blocking { try await SnapshotLease.take(client, at: ts) } },
+                                                              unpin: { _ in if let l = lease.value { _ = try? blocking { await l.release() } } },
+                                                              prepare: { _, sc in
+                                                                  sc.onProgress = { reporter.progress(stage: $0.stage, stages: $0.stages, tasksDone: $0.tasksDone, tasks: $0.tasks) }
+                                                              })
+            let m = result.metrics
+            let summary: [String: Any] = ["job": name, "input": params.input, "output_rows": result.outputRows, "summary": result.summary,
+                                          "stages": m.stages, "tasks": m.tasks, "task_retries": m.taskRetries, "recomputed_partitions": m.recomputedPartitions,
+                                          "bytes_spilled": m.bytesSpilled, "shuffle_bytes_written": m.shuffleBytesWritten,
+                                          "shuffle_bytes_fetched": m.shuffleBytesFetched, "executors": "cluster",
+                                          "speculative_tasks": dist.speculativeTasks, "fetch_failures": dist.fetchFailures,
+                                          "executors_lost": dist.executorsLost.map { "participant-\($0)" },
+                                          "stage_times": m.stageTimes.map(\.json)]
+            reporter.finishWaiting(result: summary, error: nil)
+            return (result, dist)
+        } catch {
+            reporter.finishWaiting(result: nil, error: "\(error)")
+            throw error
+        }
     }
 }

@@ -76,6 +76,19 @@ public final class JobReporter: @unchecked Sendable {
     }
 }
 
+extension JobReporter {
+    /// `finish` for a caller on a plain thread: waits for it.
+    public func finishWaiting(result: [String: Any]?, error: String?) {
+        let box = UncheckedSendableBox(result)
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            await self.finish(result: box.value, error: error)
+            done.signal()
+        }
+        done.wait()
+    }
+}
+
 struct UncheckedSendableBox<T>: @unchecked Sendable {
     let value: T
     init(_ v: T) { value = v }
