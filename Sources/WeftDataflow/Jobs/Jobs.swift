@@ -296,16 +296,14 @@ public enum BuiltinJobs {
         return pageRank(edges: edges, iterations: iterations, damping: damping)
     }
 
-    /// PageRank with integer vertices, if every non-blank line is two
-    /// canonical integers (no sign, no leading zero), so that the ranks
-    /// are those the String job would give; nil (after one pass) if not.
-    /// A sniff of the table's first lines (up to `integerSniffLines`) comes
-    /// first, so a graph of named vertices goes straight to the String job;
-    /// only one that starts with integers and has a non-integer line later
-    /// computes twice.
-    /// PageRank over integer vertices when the table's first lines are
-    /// integer edges; the count of lines that were not is read after the
-    /// ranks' action (nonzero: use the String job instead).
+    /// PageRank with integer vertices, for a table whose non-blank lines are
+    /// all two canonical integers (no sign, no leading zero), so that the
+    /// ranks are those the String job would give. A sniff of the table's
+    /// first lines (up to `integerSniffLines`) comes first: a graph of named
+    /// vertices gets nil and goes straight to the String job. Otherwise the
+    /// returned accumulator counts the lines that were not integer edges;
+    /// it is read after the ranks' action, and nonzero means the String job
+    /// runs instead (only such a table computes twice).
     static func integerPageRankRDD(_ table: RDD<(Bytes, Bytes)>, iterations: Int, damping: Double) throws -> (RDD<(Int, Double)>, Accumulator)? {
         guard try startsWithIntegerEdges(table) else { return nil }
         let lines = textLines(table)
