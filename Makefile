@@ -10,7 +10,7 @@ SIM_SEEDS ?= 2000
 # binary's own 88k pointers), which is most of a short command's cost.
 RELEASE = $(SWIFT) build -c release --static-swift-stdlib -Xlinker -no-pie
 
-.PHONY: demo test deps client-deps build release sim bench bench-server bench-cluster bench-recovery bench-redis fuzz fuzz-build clean
+.PHONY: demo test deps client-deps build release sim bench bench-server bench-cluster bench-recovery bench-output bench-redis fuzz fuzz-build clean
 
 deps:
 	@if [ ! -f /usr/include/lmdb.h ] || [ ! -f /usr/include/openssl/ssl.h ] || ! command -v openssl >/dev/null; then \
@@ -83,6 +83,13 @@ bench-cluster: deps
 bench-recovery: deps
 	$(RELEASE) --product weft
 	python3 Tools/recovery-bench.py
+
+# A job's output written by the executors against the driver (--local):
+# PageRank with --output on a local cluster (docs/benchmarks.md).
+bench-output: deps
+	$(RELEASE) --product weft
+	$(RELEASE) --product weft-dataflow-bench
+	python3 Tools/output-bench.py
 
 # redis-benchmark against weft server and against redis-server with
 # appendfsync always, in the same run (docs/benchmarks.md).
