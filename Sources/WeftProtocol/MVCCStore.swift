@@ -8,14 +8,16 @@ import WeftCore
 /// - `entries[i]` holds a key's newest version inline and links older ones
 ///   through `older` (newest first);
 /// - an open-addressing hash table of entry indices serves point reads;
-/// - `sorted` (big, sorted) plus `pending` (unsorted, new keys) order entries
-///   by key for scans; `pending` is sorted and merged into `sorted` before a
-///   scan, or when it outgrows a quarter of `sorted`.
+/// - `chunks`, sorted runs of entry indices (a two-level B-tree: each run
+///   holds `chunkMax` to 2 `chunkMax` entries), order entries by key for
+///   scans. A new key is inserted into its run, O(log n) comparisons and a
+///   short move; a bulk load collects new keys in `pending` and merges them
+///   in once.
 ///
 /// Invariants: versions of a key are applied in strictly increasing timestamp
 /// order; an entry that garbage collection removed is `dead` and is never
-/// returned, and is dropped from the ordered index at the next merge (it
-/// stays in the hash table so a new version revives it). The arena only
+/// returned, and is dropped from the ordered index when enough of them
+/// gather (it stays in the hash table so a new version revives it). The arena only
 /// counts the bytes of collected versions (`Arena.deadBytes`); it does not
 /// reclaim them yet.
 /// Empty arena chunks (capacity `MVCCStore.arenaChunkBytes`, count 0)
@@ -61,16 +63,27 @@ public struct MVCCStore: Sendable {
     /// before it touches a key, and growing never reads the keys.
     var slots: [UInt64] = Array(repeating: MVCCStore.emptySlot, count: 1024)
     static let emptySlot = UInt64.max
-    var sorted: [Int32] = []
+    /// The ordered index: runs of entry indices, each sorted by key, every
+    /// key of a run below every key of the next.
+    var chunks: [[Int32]] = []
+    /// Entries in `chunks`.
+    var indexed = 0
+    /// New keys of a bulk load, unsorted, until `endBulkLoad`.
     var pending: [Int32] = []
-    /// Whether each entry is in `sorted` or `pending`.
+    /// Whether each entry is in `chunks` or `pending`.
     var ordered: [Bool] = []
+    /// Entries per run after a split or a rebuild; a run splits at twice this.
+    static let chunkMax = 512
     /// Dead entries still in the ordered index.
     var deadInOrder = 0
     /// True between `beginBulkLoad` and `endBulkLoad`: `pending` is unsorted.
     var bulk = false
-    /// Entries that have older versions: the only ones GC needs to visit.
-    var withHistory: Set<Int32> = []
+    /// What garbage collection must visit: (entry, ts) when the entry got
+    /// a version at `ts` over an older one, or a tombstone as its newest
+    /// version. A collection at horizon H takes the items up to H and
+    /// keeps the rest, so its cost follows the writes of the retention
+    /// window, not the size of the store.
+    var gcQueue: [(entry: Int32, ts: Timestamp)] = []
     public private(set) var liveKeys = 0
     public private(set) var deadEntries = 0
 
@@ -109,13 +122,17 @@ public struct MVCCStore: Sendable {
     /// `ts` are skipped.
     public mutating func scan(from start: Bytes, at ts: Timestamp, _ visit: (Bytes, Bytes, Timestamp) -> Bool) {
         precondition(!bulk, "scan during a bulk load")
-        mergePendingIfNeeded(force: true)
-        var pos = lowerBound(sorted, start)
-        while pos < sorted.count {
-            let e = entries[Int(sorted[pos])]
-            pos += 1
-            guard let (vts, ref) = visible(e, at: ts), ref != Self.tombstone else { continue }
-            if !visit(arena.copy(e.keyRef), arena.copy(ref), vts) { return }
+        var (c, pos) = start.withUnsafeBytes { orderedLowerBound($0) }
+        while c < chunks.count {
+            let chunk = chunks[c]
+            while pos < chunk.count {
+                let e = entries[Int(chunk[pos])]
+                pos += 1
+                guard let (vts, ref) = visible(e, at: ts), ref != Self.tombstone else { continue }
+                if !visit(arena.copy(e.keyRef), arena.copy(ref), vts) { return }
+            }
+            c += 1
+            pos = 0
         }
     }
 
@@ -153,17 +170,18 @@ public struct MVCCStore: Sendable {
                 deadEntries -= 1
                 liveKeys += 1
                 e.older = -1
-                // Merges drop dead entries from the ordered index: put it back.
+                if value == nil { gcQueue.append((i, ts)) }
+                // Compaction drops dead entries from the ordered index: put it back.
                 if inOrder(i) {
                     deadInOrder -= 1
                 } else {
                     ordered[Int(i)] = true
-                    pending.append(i)
+                    if bulk { pending.append(i) } else { insertOrdered(i) }
                 }
             } else {
                 let slot = allocOld(OldVersion(ts: e.ts, valueRef: e.valueRef, next: e.older))
                 e.older = slot
-                withHistory.insert(i)
+                gcQueue.append((i, ts))
             }
             e.ts = ts
             e.valueRef = valueRef
@@ -175,18 +193,17 @@ public struct MVCCStore: Sendable {
         entries.append(Entry(keyRef: keyRef, ts: ts, valueRef: valueRef, older: -1, dead: false))
         ordered.append(true)
         liveKeys += 1
+        if value == nil { gcQueue.append((index, ts)) }
         insertSlot(index, hash: keyHash(key))
-        pending.append(index)
-        if !bulk { mergePendingIfNeeded(force: false) }
+        if bulk { pending.append(index) } else { insertOrdered(index) }
         return nil
     }
 
-    /// Installs the writes of one commit at `ts`. A write set larger than
-    /// the merge bound goes in as a bulk load: its new keys are sorted once
-    /// and merged into the order in one pass, instead of one sorted
-    /// insertion each and a merge every ~2 sqrt(n) of them (a 450,000-row
-    /// job output took 19 s to apply that way). Inside a bulk load (replay)
-    /// the writes just join it.
+    /// Installs the writes of one commit at `ts`. A write set of at least
+    /// `mergeBound` goes in as a bulk load: its new keys are sorted once and
+    /// merged into the order in one pass (a 450,000-row job output took
+    /// 19 s to apply one key at a time with the old sorted array). Inside a
+    /// bulk load (replay) the writes just join it.
     public mutating func apply(_ writes: [WriteOp], ts: Timestamp) {
         let batch = !bulk && writes.count >= mergeBound
         if batch { beginBulkLoad() }
@@ -204,34 +221,33 @@ public struct MVCCStore: Sendable {
     public mutating func endBulkLoad() {
         precondition(bulk)
         bulk = false
-        mergePendingIfNeeded(force: true)
+        rebuildIndex(merging: pending)
+        pending.removeAll(keepingCapacity: false)
     }
 
-    /// How many new keys wait, unsorted, in `pending` before they are
-    /// sorted and merged into the order: about 8 sqrt(n), at least 1024.
-    /// A merge costs p log p + n comparisons and stops the node for that
-    /// long, so the bound trades CPU for pauses: at 2 sqrt(n) with sorted
-    /// insertion the merges were a third of a participant's CPU under a
-    /// stream of random SETs; at n/4 a merge of a million-key store paused
-    /// the node past the coordinator's 2 s one-phase deadline. At
-    /// 8 sqrt(n) a 700k-key store merges every ~6,700 new keys. Scans merge
-    /// first, whatever is pending.
-    var mergeBound: Int {
-        var bound = 1024
-        while bound * bound < sorted.count * 64 { bound *= 2 }
-        return bound
-    }
+    /// The smallest commit applied as a bulk load: 1024 writes, or a 32nd
+    /// of the index. A merge costs a comparison per indexed key, an
+    /// insertion about 20 and a move within its run, so the merge wins
+    /// only for a write set that large.
+    var mergeBound: Int { max(1024, indexed / 32) }
 
     /// Drops versions no read at or after `horizon` can see. Returns, per
     /// commit timestamp, how many versions written at that timestamp were
     /// dropped, so the caller can release durable records nobody needs.
     public mutating func collectGarbage(horizon: Timestamp) -> [Timestamp: Int] {
         var dropped: [Timestamp: Int] = [:]
-        for i in withHistory {
+        var kept = 0
+        for q in gcQueue.indices {
+            let (i, ts) = gcQueue[q]
+            if ts > horizon {
+                gcQueue[kept] = (i, ts)
+                kept += 1
+                continue
+            }
             var e = entries[Int(i)]
+            if e.dead { continue }
             // Find the newest version with ts <= horizon; everything older goes.
             var keepFrom: Int32 = -1
-            var prev: Int32 = -1
             if e.ts <= horizon {
                 keepFrom = e.older
                 e.older = -1
@@ -244,11 +260,9 @@ public struct MVCCStore: Sendable {
                         oldVersions[Int(j)].next = -1
                         break
                     }
-                    prev = j
                     j = o.next
                 }
             }
-            _ = prev
             var j = keepFrom
             while j >= 0 {
                 let o = oldVersions[Int(j)]
@@ -257,18 +271,20 @@ public struct MVCCStore: Sendable {
                 freeOld.append(j)
                 j = o.next
             }
+            // A key whose only version is an old tombstone disappears entirely.
+            if e.older < 0 && e.valueRef == Self.tombstone && e.ts <= horizon {
+                e.dead = true
+                dropped[e.ts, default: 0] += 1
+                deadEntries += 1
+                deadInOrder += 1
+                liveKeys -= 1
+            }
             entries[Int(i)] = e
         }
-        withHistory = withHistory.filter { entries[Int($0)].older >= 0 }
-        // A key whose only version is an old tombstone disappears entirely.
-        for i in entries.indices where !entries[i].dead && entries[i].older < 0
-            && entries[i].valueRef == Self.tombstone && entries[i].ts <= horizon {
-            entries[i].dead = true
-            dropped[entries[i].ts, default: 0] += 1
-            deadEntries += 1
-            deadInOrder += 1
-            liveKeys -= 1
-        }
+        gcQueue.removeLast(gcQueue.count - kept)
+        // Dead entries cost scans a skip each; past an eighth of the
+        // index, one pass drops them.
+        if !bulk && deadInOrder > 0 && deadInOrder * 8 >= max(indexed, 8192) { rebuildIndex(merging: []) }
         return dropped
     }
 
@@ -276,7 +292,8 @@ public struct MVCCStore: Sendable {
     public var memoryBytes: Int {
         arena.capacityBytes + entries.capacity * MemoryLayout<Entry>.stride
             + oldVersions.capacity * MemoryLayout<OldVersion>.stride
-            + slots.capacity * 8 + (sorted.capacity + pending.capacity) * 4 + ordered.capacity
+            + slots.capacity * 8 + (indexed + chunks.count * Self.chunkMax / 2 + pending.capacity) * 4 + ordered.capacity
+            + gcQueue.capacity * MemoryLayout<(entry: Int32, ts: Timestamp)>.stride
     }
 
     public var versionCount: Int { liveKeys + oldVersions.count - freeOld.count }
@@ -330,58 +347,101 @@ public struct MVCCStore: Sendable {
         slots = bigger
     }
 
-    func lowerBound(_ list: [Int32], _ key: Bytes) -> Int {
-        key.withUnsafeBytes { lowerBound(list, $0) }
-    }
-
     func lowerBound(_ list: [Int32], _ k: UnsafeRawBufferPointer) -> Int {
         var lo = 0, hi = list.count
         while lo < hi {
             let mid = (lo + hi) / 2
-            if arena.withBytes(entries[Int(list[mid])].keyRef, { compareBytes($0, k) < 0 }) { lo = mid + 1 } else { hi = mid }
+            if keyBelow(list[mid], k) { lo = mid + 1 } else { hi = mid }
         }
         return lo
     }
 
-    func less(_ a: Int32, _ b: Int32) -> Bool {
-        arena.withBytes(entries[Int(a)].keyRef) { ka in arena.withBytes(entries[Int(b)].keyRef) { kb in compareBytes(ka, kb) < 0 } }
+    @inline(__always)
+    func keyBelow(_ i: Int32, _ k: UnsafeRawBufferPointer) -> Bool {
+        arena.withBytes(entries[Int(i)].keyRef) { compareBytes($0, k) < 0 }
     }
 
-    /// Sorts `pending` and merges it into `sorted` when it outgrows `mergeBound` (or when
-    /// forced, before a scan), dropping entries that died since the last merge.
-    mutating func mergePendingIfNeeded(force: Bool) {
-        if pending.isEmpty && !(force && deadInOrder > 0) { return }
-        if !force && pending.count < mergeBound { return }
-        var merged: [Int32] = []
-        merged.reserveCapacity(sorted.count + pending.count)
+    /// The place of the first indexed key >= `k`: (run, position in it).
+    /// Past the last key, (chunks.count, 0).
+    func orderedLowerBound(_ k: UnsafeRawBufferPointer) -> (Int, Int) {
+        // The first run that starts at or after k; the answer is in the run
+        // before it, or is that run's start.
+        var lo = 0, hi = chunks.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if keyBelow(chunks[mid][0], k) { lo = mid + 1 } else { hi = mid }
+        }
+        if lo == 0 { return (0, 0) }
+        let p = lowerBound(chunks[lo - 1], k)
+        return p < chunks[lo - 1].count ? (lo - 1, p) : (lo, 0)
+    }
+
+    /// Puts a new (or revived) entry into its run, splitting a full run.
+    mutating func insertOrdered(_ i: Int32) {
+        indexed += 1
+        if chunks.isEmpty {
+            chunks = [[i]]
+            chunks[0].reserveCapacity(2 * Self.chunkMax)
+            return
+        }
+        var (c, p) = arena.withBytes(entries[Int(i)].keyRef) { orderedLowerBound($0) }
+        // A key past every run's end joins the last run.
+        if c == chunks.count { (c, p) = (c - 1, chunks[c - 1].count) }
+        chunks[c].insert(i, at: p)
+        if chunks[c].count >= 2 * Self.chunkMax {
+            var tail = Array(chunks[c][Self.chunkMax...])
+            tail.reserveCapacity(2 * Self.chunkMax)
+            chunks[c].removeSubrange(Self.chunkMax...)
+            chunks.insert(tail, at: c + 1)
+        }
+    }
+
+    /// Rebuilds the runs from the index in order merged with `extra`
+    /// (unsorted new keys of a bulk load), dropping dead entries.
+    mutating func rebuildIndex(merging extra: [Int32]) {
+        let (arena, entries) = (arena, entries)
+        var extra = extra
         // Local copies (no element is copied): a closure that captured
-        // `self` would copy the whole store, retaining every array of it,
-        // for each comparison.
-        let (arena, entries, sorted) = (arena, entries, sorted)
-        var pending = self.pending
-        self.pending = []
-        pending.sort { x, y in
+        // `self` would copy the whole store for each comparison.
+        extra.sort { x, y in
             arena.withBytes(entries[Int(x)].keyRef) { kx in arena.withBytes(entries[Int(y)].keyRef) { ky in compareBytes(kx, ky) < 0 } }
         }
-        var a = 0, b = 0
-        while a < sorted.count || b < pending.count {
-            let take: Int32
-            if b == pending.count || (a < sorted.count && arena.withBytes(entries[Int(sorted[a])].keyRef, { ka in
-                arena.withBytes(entries[Int(pending[b])].keyRef) { kb in compareBytes(ka, kb) < 0 }
-            })) {
-                take = sorted[a]; a += 1
-            } else {
-                take = pending[b]; b += 1
+        var runs: [[Int32]] = []
+        var run: [Int32] = []
+        run.reserveCapacity(2 * Self.chunkMax)
+        var count = 0
+        func emit(_ i: Int32) {
+            if entries[Int(i)].dead {
+                ordered[Int(i)] = false
+                return
             }
-            if entries[Int(take)].dead {
-                ordered[Int(take)] = false
-            } else {
-                merged.append(take)
+            run.append(i)
+            count += 1
+            if run.count == Self.chunkMax {
+                runs.append(run)
+                run = []
+                run.reserveCapacity(2 * Self.chunkMax)
             }
         }
-        self.sorted = merged
-        pending.removeAll(keepingCapacity: true)
-        self.pending = pending
+        var b = 0
+        for chunk in chunks {
+            for i in chunk {
+                while b < extra.count, arena.withBytes(entries[Int(extra[b])].keyRef, { kb in
+                    arena.withBytes(entries[Int(i)].keyRef) { ka in compareBytes(kb, ka) < 0 }
+                }) {
+                    emit(extra[b])
+                    b += 1
+                }
+                emit(i)
+            }
+        }
+        while b < extra.count {
+            emit(extra[b])
+            b += 1
+        }
+        if !run.isEmpty { runs.append(run) }
+        chunks = runs
+        indexed = count
         deadInOrder = 0
     }
 

@@ -34,6 +34,51 @@ final class MVCCStoreTests: XCTestCase {
         }
     }
 
+    /// Enough keys that the ordered index splits its runs many times, with
+    /// deletes collected (dead entries dropped from the index, then
+    /// revived by new versions), checked by full and partial scans against
+    /// a sorted model of the live keys.
+    func testOrderedIndexThroughSplitsCollectionAndRevival() {
+        var rng = SeededRandom(seed: 19)
+        var store = MVCCStore()
+        var live: [Bytes: Bytes] = [:]
+        var ts: Timestamp = 1
+        var rebuilds = 0
+        for round in 0..<12 {
+            for _ in 0..<6_000 {
+                ts += 1
+                let key = Array("key-\(rng.int(0...40_000))".utf8)
+                if rng.chance(0.25) {
+                    store.apply(key: key, value: nil, ts: ts)
+                    live[key] = nil
+                } else {
+                    let v = Array("v\(ts)".utf8)
+                    store.apply(key: key, value: v, ts: ts)
+                    live[key] = v
+                }
+            }
+            let before = store.chunks.count
+            _ = store.collectGarbage(horizon: ts)
+            if store.chunks.count < before { rebuilds += 1 }
+            XCTAssertEqual(store.liveKeys, live.count, "round \(round)")
+            let expected = live.keys.sorted { compareBytes($0, $1) < 0 }
+            var all: [Bytes] = []
+            store.scan(from: [], at: ts) { k, v, _ in
+                XCTAssertEqual(live[k], v)
+                all.append(k)
+                return true
+            }
+            XCTAssertEqual(all, expected, "round \(round)")
+            let from = Array("key-2".utf8)
+            var part: [Bytes] = []
+            store.scan(from: from, at: ts) { k, _, _ in part.append(k); return part.count < 700 }
+            XCTAssertEqual(part, Array(expected.filter { compareBytes($0, from) >= 0 }.prefix(700)))
+        }
+        XCTAssertGreaterThan(store.chunks.count, 20, "the index split into many runs")
+        XCTAssertTrue(store.chunks.allSatisfy { $0.count < 2 * MVCCStore.chunkMax })
+        XCTAssertGreaterThan(rebuilds, 0, "collected deletes were dropped from the index")
+    }
+
     func testGarbageCollectionKeepsWhatSnapshotsAtOrAfterTheHorizonSee() {
         var store = MVCCStore()
         let k = Array("k".utf8), gone = Array("gone".utf8)
