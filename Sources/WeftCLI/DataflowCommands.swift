@@ -244,6 +244,8 @@ struct JobCommand: AsyncParsableCommand {
         @Option(help: "Clusters (kmeans).") var k = 2
         @Option(help: "Comma-separated words to count (logmining).") var words: String?
         @Option(help: "Second input table (join).") var input2: String?
+        @Option(help: "Persist pagerank's graph and each iteration's ranks reliably, N copies on as many participants, so a lost node is not recomputed from the start (0: memory only).")
+        var reliable = 0
 
         func validate() throws {
             if !BuiltinJobs.all.contains(where: { $0.name == name }) {
@@ -254,6 +256,7 @@ struct JobCommand: AsyncParsableCommand {
             if k < 1 || k > 10_000 { throw ValidationError("--k must be 1...10000") }
             if name == "join" && input2 == nil { throw ValidationError("join needs --input2 TABLE") }
             if name == "logmining" && (words ?? "").isEmpty { throw ValidationError("logmining needs --words w1,w2,...") }
+            if reliable < 0 || reliable > Limits.replicasMax { throw ValidationError("--reliable must be 0...\(Limits.replicasMax)") }
         }
 
         var parameters: JobParameters {
@@ -264,6 +267,7 @@ struct JobCommand: AsyncParsableCommand {
             p.k = k
             p.words = words.map { $0.split(separator: ",").map(String.init) } ?? []
             p.input2 = input2
+            p.reliable = reliable
             return p
         }
     }
@@ -408,6 +412,7 @@ func jobRequest(_ name: String, _ p: JobParameters, threads: Int, memory: Int) -
     if let at = p.at { o["at"] = at }
     if let out = p.output { o["output"] = out }
     if let i2 = p.input2 { o["input2"] = i2 }
+    if p.reliable > 0 { o["reliable"] = p.reliable }
     return Array(jsonLine(o).utf8)
 }
 
@@ -426,6 +431,7 @@ func serveJobRun(_ body: Bytes, client: WeftClient, shouldStop: (@Sendable () ->
     p.iterations = o["iterations"] as? Int ?? p.iterations
     p.damping = o["damping"] as? Double ?? p.damping
     p.k = o["k"] as? Int ?? p.k
+    p.reliable = max(0, min(o["reliable"] as? Int ?? 0, Limits.replicasMax))
     p.words = o["words"] as? [String] ?? []
     p.output = o["output"] as? String
     p.input2 = o["input2"] as? String

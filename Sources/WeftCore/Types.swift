@@ -45,6 +45,10 @@ public enum Limits {
     /// Largest stored block of a table or of a reliably persisted
     /// partition, header included: one value in the store.
     public static let tableBlockBytesMax = valueBytesMax
+    /// Most copies of a reliably persisted partition a job may ask for
+    /// (`job run --reliable N`); fewer are made on a cluster with fewer
+    /// participants.
+    public static let replicasMax = 16
     /// Longest row (line, or key plus value) a table load accepts: a row
     /// never spans two blocks. A longer line is refused by its line number
     /// before it is buffered whole.

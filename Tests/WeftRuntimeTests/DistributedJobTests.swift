@@ -135,7 +135,12 @@ final class DistributedJobTests: XCTestCase {
             // Killed in the second word's count: the error messages it
             // held are read back from their reliable replicas.
             ("logmining", ["--input", "logs", "--words", "alpha,w7,w9"], "participant-2", "executor.result-task-1"),
+            // The same PageRank kill with the graph and every iteration's
+            // ranks persisted reliably: the lost share is read back from
+            // replicas, not recomputed back to the first iteration.
+            ("pagerank", ["--input", "graph", "--iterations", "10", "--reliable", "2"], "participant-2", "executor.map-task-7"),
         ]
+        var lineageRecomputed: Int?
         for (i, k) in cases.enumerated() {
             let ref = try c.weft(["job", "run", k.job] + k.args + ["--output", "ref\(i)", "--json"])
             XCTAssertEqual(ref.status, 0, ref.stderr)
@@ -158,7 +163,11 @@ final class DistributedJobTests: XCTestCase {
             // A node killed before it computed anything leaves nothing to
             // recompute; one killed later does.
             let recomputed = o["recomputed_partitions"] as? Int ?? -1
-            if k.job == "logmining" {
+            if k.job == "pagerank" && k.point == "executor.map-task-7" && !k.args.contains("--reliable") { lineageRecomputed = recomputed }
+            if k.args.contains("--reliable") {
+                XCTAssertGreaterThan(o["replica_reads"] as? Int ?? 0, 0, "the lost share of the graph and ranks is read from replicas")
+                XCTAssertLessThan(recomputed, lineageRecomputed ?? 0, "reliable ranks recompute less than lineage back to the first iteration")
+            } else if k.job == "logmining" {
                 XCTAssertGreaterThan(o["replica_reads"] as? Int ?? 0, 0, "reliable partitions are read from a replica")
                 XCTAssertEqual(recomputed, 0, "reliably persisted partitions are not recomputed")
             } else if k.point == "executor.map-task-1" { XCTAssertGreaterThanOrEqual(recomputed, 0) } else {

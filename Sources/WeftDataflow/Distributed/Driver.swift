@@ -352,6 +352,10 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                                 delivered[node] = max(delivered[node] ?? 0, have)
                                 for c in computedNow where !computed.insert(c).inserted { metrics.recomputedPartitions += 1 }
                                 for c in cached { cacheLocations[Int(c >> 32), default: [:]][Int(c & 0xffff_ffff)] = node }
+                                // A cached partition of a reliably persisted RDD was
+                                // written to the store first (`RDD.iterator`): the
+                                // plan need not recompute its parents again.
+                                for c in cached { sc.reliableRegistry.state(rdd: Int(c >> 32))?.noteStored(Int(c & 0xffff_ffff)) }
                                 metrics.replicaReads += m.replicaReads
                             }
                             durations.add(Double(m.taskMicros) / 1000)

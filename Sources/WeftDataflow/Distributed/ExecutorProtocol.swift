@@ -13,7 +13,7 @@ import WeftCore
 /// - `exec.ping`: the driver's heartbeat; renews the job's lease.
 /// - `exec.forget`: the job ended; drop everything it left here.
 public enum ExecutorProtocol {
-    public static let version: UInt8 = 2
+    public static let version: UInt8 = 3
     /// An answer larger than this is kept by the executor and read in
     /// chunks of this size (`exec.blob`): a frame's body stays well under
     /// `Limits.txnBytesMax`.
@@ -58,6 +58,7 @@ public struct JobSpec: Sendable, Equatable {
         for x in params.words { w.string(x) }
         w.bool(params.input2 != nil)
         w.string(params.input2 ?? "")
+        w.int(params.reliable)
         w.string(runId)
         w.int(parallelism)
         w.int(memoryBytesMax)
@@ -81,6 +82,7 @@ public struct JobSpec: Sendable, Equatable {
         let has2 = try r.bool()
         let in2 = try r.string(max: 4096)
         p.input2 = has2 ? in2 : nil
+        p.reliable = try r.int(max: Limits.replicasMax)
         let runId = try r.string(max: 64)
         let par = try r.int(max: 1 << 16)
         let mem = try r.int(max: Int(Int64.max))

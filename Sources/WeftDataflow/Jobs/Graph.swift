@@ -1,5 +1,6 @@
 import Foundation
 import WeftCore
+import WeftRuntime
 
 // A partitioned graph for iterative vertex programs, in the manner of
 // Spark's GraphX: edges are kept per partition in compressed arrays (local
@@ -153,10 +154,88 @@ struct VertexPartition<V>: MemorySized {
 }
 
 /// Values per vertex slot; `has[i]` is false for a vertex without a value.
-struct RankBlock: MemorySized {
+struct RankBlock: MemorySized, SpillCodable {
     var rank: [Double] = []
     var has: [Bool] = []
     var memoryBytes: Int { rank.count * 9 }
+    func encode(to w: inout ByteWriter) {
+        rank.encode(to: &w)
+        has.withUnsafeBytes { w.raw($0) }
+    }
+    static func decode(from r: inout ByteReader) throws(DecodeError) -> RankBlock {
+        let rank = try [Double].decode(from: &r)
+        return RankBlock(rank: rank, has: try decodeFlags(rank.count, &r))
+    }
+}
+
+/// `n` booleans stored a byte each (`[Bool]`'s memory).
+func decodeFlags(_ n: Int, _ r: inout ByteReader) throws(DecodeError) -> [Bool] {
+    guard n <= r.remaining else { throw DecodeError("\(n) flags in \(r.remaining) bytes") }
+    var out: [Bool] = []
+    out.reserveCapacity(n)
+    for _ in 0..<n { out.append(try r.u8() != 0) }
+    return out
+}
+
+/// Arrays of 32-bit slots, four bytes each.
+extension Array where Element == Int32 {
+    func encodeSlots(to w: inout ByteWriter) {
+        w.int(count)
+        withUnsafeBytes { w.raw($0) }
+    }
+    static func decodeSlots(from r: inout ByteReader) throws(DecodeError) -> [Int32] {
+        let n = try r.int(max: r.remaining / 4)
+        var out = [Int32](repeating: 0, count: n)
+        var failure: DecodeError?
+        out.withUnsafeMutableBytes { buf in
+            do throws(DecodeError) { try r.raw(into: buf) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return out
+    }
+}
+
+// The graph's partitions as bytes, for reliable persistence (`run(reliable:)`).
+extension LinkPartition: SpillCodable where V: SpillCodable {
+    func encode(to w: inout ByteWriter) {
+        srcs.encode(to: &w)
+        outDegree.encodeSlots(to: &w)
+        w.int(dsts.count)
+        for d in dsts { d.encode(to: &w) }
+        edgeStart.encode(to: &w)
+        edgeSrc.encodeSlots(to: &w)
+        edgeDst.encodeSlots(to: &w)
+    }
+    static func decode(from r: inout ByteReader) throws(DecodeError) -> LinkPartition<V> {
+        var l = LinkPartition<V>()
+        l.srcs = try [V].decode(from: &r)
+        l.outDegree = try [Int32].decodeSlots(from: &r)
+        let n = try r.int(max: r.remaining)
+        for _ in 0..<n { l.dsts.append(try [V].decode(from: &r)) }
+        l.edgeStart = try [Int].decode(from: &r)
+        l.edgeSrc = try [Int32].decodeSlots(from: &r)
+        l.edgeDst = try [Int32].decodeSlots(from: &r)
+        guard l.outDegree.count == l.srcs.count, l.edgeStart.count == l.dsts.count + 1, l.edgeSrc.count == l.edgeDst.count,
+              l.edgeStart.last == l.edgeSrc.count else { throw DecodeError("link partition arrays disagree") }
+        return l
+    }
+}
+
+extension VertexPartition: SpillCodable where V: SpillCodable {
+    func encode(to w: inout ByteWriter) {
+        ids.encode(to: &w)
+        w.int(srcCount)
+        w.int(inSlots.count)
+        for s in inSlots { s.encodeSlots(to: &w) }
+    }
+    static func decode(from r: inout ByteReader) throws(DecodeError) -> VertexPartition<V> {
+        var v = VertexPartition<V>()
+        v.ids = try [V].decode(from: &r)
+        v.srcCount = try r.int(max: v.ids.count)
+        let n = try r.int(max: r.remaining)
+        for _ in 0..<n { v.inSlots.append(try [Int32].decodeSlots(from: &r)) }
+        return v
+    }
 }
 
 /// Sums sent by link partition `from` to one vertex partition, aligned
@@ -173,8 +252,7 @@ struct MessageBlock: MemorySized, SpillCodable {
     }
     static func decode(from r: inout ByteReader) throws(DecodeError) -> MessageBlock {
         var b = MessageBlock(from: try Int.decode(from: &r), sum: try [Double].decode(from: &r))
-        b.got.reserveCapacity(b.sum.count)
-        for _ in 0..<b.sum.count { b.got.append(try r.u8() != 0) }
+        b.got = try decodeFlags(b.sum.count, &r)
         return b
     }
 }
@@ -244,17 +322,28 @@ public enum GraphPageRank {
     /// `BuiltinJobs.pageRankByJoin` (up to the order floating-point sums are
     /// taken in), with the links as compressed arrays and each iteration's
     /// messages as flat blocks.
+    ///
+    /// With `reliable`, the graph (links and vertex routing) and every
+    /// iteration's ranks are persisted reliably, `replicas` copies on as
+    /// many participants (Spark's checkpointing of an iterative job): a
+    /// node lost in iteration i costs rereading its share of the graph and
+    /// of iteration i-1's ranks, not recomputing the shuffles of every
+    /// iteration before. Without it they are cached in memory only.
     @_specialize(where V == Int)
     @_specialize(where V == String)
-    public static func run<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double, partitions: Int? = nil) -> RDD<(V, Double)> {
+    public static func run<V: Hashable>(edges: RDD<(V, V)>, iterations: Int, damping: Double, partitions: Int? = nil,
+                                        reliable: (replicas: Int, client: WeftClient)? = nil) -> RDD<(V, Double)> {
         let n = max(1, partitions ?? min(edges.numPartitions, max(2, edges.context.executor.parallelism)))
         let links = self.links(edges, n)
         let vertices = self.vertices(links, n)
+        keepReliably(links, reliable)
+        keepReliably(vertices, reliable)
         var ranks: RDD<RankBlock> = links.mapPartitions(preservesPartitioning: true) { ls in
             ls.map { RankBlock(rank: [Double](repeating: 1, count: $0.srcs.count), has: [Bool](repeating: true, count: $0.srcs.count)) }
         }.setName("ranks(1.0 per source)")
         for _ in 0..<max(1, iterations) {
             ranks = step(links, vertices, ranks, n, damping)
+            keepReliably(ranks, reliable)
         }
         return vertices.zipPartitions(ranks) { _, vs, rs, _ in
             guard let v = vs.first, let r = rs.first else { return [] }
@@ -263,6 +352,12 @@ public enum GraphPageRank {
             for i in 0..<r.has.count where r.has[i] { out.append((v.ids[i], r.rank[i])) }
             return out
         }.setName("ranks(vertex, rank)")
+    }
+
+    /// Persists `rdd` reliably when asked and its elements have a codec.
+    static func keepReliably<T>(_ rdd: RDD<T>, _ reliable: (replicas: Int, client: WeftClient)?) {
+        guard let reliable, reliable.replicas > 0, let codec = BlockCodec<T>.automatic() else { return }
+        rdd.persistReliable(replicas: reliable.replicas, codec: codec, client: reliable.client)
     }
 
     /// Packed edges per routed chunk (512 KiB).

@@ -16,6 +16,10 @@ public struct JobParameters: Sendable, Equatable {
     public var words: [String] = []
     /// Second input table (join).
     public var input2: String?
+    /// Copies of pagerank's graph and of each iteration's ranks persisted
+    /// reliably in the store (`--reliable N`); 0: in memory only, and a
+    /// lost node's share is recomputed from lineage.
+    public var reliable = 0
     public init(input: String) { self.input = input }
 }
 
@@ -304,11 +308,13 @@ public enum BuiltinJobs {
     /// returned accumulator counts the lines that were not integer edges;
     /// it is read after the ranks' action, and nonzero means the String job
     /// runs instead (only such a table computes twice).
-    static func integerPageRankRDD(_ table: RDD<(Bytes, Bytes)>, iterations: Int, damping: Double) throws -> (RDD<(Int, Double)>, Accumulator)? {
+    static func integerPageRankRDD(_ table: RDD<(Bytes, Bytes)>, iterations: Int, damping: Double,
+                                   reliable: (replicas: Int, client: WeftClient)? = nil) throws -> (RDD<(Int, Double)>, Accumulator)? {
         guard try startsWithIntegerEdges(table) else { return nil }
         let lines = textLines(table)
         let other = lines.context.accumulator("not integer edges")
-        return (try pageRank(edges: integerEdges(lines, malformed: other, canonical: true), iterations: iterations, damping: damping), other)
+        return (GraphPageRank.run(edges: integerEdges(lines, malformed: other, canonical: true), iterations: iterations, damping: damping,
+                                  reliable: reliable), other)
     }
 
     static let integerSniffLines = 1000
@@ -457,7 +463,8 @@ public enum BuiltinJobs {
         // PageRank over integer vertices keeps its ranks typed: the summary
         // takes the top 10 in one pass, and rows are made only for an output.
         if name == "pagerank", let (ranksRDD, other) = try integerPageRankRDD(try sc.table(params.input, client: client, at: ts),
-                                                                             iterations: params.iterations, damping: params.damping) {
+                                                                             iterations: params.iterations, damping: params.damping,
+                                                                             reliable: params.reliable > 0 ? (params.reliable, client) : nil) {
             var ranks: [(Int, Double)] = []
             var count = 0
             var parts: [OutputPart] = []

@@ -223,7 +223,7 @@ extension RDD {
     /// memory is read back from a surviving replica instead of recomputed.
     @discardableResult
     public func persistReliable(replicas: Int, codec: BlockCodec<T>, client: WeftClient) -> Self {
-        let state = ReliableState(replicas: replicas, client: client, set: "\(context.runId)-\(id)",
+        let state = ReliableState(replicas: replicas, client: client, set: "\(context.runId)-\(id)", rdd: id,
                                   encode: { ReliableBlocks.encodeBlock($0 as! [T], codec) },
                                   decode: { try ReliableBlocks.decodeBlock($0, codec) })
         reliable = state
@@ -265,6 +265,8 @@ final class ReliableState: @unchecked Sendable {
     let replicas: Int
     let client: WeftClient
     let set: String
+    /// The RDD whose partitions these are.
+    let rdd: Int
     let encode: (Any) -> Bytes
     let decode: (Bytes) throws -> Any
     var cutLineage = false
@@ -272,10 +274,11 @@ final class ReliableState: @unchecked Sendable {
     var stored: Set<Int> = []
     var unreadable: Set<Int> = []
 
-    init(replicas: Int, client: WeftClient, set: String, encode: @escaping (Any) -> Bytes, decode: @escaping (Bytes) throws -> Any) {
+    init(replicas: Int, client: WeftClient, set: String, rdd: Int, encode: @escaping (Any) -> Bytes, decode: @escaping (Bytes) throws -> Any) {
         self.replicas = replicas
         self.client = client
         self.set = set
+        self.rdd = rdd
         self.encode = encode
         self.decode = decode
     }
@@ -317,6 +320,15 @@ final class ReliableState: @unchecked Sendable {
     }
 
     func allStored(_ n: Int) -> Bool { lock.withLock { stored.count == n } }
+
+    /// Another process (an executor) stored the partition: the driver
+    /// learns it from the task's reply.
+    func noteStored(_ partition: Int) {
+        lock.withLock {
+            stored.insert(partition)
+            unreadable.remove(partition)
+        }
+    }
 
     /// Deletes the blocks of every partition written (or tried) so far.
     func deleteAll(_ n: Int) throws {

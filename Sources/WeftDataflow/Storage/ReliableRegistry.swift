@@ -26,6 +26,8 @@ final class ReliableRegistry: @unchecked Sendable {
         }
     }
     func putBack(_ s: (id: Int, state: ReliableState, partitions: Int)) { lock.withLock { sets.append(s) } }
+    /// The reliable state of RDD `rdd`, if it is persisted reliably.
+    func state(rdd: Int) -> ReliableState? { lock.withLock { sets.first { $0.state.rdd == rdd }?.state } }
 }
 
 extension DataflowContext {
