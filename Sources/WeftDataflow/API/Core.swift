@@ -64,7 +64,15 @@ public final class TaskContext: @unchecked Sendable {
     public internal(set) var attempt = 0
     let accumulatorUpdates = NSLock()
     var pendingAccumulators: [(Accumulator, Double)] = []
+    /// (rdd << 32 | partition) of every partition this task computed (not
+    /// read from a cache or a replica): an executor reports those it
+    /// then cached, so the driver knows where they live.
+    private(set) var computedHere: [Int64] = []
     init(task: TaskId) { self.task = task }
+
+    func noteComputed(rdd: Int, partition: Int) {
+        accumulatorUpdates.withLock { computedHere.append(Int64(rdd) << 32 | Int64(partition)) }
+    }
 
     func add(_ acc: Accumulator, _ v: Double) {
         accumulatorUpdates.withLock { pendingAccumulators.append((acc, v)) }

@@ -69,6 +69,7 @@ open class RDD<T>: AnyRDD {
             throw WeftError(.unavailable, "checkpointed partition \(partition) of \(name) has no readable replica")
         }
         context.noteComputed(rdd: id, partition: partition)
+        ctx.noteComputed(rdd: id, partition: partition)
         let data = try compute(partition, ctx)
         if let r = reliable {
             try r.write(partition, data)

@@ -339,7 +339,9 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
             var accs: [Int: Double] = [:]
             for (a, v) in ctx.pendingAccumulators { accs[a.index, default: 0] += v }
             let computed = sc.takeComputed()
-            let cached = computed.filter { sc.blocks.contains(rdd: Int($0 >> 32), partition: Int($0 & 0xffff_ffff)) }
+            // This task's own partitions: the shared log may hold another
+            // thread's partition still being computed, not yet cached.
+            let cached = Array(Set(ctx.computedHere)).filter { sc.blocks.contains(rdd: Int($0 >> 32), partition: Int($0 & 0xffff_ffff)) }
             let metrics = ReplyMetrics(sc.takeMetrics(), taskMicros: Int((DispatchTime.now().uptimeNanoseconds - started) / 1000))
             ExecutorMetrics.record(metrics, result: "succeeded")
             return .ok(result: payload, accumulators: accs, computed: computed, cached: cached, metrics: metrics, have: have)
