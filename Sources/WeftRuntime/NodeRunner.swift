@@ -28,6 +28,15 @@ extension MessageSink {
 /// round's messages. Messages that arrive while a commit is in progress
 /// join the next round: that is the group commit.
 ///
+/// A round whose records are all lazy (`Steppable.isLazy`: a participant's
+/// commit records after a decision, a coordinator's `ended`) and whose
+/// messages all wait for them (acknowledgements) is held back for up to
+/// `lazyWaitMillis`, and joins the next round's commit: under two-phase
+/// commits the COMMIT records then share a participant's next PREPARE
+/// commit instead of costing one of their own, and the next PREPARE does
+/// not queue behind them. Acknowledgements of held records are held too;
+/// other messages of rounds without records go at once.
+///
 /// If a commit fails (disk full, map at its limit), the node stops: its
 /// memory may be ahead of its disk, and nothing it promised in that round
 /// was sent. A restart recovers from the disk.
@@ -46,6 +55,13 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
     let persist: ([M.Record]) throws(WeftError) -> Void
     let router: any Transport
     let tickMillis: UInt64 = 10
+    /// Longest a lazy round waits for company before it is committed alone.
+    static var lazyWaitMillis: UInt64 { 2 }
+    /// Held lazy records and the acknowledgements waiting for them, and
+    /// when the first was held.
+    var heldRecords: [M.Record] = []
+    var heldMessages: [Envelope] = []
+    var heldSince: UInt64 = 0
     public private(set) var failure: WeftError?
     /// Rounds and records committed, for benchmarks.
     public private(set) var commits = 0
@@ -152,12 +168,17 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
         while true {
             cond.lock()
             while inbox.isEmpty && !stopping && !first {
-                let wait = nextTick > wallMillis() ? nextTick - wallMillis() : 0
+                let until = heldRecords.isEmpty ? nextTick : min(nextTick, heldSince + Self.lazyWaitMillis)
+                let wait = until > wallMillis() ? until - wallMillis() : 0
                 if wait == 0 { break }
                 _ = cond.wait(until: Date(timeIntervalSinceNow: Double(wait) / 1000))
             }
             first = false
             if stopping {
+                cond.unlock()
+                // Held records are written before the node stops.
+                if !heldRecords.isEmpty && !commitRound(Output()) { return }
+                cond.lock()
                 stopped = true
                 let rest = inbox
                 inbox.removeAll()
@@ -189,32 +210,63 @@ public final class NodeRunner<M: Steppable>: MessageSink, @unchecked Sendable {
                 machine.tick(nowMillis: now)
                 nextTick = now + tickMillis
             }
-            let out = machine.takeOutput()
-            if !out.records.isEmpty {
-                let kinds = CrashPoints.target == nil ? [] : CrashPoints.kinds(out.records)
-                for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).before-\(k)-forced") }
-                do {
-                    let t0 = monoNanos()
-                    try persist(out.records)
-                    commitTimer.recordNanoseconds(Int64(monoNanos() - t0))
-                    commitsCounter.increment()
-                    groupSize.record(out.records.count)
-                    for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).after-\(k)-forced") }
-                    commits += 1
-                    recordsCommitted += out.records.count
-                } catch {
-                    fail(error)
-                    return
-                }
+            var out = machine.takeOutput()
+            let canWait = out.records.allSatisfy(M.isLazy) && out.messages.allSatisfy(M.awaitsRecords)
+            if !out.records.isEmpty && canWait {
+                if heldRecords.isEmpty { heldSince = wallMillis() }
+                heldRecords += out.records
+                heldMessages += out.messages
+                out = Output()
+            } else if out.records.isEmpty && !heldRecords.isEmpty {
+                // Acknowledgements wait for the held records; the rest go.
+                heldMessages += out.messages.filter(M.awaitsRecords)
+                out.messages.removeAll(where: M.awaitsRecords)
             }
-            let now2 = summarize(machine)
-            cond.lock()
-            lastSummary = now2
-            cond.unlock()
-            observer?.sent(out.messages, nanos: monoNanos())
-            onSent?(out.messages)
-            router.sendAll(out.messages)
+            if !heldRecords.isEmpty && (!out.records.isEmpty || wallMillis() >= heldSince + Self.lazyWaitMillis) {
+                if !commitRound(out) { return }
+            } else if !out.records.isEmpty {
+                if !commitRound(out) { return }
+            } else {
+                send(out.messages)
+            }
         }
+    }
+
+    /// Writes the held records and `out`'s in one LMDB commit, then sends
+    /// the held messages and `out`'s. False if the commit failed (the node
+    /// has stopped).
+    func commitRound(_ out: Output<M.Record>) -> Bool {
+        let records = heldRecords + out.records
+        let messages = heldMessages + out.messages
+        heldRecords = []
+        heldMessages = []
+        let kinds = CrashPoints.target == nil ? [] : CrashPoints.kinds(records)
+        for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).before-\(k)-forced") }
+        do {
+            let t0 = monoNanos()
+            try persist(records)
+            commitTimer.recordNanoseconds(Int64(monoNanos() - t0))
+            commitsCounter.increment()
+            groupSize.record(records.count)
+            for k in kinds { CrashPoints.check("\(CrashPoints.role(address)).after-\(k)-forced") }
+            commits += 1
+            recordsCommitted += records.count
+        } catch {
+            fail(error)
+            return false
+        }
+        send(messages)
+        return true
+    }
+
+    func send(_ messages: [Envelope]) {
+        let now2 = summarize(machine)
+        cond.lock()
+        lastSummary = now2
+        cond.unlock()
+        observer?.sent(messages, nanos: monoNanos())
+        onSent?(messages)
+        router.sendAll(messages)
     }
 
     func fail(_ error: WeftError) {

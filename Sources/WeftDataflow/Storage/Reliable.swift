@@ -200,16 +200,34 @@ public enum ReliableBlocks {
     /// then `accept` (the caller decodes there, which checks the rows'
     /// own checksum). nil if the partition was never written; an error
     /// naming the piece if no replica of it is readable.
+    /// Pieces of one partition read at once.
+    public static let readAhead = 8
+
     public static func read(_ client: WeftClient, set: String, partition: Int,
                             accept: (Bytes) throws -> Void = { _ in }) async throws -> Bytes? {
-        guard let dir = try await client.get(directoryKey(set, partition)).value else { return nil }
+        let ts = try await client.now()
+        guard let dir = try await client.get(directoryKey(set, partition), at: ts).value else { return nil }
         let e = Entry(dir)
-        var bytes = Bytes()
-        for i in 0..<e.blocks {
-            let piece = try await Blocks.read(client, set, partition: partition, index: i, replicas: e.replicas, at: nil,
-                                              what: "block \(i) of partition \(partition) of \(set)")
-            bytes += piece[Blocks.headerBytes...]
+        // Pieces are read `readAhead` at a time, at the directory entry's
+        // timestamp (one clock read, not one per piece).
+        var pieces = [Bytes](repeating: [], count: e.blocks)
+        var next = 0
+        while next < e.blocks {
+            let batch = next..<min(e.blocks, next + readAhead)
+            try await withThrowingTaskGroup(of: (Int, Bytes).self) { g in
+                for i in batch {
+                    g.addTask {
+                        (i, try await Blocks.read(client, set, partition: partition, index: i, replicas: e.replicas, at: ts,
+                                                  what: "block \(i) of partition \(partition) of \(set)"))
+                    }
+                }
+                for try await (i, piece) in g { pieces[i] = piece }
+            }
+            next = batch.upperBound
         }
+        var bytes = Bytes()
+        bytes.reserveCapacity(pieces.reduce(0) { $0 + $1.count })
+        for piece in pieces { bytes += piece[Blocks.headerBytes...] }
         guard bytes.count >= 13, Array(bytes[0..<4]) == magic else { throw WeftError(.corrupted, "partition \(partition) of \(set) is not an encoded partition") }
         try accept(bytes)
         return bytes
