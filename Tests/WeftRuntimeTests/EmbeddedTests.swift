@@ -1,7 +1,7 @@
 import Foundation
 import XCTest
 import WeftCore
-import WeftProtocol
+@testable import WeftProtocol
 @testable import WeftRuntime
 
 func b(_ s: String) -> Bytes { Array(s.utf8) }
@@ -35,6 +35,57 @@ final class EmbeddedTests: XCTestCase {
         XCTAssertEqual(five, 5)
         // Group commit: some LMDB commit carried more than one record.
         XCTAssertGreaterThan(cluster.commitStats.reduce(0) { $0 + $1.records }, cluster.commitStats.reduce(0) { $0 + $1.commits } - 1)
+    }
+
+    /// A participant's commit record after a decision is held (up to
+    /// `NodeRunner.lazyWaitMillis`) and shares the next PREPARE's LMDB
+    /// commit: back-to-back two-participant transactions cost each
+    /// participant about one commit apiece, not two. Held records are
+    /// written before a stop, acknowledgements go out once they are
+    /// durable (nothing stays undecided at the coordinator), and every
+    /// transaction is there after a restart.
+    func testCommitRecordsShareTheNextPreparesCommit() async throws {
+        let n = 40
+        var a: Bytes = [], z: Bytes = []
+        do {
+            let cluster = try EmbeddedCluster(dataDir: dir)
+            let c = cluster.client()
+            let keys = (0..<100).map { b("lazy\($0)") }
+            a = try XCTUnwrap(keys.first { c.owner(of: $0) == 0 })
+            z = try XCTUnwrap(keys.first { c.owner(of: $0) == 1 })
+            let before = cluster.commitStats
+            for i in 0..<n {
+                let t = try await c.begin()
+                try t.put(a, b("\(i)"))
+                try t.put(z, b("\(i)"))
+                try await t.commit()
+            }
+            let after = cluster.commitStats
+            for p in ["participant-0", "participant-1"] {
+                let commits = after.first { $0.node == p }!.commits - before.first { $0.node == p }!.commits
+                let records = after.first { $0.node == p }!.records - before.first { $0.node == p }!.records
+                XCTAssertGreaterThanOrEqual(records, 2 * n - 1, "\(p): a PREPARED and a commit record per transaction (the last may be held)")
+                XCTAssertLessThan(commits, n * 3 / 2, "\(p): \(commits) LMDB commits for \(n) transactions")
+            }
+            // The acknowledgements arrive: the coordinator forgets every decision.
+            var awaitingAcks = -1
+            for _ in 0..<200 {
+                awaitingAcks = cluster.coordinator.withMachine { m in
+                    m.txns.values.filter { if case .committed = $0 { return true } else { return false } }.count
+                }
+                if awaitingAcks == 0 { break }
+                try await Task.sleep(nanoseconds: 10_000_000)
+            }
+            XCTAssertEqual(awaitingAcks, 0, "decisions still waiting for acknowledgements")
+            cluster.close()
+        }
+        let reopened = try EmbeddedCluster(dataDir: dir)
+        defer { reopened.close() }
+        XCTAssertTrue(reopened.inDoubt().isEmpty, "held commit records were written before the stop")
+        let c = reopened.client()
+        let va = try await c.get(a).value, vz = try await c.get(z).value
+        XCTAssertEqual(str(va), "\(n - 1)")
+        XCTAssertEqual(str(vz), "\(n - 1)")
     }
 
     func testLostUpdateIsPreventedAndWriteSkewIsAborted() async throws {
