@@ -221,6 +221,7 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
         self.service = service
         sc = DataflowContext(executor: RemoteTasksExecutor(parallelism: spec.parallelism), memoryBytesMax: spec.memoryBytesMax, runId: spec.runId)
         sc.ownsReliableBlocks = false
+        sc.localParticipant = service.node
         sc.computedLog = []
         sc.actionRunner = self
         sc.remoteShuffles = self

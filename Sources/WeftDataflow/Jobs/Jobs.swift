@@ -38,7 +38,7 @@ public struct JobResult: Sendable {
 public enum BuiltinJobs {
     public static let all: [(name: String, about: String)] = [
         ("wordcount", "count of every word (maximal runs of non-whitespace) in a table of lines; output word -> count"),
-        ("pagerank", "PageRank over `src dst` lines, as Spark's bundled example (--iterations, --damping); output vertex -> rank"),
+        ("pagerank", "PageRank over `src dst` lines, as Spark's bundled example (--iterations, --damping, --reliable N); output vertex -> rank"),
         ("kmeans", "Lloyd's k-means over lines of numbers; first k points start as centres (--k, --iterations); output centre index -> coordinates"),
         ("logreg", "logistic regression, full-batch gradient descent with step 1/N over `y x1 x2 ...` lines, y in {-1,1} (--iterations); output feature -> weight"),
         ("logmining", "keep lines starting with ERROR, take the third tab-separated field, persist, count the messages containing each word (--words a,b); output word -> count"),

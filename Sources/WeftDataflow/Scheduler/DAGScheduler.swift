@@ -58,6 +58,9 @@ public final class DataflowContext: @unchecked Sendable {
     /// False in an executor's replica: the driver deletes the job's
     /// reliable blocks, once, when the job ends.
     var ownsReliableBlocks = true
+    /// The participant this context's executor runs in, if any: reliable
+    /// partitions are read from its replica first.
+    var localParticipant: Int?
 
     /// The default memory bound of a context.
     public static let memoryBytesMaxDefault = 512 << 20

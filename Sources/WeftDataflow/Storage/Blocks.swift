@@ -134,11 +134,17 @@ public enum Blocks {
     /// checksum; a missing or corrupt replica is skipped for the next (and
     /// counted in `replicaFallbacks`). The error names the block when no
     /// replica is good. `accept` may check more (it decodes, say).
+    /// `prefer`: a participant whose replica is tried first (an executor's
+    /// own); the others follow in replica order.
     public static func read(_ client: WeftClient, _ set: String, partition: Int, index: Int, replicas: Int, at ts: Timestamp?,
-                            what: String) async throws -> Bytes {
+                            what: String, prefer: ParticipantId? = nil) async throws -> Bytes {
         let n = client.participantCount
         var problems: [String] = []
-        for j in 0..<max(1, min(replicas, n)) {
+        var order = Array(0..<max(1, min(replicas, n)))
+        if let prefer, let i = order.firstIndex(where: { target(partition: partition, replica: $0, participants: n) == prefer }) {
+            order.insert(order.remove(at: i), at: 0)
+        }
+        for j in order {
             let k = key(set, partition: partition, index: index, replica: j, participants: n)
             do {
                 guard let v = try await client.get(k, at: ts).value else {
@@ -146,7 +152,7 @@ public enum Blocks {
                     continue
                 }
                 _ = try v.withUnsafeBytes { try verify($0, what: "\(what) replica \(j)") }
-                if j > 0 { fallbacks.add(1) }
+                if j != order[0] { fallbacks.add(1) }
                 return v
             } catch let e as WeftError where e.code == .corrupted || e.code == .unavailable || e.code == .timeout {
                 problems.append(e.message)

@@ -203,7 +203,7 @@ public enum ReliableBlocks {
     /// Pieces of one partition read at once.
     public static let readAhead = 8
 
-    public static func read(_ client: WeftClient, set: String, partition: Int,
+    public static func read(_ client: WeftClient, set: String, partition: Int, prefer: ParticipantId? = nil,
                             accept: (Bytes) throws -> Void = { _ in }) async throws -> Bytes? {
         let ts = try await client.now()
         guard let dir = try await client.get(directoryKey(set, partition), at: ts).value else { return nil }
@@ -218,7 +218,7 @@ public enum ReliableBlocks {
                 for i in batch {
                     g.addTask {
                         (i, try await Blocks.read(client, set, partition: partition, index: i, replicas: e.replicas, at: ts,
-                                                  what: "block \(i) of partition \(partition) of \(set)"))
+                                                  what: "block \(i) of partition \(partition) of \(set)", prefer: prefer))
                     }
                 }
                 for try await (i, piece) in g { pieces[i] = piece }
@@ -241,7 +241,7 @@ extension RDD {
     /// memory is read back from a surviving replica instead of recomputed.
     @discardableResult
     public func persistReliable(replicas: Int, codec: BlockCodec<T>, client: WeftClient) -> Self {
-        let state = ReliableState(replicas: replicas, client: client, set: "\(context.runId)-\(id)", rdd: id,
+        let state = ReliableState(replicas: replicas, client: client, set: "\(context.runId)-\(id)", rdd: id, prefer: context.localParticipant,
                                   encode: { ReliableBlocks.encodeBlock($0 as! [T], codec) },
                                   decode: { try ReliableBlocks.decodeBlock($0, codec) })
         reliable = state
@@ -285,6 +285,8 @@ final class ReliableState: @unchecked Sendable {
     let set: String
     /// The RDD whose partitions these are.
     let rdd: Int
+    /// The participant whose replica is read first (the executor's own).
+    let prefer: Int?
     let encode: (Any) -> Bytes
     let decode: (Bytes) throws -> Any
     var cutLineage = false
@@ -292,11 +294,13 @@ final class ReliableState: @unchecked Sendable {
     var stored: Set<Int> = []
     var unreadable: Set<Int> = []
 
-    init(replicas: Int, client: WeftClient, set: String, rdd: Int, encode: @escaping (Any) -> Bytes, decode: @escaping (Bytes) throws -> Any) {
+    init(replicas: Int, client: WeftClient, set: String, rdd: Int, prefer: Int? = nil,
+         encode: @escaping (Any) -> Bytes, decode: @escaping (Bytes) throws -> Any) {
         self.replicas = replicas
         self.client = client
         self.set = set
         self.rdd = rdd
+        self.prefer = prefer
         self.encode = encode
         self.decode = decode
     }
@@ -305,7 +309,7 @@ final class ReliableState: @unchecked Sendable {
     /// checked); nil if it was never stored; throws if no replica is readable.
     func read(_ partition: Int) throws -> Any? {
         if lock.withLock({ unreadable.contains(partition) }) { return nil }
-        let (client, set) = (self.client, self.set)
+        let (client, set, prefer) = (self.client, self.set, self.prefer)
         let box = DecodedBox(decode)
         // The partition's directory entry is one key on one participant:
         // while that participant is unreachable (restarting after a
@@ -314,7 +318,7 @@ final class ReliableState: @unchecked Sendable {
         var pause: UInt32 = 50_000
         while true {
             do {
-                guard try blocking({ try await ReliableBlocks.read(client, set: set, partition: partition) { box.value = try box.decode($0) } }) != nil else { return nil }
+                guard try blocking({ try await ReliableBlocks.read(client, set: set, partition: partition, prefer: prefer) { box.value = try box.decode($0) } }) != nil else { return nil }
                 return box.value
             } catch let e as WeftError where (e.code == .unavailable || e.code == .timeout) && wallMillis() < deadline {
                 usleep(pause)
@@ -338,6 +342,13 @@ final class ReliableState: @unchecked Sendable {
     }
 
     func allStored(_ n: Int) -> Bool { lock.withLock { stored.count == n } }
+
+    /// The participants holding partition `p`'s replicas, if it is stored.
+    func replicaNodes(_ p: Int) -> [Int] {
+        guard lock.withLock({ stored.contains(p) }) else { return [] }
+        let n = client.participantCount
+        return (0..<max(1, min(replicas, n))).map { Blocks.target(partition: p, replica: $0, participants: n) }
+    }
 
     /// Another process (an executor) stored the partition: the driver
     /// learns it from the task's reply.
