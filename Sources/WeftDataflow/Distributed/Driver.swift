@@ -228,9 +228,6 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         var part = p
         for _ in 0..<1000 {
             if let n = lock.withLock({ cacheLocations[r.id]?[part] }) { return n }
-            // Lost from memory but stored reliably: a node holding a replica
-            // reads it from its own participant.
-            if let nodes = (r as? ReliableMarker)?.replicaNodes(part), let n = lock.withLock({ nodes.first { live.contains($0) } }) { return n }
             if let loc = r.preferredLocation(part), loc.hasPrefix("participant-"), let n = Int(loc.dropFirst("participant-".count)) { return n }
             guard case .narrow(let parent, let f)? = r.dependencies.first, let q = f(part).first else { return nil }
             r = parent

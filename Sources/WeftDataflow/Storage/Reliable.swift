@@ -343,13 +343,6 @@ final class ReliableState: @unchecked Sendable {
 
     func allStored(_ n: Int) -> Bool { lock.withLock { stored.count == n } }
 
-    /// The participants holding partition `p`'s replicas, if it is stored.
-    func replicaNodes(_ p: Int) -> [Int] {
-        guard lock.withLock({ stored.contains(p) }) else { return [] }
-        let n = client.participantCount
-        return (0..<max(1, min(replicas, n))).map { Blocks.target(partition: p, replica: $0, participants: n) }
-    }
-
     /// Another process (an executor) stored the partition: the driver
     /// learns it from the task's reply.
     func noteStored(_ partition: Int) {

@@ -7,8 +7,6 @@ protocol ReliableMarker {
     var reliablyComplete: Bool { get }
     /// Deletes the RDD's reliable blocks (nothing if it has none).
     func releaseReliable() throws
-    /// The participants holding partition `p`'s replicas, if it is stored reliably.
-    func replicaNodes(_ p: Int) -> [Int]
 }
 
 /// The reliable block sets a context has written to (their states, not
@@ -59,8 +57,6 @@ extension RDD: ReliableMarker {
     }
 
     var reliablyComplete: Bool { reliable?.allStored(numPartitions) ?? false }
-
-    func replicaNodes(_ p: Int) -> [Int] { reliable?.replicaNodes(p) ?? [] }
 
     var reliableDescription: String? {
         guard let r = reliable else { return nil }
