@@ -195,14 +195,15 @@ public enum ReliableBlocks {
         return (deleted, kept)
     }
 
+    /// Pieces of one partition read at once.
+    public static let readAhead = 8
+
     /// Reads a partition's encoded rows: each piece from the first
     /// replica that is present and passes its checksum (`Blocks.read`),
     /// then `accept` (the caller decodes there, which checks the rows'
     /// own checksum). nil if the partition was never written; an error
-    /// naming the piece if no replica of it is readable.
-    /// Pieces of one partition read at once.
-    public static let readAhead = 8
-
+    /// naming the piece if no replica of it is readable. `prefer`: the
+    /// participant whose replica of each piece is tried first.
     public static func read(_ client: WeftClient, set: String, partition: Int, prefer: ParticipantId? = nil,
                             accept: (Bytes) throws -> Void = { _ in }) async throws -> Bytes? {
         let ts = try await client.now()
