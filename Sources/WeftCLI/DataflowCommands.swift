@@ -357,6 +357,7 @@ struct JobCommand: AsyncParsableCommand {
                     o["speculative_tasks"] = dist.speculativeTasks
                     o["fetch_failures"] = dist.fetchFailures
                     o["executors_lost"] = dist.executorsLost.map { "participant-\($0)" }
+                    o["loser_blocks_deleted"] = result.loserBlocksDeleted
                     if let url = reporter.url { o["job_url"] = url }
                     await reporter.finish(result: o, error: nil)
                     printJobResult(o, json: g.json)

@@ -23,7 +23,8 @@ public enum CrashPoints {
     /// (an executor about to run a map task of shuffle S),
     /// `executor.fetch-S` (serving a bucket of shuffle S),
     /// `executor.result-task-A` (a result task of the job's Ath action,
-    /// from 0), `driver.stage-N` (the driver starting its
+    /// from 0), `executor.output-write` (a result task about to write its
+    /// output partition's first block), `driver.stage-N` (the driver starting its
     /// Nth stage), `table.before-catalog-commit` (a table or job output
     /// fully written, before the catalog names it).
     @inline(__always)

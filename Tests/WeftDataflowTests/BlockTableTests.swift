@@ -83,6 +83,37 @@ final class BlockTableTests: XCTestCase {
         XCTAssertEqual(counted, lines.count)
     }
 
+    /// A job's output written by several attempts of one task: after the
+    /// flip, a stale attempt's write is refused (the generation's marker
+    /// is gone), the blocks an earlier loser wrote are deleted, and the
+    /// store holds exactly the winner's blocks, which read back whole.
+    func testOutputAttemptsAfterTheFlipAreFencedAndLosersDeleted() throws {
+        let cluster = try EmbeddedCluster(dataDir: dir + "/data")
+        defer { cluster.close() }
+        let c = cluster.client()
+        let rows: [(Bytes, Bytes)] = (0..<3000).map { i in (Array(String(format: "k%05d", i).utf8), Bytes(repeating: UInt8(65 + i % 26), count: 1000)) }
+        let gen = PartitionedOutput.generation(runId: "fence")
+        try PartitionedOutput.begin(c, "out", generation: gen, overwrite: false)
+        let base = { (a: Int) in PartitionedOutput.base(action: 0, attempt: a) }
+        let loser = try PartitionedOutput.write(c, "out", generation: gen, partition: 0, base: base(0), rows: rows) { _ in [] }
+        let winner = try PartitionedOutput.write(c, "out", generation: gen, partition: 0, base: base(1), rows: rows) { _ in [] }
+        XCTAssertGreaterThan(winner.blocks, 1, "several blocks per attempt")
+        _ = try PartitionedOutput.finish(c, "out", generation: gen, overwrite: false, parts: [winner])
+        XCTAssertThrowsError(try PartitionedOutput.write(c, "out", generation: gen, partition: 0, base: base(2), rows: rows) { _ in [] }) { e in
+            XCTAssertEqual((e as? WeftError)?.code, .notFound, "\(e)")
+            XCTAssertTrue("\(e)".contains("no longer being written"), "\(e)")
+        }
+        let launched: Set<ResultAttempt> = [ResultAttempt(action: 0, partition: 0, attempt: 0), ResultAttempt(action: 0, partition: 0, attempt: 1),
+                                            ResultAttempt(action: 0, partition: 0, attempt: 2)]
+        XCTAssertEqual(PartitionedOutput.collectLosers(c, "out", generation: gen, parts: [winner], launched: launched), loser.blocks)
+        let stored = try blocking { try await c.scan(prefix: Blocks.setPrefix(TableStore.blockSet("out", gen)), limit: 1000).rows.count }
+        XCTAssertEqual(stored, winner.blocks, "only the winner's blocks remain")
+        let info = try XCTUnwrap(try blocking { try await TableStore.info(c, "out") })
+        let back = try blocking { try await TableStore.scan(c, info, at: try await c.now(), limit: Int.max) }
+        XCTAssertEqual(back.map(\.key), rows.map(\.0))
+        XCTAssertEqual(back.map(\.value), rows.map(\.1))
+    }
+
     /// A damaged first replica is skipped for the second; with both
     /// damaged the read fails naming the table, partition and block.
     func testCorruptOrMissingReplicaFallsBackElseFailsByName() async throws {

@@ -237,6 +237,52 @@ final class DistributedJobTests: XCTestCase {
         XCTAssertEqual(try export(c, "out"), try export(c, "ref"))
         XCTAssertLessThan(seconds, 60)
     }
+
+    /// A node stopped in its output write task: its attempt is run again
+    /// elsewhere, and when the node wakes its stale attempt writes its
+    /// blocks late. Only the winners' blocks remain in the store: a late
+    /// write is fenced by the flip, an earlier one deleted after it.
+    func testLosingOutputAttemptsLeaveNoBlocks() throws {
+        let c = try TestCluster()
+        defer { c.stop(keep: (testRun?.failureCount ?? 0) > 0) }
+        try loadInputs(c)
+        let ref = try c.weft(["job", "run", "wordcount", "--input", "corpus", "--output", "ref"])
+        XCTAssertEqual(ref.status, 0, ref.stderr)
+        c.kill9("participant-1")
+        // Stopped with its partition computed, about to write it.
+        try c.start("participant-1", env: ["WEFT_STOP_AT": "executor.output-write"])
+        let victim = try XCTUnwrap(c.pid("participant-1"))
+        let r = try runDuring(c, ["job", "run", "wordcount", "--input", "corpus", "--output", "spec", "--json"]) {
+            let deadline = Date(timeIntervalSinceNow: 30)
+            while Date() < deadline && !isStopped(victim) { usleep(20_000) }
+            XCTAssertTrue(isStopped(victim), "the node never reached its stop point")
+            // Past the heartbeat timeout: its result task runs elsewhere.
+            usleep(5_000_000)
+            kill(victim, SIGCONT)
+        }
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let o = json(r)
+        XCTAssertEqual(o["executors_lost"] as? [String], ["participant-1"])
+        XCTAssertEqual(try export(c, "spec"), try export(c, "ref"))
+        print("losing attempts: \(o["loser_blocks_deleted"] ?? "?") blocks deleted after the flip; tasks by executor \(o["tasks_by_executor"] ?? "?")")
+        // The stale attempt has woken; give it time to try its writes.
+        usleep(3_000_000)
+        let list = try c.weft(["table", "list", "--json"])
+        XCTAssertEqual(list.status, 0, list.stderr)
+        let entry = list.stdout.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .first { $0["table"] as? String == "spec" }
+        let blocks = try XCTUnwrap(entry?["blocks"] as? Int, list.stdout)
+        let scan = try c.weft(["kv", "scan", "--prefix", "b/t:spec@", "--limit", "100000", "--json"])
+        XCTAssertEqual(scan.status, 0, scan.stderr)
+        let stored = scan.stdout.split(separator: "\n").count
+        XCTAssertEqual(stored, blocks, "block keys in the store vs the catalog's blocks (losing attempts' blocks left behind); deleted \(o["loser_blocks_deleted"] ?? "?")")
+        // The stale attempt did write, or try to: its blocks were deleted
+        // after the flip, or the fence stopped it (its node logs why).
+        let log = (try? String(contentsOfFile: c.dir + "/participant-1.log", encoding: .utf8)) ?? ""
+        XCTAssertTrue((o["loser_blocks_deleted"] as? Int ?? 0) > 0 || log.contains("is no longer being written"),
+                      "the stale attempt neither wrote blocks nor met the fence:\n\(log.suffix(2000))")
+        XCTAssertTrue(try c.waitNoInDoubt())
+    }
 }
 
 /// True if `pid` is stopped (SIGSTOP): state T in /proc.

@@ -34,6 +34,9 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
     /// rdd → partition → node that cached it.
     var cacheLocations: [Int: [Int: Int]] = [:]
     var computed: Set<Int64> = []
+    /// Every result task attempt launched, as (action, partition, attempt):
+    /// an output's losing attempts are found from these (`PartitionedOutput.collectLosers`).
+    var resultAttempts: Set<ResultAttempt> = []
     var metrics = DistributedMetrics()
     var mailboxes: [ObjectIdentifier: Mailbox] = [:]
     var heartbeat: Thread?
@@ -221,6 +224,8 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         let payload: Payload
     }
 
+    func launchedResultAttempts() -> Set<ResultAttempt> { lock.withLock { resultAttempts } }
+
     /// The node to run partition `p` of `rdd` on: where it is cached, else
     /// where its input block lives, else its first narrow parent's.
     func preferredNode(_ rdd: AnyRDD, _ p: Int) -> Int? {
@@ -298,6 +303,15 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         let mailbox = Mailbox()
         let (executors, cfg) = lock.withLock { (live, config) }
         var machine = TaskSetMachine(preferred: preferred, executors: executors, nowMillis: wallMillis(), config: cfg)
+        // Result attempts are numbered across this action's stage runs (a
+        // fetch failure starts a new machine, whose attempts start at 0):
+        // an attempt's number names its output blocks, and a stale attempt
+        // of an earlier run must never write under a later winner's name.
+        let attemptOffset: [Int] = {
+            guard case .result = kind else { return partitions.map { _ in 0 } }
+            let launched = lock.withLock { resultAttempts.filter { $0.action == action } }
+            return partitions.map { p in launched.filter { $0.partition == p }.map { $0.attempt + 1 }.max() ?? 0 }
+        }()
         lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = mailbox }
         defer { lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = nil } }
         sc.onProgress?(JobProgress(stage: stageIndex, stages: stages, tasksDone: 0, tasks: partitions.count))
@@ -307,11 +321,13 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                 switch a {
                 case let .launch(t, attempt, node, speculative, local):
                     lock.withLock {
+                        if case .result = kind { resultAttempts.insert(ResultAttempt(action: action, partition: partitions[t], attempt: attemptOffset[t] + attempt)) }
                         metrics.tasksByExecutor[node, default: 0] += 1
                         if local { metrics.nodeLocalTasks += 1 }
                         if speculative { metrics.speculativeTasks += 1 }
                     }
-                    launch(action: action, kind: kind, task: t, partition: partitions[t], attempt: attempt, node: node, mailbox: mailbox)
+                    launch(action: action, kind: kind, task: t, partition: partitions[t], attempt: attempt, sentAttempt: attemptOffset[t] + attempt,
+                           node: node, mailbox: mailbox)
                 case .finished:
                     return
                 case .failed(let why):
@@ -387,12 +403,14 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         }
     }
 
-    func launch(action: Int, kind: TaskRequest.Kind, task t: Int, partition: Int, attempt: Int, node: Int, mailbox: Mailbox) {
+    /// Sends one task; its replies reach `mailbox` under the machine's
+    /// `attempt`, while the executor is told `sentAttempt`.
+    func launch(action: Int, kind: TaskRequest.Kind, task t: Int, partition: Int, attempt: Int, sentAttempt: Int, node: Int, mailbox: Mailbox) {
         let call = self.call
         onLaunch?(action, { if case .map = kind { return true } else { return false } }(), partition, node)
         Task.detached { [self] in
             for _ in 0..<3 {
-                let request = self.request(action: action, kind: kind, partition: partition, attempt: attempt, node: node)
+                let request = self.request(action: action, kind: kind, partition: partition, attempt: sentAttempt, node: node)
                 guard request.count <= ExecutorProtocol.requestBytesMax + (1 << 16) else {
                     mailbox.post(.reply(task: t, attempt: attempt, node: node, .failed("the results of earlier actions are too large to send to executors (\(request.count) bytes; ExecutorProtocol.requestBytesMax)")))
                     return

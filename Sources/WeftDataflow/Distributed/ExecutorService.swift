@@ -10,6 +10,20 @@ protocol ActionRunner: AnyObject {
     /// Each partition's result bytes, in the order of `partitions`.
     func runAction(_ sc: DataflowContext, index: Int, rdd: AnyRDD, partitions: [Int],
                    encodeTask: @escaping (Int, TaskContext) throws -> Bytes) throws -> [Bytes]
+    /// Every result task attempt launched so far (the driver's; none on an
+    /// executor's replica).
+    func launchedResultAttempts() -> Set<ResultAttempt>
+}
+
+extension ActionRunner {
+    func launchedResultAttempts() -> Set<ResultAttempt> { [] }
+}
+
+/// One attempt of one result task of one action.
+struct ResultAttempt: Hashable, Sendable {
+    let action: Int
+    let partition: Int
+    let attempt: Int
 }
 
 /// Where a replica reads map outputs that other executors hold.
@@ -352,7 +366,9 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
             return .fetchFailed(shuffle: f.shuffleId, map: f.mapPartition, node: node)
         } catch {
             ExecutorMetrics.record(ReplyMetrics(sc.takeMetrics()), result: "failed")
-            return .failed(describe(error))
+            let why = describe(error)
+            service.log.warning("job \(spec.key) (\(spec.name)): task of action \(req.action), partition \(req.partition), attempt \(req.attempt) failed: \(why)")
+            return .failed(why)
         }
     }
 

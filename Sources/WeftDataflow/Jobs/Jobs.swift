@@ -30,6 +30,9 @@ public struct JobResult: Sendable {
     public var metrics = JobMetrics()
     public var snapshotTs: Timestamp = 0
     public var committedTs: Timestamp?
+    /// Output blocks of losing task attempts deleted after the flip
+    /// (`PartitionedOutput.collectLosers`).
+    public var loserBlocksDeleted = 0
 }
 
 /// Jobs are registered by name in the binary: a process rebuilds the same
@@ -433,6 +436,8 @@ public enum BuiltinJobs {
                 throw WeftError(.invalidArgument, "output table \(out) already exists; pass --overwrite to replace it atomically")
             }
         }
+        var result = JobResult()
+        result.snapshotTs = ts
         final class Flag: @unchecked Sendable { var value = false }
         let flipSent = Flag()
         defer {
@@ -450,7 +455,10 @@ public enum BuiltinJobs {
         }
         func flip(_ parts: [OutputPart]) throws -> Timestamp? {
             guard let d = distributedOutput, driver else { return nil }
-            return try PartitionedOutput.finish(client, d.name, generation: d.generation, overwrite: params.overwrite, parts: parts) { flipSent.value = true }
+            let ts = try PartitionedOutput.finish(client, d.name, generation: d.generation, overwrite: params.overwrite, parts: parts) { flipSent.value = true }
+            result.loserBlocksDeleted = PartitionedOutput.collectLosers(client, d.name, generation: d.generation, parts: parts,
+                                                                        launched: sc.actionRunner?.launchedResultAttempts() ?? [])
+            return ts
         }
         let malformed = sc.accumulator("malformed")
         // The job's reliable blocks (logmining's messages; only those made
@@ -458,8 +466,6 @@ public enum BuiltinJobs {
         // killed job's are left for `weft job gc` (ReliableBlocks.collectGarbage).
         let reliableMark = sc.reliableMark()
         defer { try? sc.releaseReliableBlocks(since: reliableMark) }
-        var result = JobResult()
-        result.snapshotTs = ts
         // PageRank over integer vertices keeps its ranks typed: the summary
         // takes the top 10 in one pass, and rows are made only for an output.
         if name == "pagerank", let (ranksRDD, other) = try integerPageRankRDD(try sc.table(params.input, client: client, at: ts),

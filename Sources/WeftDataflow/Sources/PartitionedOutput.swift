@@ -48,8 +48,18 @@ public struct OutputPart: SpillCodable, Sendable {
 /// at all. Each attempt of a task writes from its own block index
 /// (`base(action:attempt:)`), so a retry or a speculative copy never
 /// mixes its blocks with another attempt's; the catalog names the winner's
-/// first index per partition (`bases=`). Losers' blocks stay in the
-/// generation until the table is replaced or dropped.
+/// first index per partition (`bases=`).
+///
+/// Losing attempts (a speculative copy that finished second, an attempt on
+/// a node declared lost that was only stopped, a result stage run again)
+/// leave nothing behind. Every block write reads the generation's
+/// "loading" marker in its own transaction, and the flip deletes that
+/// marker, so a block commits before the flip or not at all: a loser
+/// still running afterwards fails at its next block. Once the flip has
+/// committed, the driver deletes the blocks of every attempt it launched
+/// but did not pick (`collectLosers`). An attempt writes its blocks in
+/// order, each committed before the next starts, so its blocks are
+/// `base + 0 ..< base + k` and the first missing index ends them.
 public enum PartitionedOutput {
     public static let attemptStride = 1 << 24
 
@@ -102,6 +112,7 @@ public enum PartitionedOutput {
         if builder.rows > 0 { blocks.append(builder.seal()) }
         let set = TableStore.blockSet(name, generation)
         let n = client.participantCount
+        if CrashPoints.armed { CrashPoints.check("executor.output-write") }
         for (i, block) in blocks.enumerated() {
             let deadline = wallMillis() + outputWriteRetryMillis
             var pause: UInt32 = 50_000
@@ -109,6 +120,11 @@ public enum PartitionedOutput {
                 do {
                     try blocking {
                         let t = try await client.begin()
+                        // The fence: a flip (or an abandon) deletes the marker,
+                        // and this transaction then conflicts or finds none.
+                        guard try await t.get(TableStore.pendingKey(name, generation)) != nil else {
+                            throw WeftError(.notFound, "output table \(name): generation \(generation) is no longer being written (the job committed or gave up its output), so this attempt of partition \(partition) stops")
+                        }
                         try Blocks.put(t, set, partition: partition, index: base + i, block: block, replicas: 1, participants: n)
                         try await t.commit()
                     }
@@ -152,6 +168,32 @@ public enum PartitionedOutput {
                 pause = min(pause * 2, 1_000_000)
             }
         }
+    }
+
+    /// On the driver, after the flip committed: deletes the blocks of every
+    /// launched attempt other than each partition's winner (the fence in
+    /// `write` keeps any from appearing later). Returns how many it
+    /// deleted. Best effort: what it cannot reach goes when the table is
+    /// replaced or dropped.
+    static func collectLosers(_ client: WeftClient, _ name: String, generation: String, parts: [OutputPart],
+                              launched: Set<ResultAttempt>) -> Int {
+        let winners = Dictionary(parts.map { ($0.partition, $0.base) }, uniquingKeysWith: { a, _ in a })
+        let set = TableStore.blockSet(name, generation)
+        let n = client.participantCount
+        var deleted = 0
+        for a in launched.sorted(by: { ($0.action, $0.partition, $0.attempt) < ($1.action, $1.partition, $1.attempt) }) {
+            let base = Self.base(action: a.action, attempt: a.attempt)
+            if winners[a.partition] == base { continue }
+            var i = 0
+            while i < attemptStride {
+                let key = Blocks.key(set, partition: a.partition, index: base + i, replica: 0, participants: n)
+                guard let present = try? blocking({ try await client.get(key).value != nil }), present else { break }
+                guard (try? blocking({ _ = try await client.delete(key) })) != nil else { break }
+                deleted += 1
+                i += 1
+            }
+        }
+        return deleted
     }
 
     /// On the driver, when the job fails before the flip: its blocks and
