@@ -355,6 +355,7 @@ struct JobCommand: AsyncParsableCommand {
                     o["node_local_tasks"] = dist.nodeLocalTasks
                     o["replica_reads"] = dist.replicaReads
                     o["speculative_tasks"] = dist.speculativeTasks
+                    o["killed_tasks"] = dist.killedTasks
                     o["fetch_failures"] = dist.fetchFailures
                     o["executors_lost"] = dist.executorsLost.map { "participant-\($0)" }
                     o["loser_blocks_deleted"] = result.loserBlocksDeleted

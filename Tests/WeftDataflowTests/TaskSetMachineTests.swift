@@ -55,8 +55,10 @@ final class TaskSetMachineTests: XCTestCase {
         // The dead executor's late answers are ignored.
         XCTAssertTrue(m.on(.taskFinished(task: 0, attempt: 0)).isEmpty)
         XCTAssertFalse(m.isTaskDone(0))
-        _ = m.on(.taskFinished(task: 0, attempt: 1))
-        XCTAssertEqual(m.on(.taskFinished(task: 1, attempt: 1)), [.finished])
+        // Once won, the attempts left on the lost executor are killed (it
+        // may only have been paused).
+        XCTAssertEqual(m.on(.taskFinished(task: 0, attempt: 1)), [.kill(task: 0, attempt: 0, executor: 1)])
+        XCTAssertEqual(m.on(.taskFinished(task: 1, attempt: 1)), [.kill(task: 1, attempt: 0, executor: 1), .finished])
     }
 
     func testRetriesThenFailsTheStage() {
@@ -83,8 +85,23 @@ final class TaskSetMachineTests: XCTestCase {
         XCTAssertEqual(copy[0].task, 3)
         XCTAssertTrue(copy[0].speculative)
         XCTAssertNotEqual(copy[0].executor, 2, "a copy runs on another executor")
-        XCTAssertEqual(m.on(.taskFinished(task: 3, attempt: copy[0].attempt)), [.finished])
+        // The copy wins: the straggler is killed, and the stage is done.
+        XCTAssertEqual(m.on(.taskFinished(task: 3, attempt: copy[0].attempt)), [.kill(task: 3, attempt: 0, executor: 2), .finished])
         XCTAssertEqual(m.speculativeLaunches, 1)
+        XCTAssertEqual(m.killLaunches, 1)
+        XCTAssertTrue(m.on(.taskFailed(task: 3, attempt: 0, reason: "killed")).isEmpty, "the killed attempt's answer changes nothing")
+    }
+
+    /// The original finishes before its copy: the copy is the one killed.
+    func testTheOriginalWinningKillsItsCopy() {
+        var m = TaskSetMachine(preferred: [nil, nil, nil, nil], executors: [0, 1], nowMillis: 0, config: config())
+        XCTAssertEqual(launches(m.start()).map(\.executor), [0, 1, 0, 1])
+        _ = m.on(.tick(nowMillis: 100))
+        for t in 1...3 { XCTAssertFalse(m.on(.taskFinished(task: t, attempt: 0)).contains(.finished)) }
+        let copy = launches(m.on(.tick(nowMillis: 250)))
+        XCTAssertEqual(copy.map(\.task), [0])
+        XCTAssertEqual(copy[0].executor, 1)
+        XCTAssertEqual(m.on(.taskFinished(task: 0, attempt: 0)), [.kill(task: 0, attempt: copy[0].attempt, executor: 1), .finished])
     }
 
     func testEveryExecutorLostFailsNamingThemWhenNoneComesBack() {
@@ -107,7 +124,8 @@ final class TaskSetMachineTests: XCTestCase {
         XCTAssertEqual(Set(again.map(\.task)), [0, 1], "both tasks run again on the returned executor")
         XCTAssertTrue(again.allSatisfy { $0.executor == 1 })
         XCTAssertEqual(m.on(.taskFinished(task: 0, attempt: again[0].attempt)).filter { $0 == .finished }, [])
-        XCTAssertEqual(m.on(.taskFinished(task: 1, attempt: again[1].attempt)), [.finished])
+        // Executor 1's first attempt of task 1 may still run there: killed.
+        XCTAssertEqual(m.on(.taskFinished(task: 1, attempt: again[1].attempt)), [.kill(task: 1, attempt: 0, executor: 1), .finished])
     }
 
     func testEveryExecutorLostTooOftenFails() {
@@ -160,6 +178,15 @@ final class TaskSetMachineTests: XCTestCase {
                         running[t, default: [:]][attempt] = (e, now + 10 + rng.next() % 100 + UInt64(straggle), rng.next() % 12 == 0)
                         let busy = running.values.flatMap(\.values).filter { $0.executor == e }.count
                         XCTAssertLessThanOrEqual(busy, cfg.slotsPerExecutor, "seed \(seed): executor \(e) over its slots")
+                    case let .kill(t, attempt, e):
+                        XCTAssertNotNil(winners[t], "seed \(seed): a kill for task \(t), which has no winner")
+                        XCTAssertNotEqual(winners[t], attempt, "seed \(seed): the winner killed")
+                        // A kill races the attempt's own end: it may have just
+                        // ended; if not, it answers soon with a failure.
+                        if let info = running[t]?[attempt] {
+                            XCTAssertEqual(info.executor, e, "seed \(seed): kill sent to the wrong executor")
+                            running[t]![attempt] = (e, now + 1, true)
+                        }
                     case .finished, .failed, .abortForFetchFailure:
                         XCTAssertNil(outcome, "seed \(seed): two outcomes")
                         outcome = a

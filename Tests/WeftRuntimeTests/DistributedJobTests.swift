@@ -276,11 +276,13 @@ final class DistributedJobTests: XCTestCase {
         XCTAssertEqual(scan.status, 0, scan.stderr)
         let stored = scan.stdout.split(separator: "\n").count
         XCTAssertEqual(stored, blocks, "block keys in the store vs the catalog's blocks (losing attempts' blocks left behind); deleted \(o["loser_blocks_deleted"] ?? "?")")
-        // The stale attempt did write, or try to: its blocks were deleted
-        // after the flip, or the fence stopped it (its node logs why).
+        // The stale attempt was stopped one way or another: killed by the
+        // driver once another attempt won, its blocks deleted after the
+        // flip, or fenced by it (its node logs the kill and the fence).
         let log = (try? String(contentsOfFile: c.dir + "/participant-1.log", encoding: .utf8)) ?? ""
-        XCTAssertTrue((o["loser_blocks_deleted"] as? Int ?? 0) > 0 || log.contains("is no longer being written"),
-                      "the stale attempt neither wrote blocks nor met the fence:\n\(log.suffix(2000))")
+        XCTAssertTrue((o["loser_blocks_deleted"] as? Int ?? 0) > 0 || log.contains("is no longer being written") || log.contains("killed: another attempt"),
+                      "the stale attempt was neither killed, swept nor fenced:\n\(log.suffix(2000))")
+        XCTAssertGreaterThan(o["killed_tasks"] as? Int ?? 0, 0, "the driver killed the stale attempts once their tasks were won")
         XCTAssertTrue(try c.waitNoInDoubt())
     }
 }

@@ -68,7 +68,20 @@ public final class TaskContext: @unchecked Sendable {
     /// read from a cache or a replica): an executor reports those it
     /// then cached, so the driver knows where they live.
     private(set) var computedHere: [Int64] = []
+    /// Set when the driver kills this attempt (another attempt of the task
+    /// won): the task stops at its next `checkKilled`, at the start of
+    /// every partition it computes and before every output block.
+    private var killed = false
     init(task: TaskId) { self.task = task }
+
+    func kill() { accumulatorUpdates.withLock { killed = true } }
+
+    public var isKilled: Bool { accumulatorUpdates.withLock { killed } }
+
+    /// Throws `TaskKilled` once the driver has killed this attempt.
+    public func checkKilled() throws {
+        if isKilled { throw TaskKilled() }
+    }
 
     func noteComputed(rdd: Int, partition: Int) {
         accumulatorUpdates.withLock { computedHere.append(Int64(rdd) << 32 | Int64(partition)) }
@@ -77,6 +90,12 @@ public final class TaskContext: @unchecked Sendable {
     func add(_ acc: Accumulator, _ v: Double) {
         accumulatorUpdates.withLock { pendingAccumulators.append((acc, v)) }
     }
+}
+
+/// A task attempt stopped by the driver because another attempt of the
+/// same task finished first.
+public struct TaskKilled: Error, CustomStringConvertible {
+    public var description: String { "killed: another attempt of this task finished first" }
 }
 
 /// A counter updated inside tasks and read by the driver. An update counts

@@ -40,6 +40,7 @@ open class RDD<T>: AnyRDD {
 
     /// The partition's data: from the cache if persisted there, else computed.
     public final func iterator(_ partition: Int, _ ctx: TaskContext) throws -> [T] {
+        try ctx.checkKilled()
         if storageLevel != .none {
             if let cached = try context.blocks.get(rdd: id, partition: partition, ctx) as? [T] {
                 context.metric { $0.cacheHits += 1 }

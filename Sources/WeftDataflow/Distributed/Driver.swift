@@ -12,6 +12,8 @@ public struct DistributedMetrics: Sendable {
     /// (rdd, partition) computed more than once across all executors.
     public var recomputedPartitions = 0
     public var replicaReads = 0
+    /// Attempts killed because another attempt of their task finished first.
+    public var killedTasks = 0
 }
 
 /// The driver of a distributed job: the DAG scheduler's stage loop (as in
@@ -36,7 +38,8 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
     var computed: Set<Int64> = []
     /// Every result task attempt launched, as (action, partition, attempt):
     /// an output's losing attempts are found from these (`PartitionedOutput.collectLosers`).
-    var resultAttempts: Set<ResultAttempt> = []
+    var resultAttempts: [ResultAttempt: Int] = [:]
+    var killsSent: Set<TaskKey> = []
     var metrics = DistributedMetrics()
     var mailboxes: [ObjectIdentifier: Mailbox] = [:]
     var heartbeat: Thread?
@@ -196,6 +199,11 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                              durations: resultStage.durations)
                 aborted = false
                 let done = won
+                // Attempts of earlier runs of this stage (aborted by a fetch
+                // failure, or left on a node declared lost) may still run:
+                // every attempt that did not win is killed.
+                let losers = lock.withLock { resultAttempts.filter { $0.key.action == index && done[$0.key.partition]?.attempt != $0.key.attempt } }
+                for (a, node) in losers { kill(action: index, shuffle: -1, partition: a.partition, attempt: a.attempt, node: node) }
                 var out: [Bytes] = []
                 for p in partitions {
                     let r = done[p]!
@@ -222,9 +230,22 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
     struct Done {
         let node: Int
         let payload: Payload
+        /// The attempt number the executor was given.
+        var attempt = 0
     }
 
-    func launchedResultAttempts() -> Set<ResultAttempt> { lock.withLock { resultAttempts } }
+    /// Kills one attempt on `node` (best effort: a loser that is not
+    /// stopped only wastes its slot; its answer is ignored and its output
+    /// fenced), once.
+    func kill(action: Int, shuffle: Int, partition: Int, attempt: Int, node: Int) {
+        let key = TaskKey(action: action, shuffle: shuffle, partition: partition, attempt: attempt)
+        guard lock.withLock({ killsSent.insert(key).inserted }) else { return }
+        lock.withLock { metrics.killedTasks += 1 }
+        let (call, body) = (self.call, ExecutorCodec.request(spec.key, [action, shuffle, partition, attempt]))
+        Task.detached { _ = try? await call(node, "exec.kill", body, 2000) }
+    }
+
+    func launchedResultAttempts() -> Set<ResultAttempt> { lock.withLock { Set(resultAttempts.keys) } }
 
     /// The node to run partition `p` of `rdd` on: where it is cached, else
     /// where its input block lives, else its first narrow parent's.
@@ -309,7 +330,7 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         // of an earlier run must never write under a later winner's name.
         let attemptOffset: [Int] = {
             guard case .result = kind else { return partitions.map { _ in 0 } }
-            let launched = lock.withLock { resultAttempts.filter { $0.action == action } }
+            let launched = lock.withLock { resultAttempts.keys.filter { $0.action == action } }
             return partitions.map { p in launched.filter { $0.partition == p }.map { $0.attempt + 1 }.max() ?? 0 }
         }()
         lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = mailbox }
@@ -321,13 +342,16 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                 switch a {
                 case let .launch(t, attempt, node, speculative, local):
                     lock.withLock {
-                        if case .result = kind { resultAttempts.insert(ResultAttempt(action: action, partition: partitions[t], attempt: attemptOffset[t] + attempt)) }
+                        if case .result = kind { resultAttempts[ResultAttempt(action: action, partition: partitions[t], attempt: attemptOffset[t] + attempt)] = node }
                         metrics.tasksByExecutor[node, default: 0] += 1
                         if local { metrics.nodeLocalTasks += 1 }
                         if speculative { metrics.speculativeTasks += 1 }
                     }
                     launch(action: action, kind: kind, task: t, partition: partitions[t], attempt: attempt, sentAttempt: attemptOffset[t] + attempt,
                            node: node, mailbox: mailbox)
+                case let .kill(t, attempt, node):
+                    let shuffle: Int = { if case .map(let s) = kind { return s } else { return -1 } }()
+                    kill(action: action, shuffle: shuffle, partition: partitions[t], attempt: attemptOffset[t] + attempt, node: node)
                 case .finished:
                     return
                 case .failed(let why):
@@ -361,7 +385,7 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                         let wasDone = machine.isTaskDone(t)
                         let acts = machine.on(.taskFinished(task: t, attempt: attempt))
                         if !wasDone && machine.isTaskDone(t) {
-                            won[partitions[t]] = Done(node: node, payload: payload)
+                            won[partitions[t]] = Done(node: node, payload: payload, attempt: attemptOffset[t] + attempt)
                             let all = sc.lock.withLock { sc.accumulators }
                             for (i, v) in accs where i < all.count { all[i].commit(v) }
                             lock.withLock {

@@ -12,6 +12,8 @@ import WeftCore
 /// - `exec.blob`: a chunk of a large answer kept here (`BlobRequest` → bytes).
 /// - `exec.ping`: the driver's heartbeat; renews the job's lease.
 /// - `exec.forget`: the job ended; drop everything it left here.
+/// - `exec.kill`: another attempt of a task won; stop this one
+///   (action, shuffle or -1, partition, attempt).
 public enum ExecutorProtocol {
     public static let version: UInt8 = 3
     /// An answer larger than this is kept by the executor and read in

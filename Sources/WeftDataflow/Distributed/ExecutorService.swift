@@ -19,6 +19,15 @@ extension ActionRunner {
     func launchedResultAttempts() -> Set<ResultAttempt> { [] }
 }
 
+/// One attempt of one task on an executor: its action, its shuffle (-1
+/// for a result task), its partition and attempt number.
+struct TaskKey: Hashable, Sendable {
+    let action: Int
+    let shuffle: Int
+    let partition: Int
+    let attempt: Int
+}
+
 /// One attempt of one result task of one action.
 struct ResultAttempt: Hashable, Sendable {
     let action: Int
@@ -115,7 +124,7 @@ public final class ExecutorService: @unchecked Sendable {
             tasks.submit { [self] in
                 do { reply(true, try runTask(TaskRequest.decode(call.body)).encoded()) } catch { fail(describe(error)) }
             }
-        case "exec.fetch", "exec.blob", "exec.ping", "exec.forget", "exec.knows":
+        case "exec.fetch", "exec.blob", "exec.ping", "exec.forget", "exec.knows", "exec.kill":
             DispatchQueue.global().async { [self] in
                 do { reply(true, try small(call.method, call.body)) } catch { fail(describe(error)) }
             }
@@ -135,6 +144,11 @@ public final class ExecutorService: @unchecked Sendable {
             // Does this node's binary have the job (a node running an older
             // binary may not)? The key field carries the job's name.
             return ExecutorCodec.request("", [BuiltinJobs.knows(key) ? 1 : 0])
+        case "exec.kill":
+            // (action, shuffle or -1 for a result task, partition, attempt)
+            guard ints.count == 4 else { throw WeftError(.invalidArgument, "malformed kill") }
+            lock.withLock { replicas[key] }?.kill(TaskKey(action: ints[0], shuffle: ints[1], partition: ints[2], attempt: ints[3]))
+            return ExecutorCodec.request("", [])
         case "exec.forget":
             if let r = lock.withLock({ replicas.removeValue(forKey: key) }) {
                 r.stop()
@@ -229,6 +243,10 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
     var stopped = false
     var failure: String?
     private(set) var lastContact = wallMillis()
+    /// The attempts running here, to kill on the driver's word, and kills
+    /// that came before their attempt started (a queued task).
+    var running: [TaskKey: TaskContext] = [:]
+    var killedEarly: Set<TaskKey> = []
 
     init(spec: JobSpec, service: ExecutorService) {
         self.spec = spec
@@ -243,6 +261,13 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
 
     var have: Int { cond.withLock { results.count } }
     func touch() { cond.withLock { lastContact = wallMillis() } }
+
+    /// Kills one attempt: it stops at its next check (`TaskContext.checkKilled`).
+    func kill(_ k: TaskKey) {
+        cond.withLock {
+            if let ctx = running[k] { ctx.kill() } else if killedEarly.count < 4096 { killedEarly.insert(k) }
+        }
+    }
 
     func start() {
         // The output stays in the parameters, so the replica builds the same
@@ -332,6 +357,15 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
 
         let ctx = TaskContext(task: TaskId(job: req.action, stage: 0, partition: req.partition))
         ctx.attempt = req.attempt
+        let key: TaskKey = {
+            if case .map(let s) = req.kind { return TaskKey(action: req.action, shuffle: s, partition: req.partition, attempt: req.attempt) }
+            return TaskKey(action: req.action, shuffle: -1, partition: req.partition, attempt: req.attempt)
+        }()
+        cond.withLock {
+            running[key] = ctx
+            if killedEarly.remove(key) != nil { ctx.kill() }
+        }
+        defer { cond.withLock { running[key] = nil } }
         let started = DispatchTime.now().uptimeNanoseconds
         do {
             let payload: Payload
@@ -364,6 +398,10 @@ final class JobReplica: ActionRunner, RemoteShuffles, @unchecked Sendable {
             ExecutorMetrics.record(ReplyMetrics(sc.takeMetrics()), result: "fetch_failed")
             let node = cond.withLock { mapLocations[f.shuffleId].flatMap { f.mapPartition < $0.count ? $0[f.mapPartition] : nil } ?? -1 }
             return .fetchFailed(shuffle: f.shuffleId, map: f.mapPartition, node: node)
+        } catch let k as TaskKilled {
+            ExecutorMetrics.record(ReplyMetrics(sc.takeMetrics()), result: "killed")
+            service.log.info("job \(spec.key) (\(spec.name)): task of action \(req.action), partition \(req.partition), attempt \(req.attempt) \(k.description)")
+            return .failed(k.description)
         } catch {
             ExecutorMetrics.record(ReplyMetrics(sc.takeMetrics()), result: "failed")
             let why = describe(error)

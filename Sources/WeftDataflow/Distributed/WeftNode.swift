@@ -81,7 +81,7 @@ public enum WeftNode {
                                           "stages": m.stages, "tasks": m.tasks, "task_retries": m.taskRetries, "recomputed_partitions": m.recomputedPartitions,
                                           "bytes_spilled": m.bytesSpilled, "shuffle_bytes_written": m.shuffleBytesWritten,
                                           "shuffle_bytes_fetched": m.shuffleBytesFetched, "executors": "cluster",
-                                          "speculative_tasks": dist.speculativeTasks, "fetch_failures": dist.fetchFailures,
+                                          "speculative_tasks": dist.speculativeTasks, "killed_tasks": dist.killedTasks, "fetch_failures": dist.fetchFailures,
                                           "executors_lost": dist.executorsLost.map { "participant-\($0)" },
                                           "stage_times": m.stageTimes.map(\.json)]
             reporter.finishWaiting(result: summary, error: nil)

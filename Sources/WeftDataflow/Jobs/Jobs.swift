@@ -449,7 +449,8 @@ public enum BuiltinJobs {
             let d = distributedOutput!
             let parts = try rows.mapPartitionsWithIndex { p, part, ctx in
                 [try PartitionedOutput.write(client, d.name, generation: d.generation, partition: p,
-                                                  base: PartitionedOutput.base(action: ctx.task.job, attempt: ctx.attempt), rows: part, keep: keep)]
+                                                  base: PartitionedOutput.base(action: ctx.task.job, attempt: ctx.attempt), rows: part,
+                                                  killed: { try ctx.checkKilled() }, keep: keep)]
             }.collect()
             return parts
         }

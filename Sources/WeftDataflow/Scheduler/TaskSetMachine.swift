@@ -15,8 +15,10 @@ import WeftCore
 ///   a failure.
 /// - **Speculation.** Once `speculationQuantile` of the tasks are done, a
 ///   task running longer than `speculationMultiplier` × their median gets a
-///   copy on another executor; the first attempt to finish wins and later
-///   ones are ignored.
+///   copy on another executor; the first attempt to finish wins, and every
+///   other attempt of that task still running is killed (Spark kills the
+///   losers too), as is any attempt left on an executor declared lost,
+///   which may only have been paused; a late answer from one is ignored.
 /// - **Fetch failures** end the task set at once: the caller resubmits the
 ///   lost map outputs' stage (the DAG level's job, not this machine's).
 public struct TaskSetMachine: Sendable {
@@ -52,6 +54,9 @@ public struct TaskSetMachine: Sendable {
 
     public enum Action: Sendable, Equatable {
         case launch(task: Int, attempt: Int, executor: Int, speculative: Bool, nodeLocal: Bool)
+        /// Another attempt of `task` won: stop this one (its slot frees
+        /// when its answer, success or failure, comes back).
+        case kill(task: Int, attempt: Int, executor: Int)
         /// Every task has a winning attempt.
         case finished
         /// The stage cannot finish: too many failures, or no executor left.
@@ -77,6 +82,8 @@ public struct TaskSetMachine: Sendable {
     var states: [TaskState]
     /// Live attempts per task, by attempt number.
     var running: [[Int: Attempt]]
+    /// Attempts on executors declared lost, by task: attempt → executor.
+    var abandoned: [[Int: Int]]
     var nextAttempt: [Int]
     var failures: [Int]
     var executors: Set<Int>
@@ -92,6 +99,7 @@ public struct TaskSetMachine: Sendable {
     var over = false
     public private(set) var speculativeLaunches = 0
     public private(set) var nodeLocalLaunches = 0
+    public private(set) var killLaunches = 0
 
     /// `preferred[i]` is the executor holding task i's input, if any.
     public init(preferred: [Int?], executors: Set<Int>, nowMillis: UInt64, config: Config = Config()) {
@@ -99,6 +107,7 @@ public struct TaskSetMachine: Sendable {
         self.preferred = preferred
         states = Array(repeating: .pending(sinceMillis: nowMillis), count: preferred.count)
         running = Array(repeating: [:], count: preferred.count)
+        abandoned = Array(repeating: [:], count: preferred.count)
         nextAttempt = Array(repeating: 0, count: preferred.count)
         failures = Array(repeating: 0, count: preferred.count)
         self.executors = executors
@@ -133,7 +142,12 @@ public struct TaskSetMachine: Sendable {
             busy[e] = nil
             for t in states.indices {
                 let gone = running[t].filter { $0.value.executor == e }.map(\.key)
-                for a in gone { running[t][a] = nil }
+                for a in gone {
+                    running[t][a] = nil
+                    // A node declared lost may only be slow (SIGSTOP, a long
+                    // pause): its attempt is killed too once the task is won.
+                    abandoned[t][a] = e
+                }
                 if !gone.isEmpty, states[t] == .running, running[t].isEmpty { states[t] = .pending(sinceMillis: nowMillis) }
             }
             if executors.isEmpty {
@@ -151,10 +165,15 @@ public struct TaskSetMachine: Sendable {
             if case .done = states[t] { return schedule() }   // a slower copy: ignored
             states[t] = .done(attempt: a)
             durations.append(nowMillis &- att.startedMillis)
+            let losers = running[t].mapValues(\.executor).merging(abandoned[t]) { a, _ in a }
+            abandoned[t] = [:]
+            let kills = losers.sorted { $0.key < $1.key }.map { Action.kill(task: t, attempt: $0.key, executor: $0.value) }
+            killLaunches += kills.count
             if states.allSatisfy({ if case .done = $0 { return true } else { return false } }) {
                 over = true
-                return [.finished]
+                return kills + [.finished]
             }
+            return kills + schedule()
         case let .taskFailed(t, a, reason):
             guard let att = running[t].removeValue(forKey: a) else { return schedule() }
             release(att.executor)

@@ -91,7 +91,8 @@ public enum PartitionedOutput {
     /// each block (with its replicas) in one transaction, retrying while a
     /// participant is unreachable, up to `outputWriteRetryMillis`.
     public static func write(_ client: WeftClient, _ name: String, generation: String, partition: Int, base: Int,
-                             rows: [(Bytes, Bytes)], keep: ([(Bytes, Bytes)]) -> [(Bytes, Bytes)]) throws -> OutputPart {
+                             rows: [(Bytes, Bytes)], killed: () throws -> Void = {},
+                             keep: ([(Bytes, Bytes)]) -> [(Bytes, Bytes)]) throws -> OutputPart {
         var part = OutputPart()
         part.partition = partition
         part.base = base
@@ -114,6 +115,7 @@ public enum PartitionedOutput {
         let n = client.participantCount
         if CrashPoints.armed { CrashPoints.check("executor.output-write") }
         for (i, block) in blocks.enumerated() {
+            try killed()
             let deadline = wallMillis() + outputWriteRetryMillis
             var pause: UInt32 = 50_000
             while true {
