@@ -36,9 +36,10 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
     /// rdd → partition → node that cached it.
     var cacheLocations: [Int: [Int: Int]] = [:]
     var computed: Set<Int64> = []
-    /// Every result task attempt launched, as (action, partition, attempt):
-    /// an output's losing attempts are found from these (`PartitionedOutput.collectLosers`).
-    var resultAttempts: [ResultAttempt: Int] = [:]
+    /// Every task attempt launched, and the node it went to: losers are
+    /// killed from these, and an output's losing attempts' blocks found
+    /// (`PartitionedOutput.collectLosers`).
+    var attempts: [TaskKey: Int] = [:]
     var killsSent: Set<TaskKey> = []
     var metrics = DistributedMetrics()
     var mailboxes: [ObjectIdentifier: Mailbox] = [:]
@@ -189,6 +190,7 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                     try runStage(sc, action: index, kind: .map(shuffle: dep.shuffleId), rdd: dep.parentRDD, partitions: missing,
                                  stageIndex: stageIndex, stages: plan.count + 1, won: &done, durations: record.durations)
                     aborted = false
+                    killLosers(action: index, shuffle: dep.shuffleId, winners: done)
                 }
                 stageIndex += 1
                 let resultStage = beginStage(sc)
@@ -199,11 +201,7 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                              durations: resultStage.durations)
                 aborted = false
                 let done = won
-                // Attempts of earlier runs of this stage (aborted by a fetch
-                // failure, or left on a node declared lost) may still run:
-                // every attempt that did not win is killed.
-                let losers = lock.withLock { resultAttempts.filter { $0.key.action == index && done[$0.key.partition]?.attempt != $0.key.attempt } }
-                for (a, node) in losers { kill(action: index, shuffle: -1, partition: a.partition, attempt: a.attempt, node: node) }
+                killLosers(action: index, shuffle: -1, winners: done)
                 var out: [Bytes] = []
                 for p in partitions {
                     let r = done[p]!
@@ -245,7 +243,23 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         Task.detached { _ = try? await call(node, "exec.kill", body, 2000) }
     }
 
-    func launchedResultAttempts() -> Set<ResultAttempt> { lock.withLock { Set(resultAttempts.keys) } }
+    func launchedResultAttempts() -> Set<ResultAttempt> {
+        lock.withLock { Set(attempts.keys.filter { $0.shuffle < 0 }.map { ResultAttempt(action: $0.action, partition: $0.partition, attempt: $0.attempt) }) }
+    }
+
+    /// After a stage: attempts of earlier runs of it (aborted by a fetch
+    /// failure, or left on a node declared lost) may still run; every
+    /// attempt of a partition it won, other than the winner, is killed.
+    /// Map attempts are matched by shuffle (a lost output's task may run
+    /// again in a later action), result attempts by action.
+    func killLosers(action: Int, shuffle: Int, winners: [Int: Done]) {
+        let losers = lock.withLock {
+            attempts.filter { k, _ in
+                k.shuffle == shuffle && (shuffle >= 0 || k.action == action) && winners[k.partition].map { $0.attempt != k.attempt } == true
+            }
+        }
+        for (k, node) in losers { kill(action: k.action, shuffle: k.shuffle, partition: k.partition, attempt: k.attempt, node: node) }
+    }
 
     /// The node to run partition `p` of `rdd` on: where it is cached, else
     /// where its input block lives, else its first narrow parent's.
@@ -324,14 +338,21 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
         let mailbox = Mailbox()
         let (executors, cfg) = lock.withLock { (live, config) }
         var machine = TaskSetMachine(preferred: preferred, executors: executors, nowMillis: wallMillis(), config: cfg)
-        // Result attempts are numbered across this action's stage runs (a
-        // fetch failure starts a new machine, whose attempts start at 0):
-        // an attempt's number names its output blocks, and a stale attempt
-        // of an earlier run must never write under a later winner's name.
+        // Attempts are numbered across a task's stage runs (a fetch failure
+        // starts a new machine, whose attempts start at 0): a result
+        // attempt's number names its output blocks, and a stale attempt of
+        // an earlier run must never write under a later winner's name, nor
+        // be mistaken for it by a kill. Map tasks are counted per shuffle,
+        // result tasks per action.
+        let shuffle: Int = { if case .map(let s) = kind { return s } else { return -1 } }()
         let attemptOffset: [Int] = {
-            guard case .result = kind else { return partitions.map { _ in 0 } }
-            let launched = lock.withLock { resultAttempts.keys.filter { $0.action == action } }
-            return partitions.map { p in launched.filter { $0.partition == p }.map { $0.attempt + 1 }.max() ?? 0 }
+            var next: [Int: Int] = [:]
+            lock.withLock {
+                for k in attempts.keys where k.shuffle == shuffle && (shuffle >= 0 || k.action == action) {
+                    next[k.partition] = max(next[k.partition] ?? 0, k.attempt + 1)
+                }
+            }
+            return partitions.map { next[$0] ?? 0 }
         }()
         lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = mailbox }
         defer { lock.withLock { mailboxes[ObjectIdentifier(mailbox)] = nil } }
@@ -342,7 +363,7 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                 switch a {
                 case let .launch(t, attempt, node, speculative, local):
                     lock.withLock {
-                        if case .result = kind { resultAttempts[ResultAttempt(action: action, partition: partitions[t], attempt: attemptOffset[t] + attempt)] = node }
+                        attempts[TaskKey(action: action, shuffle: shuffle, partition: partitions[t], attempt: attemptOffset[t] + attempt)] = node
                         metrics.tasksByExecutor[node, default: 0] += 1
                         if local { metrics.nodeLocalTasks += 1 }
                         if speculative { metrics.speculativeTasks += 1 }
@@ -350,7 +371,6 @@ public final class ClusterDriver: ActionRunner, @unchecked Sendable {
                     launch(action: action, kind: kind, task: t, partition: partitions[t], attempt: attempt, sentAttempt: attemptOffset[t] + attempt,
                            node: node, mailbox: mailbox)
                 case let .kill(t, attempt, node):
-                    let shuffle: Int = { if case .map(let s) = kind { return s } else { return -1 } }()
                     kill(action: action, shuffle: shuffle, partition: partitions[t], attempt: attemptOffset[t] + attempt, node: node)
                 case .finished:
                     return
